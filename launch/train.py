@@ -1,0 +1,18 @@
+"""Prompt-tune a frozen model on a task under DeepSpeed ZeRO (pipeline stage 1).
+
+    deepspeed launch/train.py --config ds_configs/zero3.json --model minilm --task sst2 --output runs/sst2
+    deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ...   # 2 ranks (CPU ranks over gloo without GPUs)
+    python launch/train.py --config ds_configs/zero2.json ...                   # one process, no launcher
+
+Same as `skeleton-ds train ...`; `--help` lists every flag.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from skeleton_ds.cli import run_command, train  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_command(train, sys.argv[1:]))

@@ -1,0 +1,63 @@
+"""`skeleton-ds <command>`: one subcommand per launch script, each a plain function of argv.
+
+User mistakes (UserError) become one `error: ...` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from skeleton_ds.errors import UserError
+
+
+def _quiet_libraries() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def train(argv: Sequence[str] | None = None) -> int:
+    """Run the pipeline stages named by --stages (this build: prompt)."""
+    from skeleton_ds.config import config_from_args
+
+    cfg = config_from_args(list(argv) if argv is not None else None)
+    _quiet_libraries()
+    from skeleton_ds.recipe import PromptTuningRecipe
+
+    PromptTuningRecipe(cfg).run()
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"train": train}
+
+
+def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    try:
+        return command(argv)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank validates the same input; say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        names = ", ".join(COMMANDS)
+        print(f"usage: skeleton-ds {{{names}}} [flags]   (skeleton-ds <command> --help for flags)", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return run_command(COMMANDS[argv[0]], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

