@@ -201,10 +201,10 @@ def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | N
         cls = AutoModelForMaskedLM
     else:
         cls = AutoModel
-    if zero_stage(ds_config) == 3:
-        from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
+    unset_hf_deepspeed_config()  # a previous ZeRO-3 load in this process must not leak into this one
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model = cls.from_pretrained(path, revision=revision, dtype=param_dtype(ds_config))

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from skeleton_ds.adapters import ArchAdapter
-from skeleton_ds.engine import gathered
 from skeleton_ds.errors import UserError
 
 READOUTS = ("lm", "mlm", "head")
@@ -81,12 +80,16 @@ class PromptedClassifier(nn.Module):
 
 
 def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a few vocabulary entries: a [labels, hidden] slice instead of the [vocab, hidden] product."""
-    params = [vocab_projection.weight] + ([vocab_projection.bias] if vocab_projection.bias is not None else [])
-    with gathered(params):
-        weight = vocab_projection.weight[token_ids]
-        bias = vocab_projection.bias[token_ids] if vocab_projection.bias is not None else None
-        return F.linear(hidden, weight, bias).float()
+    """Logits of a few vocabulary entries: a [labels, hidden] slice instead of the [vocab, hidden] product.
+
+    Under ZeRO-3 the projection is partitioned and only its own forward hook may gather it
+    (gathering it by hand inside the engine's forward breaks ZeRO-3's bookkeeping), so there the
+    full row at the answer position is computed and the label entries picked from it.
+    """
+    if hasattr(vocab_projection.weight, "ds_id"):
+        return vocab_projection(hidden)[:, token_ids].float()
+    bias = vocab_projection.bias[token_ids] if vocab_projection.bias is not None else None
+    return F.linear(hidden, vocab_projection.weight[token_ids], bias).float()
 
 
 def verbalizer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:

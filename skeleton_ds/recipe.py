@@ -213,17 +213,22 @@ class PromptTuningRecipe:
     # --------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Task metrics plus mean cross-entropy on the dev split, computed over all ranks' shards."""
         self.engine.eval()
         indices, real = data.eval_shard(len(self.dev_set), self.dist.rank, self.dist.world_size)
         micro = self.ds_config["train_micro_batch_size_per_gpu"] * 2
         predictions: list[int] = []
+        losses: list[float] = []
         for i in range(0, len(indices), micro):
-            logits, _ = self._forward([self.dev_set[j] for j in indices[i:i + micro]])
+            logits, labels = self._forward([self.dev_set[j] for j in indices[i:i + micro]])
             predictions.extend(logits.argmax(-1).tolist())
+            losses.extend(F.cross_entropy(logits, labels, reduction="none").tolist())
         shards = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(shards, predictions[:real])
-        predictions = [p for shard in shards for p in shard]
-        return compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
+        torch.distributed.all_gather_object(shards, (predictions[:real], losses[:real]))
+        predictions = [p for shard, _ in shards for p in shard]
+        losses = [x for _, shard in shards for x in shard]
+        metrics = compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
+        return metrics | {"loss": sum(losses) / len(losses)}
 
     # ------------------------------------------------------------------- save
     def save(self, metrics: dict[str, float]) -> None:

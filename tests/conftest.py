@@ -1,0 +1,104 @@
+"""Tiny models built in code (LLaMA with GQA, BERT with and without an MLM head), saved as ordinary
+Hugging Face directories so tests load them through the same from_pretrained path users hit."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DS_CONFIGS = REPO / "ds_configs"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "fine", "nice", "happy"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "ugly"]
+FILLER = ["the", "movie", "was", "plot", "actor", "story", "very", "quite", "film", "scene"]
+VERBALIZER = ["no", "yes"]
+VOCAB = sorted(set(POSITIVE + NEGATIVE + FILLER + VERBALIZER + ["a", "?", "text", ":", "answer", "it"]))
+
+ARCHS = ("llama", "bert-mlm", "bert-head")
+
+
+def _sentence(rng: random.Random, positive: bool) -> str:
+    words = rng.choices(FILLER, k=rng.randint(2, 6))
+    words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if positive else NEGATIVE))
+    return " ".join(words)
+
+
+def write_sentiment_csv(path: Path, n: int, seed: int) -> Path:
+    """A learnable two-class task: the label is which sentiment word the sentence contains."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            positive = i % 2 == 0
+            w.writerow([_sentence(rng, positive), "pos" if positive else "neg"])
+    return path
+
+
+def _save_llama(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    # Deliberately no pad token, like LLaMA's own tokenizer.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
+                         initializer_range=0.2)
+    _save(LlamaForCausalLM, config, tokenizer, path)
+
+
+def _save_bert(path: Path, mlm: bool) -> None:
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_file = path / "vocab.txt"
+    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + VOCAB) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(str(path))  # (transformers 5 ignores a vocab_file argument)
+    config = BertConfig(vocab_size=5 + len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=96, initializer_range=0.2)
+    _save(BertForMaskedLM if mlm else BertModel, config, tokenizer, path)
+
+
+def _save(cls, config, tokenizer, path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = cls(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    _save_llama(root / "llama")
+    _save_bert(root / "bert-mlm", mlm=True)
+    _save_bert(root / "bert-head", mlm=False)
+    return {name: root / name for name in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return write_sentiment_csv(root / "train.csv", 96, seed=1), write_sentiment_csv(root / "dev.csv", 40, seed=2)
+
+
+def generic_flags(files: tuple[Path, Path]) -> list[str]:
+    train, dev = files
+    return ["--task", "generic", "--train-file", str(train), "--dev-file", str(dev), "--text-columns", "text",
+            "--label-names", "neg,pos", "--verbalizer", ",".join(VERBALIZER), "--template", "{text} ? {answer}"]
