@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from skeleton_ds.errors import UserError
@@ -51,7 +51,6 @@ class Config:
     keep_checkpoints: int = 2
     resume: bool = False
     overwrite: bool = False
-    log_every: int = 10
     revision: str | None = None
 
     def __post_init__(self) -> None:
@@ -62,8 +61,7 @@ class Config:
         if unknown:
             raise UserError(f"unknown stage(s) {', '.join(unknown)}: --stages takes a comma list of {', '.join(STAGES)}")
         positive = {"prompt_length": self.prompt_length, "max_length": self.max_length, "lr": self.lr,
-                    "head_lr": self.head_lr, "save_every": self.save_every, "log_every": self.log_every,
-                    "keep_checkpoints": self.keep_checkpoints}
+                    "head_lr": self.head_lr, "save_every": self.save_every, "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():
             if not value > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -120,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("prompt tuning")
     for name in ("prompt_length", "epochs", "max_steps", "lr", "head_lr", "warmup_steps", "weight_decay",
                  "batch_size", "max_length", "seed", "max_train_examples", "max_eval_examples", "save_every",
-                 "keep_checkpoints", "log_every"):
+                 "keep_checkpoints"):
         default = d[name].default
         t.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     t.add_argument("--prompt-init", default="vocab", help="'vocab' or 'text:<init words>'")

@@ -159,6 +159,14 @@ def gathered(params: Iterable[torch.nn.Parameter]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def local_fraction(params: Iterable[torch.nn.Parameter]) -> float:
+    """Share of these parameters' elements this rank stores: 1.0 unless ZeRO-3 partitioned them."""
+    params = list(params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    return local / max(total, 1)
+
+
 def resolve_model_path(name: str) -> str:
     """Local directory, Hub id, or a model packaged on PyPI (alias 'minilm')."""
     if name == "minilm":

@@ -74,6 +74,7 @@ class PromptTuningRecipe:
         self.report = Reporter(enabled=self.dist.is_main)
         backbone = engine.load_backbone(cfg.model, self.ds_config, readout=cfg.readout, revision=cfg.revision)
         self.backbone = backbone
+        self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
         self.readout = "head" if cfg.readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
             else ("lm" if backbone.adapter.causal else "mlm")
         context = getattr(backbone.model.config, "max_position_embeddings", None)
@@ -251,6 +252,7 @@ class PromptTuningRecipe:
                        "train_examples": len(self.train_set), "steps": self.total_steps,
                        "global_batch": self.global_batch, "world_size": self.dist.world_size,
                        "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,
+                       "backbone_fraction_on_rank0": self.backbone_local_fraction,
                        "config": {k: str(v) for k, v in asdict(cfg).items()}}
             with checkpoint.atomic_dir(self.out_dir, overwrite=True) as staging:
                 checkpoint.save_tensors(staging / "prompt.safetensors", tensors,
