@@ -19,6 +19,9 @@ from skeleton_ds.recipe import KILL_AFTER_STEP_ENV
 pytestmark = pytest.mark.multirank
 
 
+_RENDEZVOUS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,7 +35,10 @@ def launch(ranks: int, argv: list[str], env: dict[str, str] | None = None) -> su
                "--master_port", str(_free_port()), "launch/train.py", *argv]
     else:
         cmd = [sys.executable, "launch/train.py", *argv]
-    return subprocess.run(cmd, cwd=REPO, env=os.environ | (env or {}), capture_output=True, text=True, timeout=600)
+    # In-process tests of this session joined a world of one and exported its rendezvous variables;
+    # a child must not inherit them, or it would try to rejoin that (already bound) address.
+    inherited = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    return subprocess.run(cmd, cwd=REPO, env=inherited | (env or {}), capture_output=True, text=True, timeout=600)
 
 
 def _argv(model: Path, files, out: Path, stage: int, *extra: str) -> list[str]:
