@@ -273,6 +273,6 @@ class PromptTuningRecipe:
         self.train()
         metrics = self.evaluate()
         self.save(metrics)
-        self.report.metrics_table(f"{self.task.name} dev ({len(self.dev_set)} examples)", metrics)
+        self.report.metrics_table(f"{self.task.name} dev", metrics, caption=f"{len(self.dev_set)} examples")
         self.cleanup()
         return metrics

@@ -11,12 +11,19 @@ from rich.table import Table
 
 
 class _Bar:
-    def __init__(self, progress: Progress | None, task_id):
-        self._progress, self._task = progress, task_id
+    """Live bar on a terminal; in batch-job logs (no terminal) a plain line every tenth of the run."""
+
+    def __init__(self, progress: Progress | None, task_id, console: Console | None = None, total: int = 0):
+        self._progress, self._task, self._console = progress, task_id, console
+        self._log_every = max(1, total // 10)
+        self._total = total
 
     def update(self, step: int, *, loss: float, lr: float, rate: float) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=loss, lr=lr, rate=rate)
+        if self._progress is None:
+            return
+        self._progress.update(self._task, completed=step, loss=loss, lr=lr, rate=rate)
+        if not self._console.is_terminal and (step % self._log_every == 0 or step == self._total):
+            self._console.print(f"step {step}/{self._total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} ex/s")
 
 
 class Reporter:
@@ -41,12 +48,12 @@ class Reporter:
         with Progress(*columns, console=self.console) as progress:
             task_id = progress.add_task(description, total=total, completed=start,
                                         loss=float("nan"), lr=0.0, rate=0.0)
-            yield _Bar(progress, task_id)
+            yield _Bar(progress, task_id, self.console, total)
 
-    def metrics_table(self, title: str, metrics: dict[str, float]) -> None:
+    def metrics_table(self, title: str, metrics: dict[str, float], caption: str = "") -> None:
         if not self.enabled:
             return
-        table = Table(title=title)
+        table = Table(title=title, caption=caption or None)
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in metrics.items():

@@ -23,7 +23,7 @@ FILLER = ["the", "movie", "was", "plot", "actor", "story", "very", "quite", "fil
 VERBALIZER = ["no", "yes"]
 VOCAB = sorted(set(POSITIVE + NEGATIVE + FILLER + VERBALIZER + ["a", "?", "text", ":", "answer", "it"]))
 
-ARCHS = ("llama", "bert-mlm", "bert-head")
+ARCHS = ("llama", "qwen2", "bert-mlm", "bert-head", "roberta-mlm")
 
 
 def _sentence(rng: random.Random, positive: bool) -> str:
@@ -44,6 +44,10 @@ def write_sentiment_csv(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+_DECODER_SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=96, initializer_range=0.2)
+
+
 def _save_llama(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -55,20 +59,41 @@ def _save_llama(path: Path) -> None:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     # Deliberately no pad token, like LLaMA's own tokenizer.
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
-                         initializer_range=0.2)
+    # GQA: 4 query heads share 2 key/value heads.
+    config = LlamaConfig(vocab_size=len(vocab), **_DECODER_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                         tie_word_embeddings=False)
     _save(LlamaForCausalLM, config, tokenizer, path)
 
 
-def _save_bert(path: Path, mlm: bool) -> None:
-    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
+def _save_qwen2(path: Path) -> None:
+    """Qwen2: q/k/v biases, tied embeddings, and a byte-level BPE tokenizer (trained here on the vocabulary)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(VOCAB)] * 20 + ["It was", "Answer:"], vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(path))
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(path))
+    config = Qwen2Config(vocab_size=len(tokenizer), **_DECODER_SIZE, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id)
+    _save(Qwen2ForCausalLM, config, tokenizer, path)
+
+
+def _save_bert(path: Path, mlm: bool, family: str = "bert") -> None:
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer, RobertaConfig, RobertaForMaskedLM
 
     path.mkdir(parents=True, exist_ok=True)
     vocab_file = path / "vocab.txt"
     vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + VOCAB) + "\n")
     tokenizer = BertTokenizer.from_pretrained(str(path))  # (transformers 5 ignores a vocab_file argument)
+    if family == "roberta":  # the architecture under test is the model; a WordPiece vocabulary serves it
+        config = RobertaConfig(vocab_size=5 + len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=98, initializer_range=0.2,
+                               pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        _save(RobertaForMaskedLM, config, tokenizer, path)
+        return
     config = BertConfig(vocab_size=5 + len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=96, initializer_range=0.2)
     _save(BertForMaskedLM if mlm else BertModel, config, tokenizer, path)
@@ -87,8 +112,10 @@ def _save(cls, config, tokenizer, path: Path) -> None:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     _save_llama(root / "llama")
+    _save_qwen2(root / "qwen2")
     _save_bert(root / "bert-mlm", mlm=True)
     _save_bert(root / "bert-head", mlm=False)
+    _save_bert(root / "roberta-mlm", mlm=True, family="roberta")
     return {name: root / name for name in ARCHS}
 
 

@@ -11,7 +11,7 @@ from skeleton_ds import engine
 from skeleton_ds.config import config_from_args
 from skeleton_ds.recipe import PromptTuningRecipe
 
-READOUT = {"llama": "lm", "bert-mlm": "mlm", "bert-head": "head"}
+READOUT = {"llama": "lm", "qwen2": "lm", "bert-mlm": "mlm", "bert-head": "head", "roberta-mlm": "mlm"}
 
 
 def _recipe(model_dir, files, out, stage, *extra) -> PromptTuningRecipe:
