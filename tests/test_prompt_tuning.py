@@ -72,3 +72,11 @@ def test_run_writes_complete_prompt_artifact(arch, tiny_models, sentiment_files,
     assert tensors["prompt"].shape == (4, 32)
     assert ("head.weight" in tensors) == (arch == "bert-head")
     assert not list(out.glob(".prompt.partial-*"))
+
+
+def test_zero3_offload_config_trains(tiny_models, sentiment_files, tmp_path):
+    """ds_configs/zero3_offload.json: parameters and optimizer state on CPU (DeepSpeedCPUAdam)."""
+    recipe = _recipe(tiny_models["llama"], sentiment_files, tmp_path / "run", "3_offload", "--max-steps", "3")
+    metrics = recipe.run()
+    assert recipe.engine.zero_optimization_stage() == 3
+    assert "accuracy" in metrics and (tmp_path / "run" / "prompt" / "prompt.safetensors").is_file()
