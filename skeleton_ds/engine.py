@@ -6,6 +6,7 @@ reads the same for one CPU process and for many GPUs across nodes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -178,6 +179,25 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
+                         "_commit_hash", "use_cache"}
+
+
+def model_identity(name: str, path: str, config, revision: str | None) -> dict:
+    """What ties an artifact to its base model: the name given, and a hash of the architecture config
+    (shapes and hyper-parameters; not the library version or dtype it was saved with)."""
+    shape = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()
+    return {"name_or_path": name, "resolved_path": path, "config_sha256": digest,
+            "revision": revision or getattr(config, "_commit_hash", None)}
+
+
+def check_identity(recorded: dict, actual: dict, what: str) -> None:
+    if recorded.get("config_sha256") != actual["config_sha256"]:
+        raise UserError(f"{what} was made for base model {recorded.get('name_or_path')!r}, not {actual['name_or_path']!r} "
+                        f"(config hashes differ): pass the same --model, or redo the stage with --overwrite")
+
+
 @dataclass
 class Backbone:
     model: torch.nn.Module
@@ -185,6 +205,7 @@ class Backbone:
     adapter: ArchAdapter
     has_mlm_head: bool
     path: str
+    identity: dict
 
 
 def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | None = None) -> Backbone:
@@ -226,4 +247,5 @@ def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | N
         if fallback is None:
             raise UserError(f"tokenizer of {name} has no pad, eos or unk token to pad with: add a pad_token to it")
         tokenizer.pad_token = fallback
-    return Backbone(model=model, tokenizer=tokenizer, adapter=adapter, has_mlm_head=has_mlm_head, path=path)
+    return Backbone(model=model, tokenizer=tokenizer, adapter=adapter, has_mlm_head=has_mlm_head, path=path,
+                    identity=model_identity(name, path, config, revision))

@@ -50,57 +50,116 @@ def _subset(items: list, limit: int, seed: int) -> list:
     return [items[i] for i in keep.tolist()]
 
 
-class PromptTuningRecipe:
-    stage = "prompt"
+class TaskModelRun:
+    """Shared by every stage that runs the prompted model over a task's data: validation of the
+    inputs (before any process group or file exists), the process group, the frozen backbone, the
+    encoded splits and the PromptedClassifier."""
+
+    stage = ""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    def load_examples(self) -> tuple[list, list]:
+        cfg = self.cfg
+        self.generic = _generic_spec(cfg)
+        self.task = get_task(cfg.task, self.generic)
+        train = _subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
+        dev = _subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
+        return train, dev
+
+    def build_model(self, ds_config: dict, train: list, dev: list, *, readout: str, prompt_length: int,
+                    max_length: int) -> PromptedClassifier:
+        """Join the process group, load the backbone, encode the splits, wrap the backbone with a prompt."""
+        self.ds_config = ds_config
+        self.dist = engine.init_distributed()
+        self.report = Reporter(enabled=self.dist.is_main)
+        backbone = engine.load_backbone(self.cfg.model, ds_config, readout=readout, revision=self.cfg.revision)
+        self.backbone = backbone
+        self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
+        self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
+            else ("lm" if backbone.adapter.causal else "mlm")
+        context = getattr(backbone.model.config, "max_position_embeddings", None)
+        if context is not None and prompt_length + max_length > context:
+            raise UserError(f"--prompt-length {prompt_length} + --max-length {max_length} exceeds the model's "
+                            f"context of {context} positions: lower one of them")
+        tok = backbone.tokenizer
+        self.label_token_ids = None if self.readout == "head" else verbalizer_token_ids(tok, self.task.verbalizer)
+        self.train_set = data.encode(self.task, train, tok, max_length=max_length, readout=self.readout)
+        self.dev_set = data.encode(self.task, dev, tok, max_length=max_length, readout=self.readout)
+        self.model = PromptedClassifier(backbone.model, backbone.adapter, self.readout, prompt_length,
+                                        len(self.task.label_names), self.label_token_ids)
+        return self.model
+
+    def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load prompt (and head) values; before deepspeed.initialize, so every rank starts equal."""
+        dtype = engine.param_dtype(self.ds_config)
+        named = dict(self.model.named_parameters())
+        for name, value in tensors.items():
+            target = named["prompt.embedding" if name == "prompt" else name]
+            if target.shape != value.shape:
+                raise UserError(f"{name} has shape {tuple(value.shape)} but this model needs {tuple(target.shape)}")
+            target.data = value.to(dtype).clone()
+
+    def _forward(self, items: list[data.Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.collate(items)
+        logits = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+        return logits, batch["labels"]
+
+    def collate(self, items: list[data.Encoded]) -> dict[str, torch.Tensor]:
+        batch = data.collate(items, self.backbone.tokenizer.pad_token_id, left_pad=self.backbone.adapter.causal)
+        return {k: v.to(engine.device()) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Task metrics plus mean cross-entropy on the dev split, computed over all ranks' shards."""
+        self.engine.eval()
+        indices, real = data.eval_shard(len(self.dev_set), self.dist.rank, self.dist.world_size)
+        micro = self.ds_config["train_micro_batch_size_per_gpu"] * 2
+        predictions: list[int] = []
+        losses: list[float] = []
+        for i in range(0, len(indices), micro):
+            logits, labels = self._forward([self.dev_set[j] for j in indices[i:i + micro]])
+            predictions.extend(logits.argmax(-1).tolist())
+            losses.extend(F.cross_entropy(logits, labels, reduction="none").tolist())
+        shards = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(shards, (predictions[:real], losses[:real]))
+        predictions = [p for shard, _ in shards for p in shard]
+        losses = [x for _, shard in shards for x in shard]
+        metrics = compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
+        return metrics | {"loss": sum(losses) / len(losses)}
+
+
+class PromptTuningRecipe(TaskModelRun):
+    stage = "prompt"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
         self.out_dir = cfg.output / self.stage
         self.ckpt_dir = cfg.output / "checkpoints" / self.stage
+
+    def done(self) -> bool:
+        return (self.out_dir / "prompt.safetensors").is_file()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         # Everything a user can get wrong is checked before the process group or any file exists.
-        self.ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
-                                                  batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
-        self.generic = _generic_spec(cfg)
-        self.task = get_task(cfg.task, self.generic)
-        train = _subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
-        dev = _subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
+        ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
+                                             batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+        train, dev = self.load_examples()
         self._check_output_dir()
-
-        self.dist = engine.init_distributed()
-        self.report = Reporter(enabled=self.dist.is_main)
-        backbone = engine.load_backbone(cfg.model, self.ds_config, readout=cfg.readout, revision=cfg.revision)
-        self.backbone = backbone
-        self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
-        self.readout = "head" if cfg.readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
-            else ("lm" if backbone.adapter.causal else "mlm")
-        context = getattr(backbone.model.config, "max_position_embeddings", None)
-        if context is not None and cfg.prompt_length + cfg.max_length > context:
-            raise UserError(f"--prompt-length {cfg.prompt_length} + --max-length {cfg.max_length} exceeds the model's "
-                            f"context of {context} positions: lower one of them")
-        label_ids = None if self.readout == "head" else verbalizer_token_ids(backbone.tokenizer, self.task.verbalizer)
-        self.label_token_ids = label_ids
-        tok = backbone.tokenizer
-        self.train_set = data.encode(self.task, train, tok, max_length=cfg.max_length, readout=self.readout)
-        self.dev_set = data.encode(self.task, dev, tok, max_length=cfg.max_length, readout=self.readout)
-
-        model = PromptedClassifier(backbone.model, backbone.adapter, self.readout, cfg.prompt_length,
-                                   len(self.task.label_names), label_ids)
-        embeddings = backbone.model.get_input_embeddings().weight
+        model = self.build_model(ds_config, train, dev, readout=cfg.readout, prompt_length=cfg.prompt_length,
+                                 max_length=cfg.max_length)
+        embeddings = self.backbone.model.get_input_embeddings().weight
         with engine.gathered([embeddings]):
-            init = initial_prompt(embeddings, cfg.prompt_length, cfg.prompt_init, tok, cfg.seed)
-        torch.manual_seed(cfg.seed)  # identical head init on every rank
-        model.prompt.embedding.data.copy_(init)
+            init = {"prompt": initial_prompt(embeddings, cfg.prompt_length, cfg.prompt_init, self.backbone.tokenizer,
+                                             cfg.seed)}
         if model.head is not None:
+            torch.manual_seed(cfg.seed)  # identical head init on every rank
             model.head.reset_parameters()
-        dtype = engine.param_dtype(self.ds_config)
-        model.prompt.to(dtype)
-        if model.head is not None:
-            model.head.to(dtype)
-        self.model = model
+            init |= {"head.weight": model.head.weight.data, "head.bias": model.head.bias.data}
+        self.set_trainable(init)
 
         self.global_batch = self.ds_config["train_batch_size"]
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
@@ -135,8 +194,6 @@ class PromptTuningRecipe:
 
     def _check_output_dir(self) -> None:
         cfg = self.cfg
-        if self.out_dir.exists() and not cfg.overwrite:
-            raise UserError(f"{self.out_dir} already holds a finished prompt: pass --overwrite to redo it or use another --output")
         if self._latest_checkpoint() is not None and not (cfg.resume or cfg.overwrite):
             raise UserError(f"{self.ckpt_dir} holds checkpoints of an unfinished run: pass --resume to continue it "
                             f"or --overwrite to start over")
@@ -176,12 +233,6 @@ class PromptTuningRecipe:
         torch.distributed.barrier()
 
     # ------------------------------------------------------------------ train
-    def _forward(self, items: list[data.Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = data.collate(items, self.backbone.tokenizer.pad_token_id, left_pad=self.backbone.adapter.causal)
-        batch = {k: v.to(engine.device()) for k, v in batch.items()}
-        logits = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
-        return logits, batch["labels"]
-
     def train(self) -> None:
         cfg, dist = self.cfg, self.dist
         self.engine.train()
@@ -189,7 +240,8 @@ class PromptTuningRecipe:
         kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
         start, t0 = self.step, time.perf_counter()
         self.last_loss = float("nan")
-        with self.report.progress(self.total_steps, self.step, "prompt tuning") as bar:
+        with self.report.progress(self.total_steps, self.step, "prompt tuning",
+                                  "loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} ex/s") as bar:
             while self.step < self.total_steps:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
                 global_batch = data.epoch_batches(len(self.train_set), self.global_batch, cfg.seed, epoch)[offset]
@@ -211,26 +263,6 @@ class PromptTuningRecipe:
                     os.kill(os.getpid(), signal.SIGKILL)
         self.train_seconds = time.perf_counter() - t0
 
-    # --------------------------------------------------------------- evaluate
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Task metrics plus mean cross-entropy on the dev split, computed over all ranks' shards."""
-        self.engine.eval()
-        indices, real = data.eval_shard(len(self.dev_set), self.dist.rank, self.dist.world_size)
-        micro = self.ds_config["train_micro_batch_size_per_gpu"] * 2
-        predictions: list[int] = []
-        losses: list[float] = []
-        for i in range(0, len(indices), micro):
-            logits, labels = self._forward([self.dev_set[j] for j in indices[i:i + micro]])
-            predictions.extend(logits.argmax(-1).tolist())
-            losses.extend(F.cross_entropy(logits, labels, reduction="none").tolist())
-        shards = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(shards, (predictions[:real], losses[:real]))
-        predictions = [p for shard, _ in shards for p in shard]
-        losses = [x for _, shard in shards for x in shard]
-        metrics = compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
-        return metrics | {"loss": sum(losses) / len(losses)}
-
     # ------------------------------------------------------------------- save
     def save(self, metrics: dict[str, float]) -> None:
         model = self.model
@@ -246,6 +278,7 @@ class PromptTuningRecipe:
                 "label_names": list(self.task.label_names), "verbalizer": list(self.task.verbalizer),
                 "label_token_ids": self.label_token_ids, "readout": self.readout, "model": cfg.model,
                 "model_path": self.backbone.path, "revision": cfg.revision, "prompt_length": cfg.prompt_length,
+                "base_model": self.backbone.identity,
                 "max_length": cfg.max_length, "padding_side": self.backbone.adapter.padding_side,
             }
             summary = {"task": self.task.name, "split": "dev", "metrics": metrics, "dev_examples": len(self.dev_set),

@@ -13,17 +13,19 @@ from rich.table import Table
 class _Bar:
     """Live bar on a terminal; in batch-job logs (no terminal) a plain line every tenth of the run."""
 
-    def __init__(self, progress: Progress | None, task_id, console: Console | None = None, total: int = 0):
+    def __init__(self, progress: Progress | None, task_id, console: Console | None = None, total: int = 0,
+                 stats: str = ""):
         self._progress, self._task, self._console = progress, task_id, console
         self._log_every = max(1, total // 10)
-        self._total = total
+        self._total, self._stats = total, stats
 
-    def update(self, step: int, *, loss: float, lr: float, rate: float) -> None:
+    def update(self, step: int, **values: float) -> None:
         if self._progress is None:
             return
-        self._progress.update(self._task, completed=step, loss=loss, lr=lr, rate=rate)
+        stats = self._stats.format(**values)
+        self._progress.update(self._task, completed=step, stats=stats)
         if not self._console.is_terminal and (step % self._log_every == 0 or step == self._total):
-            self._console.print(f"step {step}/{self._total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} ex/s")
+            self._console.print(f"step {step}/{self._total}  {stats}")
 
 
 class Reporter:
@@ -38,17 +40,16 @@ class Reporter:
             self.console.print(f"[bold]skeleton_ds[/]: {message}")
 
     @contextmanager
-    def progress(self, total: int, start: int, description: str) -> Iterator[_Bar]:
+    def progress(self, total: int, start: int, description: str, stats: str = "{rate:.1f} ex/s") -> Iterator[_Bar]:
+        """`stats` is a format string over the values each update() passes."""
         if not self.enabled:
             yield _Bar(None, None)
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.1f} ex/s"),
-                   TimeElapsedColumn()]
+                   TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
         with Progress(*columns, console=self.console) as progress:
-            task_id = progress.add_task(description, total=total, completed=start,
-                                        loss=float("nan"), lr=0.0, rate=0.0)
-            yield _Bar(progress, task_id, self.console, total)
+            task_id = progress.add_task(description, total=total, completed=start, stats="")
+            yield _Bar(progress, task_id, self.console, total, stats)
 
     def metrics_table(self, title: str, metrics: dict[str, float], caption: str = "") -> None:
         if not self.enabled:

@@ -86,14 +86,17 @@ def test_ds_config_inconsistent_with_world_size(tiny_models, sentiment_files, tm
     _assert_clean_error(code, err, out, "world size 2")
 
 
-def test_finished_output_is_not_overwritten(tiny_models, sentiment_files, tmp_path, capsys):
+def test_finished_stage_is_skipped_not_redone(tiny_models, sentiment_files, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = _base(tiny_models["bert-head"], out) + generic_flags(sentiment_files)
+    argv = _base(tiny_models["bert-head"], out) + generic_flags(sentiment_files) + ["--stages", "prompt"]
     assert run_command(train, argv) == 0
+    prompt = out / "prompt" / "prompt.safetensors"
+    first = prompt.stat().st_mtime_ns
     capsys.readouterr()
-    code, err = _run(argv, capsys)
-    assert code == 2 and "--overwrite" in err
+    assert run_command(train, argv) == 0
+    assert "skipping" in capsys.readouterr().out and prompt.stat().st_mtime_ns == first
     assert run_command(train, argv + ["--overwrite"]) == 0
+    assert prompt.stat().st_mtime_ns != first
 
 
 def test_tokenizer_without_pad_token_is_handled(tiny_models, sentiment_files, tmp_path):

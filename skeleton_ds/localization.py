@@ -1,0 +1,173 @@
+"""Pipeline stage 3: keep the top-scoring units of every layer (the task's skeleton).
+
+    deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages localize
+
+`uniform` mode keeps the same count in every layer, so the compact model is a standard
+architecture; counts are rounded to a multiple of `--align` (kernels like aligned sizes), never
+below one alignment unit and never above the layer. `global` mode uses one threshold across
+layers, so per-layer sizes differ (still rounded to the alignment). Ties break by index, so the
+selection is deterministic, and kept indices are stored sorted. `masked(...)` zeroes the unkept
+units in a live model: the reference that physical conversion must match.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from skeleton_ds import checkpoint, engine
+from skeleton_ds.adapters import ArchAdapter, Geometry
+from skeleton_ds.attribution import read_attribution
+from skeleton_ds.config import Config
+from skeleton_ds.errors import UserError
+
+
+def keep_count(size: int, ratio: float, align: int = 1) -> int:
+    """round(ratio * size) to a multiple of align, within [min(align, size), size]."""
+    count = round(ratio * size / align) * align
+    return max(min(align, size), min(size, count))
+
+
+def top_units(scores: torch.Tensor, count: int) -> list[int]:
+    """Indices of the `count` highest scores, ties to the lower index, returned sorted."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:count])
+
+
+def _global_counts(layer_scores: list[torch.Tensor], ratio: float) -> list[int]:
+    """Per-layer counts under one threshold across all layers (the top ratio of all units)."""
+    ranked = sorted(((-float(s), layer, i) for layer, t in enumerate(layer_scores) for i, s in enumerate(t)))
+    total = round(ratio * len(ranked))
+    counts = [0] * len(layer_scores)
+    for _, layer, _ in ranked[:total]:
+        counts[layer] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    ffn: list[list[int]]  # per layer, sorted kept neuron indices
+    heads: list[list[int]]  # per layer, sorted kept KV-group indices
+
+    def ffn_sizes(self) -> list[int]:
+        return [len(k) for k in self.ffn]
+
+    def is_uniform(self) -> bool:
+        return len(set(self.ffn_sizes())) == 1 and len({len(h) for h in self.heads}) == 1
+
+
+def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: float, head_keep: float, align: int,
+           mode: str) -> Skeleton:
+    layers = range(geometry.layers)
+    ffn_scores = [scores[f"ffn.{i}"] for i in layers]
+    head_scores = [scores[f"heads.{i}"] for i in layers]
+    if round(head_keep * geometry.kv_heads) == 0:
+        raise UserError(f"--head-keep {head_keep} keeps no attention head group of {geometry.kv_heads} per layer: "
+                        f"use at least {1 / geometry.kv_heads:.3g}")
+    if mode == "uniform":
+        ffn_counts = [keep_count(geometry.ffn_size, ffn_keep, align)] * geometry.layers
+        head_counts = [keep_count(geometry.kv_heads, head_keep)] * geometry.layers
+    else:
+        ffn_counts = [keep_count(geometry.ffn_size, c / geometry.ffn_size, align) for c in _global_counts(ffn_scores, ffn_keep)]
+        head_counts = [keep_count(geometry.kv_heads, c / geometry.kv_heads) for c in _global_counts(head_scores, head_keep)]
+    return Skeleton(ffn=[top_units(s, c) for s, c in zip(ffn_scores, ffn_counts)],
+                    heads=[top_units(s, c) for s, c in zip(head_scores, head_counts)])
+
+
+def check_scores(scores: dict[str, torch.Tensor], geometry: Geometry, source: str) -> None:
+    for i in range(geometry.layers):
+        for key, size in ((f"ffn.{i}", geometry.ffn_size), (f"heads.{i}", geometry.kv_heads)):
+            if key not in scores or scores[key].shape != (size,):
+                found = tuple(scores[key].shape) if key in scores else "nothing"
+                raise UserError(f"{source} does not fit this model: {key} should have shape ({size},), found {found}; "
+                                f"redo --stages attribute for this --model")
+
+
+@contextmanager
+def masked(model: nn.Module, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -> Iterator[None]:
+    """Zero the unkept FFN neurons and KV groups of `model` (a Hugging Face backbone) in forward passes."""
+    handles = []
+    group_width = geometry.heads_per_group * geometry.head_dim
+    for layer, ffn_keep, head_keep in zip(adapter.layer_modules(model), skeleton.ffn, skeleton.heads):
+        ffn_mask = torch.zeros(geometry.ffn_size)
+        ffn_mask[ffn_keep] = 1
+        head_mask = torch.zeros(geometry.kv_heads)
+        head_mask[head_keep] = 1
+        head_mask = head_mask.repeat_interleave(group_width)
+        site = layer.get_submodule(adapter.ffn_site)
+        if adapter.ffn_site_reads_input:
+            handles.append(site.register_forward_pre_hook(lambda m, args, k=ffn_mask: (args[0] * k.to(args[0]),) + args[1:]))
+        else:
+            handles.append(site.register_forward_hook(lambda m, args, out, k=ffn_mask: out * k.to(out)))
+        attn_out = layer.get_submodule(adapter.attn_out)
+        handles.append(attn_out.register_forward_pre_hook(lambda m, args, k=head_mask: (args[0] * k.to(args[0]),) + args[1:]))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def skeleton_record(skeleton: Skeleton, geometry: Geometry, cfg: Config, meta: dict) -> dict:
+    return {
+        "format": "skeleton_ds.skeleton/1", "task": meta["task"], "base_model": meta["base_model"],
+        "geometry": meta["geometry"], "keep_mode": cfg.keep_mode, "ffn_keep": cfg.ffn_keep,
+        "head_keep": cfg.head_keep, "align": cfg.align,
+        "attribution": {k: meta[k] for k in ("scorer", "reduce", "include_prompt", "examples")},
+        "ffn_sizes": skeleton.ffn_sizes(), "head_counts": [len(h) for h in skeleton.heads],
+        "layers": [{"ffn": f, "heads": h} for f, h in zip(skeleton.ffn, skeleton.heads)],
+    }
+
+
+def load_skeleton(path, geometry: Geometry | None = None) -> tuple[Skeleton, dict]:
+    record = checkpoint.read_json(path, "skeleton")
+    if record.get("format") != "skeleton_ds.skeleton/1":
+        raise UserError(f"{path} is not a skeleton_ds skeleton.json")
+    skeleton = Skeleton(ffn=[layer["ffn"] for layer in record["layers"]], heads=[layer["heads"] for layer in record["layers"]])
+    if geometry is not None:
+        if len(skeleton.ffn) != geometry.layers or any(max(f, default=-1) >= geometry.ffn_size for f in skeleton.ffn) \
+                or any(max(h, default=-1) >= geometry.kv_heads for h in skeleton.heads):
+            raise UserError(f"{path} does not fit this model ({geometry.layers} layers, {geometry.ffn_size} FFN neurons, "
+                            f"{geometry.kv_heads} KV groups): it was made for {record['base_model'].get('name_or_path')}")
+    return skeleton, record
+
+
+class LocalizeRecipe:
+    stage = "localize"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.source = cfg.output / "attribution.safetensors"
+        self.out_file = cfg.output / "skeleton.json"
+
+    def done(self) -> bool:
+        return self.out_file.is_file()
+
+    def run(self) -> Skeleton:
+        from transformers import AutoConfig
+
+        from skeleton_ds.plots import plot_skeleton
+
+        cfg = self.cfg
+        scores, meta = read_attribution(self.source)
+        path = engine.resolve_model_path(cfg.model)
+        model_config = AutoConfig.from_pretrained(path, revision=cfg.revision)
+        engine.check_identity(meta["base_model"], engine.model_identity(cfg.model, path, model_config, cfg.revision),
+                              str(self.source))
+        geometry = Geometry(**meta["geometry"])
+        check_scores(scores, geometry, str(self.source))
+        skeleton = select(scores, geometry, ffn_keep=cfg.ffn_keep, head_keep=cfg.head_keep, align=cfg.align,
+                          mode=cfg.keep_mode)
+        if os.environ.get("RANK", "0") == "0":
+            plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png", cfg.output / "skeleton_heads.png")
+            checkpoint.write_json(self.out_file, skeleton_record(skeleton, geometry, cfg, meta))  # last: marks done
+            print(f"skeleton_ds: skeleton (FFN {skeleton.ffn_sizes()[0]}/{geometry.ffn_size} per layer"
+                  f"{'' if skeleton.is_uniform() else ', sizes vary'}) -> {self.out_file}")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return skeleton
