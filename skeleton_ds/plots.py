@@ -47,3 +47,37 @@ def plot_skeleton(scores: dict[str, torch.Tensor], skeleton, geometry, ffn_png: 
     fig.tight_layout()
     fig.savefig(heads_png, dpi=110)
     plt.close(fig)
+
+
+def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title: str = "") -> None:
+    """One subplot per task: dev accuracy against the FFN keep ratio, one line per scorer, and a
+    dashed line at the unpruned prompt-tuned accuracy. `results` rows carry task, scorer, ffn_keep,
+    accuracy (and optionally ffn_kept, the neurons kept per layer); `unpruned` maps task -> accuracy."""
+    plt = _pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    scorers = list(dict.fromkeys(r["scorer"] for r in results))
+    markers = "osD^vP*X"
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in results if r["task"] == task]
+        for k, scorer in enumerate(scorers):
+            points = sorted((r["ffn_keep"], r["accuracy"]) for r in rows if r["scorer"] == scorer)
+            if points:
+                ax.plot(*zip(*points), marker=markers[k % len(markers)], linewidth=1.8, label=scorer)
+        if task in unpruned:
+            ax.axhline(unpruned[task], color="black", linestyle="--", linewidth=1.2,
+                       label=f"unpruned ({unpruned[task]:.3f})")
+        ratios = sorted({r["ffn_keep"] for r in rows})
+        kept = {r["ffn_keep"]: r.get("ffn_kept") for r in rows}
+        ax.set_xticks(ratios)
+        ax.set_xticklabels([f"{x:g}" + (f"\n({kept[x]})" if kept.get(x) is not None else "") for x in ratios])
+        ax.set_xlabel("FFN keep ratio (neurons kept per layer)")
+        ax.set_ylabel("dev accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

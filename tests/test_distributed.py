@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,3 +94,21 @@ def test_kill_and_resume_gives_the_same_prompt(ranks, stage, tiny_models, sentim
     a, b = _prompt(tmp_path / "straight"), _prompt(out)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_two_rank_zero3_attribution_equals_one_rank(tiny_models, sentiment_files, tmp_path):
+    """Each rank scores its shard; all-reduced sums must equal a single rank scoring everything."""
+    from skeleton_ds.attribution import read_attribution
+
+    model = tiny_models["llama"]
+    _ok(launch(0, _argv(model, sentiment_files, tmp_path / "base", 2, "--max-steps", "4", "--stages", "prompt")))
+    for name, ranks in (("one", 0), ("two", 2)):
+        shutil.copytree(tmp_path / "base" / "prompt", tmp_path / name / "prompt")
+        _ok(launch(ranks, _argv(model, sentiment_files, tmp_path / name, 3, "--stages", "attribute,localize",
+                                "--align", "8")))
+    one, meta_one = read_attribution(tmp_path / "one" / "attribution.safetensors")
+    two, meta_two = read_attribution(tmp_path / "two" / "attribution.safetensors")
+    assert meta_one["examples"] == meta_two["examples"] == "96"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-9)
+    assert (tmp_path / "one" / "skeleton.json").read_text() == (tmp_path / "two" / "skeleton.json").read_text()
