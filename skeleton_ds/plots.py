@@ -57,7 +57,7 @@ def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title
     tasks = list(dict.fromkeys(r["task"] for r in results))
     scorers = list(dict.fromkeys(r["scorer"] for r in results))
     markers = "osD^vP*X"
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.0, 5.6 * len(tasks)), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in results if r["task"] == task]
         for k, scorer in enumerate(scorers):
@@ -75,9 +75,9 @@ def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title
         ax.set_ylabel("dev accuracy")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

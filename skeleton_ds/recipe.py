@@ -286,6 +286,7 @@ class PromptTuningRecipe(TaskModelRun):
                        "global_batch": self.global_batch, "world_size": self.dist.world_size,
                        "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,
                        "backbone_fraction_on_rank0": self.backbone_local_fraction,
+                       "train_seconds": self.train_seconds,
                        "config": {k: str(v) for k, v in asdict(cfg).items()}}
             with checkpoint.atomic_dir(self.out_dir, overwrite=True) as staging:
                 checkpoint.save_tensors(staging / "prompt.safetensors", tensors,
@@ -295,8 +296,8 @@ class PromptTuningRecipe(TaskModelRun):
         torch.distributed.barrier()
 
     def cleanup(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        """Drop the engine and model so the next stage in this process starts from free memory."""
+        del self.engine, self.model, self.backbone
 
     def run(self) -> dict[str, float]:
         self.setup()
