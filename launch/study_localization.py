@@ -160,19 +160,17 @@ def study(argv: Sequence[str] | None = None) -> int:
     table = Table(title=f"Localization study: {args.model}, FFN neurons masked (heads kept, no retuning)",
                   caption=f"uniform keep per layer, align {args.align}; {args.attr_examples or 'all'} scored examples, "
                           f"reduce {args.attr_reduce}")
-    for name, justify in (("task", "left"), ("scorer", "left"), ("keep ratio", "right"), ("FFN kept / layer", "right"),
-                          ("FFN kept total", "right"), ("dev accuracy", "right"), ("vs unpruned", "right")):
-        table.add_column(name, justify=justify)
-    total = geometry.layers * geometry.ffn_size
+    for name, justify in (("task", "left"), ("scorer", "left"), ("keep", "right"), ("FFN kept/layer", "right"),
+                          ("dev acc", "right"), ("vs unpruned", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
     for task in tasks:
-        table.add_row(task, "[bold]unpruned prompt[/]", "1", f"{geometry.ffn_size}/{geometry.ffn_size}",
-                      f"{total}/{total}", f"[bold]{per_task[task]['unpruned_accuracy']:.4f}[/]", "")
-        for r in (r for r in results if r["task"] == task):
+        table.add_row(task, "[bold]unpruned[/]", "1", f"{geometry.ffn_size}/{geometry.ffn_size}",
+                      f"[bold]{per_task[task]['unpruned_accuracy']:.4f}[/]", "")
+        for r in (r for r in results if r["task"] == task):  # best scorer at each ratio in green
             best = max(x["accuracy"] for x in results if x["task"] == task and x["ffn_keep"] == r["ffn_keep"])
             acc = f"{r['accuracy']:.4f}"
             table.add_row("", r["scorer"], f"{r['ffn_keep']:g}", f"{r['ffn_kept']}/{geometry.ffn_size}",
-                          f"{r['ffn_kept_total']}/{total}", f"[green]{acc}[/]" if r["accuracy"] == best else acc,
-                          f"{r['delta_vs_unpruned']:+.4f}")
+                          f"[green]{acc}[/]" if r["accuracy"] == best else acc, f"{r['delta_vs_unpruned']:+.4f}")
         table.add_section()
     console.print(table)
     for task, verdict in summary.items():
@@ -190,7 +188,7 @@ def study(argv: Sequence[str] | None = None) -> int:
               "seconds": round(time.perf_counter() - t_start, 1)}
     (args.output / "study.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_study(results, {t: v["unpruned_accuracy"] for t, v in per_task.items()}, args.output / "study.png",
-               title=f"{args.model}: dev accuracy with only the top FFN neurons kept (no retuning)")
+               title=f"{args.model}: dev accuracy, top FFN neurons kept, rest masked (no retuning)")
     console.print(f"[bold]skeleton_ds[/]: study -> {args.output / 'study.json'}, {args.output / 'study.png'} "
                   f"({record['seconds']:.0f} s)")
     return 0

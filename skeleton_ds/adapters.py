@@ -50,6 +50,8 @@ class ArchAdapter:
     ffn_site_reads_input: bool
     ffn_in: tuple[str, ...]
     """Linear layers whose output rows are FFN neurons (their weights are the neurons' input weights)."""
+    ffn_out: str
+    """The FFN output projection; its input columns are FFN neurons."""
     attn_out: str
     """The attention output projection; its input is the concatenation of the heads' outputs."""
     q_proj: str
@@ -84,11 +86,12 @@ def _roberta_mlm_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tens
 _DECODER = ArchAdapter(
     family="llama", causal=True, layers="layers",
     ffn_site="mlp.down_proj", ffn_site_reads_input=True, ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+    ffn_out="mlp.down_proj",
     attn_out="self_attn.o_proj", q_proj="self_attn.q_proj", kv_proj=("self_attn.k_proj", "self_attn.v_proj"),
 )
 _BERT_LAYER = dict(
     causal=False, layers="encoder.layer",
-    ffn_site="intermediate", ffn_site_reads_input=False, ffn_in=("intermediate.dense",),
+    ffn_site="intermediate", ffn_site_reads_input=False, ffn_in=("intermediate.dense",), ffn_out="output.dense",
     attn_out="attention.output.dense", q_proj="attention.self.query",
     kv_proj=("attention.self.key", "attention.self.value"),
 )

@@ -33,7 +33,7 @@ from skeleton_ds import checkpoint, data, engine
 from skeleton_ds.adapters import ArchAdapter, Geometry
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
-from skeleton_ds.recipe import TaskModelRun
+from skeleton_ds.recipe import TaskModelRun, read_prompt_record
 
 SCORERS = ("attribution", "random", "weight-magnitude", "activation-magnitude")
 REDUCTIONS = ("abs-sum", "mean-abs", "signed")
@@ -117,11 +117,7 @@ class AttributionRecipe(TaskModelRun):
 
     def setup(self) -> None:
         cfg = self.cfg
-        if not (self.prompt_dir / "prompt.safetensors").is_file():
-            raise UserError(f"{self.prompt_dir} has no trained prompt: run --stages prompt first (same --output)")
-        record = checkpoint.read_json(self.prompt_dir / "task.json", "stage-1 task record")
-        if record["task"] != cfg.task:
-            raise UserError(f"{self.prompt_dir} was trained for task {record['task']!r}, not {cfg.task!r}: pass --task {record['task']}")
+        record = read_prompt_record(self.prompt_dir, cfg)
         ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
                                              batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
         # Nothing is trained here: no optimizer, and below ZeRO-3 nothing to partition either

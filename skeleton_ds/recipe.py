@@ -69,12 +69,13 @@ class TaskModelRun:
         return train, dev
 
     def build_model(self, ds_config: dict, train: list, dev: list, *, readout: str, prompt_length: int,
-                    max_length: int) -> PromptedClassifier:
+                    max_length: int, model_name: str | None = None) -> PromptedClassifier:
         """Join the process group, load the backbone, encode the splits, wrap the backbone with a prompt."""
         self.ds_config = ds_config
         self.dist = engine.init_distributed()
         self.report = Reporter(enabled=self.dist.is_main)
-        backbone = engine.load_backbone(self.cfg.model, ds_config, readout=readout, revision=self.cfg.revision)
+        backbone = engine.load_backbone(model_name or self.cfg.model, ds_config, readout=readout,
+                                        revision=self.cfg.revision)
         self.backbone = backbone
         self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
         self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
@@ -130,7 +131,19 @@ class TaskModelRun:
         return metrics | {"loss": sum(losses) / len(losses)}
 
 
+def read_prompt_record(prompt_dir: Path, cfg: Config) -> dict:
+    """Stage 1's task.json, checked against this run's task."""
+    if not (prompt_dir / "prompt.safetensors").is_file():
+        raise UserError(f"{prompt_dir} has no trained prompt: run --stages prompt first (same --output)")
+    record = checkpoint.read_json(prompt_dir / "task.json", "stage-1 task record")
+    if record["task"] != cfg.task:
+        raise UserError(f"{prompt_dir} was trained for task {record['task']!r}, not {cfg.task!r}: pass --task {record['task']}")
+    return record
+
+
 class PromptTuningRecipe(TaskModelRun):
+    """Stage 1 (and, through RetuneRecipe, stage 5)."""
+
     stage = "prompt"
 
     def __init__(self, cfg: Config):
@@ -141,16 +154,15 @@ class PromptTuningRecipe(TaskModelRun):
     def done(self) -> bool:
         return (self.out_dir / "prompt.safetensors").is_file()
 
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def model_spec(self) -> dict:
+        """Which model to load and how its prompt is shaped (stage 1: from the flags)."""
         cfg = self.cfg
-        # Everything a user can get wrong is checked before the process group or any file exists.
-        ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
-                                             batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
-        train, dev = self.load_examples()
-        self._check_output_dir()
-        model = self.build_model(ds_config, train, dev, readout=cfg.readout, prompt_length=cfg.prompt_length,
-                                 max_length=cfg.max_length)
+        return {"model_name": cfg.model, "readout": cfg.readout, "prompt_length": cfg.prompt_length,
+                "max_length": cfg.max_length}
+
+    def initial_values(self, model: PromptedClassifier) -> dict[str, torch.Tensor]:
+        """Stage 1 starts from vocabulary (or text) embeddings and a seeded head."""
+        cfg = self.cfg
         embeddings = self.backbone.model.get_input_embeddings().weight
         with engine.gathered([embeddings]):
             init = {"prompt": initial_prompt(embeddings, cfg.prompt_length, cfg.prompt_init, self.backbone.tokenizer,
@@ -159,7 +171,20 @@ class PromptTuningRecipe(TaskModelRun):
             torch.manual_seed(cfg.seed)  # identical head init on every rank
             model.head.reset_parameters()
             init |= {"head.weight": model.head.weight.data, "head.bias": model.head.bias.data}
-        self.set_trainable(init)
+        return init
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        # Everything a user can get wrong is checked before the process group or any file exists.
+        ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
+                                             batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+        spec = self.model_spec()
+        train, dev = self.load_examples()
+        self._check_output_dir()
+        model = self.build_model(ds_config, train, dev, **spec)
+        self.prompt_length, self.max_length = spec["prompt_length"], spec["max_length"]
+        self.set_trainable(self.initial_values(model))
 
         self.global_batch = self.ds_config["train_batch_size"]
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
@@ -203,8 +228,8 @@ class PromptTuningRecipe(TaskModelRun):
         """What must match for a checkpoint to be resumable into this run."""
         keys = ("model", "task", "prompt_length", "prompt_init", "readout", "lr", "head_lr", "warmup_steps",
                 "max_length", "seed", "max_train_examples", "epochs", "max_steps", "data_dir", "train_file")
-        blob = json.dumps({k: str(getattr(self.cfg, k)) for k in keys} | {"global_batch": self.global_batch},
-                          sort_keys=True)
+        blob = json.dumps({k: str(getattr(self.cfg, k)) for k in keys} | {"global_batch": self.global_batch,
+                          "stage": self.stage, "model_path": self.backbone.path}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _latest_checkpoint(self) -> str | None:
@@ -264,7 +289,7 @@ class PromptTuningRecipe(TaskModelRun):
         self.train_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------- save
-    def save(self, metrics: dict[str, float]) -> None:
+    def save(self, metrics: dict[str, float], extra: dict | None = None) -> None:
         model = self.model
         trainable = {"prompt": model.prompt.embedding}
         if model.head is not None:
@@ -277,16 +302,16 @@ class PromptTuningRecipe(TaskModelRun):
                 "task": self.task.name, "fields": list(self.task.fields), "template": self.task.template,
                 "label_names": list(self.task.label_names), "verbalizer": list(self.task.verbalizer),
                 "label_token_ids": self.label_token_ids, "readout": self.readout, "model": cfg.model,
-                "model_path": self.backbone.path, "revision": cfg.revision, "prompt_length": cfg.prompt_length,
+                "model_path": self.backbone.path, "revision": cfg.revision, "prompt_length": self.prompt_length,
                 "base_model": self.backbone.identity,
-                "max_length": cfg.max_length, "padding_side": self.backbone.adapter.padding_side,
+                "max_length": self.max_length, "padding_side": self.backbone.adapter.padding_side,
             }
             summary = {"task": self.task.name, "split": "dev", "metrics": metrics, "dev_examples": len(self.dev_set),
                        "train_examples": len(self.train_set), "steps": self.total_steps,
                        "global_batch": self.global_batch, "world_size": self.dist.world_size,
                        "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,
                        "backbone_fraction_on_rank0": self.backbone_local_fraction,
-                       "train_seconds": self.train_seconds,
+                       "train_seconds": self.train_seconds, **(extra or {}),
                        "config": {k: str(v) for k, v in asdict(cfg).items()}}
             with checkpoint.atomic_dir(self.out_dir, overwrite=True) as staging:
                 checkpoint.save_tensors(staging / "prompt.safetensors", tensors,
@@ -308,5 +333,58 @@ class PromptTuningRecipe(TaskModelRun):
         metrics = self.evaluate()
         self.save(metrics)
         self.report.metrics_table(f"{self.task.name} dev", metrics, caption=f"{len(self.dev_set)} examples")
+        self.cleanup()
+        return metrics
+
+
+class RetuneRecipe(PromptTuningRecipe):
+    """Stage 5: prompt tuning continues on the compact model (DIR/compact), from the stage-1 prompt.
+
+    Writes DIR/retune/{prompt.safetensors, task.json, metrics.json} (metrics before and after) and
+    then replaces the prompt in DIR/compact, file by file with renames, refreshing its manifest.
+    """
+
+    stage = "retune"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.compact_dir = cfg.output / "compact"
+        self.prompt_dir = cfg.output / "prompt"
+
+    def model_spec(self) -> dict:
+        from skeleton_ds.surgery import verify_manifest
+
+        if not (self.compact_dir / "manifest.json").is_file():
+            raise UserError(f"{self.compact_dir} holds no finished compact model: run --stages convert first")
+        verify_manifest(self.compact_dir)
+        record = read_prompt_record(self.prompt_dir, self.cfg)
+        compact = checkpoint.read_json(self.compact_dir / "config.json", "compact model config")
+        origin = compact.get("skeleton_ds", {}).get("base_model", {})
+        engine.check_identity(origin, record["base_model"], str(self.compact_dir))
+        return {"model_name": str(self.compact_dir), "readout": "head" if record["readout"] == "head" else "verbalizer",
+                "prompt_length": record["prompt_length"], "max_length": record["max_length"]}
+
+    def initial_values(self, model: PromptedClassifier) -> dict[str, torch.Tensor]:
+        return checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors")
+
+    def run(self) -> dict[str, float]:
+        from skeleton_ds.surgery import write_manifest
+
+        self.setup()
+        if self.cfg.overwrite and self.step == 0 and self.dist.is_main:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        before = self.evaluate()  # the skeleton with the stage-1 prompt, before any re-tuning
+        self.train()
+        metrics = self.evaluate()
+        self.save(metrics, {"before_retune": before})
+        if self.dist.is_main:
+            for name in ("prompt.safetensors", "task.json"):
+                tmp = self.compact_dir / f".{name}.tmp-{os.getpid()}"
+                shutil.copyfile(self.out_dir / name, tmp)
+                os.replace(tmp, self.compact_dir / name)
+            write_manifest(self.compact_dir)
+        torch.distributed.barrier()
+        self.report.metrics_table(f"{self.task.name} dev, skeleton", {f"{k} before": v for k, v in before.items()}
+                                  | {f"{k} after": v for k, v in metrics.items()}, caption=f"{len(self.dev_set)} examples")
         self.cleanup()
         return metrics

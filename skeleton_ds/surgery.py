@@ -1,0 +1,355 @@
+"""Pipeline stage 4: slice a skeleton out of the base checkpoint into a compact, standard model.
+
+    python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --out DIR/compact
+
+Streaming: the plan (every output tensor's name, dtype and shape) is computed from the base
+checkpoint's headers alone, so each output shard's safetensors header can be written first and the
+tensors then read, sliced and written one at a time: peak memory is about one tensor, whatever the
+model size.
+
+LLaMA family: rows of gate/up and columns of down for kept FFN neurons; rows of q and columns of o
+for the kept groups' query heads; rows of k/v for kept KV groups; biases alike. BERT/RoBERTa: rows
+and bias of intermediate.dense, columns of output.dense. The config gets the new intermediate_size,
+num_attention_heads, num_key_value_heads and an explicit head_dim. A non-uniform skeleton
+(global keep mode) is padded, per layer, to the largest kept size with zero neurons / zero heads
+(zero input rows and zero output columns), which changes no output: the result stays a standard
+architecture and exactly equals the masked model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from skeleton_ds.adapters import ArchAdapter, Geometry
+from skeleton_ds.errors import UserError
+from skeleton_ds.localization import Skeleton
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def checkpoint_files(base: Path, *, allow_pickle: bool = False) -> list[Path]:
+    """The base model's safetensors shards, in index order; pickles only on explicit request."""
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [base / f for f in files]
+    if (base / "model.safetensors").is_file():
+        return [base / "model.safetensors"]
+    pickles = sorted(base.glob("pytorch_model*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise UserError(f"{base} holds only pickle weights ({pickles[0].name}); loading a pickle can run code: "
+                            f"convert only with --allow-pickle if you trust it")
+        raise UserError(f"{base}: pickle checkpoints are not supported yet even with --allow-pickle; "
+                        f"save the model with safe_serialization=True first")
+    raise UserError(f"{base} has no model.safetensors or model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """How one base tensor becomes one output tensor: index `rows` along dim 0 and/or `cols` along dim 1.
+    Negative indices are zero-filled padding (a neuron or head that has no effect)."""
+
+    rows: tuple[int, ...] | None = None
+    cols: tuple[int, ...] | None = None
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        for dim, index in ((0, self.rows), (1, self.cols)):
+            if index is None:
+                continue
+            idx = torch.tensor(index)
+            picked = tensor.index_select(dim, idx.clamp(min=0))
+            pad = (idx < 0).view([-1 if d == dim else 1 for d in range(tensor.dim())])
+            tensor = picked.masked_fill(pad, 0) if bool((idx < 0).any()) else picked
+        return tensor
+
+    def shape(self, shape: list[int]) -> list[int]:
+        out = list(shape)
+        if self.rows is not None:
+            out[0] = len(self.rows)
+        if self.cols is not None:
+            out[1] = len(self.cols)
+        return out
+
+
+def _padded(kept: list[int], size: int) -> tuple[int, ...]:
+    return tuple(kept) + (-1,) * (size - len(kept))
+
+
+def _expand(units: tuple[int, ...], width: int) -> tuple[int, ...]:
+    """Unit indices -> the rows/columns they own (a padded unit owns padded rows)."""
+    return tuple(u * width + j if u >= 0 else -1 for u in units for j in range(width))
+
+
+def layer_slices(adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -> list[dict[str, Slice]]:
+    """Per layer: module path -> how its weight (and bias) is cut."""
+    ffn_size = max(skeleton.ffn_sizes())
+    groups = max(len(h) for h in skeleton.heads)
+    q_width = geometry.heads_per_group * geometry.head_dim
+    prune_heads = any(len(h) < geometry.kv_heads for h in skeleton.heads)
+    plans = []
+    for ffn, heads in zip(skeleton.ffn, skeleton.heads):
+        neurons = _padded(ffn, ffn_size)
+        kept_groups = _padded(heads, groups)
+        q_rows = _expand(kept_groups, q_width)
+        kv_rows = _expand(kept_groups, geometry.head_dim)
+        plan = {path: Slice(rows=neurons) for path in adapter.ffn_in}
+        plan[adapter.ffn_out] = Slice(cols=neurons)
+        if prune_heads:
+            plan[adapter.q_proj] = Slice(rows=q_rows)
+            plan |= {path: Slice(rows=kv_rows) for path in adapter.kv_proj}
+            plan[adapter.attn_out] = Slice(cols=q_rows)
+        plans.append(plan)
+    return plans
+
+
+def compact_config(config: dict, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -> dict:
+    groups = max(len(h) for h in skeleton.heads)
+    if any(len(h) < geometry.kv_heads for h in skeleton.heads) and not adapter.causal:
+        raise UserError("removing attention heads from a BERT/RoBERTa model cannot be written as a standard "
+                        "checkpoint (transformers derives the head size from hidden_size / num_attention_heads): "
+                        "localize encoders with --head-keep 1.0")
+    out = dict(config)
+    out["intermediate_size"] = max(skeleton.ffn_sizes())
+    if adapter.causal:
+        out["num_key_value_heads"] = groups
+        out["num_attention_heads"] = groups * geometry.heads_per_group
+        out["head_dim"] = geometry.head_dim
+    return out
+
+
+def plan_tensors(files: list[Path], adapter: ArchAdapter, slices: list[dict[str, Slice]]
+                 ) -> list[tuple[str, Path, Slice | None, str, list[int]]]:
+    """(name, source file, slice, dtype, output shape) for every tensor, from headers only."""
+    pattern = re.compile(rf"(?:^|\.){re.escape(adapter.layers)}\.(\d+)\.(.+)\.(weight|bias)$")
+    plan = []
+    for file in files:
+        for name, info in _header(file).items():
+            if name == "__metadata__":
+                continue
+            cut = None
+            match = pattern.search(name)
+            if match:
+                layer, module, kind = int(match.group(1)), match.group(2), match.group(3)
+                cut = slices[layer].get(module)
+                if cut is not None and kind == "bias" and cut.rows is None:
+                    cut = None  # an output projection's bias is per output feature: untouched
+                if cut is not None and kind == "bias":
+                    cut = Slice(rows=cut.rows)
+            shape = cut.shape(info["shape"]) if cut else info["shape"]
+            plan.append((name, file, cut, info["dtype"], shape))
+    return plan
+
+
+def _header(file: Path) -> dict:
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tensors: Iterator[torch.Tensor],
+                    metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose header is known up front, consuming `tensors` one at a time."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = _numel(shape) * _ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, dtype, shape), tensor in zip(entries, tensors, strict=True):
+            if list(tensor.shape) != shape or _DTYPE_NAMES[tensor.dtype] != dtype:
+                raise RuntimeError(f"planned {name} as {dtype}{shape}, got {tensor.dtype}{list(tensor.shape)}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton, *,
+                    shard_bytes: int = 2 << 30, allow_pickle: bool = False) -> dict:
+    """Write the sliced weights of `base` into `out` as sharded safetensors; returns the weight map."""
+    files = checkpoint_files(base, allow_pickle=allow_pickle)
+    plan = plan_tensors(files, adapter, layer_slices(adapter, geometry, skeleton))
+    shards: list[list] = [[]]
+    size = 0
+    for item in plan:
+        nbytes = _numel(item[4]) * _ITEMSIZE[item[3]]
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for shard_name, shard in zip(names, shards):
+        def tensors(items=shard) -> Iterator[torch.Tensor]:
+            for name, file, cut, _, _ in items:
+                with safe_open(str(file), "pt") as f:
+                    tensor = f.get_tensor(name)
+                yield cut.apply(tensor) if cut else tensor
+
+        write_streaming(out / shard_name, [(n, d, s) for n, _, _, d, s in shard], tensors(), {"format": "pt"})
+        weight_map |= {item[0]: shard_name for item in shard}
+    if len(shards) > 1:
+        total = sum(_numel(item[4]) * _ITEMSIZE[item[3]] for item in plan)
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return weight_map
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def local_model_dir(name: str, revision: str | None = None) -> Path:
+    """A directory holding the base checkpoint: local as given, else the Hub snapshot (safetensors only)."""
+    from skeleton_ds.engine import resolve_model_path
+
+    path = Path(resolve_model_path(name))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated: one line for the user
+        raise UserError(f"cannot fetch {name!r} from the Hugging Face Hub ({type(e).__name__}): pass a local directory") from None
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """sha256 and size of every file; written last, so its presence means the directory is complete."""
+    from skeleton_ds.checkpoint import write_json
+
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
+    write_json(directory / "manifest.json", {"format": "skeleton_ds.manifest/1", "files": {
+        str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}})
+
+
+def verify_manifest(directory: Path) -> None:
+    """Refuse a directory whose files do not match its manifest (naming the first bad file)."""
+    from skeleton_ds.checkpoint import read_json
+
+    manifest = read_json(directory / "manifest.json", "manifest")
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path} is listed in {directory}/manifest.json but missing: the directory is incomplete")
+        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+            raise UserError(f"{path} does not match its sha256 in {directory}/manifest.json: refusing to load it "
+                            f"(re-run the convert stage with --overwrite)")
+
+
+def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, *, revision: str | None = None,
+            allow_pickle: bool = False, overwrite: bool = False) -> dict:
+    """Build the compact model directory `out` (atomically); returns parameter counts."""
+    from transformers import AutoConfig
+
+    from skeleton_ds import checkpoint, engine
+    from skeleton_ds.adapters import adapter_for
+    from skeleton_ds.localization import load_skeleton
+
+    base_dir = local_model_dir(base, revision)
+    config = AutoConfig.from_pretrained(base_dir)
+    adapter = adapter_for(config.model_type)
+    geometry = adapter.geometry(config)
+    skeleton, record = load_skeleton(skeleton_path, geometry)
+    engine.check_identity(record["base_model"], engine.model_identity(base, str(base_dir), config, revision),
+                          str(skeleton_path))
+    files = checkpoint_files(base_dir, allow_pickle=allow_pickle)  # refuse early, before anything is written
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: pass --overwrite to replace it")
+    config_dict = json.loads((base_dir / "config.json").read_text())
+    with checkpoint.atomic_dir(out, overwrite=overwrite) as staging:
+        convert_weights(base_dir, staging, adapter, geometry, skeleton, allow_pickle=allow_pickle)
+        small = compact_config(config_dict, adapter, geometry, skeleton)
+        small["skeleton_ds"] = {"base_model": record["base_model"], "task": record["task"]}
+        checkpoint.write_json(staging / "config.json", small)
+        for name in _TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                (staging / name).write_bytes((base_dir / name).read_bytes())
+        (staging / "skeleton.json").write_bytes(Path(skeleton_path).read_bytes())
+        if prompt_dir is not None:
+            for name in ("prompt.safetensors", "task.json"):
+                (staging / name).write_bytes((Path(prompt_dir) / name).read_bytes())
+        write_manifest(staging)
+    full = sum(_numel(info["shape"]) for f in files for n, info in _header(f).items() if n != "__metadata__")
+    compact = sum(_numel(info["shape"]) for f in checkpoint_files(out) for n, info in _header(f).items()
+                  if n != "__metadata__")
+    return {"parameters_full": full, "parameters_compact": compact}
+
+
+class ConvertRecipe:
+    """Stage 4 inside the pipeline: rank 0 converts from the on-disk base checkpoint (streaming,
+    never holding the model) while the other ranks wait; every rank validates first so a bad input
+    stops all of them with the same message."""
+
+    stage = "convert"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = cfg.output / "compact"
+
+    def done(self) -> bool:
+        return (self.out / "manifest.json").is_file()
+
+    def run(self) -> dict:
+        import torch
+
+        from skeleton_ds import checkpoint, engine
+
+        cfg = self.cfg
+        skeleton = cfg.output / "skeleton.json"
+        if not skeleton.is_file():
+            raise UserError(f"{skeleton} does not exist: run --stages localize first (same --output)")
+        dist = engine.init_distributed()
+        failure = [None]
+        summary = {}
+        if dist.is_main:
+            try:
+                summary = convert(cfg.model, skeleton, cfg.output / "prompt", self.out, revision=cfg.revision,
+                                  allow_pickle=cfg.allow_pickle, overwrite=True)
+                checkpoint.write_json(cfg.output / "conversion.json", summary)
+            except UserError as e:
+                failure = [str(e)]
+        torch.distributed.broadcast_object_list(failure, src=0)
+        if failure[0]:
+            raise UserError(failure[0])
+        if dist.is_main:
+            print(f"skeleton_ds: compact model ({summary['parameters_compact']:,} of {summary['parameters_full']:,} "
+                  f"parameters) -> {self.out}")
+        return summary
