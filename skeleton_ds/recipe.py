@@ -31,7 +31,8 @@ from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_s
 from skeleton_ds.ui import Reporter
 
 KILL_AFTER_STEP_ENV = "SKELETON_DS_KILL_AFTER_STEP"
-"""Test hook: SIGKILL this process right after that optimizer step (exercises real crash + resume)."""
+"""Test hook, "STAGE:STEP" (e.g. "retune:2"): SIGKILL this process right after that optimizer step of
+that stage, to exercise a real crash and resume."""
 
 
 def _generic_spec(cfg: Config) -> GenericTaskSpec | None:
@@ -262,7 +263,8 @@ class PromptTuningRecipe(TaskModelRun):
         cfg, dist = self.cfg, self.dist
         self.engine.train()
         self.model.backbone.eval()  # frozen: keep dropout off (see engine.load_backbone)
-        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+        kill_stage, _, kill_step = os.environ.get(KILL_AFTER_STEP_ENV, "").partition(":")
+        kill_after = int(kill_step) if kill_stage == self.stage else -1
         start, t0 = self.step, time.perf_counter()
         self.last_loss = float("nan")
         with self.report.progress(self.total_steps, self.step, "prompt tuning",

@@ -18,6 +18,7 @@ architecture and exactly equals the masked model.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -51,8 +52,7 @@ def checkpoint_files(base: Path, *, allow_pickle: bool = False) -> list[Path]:
         if not allow_pickle:
             raise UserError(f"{base} holds only pickle weights ({pickles[0].name}); loading a pickle can run code: "
                             f"convert only with --allow-pickle if you trust it")
-        raise UserError(f"{base}: pickle checkpoints are not supported yet even with --allow-pickle; "
-                        f"save the model with safe_serialization=True first")
+        return pickles
     raise UserError(f"{base} has no model.safetensors or model.safetensors.index.json")
 
 
@@ -136,8 +136,6 @@ def plan_tensors(files: list[Path], adapter: ArchAdapter, slices: list[dict[str,
     plan = []
     for file in files:
         for name, info in _header(file).items():
-            if name == "__metadata__":
-                continue
             cut = None
             match = pattern.search(name)
             if match:
@@ -153,9 +151,28 @@ def plan_tensors(files: list[Path], adapter: ArchAdapter, slices: list[dict[str,
 
 
 def _header(file: Path) -> dict:
+    """name -> {"dtype", "shape"} without reading tensor data."""
+    if file.suffix == ".bin":
+        return {name: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for name, t in _pickle(file).items()}
     with open(file, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+@functools.lru_cache(maxsize=1)
+def _pickle(file: Path) -> dict[str, torch.Tensor]:
+    """Only reached with --allow-pickle. weights_only refuses arbitrary objects; mmap keeps the
+    tensors on disk until each is sliced."""
+    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _read(file: Path, name: str) -> torch.Tensor:
+    if file.suffix == ".bin":
+        return _pickle(file)[name]
+    with safe_open(str(file), "pt") as f:
+        return f.get_tensor(name)
 
 
 def _numel(shape: list[int]) -> int:
@@ -185,7 +202,8 @@ def write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tenso
         for (name, dtype, shape), tensor in zip(entries, tensors, strict=True):
             if list(tensor.shape) != shape or _DTYPE_NAMES[tensor.dtype] != dtype:
                 raise RuntimeError(f"planned {name} as {dtype}{shape}, got {tensor.dtype}{list(tensor.shape)}")
-            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if tensor.numel():
+                f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))  # no extra copy
 
 
 def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton, *,
@@ -208,8 +226,7 @@ def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geome
     for shard_name, shard in zip(names, shards):
         def tensors(items=shard) -> Iterator[torch.Tensor]:
             for name, file, cut, _, _ in items:
-                with safe_open(str(file), "pt") as f:
-                    tensor = f.get_tensor(name)
+                tensor = _read(file, name)
                 yield cut.apply(tensor) if cut else tensor
 
         write_streaming(out / shard_name, [(n, d, s) for n, _, _, d, s in shard], tensors(), {"format": "pt"})
@@ -307,9 +324,8 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
             for name in ("prompt.safetensors", "task.json"):
                 (staging / name).write_bytes((Path(prompt_dir) / name).read_bytes())
         write_manifest(staging)
-    full = sum(_numel(info["shape"]) for f in files for n, info in _header(f).items() if n != "__metadata__")
-    compact = sum(_numel(info["shape"]) for f in checkpoint_files(out) for n, info in _header(f).items()
-                  if n != "__metadata__")
+    full = sum(_numel(info["shape"]) for f in files for info in _header(f).values())
+    compact = sum(_numel(info["shape"]) for f in checkpoint_files(out) for info in _header(f).values())
     return {"parameters_full": full, "parameters_compact": compact}
 
 

@@ -60,8 +60,8 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 def test_two_rank_zero3_matches_one_rank(arch, tiny_models, sentiment_files, tmp_path):
     """Same global batch of 8: 1 rank x 8 (ZeRO-2) vs 2 ranks x 4 (ZeRO-3, parameters partitioned)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _ok(launch(0, _argv(tiny_models[arch], sentiment_files, one, 2, "--max-steps", "6")))
-    _ok(launch(2, _argv(tiny_models[arch], sentiment_files, two, 3, "--max-steps", "6")))
+    _ok(launch(0, _argv(tiny_models[arch], sentiment_files, one, 2, "--max-steps", "6", "--stages", "prompt")))
+    _ok(launch(2, _argv(tiny_models[arch], sentiment_files, two, 3, "--max-steps", "6", "--stages", "prompt")))
     a, b = _prompt(one), _prompt(two)
     assert a.keys() == b.keys()
     for key in a:
@@ -75,12 +75,12 @@ def test_two_rank_zero3_matches_one_rank(arch, tiny_models, sentiment_files, tmp
 
 @pytest.mark.parametrize(("ranks", "stage"), [(0, 2), (2, 3)])
 def test_kill_and_resume_gives_the_same_prompt(ranks, stage, tiny_models, sentiment_files, tmp_path):
-    flags = ("--max-steps", "8", "--save-every", "3")
+    flags = ("--max-steps", "8", "--save-every", "3", "--stages", "prompt")
     model = tiny_models["llama"]
     _ok(launch(ranks, _argv(model, sentiment_files, tmp_path / "straight", stage, *flags)))
 
     out = tmp_path / "crashed"
-    killed = launch(ranks, _argv(model, sentiment_files, out, stage, *flags), env={KILL_AFTER_STEP_ENV: "5"})
+    killed = launch(ranks, _argv(model, sentiment_files, out, stage, *flags), env={KILL_AFTER_STEP_ENV: "prompt:5"})
     assert killed.returncode != 0
     assert not (out / "prompt").exists(), "a killed run must not leave a finished-looking prompt"
     assert (out / "checkpoints" / "prompt" / "latest").read_text().strip() == "step00000003"

@@ -1,0 +1,177 @@
+"""Stage 4: compact checkpoints equal the masked full model, load with plain transformers, stream
+in bounded memory, and refuse inputs they cannot trust."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+from conftest import REPO
+from skeleton_ds import engine
+from skeleton_ds.adapters import adapter_for
+from skeleton_ds.cli import convert as convert_command, run_command
+from skeleton_ds.localization import masked, select, skeleton_record
+from skeleton_ds.surgery import convert
+
+MODEL_CLASS = {"llama": AutoModelForCausalLM, "qwen2": AutoModelForCausalLM, "bert-head": AutoModel,
+               "bert-mlm": AutoModelForMaskedLM, "roberta-mlm": AutoModelForMaskedLM}
+
+
+def write_skeleton(model_dir: Path, path: Path, *, ffn_keep: float, head_keep: float, mode: str, align: int = 8):
+    """A skeleton from seeded random scores (later layers score higher, so a global threshold keeps
+    different counts per layer), recorded exactly as the localize stage records one."""
+    config = AutoConfig.from_pretrained(model_dir)
+    geometry = adapter_for(config.model_type).geometry(config)
+    g = torch.Generator().manual_seed(7)
+    scores = {f"ffn.{i}": torch.rand(geometry.ffn_size, generator=g) + 0.3 * i for i in range(geometry.layers)}
+    scores |= {f"heads.{i}": torch.rand(geometry.kv_heads, generator=g) + 0.3 * i for i in range(geometry.layers)}
+    skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode=mode)
+    meta = {"task": "generic", "geometry": asdict(geometry), "scorer": "random", "reduce": "abs-sum",
+            "include_prompt": "False", "examples": "0",
+            "base_model": engine.model_identity(str(model_dir), str(model_dir), config, None)}
+    cfg = SimpleNamespace(keep_mode=mode, ffn_keep=ffn_keep, head_keep=head_keep, align=align)
+    path.write_text(json.dumps(skeleton_record(skeleton, geometry, cfg, meta)))
+    return skeleton, geometry
+
+
+CASES = [("llama", 0.3, 0.5, "uniform"), ("llama", 0.5, 0.5, "global"), ("qwen2", 0.25, 0.5, "uniform"),
+         ("bert-head", 0.3, 1.0, "uniform"), ("bert-mlm", 0.5, 1.0, "global"), ("roberta-mlm", 0.3, 1.0, "uniform")]
+
+
+@pytest.mark.parametrize(("arch", "ffn_keep", "head_keep", "mode"), CASES)
+def test_compact_model_equals_masked_full_model(arch, ffn_keep, head_keep, mode, tiny_models, tmp_path):
+    base = tiny_models[arch]
+    skeleton, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=ffn_keep, head_keep=head_keep, mode=mode)
+    if mode == "global":
+        assert not skeleton.is_uniform(), "the case must exercise per-layer padding"
+    counts = convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "compact")
+
+    cls = MODEL_CLASS[arch]
+    full = cls.from_pretrained(base).eval()
+    compact = cls.from_pretrained(tmp_path / "compact").eval()  # plain transformers, no remote code
+    config = json.loads((tmp_path / "compact" / "config.json").read_text())
+    assert config["intermediate_size"] == max(skeleton.ffn_sizes()) < geometry.ffn_size
+    if adapter_for(config["model_type"]).causal:
+        groups = max(len(h) for h in skeleton.heads)
+        assert (config["num_key_value_heads"], config["num_attention_heads"]) == (groups, 2 * groups)
+        assert config["head_dim"] == geometry.head_dim
+    assert counts["parameters_compact"] == sum(p.numel() for p in compact.parameters()) < counts["parameters_full"]
+
+    ids = torch.randint(5, 25, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        with masked(full, adapter_for(config["model_type"]), geometry, skeleton):
+            expected = full(input_ids=ids, attention_mask=mask)[0]
+        got = compact(input_ids=ids, attention_mask=mask)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_encoder_head_pruning_is_refused_with_reason(tiny_models, tmp_path):
+    write_skeleton(tiny_models["bert-head"], tmp_path / "s.json", ffn_keep=0.5, head_keep=0.5, mode="uniform")
+    with pytest.raises(Exception, match="head-keep 1.0"):
+        convert(str(tiny_models["bert-head"]), tmp_path / "s.json", None, tmp_path / "compact")
+    assert not (tmp_path / "compact").exists()
+
+
+def test_convert_cli_refuses_bad_inputs(tiny_models, tmp_path, capsys):
+    skeleton = tmp_path / "skeleton.json"
+    write_skeleton(tiny_models["llama"], skeleton, ffn_keep=0.5, head_keep=1.0, mode="uniform")
+    args = ["--base", str(tiny_models["llama"]), "--skeleton", str(skeleton), "--out", str(tmp_path / "compact")]
+    assert run_command(convert_command, args) == 0
+    capsys.readouterr()
+
+    def error(argv) -> str:
+        assert run_command(convert_command, argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        return err
+
+    assert "--overwrite" in error(args)  # the output exists
+    assert run_command(convert_command, args + ["--overwrite"]) == 0
+    other = ["--base", str(tiny_models["qwen2"]), "--skeleton", str(skeleton), "--out", str(tmp_path / "o2")]
+    assert "made for base model" in error(other)  # a skeleton for another base model
+    assert not (tmp_path / "o2").exists()
+
+
+def test_pickle_base_needs_allow_pickle(tiny_models, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    base = tmp_path / "pickled"
+    base.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (base / name).write_bytes((tiny_models["llama"] / name).read_bytes())
+    torch.save(load_file(str(tiny_models["llama"] / "model.safetensors")), base / "pytorch_model.bin")
+    skeleton = tmp_path / "skeleton.json"
+    write_skeleton(tiny_models["llama"], skeleton, ffn_keep=0.5, head_keep=0.5, mode="uniform")
+    args = ["--base", str(base), "--skeleton", str(skeleton), "--out", str(tmp_path / "compact")]
+    assert run_command(convert_command, args) == 2
+    assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "compact").exists()
+    assert run_command(convert_command, args + ["--allow-pickle"]) == 0
+    reference = tmp_path / "from-safetensors"
+    convert(str(tiny_models["llama"]), skeleton, None, reference)
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(tmp_path / "compact" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_RSS_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch, transformers, safetensors  # what a conversion imports anyway
+from skeleton_ds.cli import convert, run_command
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+
+
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+code = run_command(convert, sys.argv[1:])
+print(json.dumps({{"code": code, "before_mib": before, "peak_mib": status("VmHWM:")}}))
+"""
+
+
+def _rss_growth(*argv) -> tuple[float, float]:
+    """(RSS before conversion, peak RSS growth during it) of a fresh process, in MiB."""
+    script = _RSS_SCRIPT.format(repo=str(REPO))
+    out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=600)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, out.stderr[-2000:]
+    return result["before_mib"], result["peak_mib"] - result["before_mib"]
+
+
+def test_streaming_conversion_peak_memory_is_about_one_tensor(tmp_path):
+    """A ~330 MB random-init LLaMA: conversion may not hold it in memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = LlamaForCausalLM(config)
+    base = tmp_path / "base"
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(base)
+    del model
+    size_mib = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**20
+    largest_mib = max(p.numel() for p in shapes.parameters()) * 4 / 2**20
+    write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=0.5, head_keep=0.5, mode="uniform", align=64)
+
+    before, growth = _rss_growth("--base", str(base), "--skeleton", str(tmp_path / "skeleton.json"),
+                                 "--out", str(tmp_path / "c"))
+    print(f"checkpoint {size_mib:.0f} MiB, largest tensor {largest_mib:.0f} MiB, RSS {before:.0f} MiB before, "
+          f"peak growth {growth:.0f} MiB")
+    assert size_mib > 250
+    # Bound: 3 x the largest tensor (the tensor, its slice, the bytes written) + 64 MiB slack.
+    assert growth < 3 * largest_mib + 64, (growth, largest_mib, size_mib)
+    assert growth < 0.6 * size_mib
