@@ -1,0 +1,59 @@
+"""All five stages in one process: the compact model with the stage-1 prompt scores exactly like the
+masked full model, and a compact directory whose files do not match its manifest is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DS_CONFIGS, generic_flags
+from skeleton_ds.attribution import AttributionRecipe
+from skeleton_ds.cli import run_command, train
+from skeleton_ds.config import config_from_args
+from skeleton_ds.localization import load_skeleton, masked
+from skeleton_ds.pipeline import run_pipeline
+
+
+def _argv(model, files, out, stage, *extra):
+    return ["--model", str(model), "--config", str(DS_CONFIGS / f"zero{stage}.json"), "--output", str(out),
+            "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--lr", "0.1", "--seed", "3",
+            "--max-steps", "4", "--align", "8", "--ffn-keep", "0.5", *generic_flags(files), *extra]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize(("arch", "head_keep"), [("llama", "0.5"), ("bert-head", "1.0")])
+def test_compact_with_stage1_prompt_equals_masked_full_model(arch, head_keep, stage, tiny_models, sentiment_files,
+                                                            tmp_path):
+    out = tmp_path / "run"
+    cfg = config_from_args(_argv(tiny_models[arch], sentiment_files, out, stage, "--head-keep", head_keep))
+    summary = run_pipeline(cfg)
+    assert set(summary["stage_seconds"]) == {"prompt", "attribute", "localize", "convert", "retune"}
+    assert summary["parameters_compact"] < summary["parameters_full"]
+    assert json.loads((out / "metrics.json").read_text())["skeleton_after_retune"] == summary["skeleton_after_retune"]
+    before = summary["skeleton_before_retune"]
+
+    reference = AttributionRecipe(cfg)  # the full model with the stage-1 prompt
+    reference.setup()
+    skeleton, _ = load_skeleton(out / "skeleton.json", reference.geometry)
+    with masked(reference.model.backbone, reference.backbone.adapter, reference.geometry, skeleton):
+        expected = reference.evaluate()
+    assert expected["accuracy"] == before["accuracy"]
+    assert expected["loss"] == pytest.approx(before["loss"], rel=1e-5)
+
+
+def test_rerun_skips_finished_stages_and_manifest_mismatch_is_refused(tiny_models, sentiment_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _argv(tiny_models["llama"], sentiment_files, out, 2)
+    assert run_command(train, argv) == 0
+    capsys.readouterr()
+    assert run_command(train, argv) == 0
+    assert capsys.readouterr().out.count("skipping") == 5
+
+    weights = out / "compact" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert run_command(train, argv + ["--stages", "retune", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors does not match its sha256" in err and err.count("\n") == 1
