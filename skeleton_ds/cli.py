@@ -57,11 +57,13 @@ def convert(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--revision", default=None)
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle (.bin) base checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--slice-lm-head", action="store_true",
+                   help="decoders: keep only the verbalizer rows of the LM head (needs --prompt)")
     args = p.parse_args(list(argv) if argv is not None else None)
     from skeleton_ds.surgery import convert as run_convert
 
     summary = run_convert(args.base, args.skeleton, args.prompt, args.out, revision=args.revision,
-                          allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+                          allow_pickle=args.allow_pickle, overwrite=args.overwrite, slice_lm_head=args.slice_lm_head)
     print(f"skeleton_ds: compact model ({summary['parameters_compact']:,} of {summary['parameters_full']:,} "
           f"parameters) -> {args.out}")
     return 0

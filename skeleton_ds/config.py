@@ -64,6 +64,7 @@ class Config:
     keep_mode: str = "uniform"  # uniform (same count per layer) | global (one threshold across layers)
     # conversion (stage 4)
     allow_pickle: bool = False
+    slice_lm_head: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--keep-mode", default="uniform", help="uniform (same count every layer) | global (one threshold)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="convert a base checkpoint stored as pickle (.bin); refused by default: loading a pickle can run code")
+    p.add_argument("--slice-lm-head", action="store_true",
+                   help="decoders: keep only the verbalizer rows of the LM head in the compact model")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 

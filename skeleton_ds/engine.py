@@ -206,6 +206,8 @@ class Backbone:
     has_mlm_head: bool
     path: str
     identity: dict
+    label_head: torch.Tensor | None = None
+    """A compact decoder converted with --slice-lm-head: the verbalizer rows of its LM head."""
 
 
 def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | None = None) -> Backbone:
@@ -224,7 +226,13 @@ def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | N
     has_mlm_head = not adapter.causal and ("MaskedLM" in archs or "ForPreTraining" in archs)
     if readout == "verbalizer" and not (adapter.causal or has_mlm_head):
         raise UserError(f"--readout verbalizer needs an LM or MLM head, and {name} has none ({archs}): use --readout head")
-    if adapter.causal:
+    label_head_file = Path(path) / "label_head.safetensors"
+    label_head = None
+    if label_head_file.is_file():
+        from safetensors.torch import load_file
+
+        label_head = load_file(str(label_head_file))["weight"]
+    if adapter.causal and label_head is None:
         cls = AutoModelForCausalLM
     elif has_mlm_head and readout != "head":
         cls = AutoModelForMaskedLM
@@ -248,4 +256,4 @@ def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | N
             raise UserError(f"tokenizer of {name} has no pad, eos or unk token to pad with: add a pad_token to it")
         tokenizer.pad_token = fallback
     return Backbone(model=model, tokenizer=tokenizer, adapter=adapter, has_mlm_head=has_mlm_head, path=path,
-                    identity=model_identity(name, path, config, revision))
+                    identity=model_identity(name, path, config, revision), label_head=label_head)

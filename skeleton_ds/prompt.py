@@ -33,7 +33,7 @@ class SoftPrompt(nn.Module):
 
 class PromptedClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, adapter: ArchAdapter, readout: str, prompt_length: int,
-                 num_labels: int, label_token_ids: list[int] | None = None):
+                 num_labels: int, label_token_ids: list[int] | None = None, label_head: torch.Tensor | None = None):
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}")
@@ -47,6 +47,8 @@ class PromptedClassifier(nn.Module):
             if not label_token_ids or len(label_token_ids) != num_labels:
                 raise ValueError("a verbalizer readout needs one token id per label")
             self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
+        # A compact model converted with --slice-lm-head ships only the label rows of its LM head.
+        self.register_buffer("label_head", label_head, persistent=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -74,6 +76,8 @@ class PromptedClassifier(nn.Module):
                 pooled = (states[:, n:] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
             return self.head(pooled.to(self.head.weight.dtype)).float()
         answer = states[rows, n + answer_index]
+        if self.label_head is not None:
+            return F.linear(answer, self.label_head.to(answer.dtype)).float()
         if self.readout == "mlm":
             answer = self.adapter.mlm_transform(self.backbone, answer)
         return label_logits(self.backbone.get_output_embeddings(), answer, self.label_token_ids)

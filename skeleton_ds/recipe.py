@@ -90,7 +90,7 @@ class TaskModelRun:
         self.train_set = data.encode(self.task, train, tok, max_length=max_length, readout=self.readout)
         self.dev_set = data.encode(self.task, dev, tok, max_length=max_length, readout=self.readout)
         self.model = PromptedClassifier(backbone.model, backbone.adapter, self.readout, prompt_length,
-                                        len(self.task.label_names), self.label_token_ids)
+                                        len(self.task.label_names), self.label_token_ids, backbone.label_head)
         return self.model
 
     def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:

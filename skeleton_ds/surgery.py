@@ -207,10 +207,10 @@ def write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tenso
 
 
 def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton, *,
-                    shard_bytes: int = 2 << 30, allow_pickle: bool = False) -> dict:
-    """Write the sliced weights of `base` into `out` as sharded safetensors; returns the weight map."""
+                    shard_bytes: int = 2 << 30, allow_pickle: bool = False, drop: frozenset[str] = frozenset()) -> dict:
+    """Write the sliced weights of `base` (less `drop`) into `out` as sharded safetensors; returns the weight map."""
     files = checkpoint_files(base, allow_pickle=allow_pickle)
-    plan = plan_tensors(files, adapter, layer_slices(adapter, geometry, skeleton))
+    plan = [item for item in plan_tensors(files, adapter, layer_slices(adapter, geometry, skeleton)) if item[0] not in drop]
     shards: list[list] = [[]]
     size = 0
     for item in plan:
@@ -291,9 +291,30 @@ def verify_manifest(directory: Path) -> None:
                             f"(re-run the convert stage with --overwrite)")
 
 
+def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None) -> tuple[torch.Tensor, frozenset[str], list[int]]:
+    """The verbalizer rows of the output head (or of the tied input embedding), and the names to drop."""
+    from skeleton_ds.checkpoint import read_json
+
+    if not adapter.causal or prompt_dir is None:
+        raise UserError("--slice-lm-head needs a decoder model and --prompt (its verbalizer decides the rows kept)")
+    record = read_json(Path(prompt_dir) / "task.json", "stage-1 task record")
+    if record["readout"] != "lm":
+        raise UserError(f"--slice-lm-head needs a prompt trained with the LM verbalizer readout, not {record['readout']!r}")
+    where = {name: f for f in files for name in _header(f)}
+    heads = [n for n in where if n.endswith("lm_head.weight")]
+    source = heads[0] if heads else next(n for n in where if n.endswith("embed_tokens.weight"))  # tied embeddings
+    ids = record["label_token_ids"]
+    return _read(where[source], source)[torch.tensor(ids)].clone(), frozenset(heads), ids
+
+
 def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, *, revision: str | None = None,
-            allow_pickle: bool = False, overwrite: bool = False) -> dict:
-    """Build the compact model directory `out` (atomically); returns parameter counts."""
+            allow_pickle: bool = False, overwrite: bool = False, slice_lm_head: bool = False) -> dict:
+    """Build the compact model directory `out` (atomically); returns parameter counts.
+
+    `slice_lm_head` (classification-only decoders): the vocabulary projection is replaced by its
+    verbalizer rows in label_head.safetensors and the model is saved as its base class (e.g.
+    LlamaModel), so inference computes a few logits instead of the whole vocabulary.
+    """
     from transformers import AutoConfig
 
     from skeleton_ds import checkpoint, engine
@@ -311,10 +332,17 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: pass --overwrite to replace it")
     config_dict = json.loads((base_dir / "config.json").read_text())
+    label_head, drop, label_ids = _label_head(files, adapter, prompt_dir) if slice_lm_head else (None, frozenset(), None)
     with checkpoint.atomic_dir(out, overwrite=overwrite) as staging:
-        convert_weights(base_dir, staging, adapter, geometry, skeleton, allow_pickle=allow_pickle)
+        convert_weights(base_dir, staging, adapter, geometry, skeleton, allow_pickle=allow_pickle, drop=drop)
         small = compact_config(config_dict, adapter, geometry, skeleton)
         small["skeleton_ds"] = {"base_model": record["base_model"], "task": record["task"]}
+        if label_head is not None:
+            small["architectures"] = [a.replace("ForCausalLM", "Model") for a in small.get("architectures") or []]
+            small["tie_word_embeddings"] = False
+            small["skeleton_ds"]["label_token_ids"] = label_ids
+            checkpoint.save_tensors(staging / "label_head.safetensors", {"weight": label_head},
+                                    {"label_token_ids": json.dumps(label_ids)})
         checkpoint.write_json(staging / "config.json", small)
         for name in _TOKENIZER_FILES:
             if (base_dir / name).is_file():
@@ -326,6 +354,7 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
         write_manifest(staging)
     full = sum(_numel(info["shape"]) for f in files for info in _header(f).values())
     compact = sum(_numel(info["shape"]) for f in checkpoint_files(out) for info in _header(f).values())
+    compact += label_head.numel() if label_head is not None else 0
     return {"parameters_full": full, "parameters_compact": compact}
 
 
@@ -358,7 +387,7 @@ class ConvertRecipe:
         if dist.is_main:
             try:
                 summary = convert(cfg.model, skeleton, cfg.output / "prompt", self.out, revision=cfg.revision,
-                                  allow_pickle=cfg.allow_pickle, overwrite=True)
+                                  allow_pickle=cfg.allow_pickle, overwrite=True, slice_lm_head=cfg.slice_lm_head)
                 checkpoint.write_json(cfg.output / "conversion.json", summary)
             except UserError as e:
                 failure = [str(e)]

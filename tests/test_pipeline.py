@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import DS_CONFIGS, generic_flags
 from skeleton_ds.attribution import AttributionRecipe
@@ -22,12 +23,18 @@ def _argv(model, files, out, stage, *extra):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize(("arch", "head_keep"), [("llama", "0.5"), ("bert-head", "1.0")])
-def test_compact_with_stage1_prompt_equals_masked_full_model(arch, head_keep, stage, tiny_models, sentiment_files,
-                                                            tmp_path):
+@pytest.mark.parametrize(("arch", "head_keep", "slice_head"),
+                         [("llama", "0.5", False), ("bert-head", "1.0", False), ("qwen2", "0.5", True)])
+def test_compact_with_stage1_prompt_equals_masked_full_model(arch, head_keep, slice_head, stage, tiny_models,
+                                                            sentiment_files, tmp_path):
     out = tmp_path / "run"
-    cfg = config_from_args(_argv(tiny_models[arch], sentiment_files, out, stage, "--head-keep", head_keep))
+    extra = ["--slice-lm-head"] if slice_head else []
+    cfg = config_from_args(_argv(tiny_models[arch], sentiment_files, out, stage, "--head-keep", head_keep, *extra))
     summary = run_pipeline(cfg)
+    if slice_head:  # Qwen2 ties its LM head to the input embedding: the label rows come from there
+        config = json.loads((out / "compact" / "config.json").read_text())
+        assert config["architectures"] == ["Qwen2Model"] and not config["tie_word_embeddings"]
+        assert load_file(str(out / "compact" / "label_head.safetensors"))["weight"].shape == (2, 32)
     assert set(summary["stage_seconds"]) == {"prompt", "attribute", "localize", "convert", "retune"}
     assert summary["parameters_compact"] < summary["parameters_full"]
     assert json.loads((out / "metrics.json").read_text())["skeleton_after_retune"] == summary["skeleton_after_retune"]
