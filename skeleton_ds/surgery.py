@@ -329,6 +329,8 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
     engine.check_identity(record["base_model"], engine.model_identity(base, str(base_dir), config, revision),
                           str(skeleton_path))
     files = checkpoint_files(base_dir, allow_pickle=allow_pickle)  # refuse early, before anything is written
+    if prompt_dir is not None and not (Path(prompt_dir) / "prompt.safetensors").is_file():
+        raise UserError(f"{prompt_dir} has no prompt.safetensors: pass a stage-1 prompt directory (or no --prompt)")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: pass --overwrite to replace it")
     config_dict = json.loads((base_dir / "config.json").read_text())
