@@ -19,30 +19,33 @@ def _pyplot():
 def plot_skeleton(scores: dict[str, torch.Tensor], skeleton, geometry, ffn_png: Path, heads_png: Path) -> None:
     """Heatmap of FFN scores per layer (each row sorted, normalised to its maximum) with the kept
     region outlined, and a bar chart of the KV groups kept per layer."""
+    from matplotlib.colors import LogNorm
+
     plt = _pyplot()
     rows = []
     for i in range(geometry.layers):
-        s = scores[f"ffn.{i}"].float()
-        rows.append((s.sort(descending=True).values / s.abs().max().clamp(min=1e-12)).numpy())
+        s = scores[f"ffn.{i}"].float().abs()  # |signed| too, so the log scale applies
+        rows.append((s.sort(descending=True).values / s.max().clamp(min=1e-12)).clamp(min=1e-4).numpy())
     fig, ax = plt.subplots(figsize=(10, 0.45 * geometry.layers + 1.6))
-    image = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
+    # Scores are heavy-tailed: a log scale shows the whole sorted profile, not just the top few.
+    image = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest", norm=LogNorm(1e-4, 1))
     for i, size in enumerate(skeleton.ffn_sizes()):
         ax.plot([size - 0.5, size - 0.5], [i - 0.5, i + 0.5], color="red", linewidth=2)
     ax.set_xlabel("FFN neurons, sorted by score (kept: left of the red mark)")
     ax.set_ylabel("layer")
     ax.set_title(f"FFN scores per layer; kept {sum(skeleton.ffn_sizes())}/{geometry.layers * geometry.ffn_size}")
-    fig.colorbar(image, ax=ax, label="score / layer max")
+    fig.colorbar(image, ax=ax, label="|score| / layer max (log)")
     fig.tight_layout()
     fig.savefig(ffn_png, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * geometry.layers + 2), 3))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * geometry.layers + 2), 3.4))
     kept = [len(h) for h in skeleton.heads]
     ax.bar(range(geometry.layers), kept, color="tab:blue", label="kept")
     ax.bar(range(geometry.layers), [geometry.kv_heads - k for k in kept], bottom=kept, color="lightgray", label="removed")
     ax.set_xlabel("layer")
     ax.set_ylabel("attention KV groups")
-    ax.set_title(f"Attention groups kept per layer ({geometry.heads_per_group} query head(s) per group)")
+    ax.set_title(f"Attention KV groups kept per layer\n({geometry.heads_per_group} query head(s) per group)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(heads_png, dpi=110)
