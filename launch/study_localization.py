@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="0.2,0.3,0.5", help="comma list of FFN keep ratios in (0, 1]")
     p.add_argument("--scorers", default=",".join(SCORER_ORDER), help="comma list of scorers")
     p.add_argument("--max-train-examples", type=int, default=4000, help="training examples for prompt tuning (0: all)")
-    p.add_argument("--attr-examples", type=int, default=1000, help="training examples scored (0: all)")
+    p.add_argument("--attr-examples", type=int, default=0, help="training examples scored (0: all, as the pipeline does)")
     p.add_argument("--attr-reduce", default="abs-sum", help="abs-sum | mean-abs | signed (attribution scorer)")
     p.add_argument("--align", type=int, default=64, help="kept FFN count per layer is a multiple of this")
     p.add_argument("--epochs", type=float, default=1.0, help="prompt-tuning epochs")

@@ -25,7 +25,6 @@ log = logging.getLogger("skeleton_ds")
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
-_HF_DS_CONFIG = None  # transformers reads ZeRO-3 settings through a weak reference: keep it alive
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,6 @@ def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | N
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    global _HF_DS_CONFIG
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
@@ -240,11 +238,16 @@ def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | N
         cls = AutoModel
     from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()  # a previous ZeRO-3 load in this process must not leak into this one
-    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = cls.from_pretrained(path, revision=revision, dtype=param_dtype(ds_config))
+    # transformers reads ZeRO-3 from a process-wide setting; hold it only while loading, so models
+    # loaded later in this process (by us or by the caller) are not silently partitioned.
+    zero3 = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    try:
+        model = cls.from_pretrained(path, revision=revision, dtype=param_dtype(ds_config))
+    finally:
+        del zero3
+        unset_hf_deepspeed_config()
     model.requires_grad_(False)
     model.eval()  # frozen backbone: no dropout, so runs and resumes are deterministic
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)

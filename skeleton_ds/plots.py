@@ -60,7 +60,7 @@ def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title
     tasks = list(dict.fromkeys(r["task"] for r in results))
     scorers = list(dict.fromkeys(r["scorer"] for r in results))
     markers = "osD^vP*X"
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.0, 5.6 * len(tasks)), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.0, 5.6 * len(tasks)), 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in results if r["task"] == task]
         for k, scorer in enumerate(scorers):
@@ -68,8 +68,9 @@ def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title
             if points:
                 ax.plot(*zip(*points), marker=markers[k % len(markers)], linewidth=1.8, label=scorer)
         if task in unpruned:
-            ax.axhline(unpruned[task], color="black", linestyle="--", linewidth=1.2,
-                       label=f"unpruned ({unpruned[task]:.3f})")
+            ax.axhline(unpruned[task], color="black", linestyle="--", linewidth=1.2, label="unpruned prompt-tuned")
+            ax.annotate(f"unpruned {unpruned[task]:.3f}", (0.01, unpruned[task]), xycoords=("axes fraction", "data"),
+                        xytext=(0, 3), textcoords="offset points", fontsize=8)
         ratios = sorted({r["ffn_keep"] for r in rows})
         kept = {r["ffn_keep"]: r.get("ffn_kept") for r in rows}
         ax.set_xticks(ratios)
@@ -78,9 +79,12 @@ def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title
         ax.set_ylabel("dev accuracy")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        ax.margins(y=0.12)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    ncol = len(labels) if len(tasks) > 1 else 3
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * -(-len(labels) // ncol), 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -78,5 +78,6 @@ def test_zero3_offload_config_trains(tiny_models, sentiment_files, tmp_path):
     """ds_configs/zero3_offload.json: parameters and optimizer state on CPU (DeepSpeedCPUAdam)."""
     recipe = _recipe(tiny_models["llama"], sentiment_files, tmp_path / "run", "3_offload", "--max-steps", "3")
     metrics = recipe.run()
-    assert recipe.engine.zero_optimization_stage() == 3
+    assert engine.zero_stage(recipe.ds_config) == 3
+    assert recipe.ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "accuracy" in metrics and (tmp_path / "run" / "prompt" / "prompt.safetensors").is_file()
