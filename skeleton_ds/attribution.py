@@ -33,7 +33,7 @@ from skeleton_ds import checkpoint, data, engine
 from skeleton_ds.adapters import ArchAdapter, Geometry
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
-from skeleton_ds.recipe import TaskModelRun, read_prompt_record
+from skeleton_ds.recipe import TaskModelRun, read_prompt_record, subset
 
 SCORERS = ("attribution", "random", "weight-magnitude", "activation-magnitude")
 REDUCTIONS = ("abs-sum", "mean-abs", "signed")
@@ -135,8 +135,7 @@ class AttributionRecipe(TaskModelRun):
         # The prompt keeps requires_grad so the graph reaches every activation; autograd.grad below
         # asks only for activation gradients, so the prompt's gradient is never formed either.
         self.geometry = self.backbone.adapter.geometry(self.backbone.model.config)
-        if cfg.attr_examples:
-            self.train_set = self.train_set[:cfg.attr_examples]
+        self.train_set = subset(self.train_set, cfg.attr_examples, cfg.seed)
 
         import deepspeed
 

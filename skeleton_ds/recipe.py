@@ -43,7 +43,7 @@ def _generic_spec(cfg: Config) -> GenericTaskSpec | None:
                            verbalizer=cfg.verbalizer)
 
 
-def _subset(items: list, limit: int, seed: int) -> list:
+def subset(items: list, limit: int, seed: int) -> list:
     """A seeded random subset (file order is often sorted by label or source)."""
     if not limit or limit >= len(items):
         return items
@@ -65,8 +65,8 @@ class TaskModelRun:
         cfg = self.cfg
         self.generic = _generic_spec(cfg)
         self.task = get_task(cfg.task, self.generic)
-        train = _subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
-        dev = _subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
+        train = subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
+        dev = subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
         return train, dev
 
     def build_model(self, ds_config: dict, train: list, dev: list, *, readout: str, prompt_length: int,
