@@ -209,6 +209,7 @@ class AttributionRecipe(TaskModelRun):
         scores, examples = self.score()
         self.save(scores, examples)
         self.report.note(f"attribution ({self.cfg.scorer}, {examples} examples) -> {self.out_file}")
+        del self.engine, self.model, self.backbone  # free memory before the next stage in this process
         return scores
 
 
