@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DS_CONFIGS, generic_flags
-from skeleton_ds import engine
 from skeleton_ds.attribution import AttributionRecipe, read_attribution
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import config_from_args

@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 
-import pytest
 
-from conftest import DS_CONFIGS, REPO, generic_flags, write_sentiment_csv
+from conftest import DS_CONFIGS, REPO, generic_flags
 from skeleton_ds.cli import run_command, train
 
 
