@@ -41,16 +41,25 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic single-file JSON write (write, fsync, rename)."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path that replaces `path` only if the block succeeds."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic single-file JSON write (write, fsync, rename)."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -67,10 +76,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_tensors(tmp, tensors, metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_tensors(tmp, tensors, metadata)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -381,9 +381,8 @@ class RetuneRecipe(PromptTuningRecipe):
         self.save(metrics, {"before_retune": before})
         if self.dist.is_main:
             for name in ("prompt.safetensors", "task.json"):
-                tmp = self.compact_dir / f".{name}.tmp-{os.getpid()}"
-                shutil.copyfile(self.out_dir / name, tmp)
-                os.replace(tmp, self.compact_dir / name)
+                with checkpoint.atomic_file(self.compact_dir / name) as tmp:
+                    shutil.copyfile(self.out_dir / name, tmp)
             write_manifest(self.compact_dir)
         torch.distributed.barrier()
         self.report.metrics_table(f"{self.task.name} dev, skeleton", {f"{k} before": v for k, v in before.items()}
