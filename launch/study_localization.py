@@ -101,10 +101,10 @@ def study(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from skeleton_ds.attribution import AttributionRecipe
     from skeleton_ds.localization import masked, select
-    from skeleton_ds.pipeline import run_pipeline
     from skeleton_ds.plots import plot_study
+    from skeleton_ds.stages.attribute import AttributionRecipe
+    from skeleton_ds.stages.pipeline import run_pipeline
 
     t_start = time.perf_counter()
     main_rank = os.environ.get("RANK", "0") == "0"

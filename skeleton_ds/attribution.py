@@ -1,6 +1,7 @@
-"""Pipeline stage 2: score every FFN neuron and attention KV group of the prompted model.
+"""Attribution (stage 2's algorithm): score every FFN neuron and attention KV group of the prompted model.
 
     deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages attribute
+    (the stage itself, which shards the examples and drives these functions: skeleton_ds/stages/attribute.py)
 
 The default scorer is activation x gradient of the gold label's log-probability (the readout
 stage 1 trained): the first-order estimate of how much that log-probability drops if the unit's
@@ -18,8 +19,6 @@ Baselines for comparison: `random` (seeded), `weight-magnitude` (L2 norm of a un
 from __future__ import annotations
 
 import json
-import math
-import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -29,11 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skeleton_ds import checkpoint, data, engine
+from skeleton_ds import checkpoint, engine
 from skeleton_ds.adapters import ArchAdapter, Geometry
-from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
-from skeleton_ds.recipe import TaskModelRun, read_prompt_record, subset
 
 SCORERS = ("attribution", "random", "weight-magnitude", "activation-magnitude")
 REDUCTIONS = ("abs-sum", "mean-abs", "signed")
@@ -104,113 +101,62 @@ def weight_magnitude(model: nn.Module, adapter: ArchAdapter, geometry: Geometry)
     return scores
 
 
-class AttributionRecipe(TaskModelRun):
-    stage = "attribute"
+def random_scores(geometry: Geometry, seed: int) -> dict[str, torch.Tensor]:
+    """The seeded `random` baseline: uniform scores for every unit."""
+    g = torch.Generator().manual_seed(seed)
+    return ({f"ffn.{i}": torch.rand(geometry.ffn_size, generator=g) for i in range(geometry.layers)}
+            | {f"heads.{i}": torch.rand(geometry.kv_heads, generator=g) for i in range(geometry.layers)})
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self.prompt_dir = cfg.output / "prompt"
-        self.out_file = cfg.output / "attribution.safetensors"
 
-    def done(self) -> bool:
-        return self.out_file.is_file()
+def zero_sums(geometry: Geometry) -> dict[str, torch.Tensor]:
+    """Float64 accumulators, one per layer and unit kind, for score_batch."""
+    sums = {f"ffn.{i}": torch.zeros(geometry.ffn_size, dtype=torch.float64) for i in range(geometry.layers)}
+    return sums | {f"heads.{i}": torch.zeros(geometry.kv_heads, dtype=torch.float64) for i in range(geometry.layers)}
 
-    def setup(self) -> None:
-        cfg = self.cfg
-        record = read_prompt_record(self.prompt_dir, cfg)
-        ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
-                                             batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
-        # Nothing is trained here: no optimizer, and below ZeRO-3 nothing to partition either
-        # (DeepSpeed refuses ZeRO-1/2 without an optimizer).
-        ds_config.pop("optimizer", None)
-        if engine.zero_stage(ds_config) < 3:
-            ds_config["zero_optimization"] = {"stage": 0}
-        train, dev = self.load_examples()
-        self.prompt_length = record["prompt_length"]
-        readout = "head" if record["readout"] == "head" else "verbalizer"
-        model = self.build_model(ds_config, train, dev, readout=readout, prompt_length=self.prompt_length,
-                                 max_length=record["max_length"])
-        engine.check_identity(record["base_model"], self.backbone.identity, f"the prompt in {self.prompt_dir}")
-        self.set_trainable(checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors"))
-        # The prompt keeps requires_grad so the graph reaches every activation; autograd.grad below
-        # asks only for activation gradients, so the prompt's gradient is never formed either.
-        self.geometry = self.backbone.adapter.geometry(self.backbone.model.config)
-        self.train_set = subset(self.train_set, cfg.attr_examples, cfg.seed)
 
-        import deepspeed
+def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch.Tensor, recorder: UnitRecorder, *,
+                prompt_length: int, geometry: Geometry, scorer: str, reduce: str, include_prompt: bool,
+                sums: dict[str, torch.Tensor]) -> None:
+    """Add one batch's weighted per-example scores to `sums` (float64, on the CPU).
 
-        self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
+    `model` is the prompted classifier itself (a DeepSpeed engine's `.module`), `recorder` records
+    its backbone and must be recording; `weights` [B] is 1 for a real example and 0 for padding.
+    `scorer` is "attribution" (activation x gradient, reduced per example by `reduce`) or
+    "activation-magnitude" (mean |h| over the counted positions). Prompt positions count only
+    with `include_prompt`.
+    """
+    groups = geometry.kv_heads
+    recorder.clear()
+    positions = torch.cat([batch["attention_mask"].new_full((len(weights), prompt_length), int(include_prompt)),
+                           batch["attention_mask"]], dim=1).bool()
+    with torch.set_grad_enabled(scorer == "attribution"):
+        # The module itself, not a DeepSpeed engine: the engine's forward arms a hook that wants
+        # engine.backward(loss), and here autograd.grad asks for activation gradients only.
+        # ZeRO-3's parameter gathering hooks sit on the modules, so they still run.
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+        if scorer == "attribution":
+            gold = F.log_softmax(logits.float(), -1).gather(1, batch["labels"][:, None]).squeeze(1)
+            grads = torch.autograd.grad((gold * weights).sum(), recorder.ffn + recorder.heads)
+    layers = geometry.layers
+    for i in range(layers):
+        ffn, heads = recorder.ffn[i].float(), recorder.heads[i].float()
+        if scorer == "attribution":
+            ffn_c, head_c = ffn * grads[i].float(), group_heads(heads * grads[layers + i].float(), groups)
+            ffn_s, head_s = per_example(ffn_c, positions, reduce), per_example(head_c, positions, reduce)
+        else:  # activation magnitude: mean |h| over counted positions (and over a group's dimensions)
+            per_dim = geometry.heads_per_group * geometry.head_dim
+            ffn_s = per_example(ffn.abs(), positions, "mean-abs")
+            head_s = per_example(group_heads(heads.abs(), groups) / per_dim, positions, "mean-abs")
+        sums[f"ffn.{i}"] += (weights[:, None] * ffn_s.detach()).sum(0).double().cpu()
+        sums[f"heads.{i}"] += (weights[:, None] * head_s.detach()).sum(0).double().cpu()
 
-    def score(self, scorer: str | None = None) -> tuple[dict[str, torch.Tensor], int]:
-        """(scores per unit, examples used), identical on every rank. `scorer` defaults to --scorer."""
-        cfg, geometry = self.cfg, self.geometry
-        scorer = scorer or cfg.scorer
-        if scorer == "weight-magnitude":
-            return weight_magnitude(self.model.backbone, self.backbone.adapter, geometry), 0
-        if scorer == "random":
-            g = torch.Generator().manual_seed(cfg.seed)
-            return ({f"ffn.{i}": torch.rand(geometry.ffn_size, generator=g) for i in range(geometry.layers)}
-                    | {f"heads.{i}": torch.rand(geometry.kv_heads, generator=g) for i in range(geometry.layers)}), 0
-        sums = {f"ffn.{i}": torch.zeros(geometry.ffn_size, dtype=torch.float64) for i in range(geometry.layers)}
-        sums |= {f"heads.{i}": torch.zeros(geometry.kv_heads, dtype=torch.float64) for i in range(geometry.layers)}
-        indices, real = data.eval_shard(len(self.train_set), self.dist.rank, self.dist.world_size)
-        micro = self.ds_config["train_micro_batch_size_per_gpu"]
-        recorder = UnitRecorder(self.model.backbone, self.backbone.adapter)
-        self.engine.eval()
-        start_time = time.perf_counter()
-        with recorder.recording(), self.report.progress(math.ceil(len(indices) / micro), 0, scorer) as bar:
-            for b, start in enumerate(range(0, len(indices), micro)):
-                weights = torch.tensor([1.0 if start + k < real else 0.0 for k in range(len(indices[start:start + micro]))])
-                batch = self.collate([self.train_set[j] for j in indices[start:start + micro]])
-                recorder.clear()
-                self._accumulate(batch, weights.to(engine.device()), recorder, sums, scorer)
-                bar.update(b + 1, rate=(start + len(weights)) / (time.perf_counter() - start_time))
-        examples = torch.tensor(float(real), dtype=torch.float64)
-        for value in list(sums.values()) + [examples]:
-            torch.distributed.all_reduce(value)
-        return {k: (v / examples).float() for k, v in sums.items()}, int(examples.item())
 
-    def _accumulate(self, batch: dict, weights: torch.Tensor, recorder: UnitRecorder, sums: dict, scorer: str) -> None:
-        cfg, groups = self.cfg, self.geometry.kv_heads
-        positions = torch.cat([batch["attention_mask"].new_full((len(weights), self.prompt_length),
-                                                                int(cfg.attr_include_prompt)),
-                               batch["attention_mask"]], dim=1).bool()
-        with torch.set_grad_enabled(scorer == "attribution"):
-            # The module itself, not the engine: the engine's forward arms a hook that wants
-            # engine.backward(loss), and here autograd.grad asks for activation gradients only.
-            # ZeRO-3's parameter gathering hooks sit on the modules, so they still run.
-            logits = self.engine.module(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
-            if scorer == "attribution":
-                gold = F.log_softmax(logits.float(), -1).gather(1, batch["labels"][:, None]).squeeze(1)
-                grads = torch.autograd.grad((gold * weights).sum(), recorder.ffn + recorder.heads)
-        layers = self.geometry.layers
-        for i in range(layers):
-            ffn, heads = recorder.ffn[i].float(), recorder.heads[i].float()
-            if scorer == "attribution":
-                ffn_c, head_c = ffn * grads[i].float(), group_heads(heads * grads[layers + i].float(), groups)
-                ffn_s, head_s = per_example(ffn_c, positions, cfg.attr_reduce), per_example(head_c, positions, cfg.attr_reduce)
-            else:  # activation magnitude: mean |h| over counted positions (and over a group's dimensions)
-                per_dim = self.geometry.heads_per_group * self.geometry.head_dim
-                ffn_s = per_example(ffn.abs(), positions, "mean-abs")
-                head_s = per_example(group_heads(heads.abs(), groups) / per_dim, positions, "mean-abs")
-            sums[f"ffn.{i}"] += (weights[:, None] * ffn_s.detach()).sum(0).double().cpu()
-            sums[f"heads.{i}"] += (weights[:, None] * head_s.detach()).sum(0).double().cpu()
-
-    def save(self, scores: dict[str, torch.Tensor], examples: int) -> None:
-        if self.dist.is_main:
-            meta = {"task": self.task.name, "scorer": self.cfg.scorer, "reduce": self.cfg.attr_reduce,
-                    "include_prompt": str(self.cfg.attr_include_prompt), "examples": str(examples),
-                    "base_model": json.dumps(self.backbone.identity), "geometry": json.dumps(asdict(self.geometry))}
-            checkpoint.save_tensors_atomic(self.out_file, scores, meta)
-        torch.distributed.barrier()
-
-    def run(self) -> dict[str, torch.Tensor]:
-        self.setup()
-        scores, examples = self.score()
-        self.save(scores, examples)
-        self.report.note(f"attribution ({self.cfg.scorer}, {examples} examples) -> {self.out_file}")
-        del self.engine, self.model, self.backbone  # free memory before the next stage in this process
-        return scores
+def write_scores(path: Path, scores: dict[str, torch.Tensor], *, task: str, scorer: str, reduce: str,
+                 include_prompt: bool, examples: int, base_model: dict, geometry: Geometry) -> None:
+    """The scores file (atomically), with the metadata read_attribution decodes."""
+    meta = {"task": task, "scorer": scorer, "reduce": reduce, "include_prompt": str(include_prompt),
+            "examples": str(examples), "base_model": json.dumps(base_model), "geometry": json.dumps(asdict(geometry))}
+    checkpoint.save_tensors_atomic(path, scores, meta)
 
 
 def read_attribution(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,11 +1,14 @@
 """Artifacts on disk: safetensors + JSON only, each directory published atomically.
 
 A stage's output directory appears only once everything in it is written (build in a sibling
-temporary directory, then rename), so a crash never leaves something that looks complete.
+temporary directory, then rename), so a crash never leaves something that looks complete. A
+directory that is shipped on (the compact model) carries a manifest.json (sha256 and size of every
+file), written last and checked before the directory is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,3 +87,30 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist")
     return load_file(str(path))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """sha256 and size of every file; written last, so its presence means the directory is complete."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
+    write_json(directory / "manifest.json", {"format": "skeleton_ds.manifest/1", "files": {
+        str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}})
+
+
+def verify_manifest(directory: Path) -> None:
+    """Refuse a directory whose files do not match its manifest (naming the first bad file)."""
+    manifest = read_json(directory / "manifest.json", "manifest")
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path} is listed in {directory}/manifest.json but missing: the directory is incomplete")
+        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+            raise UserError(f"{path} does not match its sha256 in {directory}/manifest.json: refusing to load it "
+                            f"(re-run the convert stage with --overwrite)")

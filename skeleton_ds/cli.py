@@ -30,7 +30,7 @@ def train(argv: Sequence[str] | None = None) -> int:
 
     cfg = config_from_args(list(argv) if argv is not None else None)
     _quiet_libraries()
-    from skeleton_ds.pipeline import run_pipeline
+    from skeleton_ds.stages.pipeline import run_pipeline
 
     run_pipeline(cfg)
     return 0

@@ -1,6 +1,7 @@
-"""Pipeline stage 3: keep the top-scoring units of every layer (the task's skeleton).
+"""Localization (stage 3's algorithm): keep the top-scoring units of every layer (the task's skeleton).
 
     deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages localize
+    (the stage itself: skeleton_ds/stages/localize.py)
 
 `uniform` mode keeps the same count in every layer, so the compact model is a standard
 architecture; counts are rounded to a multiple of `--align` (kernels like aligned sizes), never
@@ -12,7 +13,6 @@ units in a live model: the reference that physical conversion must match.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,10 +20,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from skeleton_ds import checkpoint, engine
+from skeleton_ds import checkpoint
 from skeleton_ds.adapters import ArchAdapter, Geometry
-from skeleton_ds.attribution import read_attribution
-from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 
 
@@ -113,11 +111,14 @@ def masked(model: nn.Module, adapter: ArchAdapter, geometry: Geometry, skeleton:
             h.remove()
 
 
-def skeleton_record(skeleton: Skeleton, geometry: Geometry, cfg: Config, meta: dict) -> dict:
+def skeleton_record(skeleton: Skeleton, meta: dict, *, keep_mode: str, ffn_keep: float, head_keep: float,
+                    align: int) -> dict:
+    """The skeleton.json record: the kept units, how they were selected, and the scores' metadata
+    (task, base-model identity, geometry, attribution settings; as read_attribution returns it)."""
     return {
         "format": "skeleton_ds.skeleton/1", "task": meta["task"], "base_model": meta["base_model"],
-        "geometry": meta["geometry"], "keep_mode": cfg.keep_mode, "ffn_keep": cfg.ffn_keep,
-        "head_keep": cfg.head_keep, "align": cfg.align,
+        "geometry": meta["geometry"], "keep_mode": keep_mode, "ffn_keep": ffn_keep,
+        "head_keep": head_keep, "align": align,
         "attribution": {k: meta[k] for k in ("scorer", "reduce", "include_prompt", "examples")},
         "ffn_sizes": skeleton.ffn_sizes(), "head_counts": [len(h) for h in skeleton.heads],
         "layers": [{"ffn": f, "heads": h} for f, h in zip(skeleton.ffn, skeleton.heads)],
@@ -135,39 +136,3 @@ def load_skeleton(path, geometry: Geometry | None = None) -> tuple[Skeleton, dic
             raise UserError(f"{path} does not fit this model ({geometry.layers} layers, {geometry.ffn_size} FFN neurons, "
                             f"{geometry.kv_heads} KV groups): it was made for {record['base_model'].get('name_or_path')}")
     return skeleton, record
-
-
-class LocalizeRecipe:
-    stage = "localize"
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.source = cfg.output / "attribution.safetensors"
-        self.out_file = cfg.output / "skeleton.json"
-
-    def done(self) -> bool:
-        return self.out_file.is_file()
-
-    def run(self) -> Skeleton:
-        from transformers import AutoConfig
-
-        from skeleton_ds.plots import plot_skeleton
-
-        cfg = self.cfg
-        scores, meta = read_attribution(self.source)
-        path = engine.resolve_model_path(cfg.model)
-        model_config = AutoConfig.from_pretrained(path, revision=cfg.revision)
-        engine.check_identity(meta["base_model"], engine.model_identity(cfg.model, path, model_config, cfg.revision),
-                              str(self.source))
-        geometry = Geometry(**meta["geometry"])
-        check_scores(scores, geometry, str(self.source))
-        skeleton = select(scores, geometry, ffn_keep=cfg.ffn_keep, head_keep=cfg.head_keep, align=cfg.align,
-                          mode=cfg.keep_mode)
-        if os.environ.get("RANK", "0") == "0":
-            plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png", cfg.output / "skeleton_heads.png")
-            checkpoint.write_json(self.out_file, skeleton_record(skeleton, geometry, cfg, meta))  # last: marks done
-            print(f"skeleton_ds: skeleton (FFN {skeleton.ffn_sizes()[0]}/{geometry.ffn_size} per layer"
-                  f"{'' if skeleton.is_uniform() else ', sizes vary'}) -> {self.out_file}")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        return skeleton

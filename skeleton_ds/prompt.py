@@ -16,6 +16,7 @@ from torch import nn
 
 from skeleton_ds.adapters import ArchAdapter
 from skeleton_ds.errors import UserError
+from skeleton_ds.tasks import Task
 
 READOUTS = ("lm", "mlm", "head")
 
@@ -124,3 +125,18 @@ def initial_prompt(embedding_weight: torch.Tensor, length: int, init: str, token
         candidates = torch.tensor([i for i in range(vocab) if i not in special])
         ids = candidates[torch.randint(len(candidates), (length,), generator=generator)].tolist()
     return embedding_weight[torch.tensor(ids)].detach().float().clone()
+
+
+def task_record(task: Task, *, readout: str, label_token_ids: list[int] | None, model: str, model_path: str,
+                revision: str | None, prompt_length: int, base_model: dict, max_length: int,
+                padding_side: str) -> dict:
+    """The task.json saved next to a trained prompt: everything needed to rebuild its inputs and read
+    its labels (task, template, verbalizer and its token ids, readout) and the model it belongs to."""
+    return {
+        "task": task.name, "fields": list(task.fields), "template": task.template,
+        "label_names": list(task.label_names), "verbalizer": list(task.verbalizer),
+        "label_token_ids": label_token_ids, "readout": readout, "model": model,
+        "model_path": model_path, "revision": revision, "prompt_length": prompt_length,
+        "base_model": base_model,
+        "max_length": max_length, "padding_side": padding_side,
+    }

@@ -1,6 +1,7 @@
-"""Pipeline stage 4: slice a skeleton out of the base checkpoint into a compact, standard model.
+"""Conversion (stage 4's algorithm): slice a skeleton out of the base checkpoint into a compact, standard model.
 
     python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --out DIR/compact
+    (inside the pipeline: skeleton_ds/stages/convert.py, `--stages convert` of launch/train.py)
 
 Streaming: the plan (every output tensor's name, dtype and shape) is computed from the base
 checkpoint's headers alone, so each output shard's safetensors header can be written first and the
@@ -29,9 +30,10 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from skeleton_ds.adapters import ArchAdapter, Geometry
+from skeleton_ds import checkpoint, engine
+from skeleton_ds.adapters import ArchAdapter, Geometry, adapter_for
 from skeleton_ds.errors import UserError
-from skeleton_ds.localization import Skeleton
+from skeleton_ds.localization import Skeleton, load_skeleton
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -244,9 +246,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def local_model_dir(name: str, revision: str | None = None) -> Path:
     """A directory holding the base checkpoint: local as given, else the Hub snapshot (safetensors only)."""
-    from skeleton_ds.engine import resolve_model_path
-
-    path = Path(resolve_model_path(name))
+    path = Path(engine.resolve_model_path(name))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
@@ -258,46 +258,11 @@ def local_model_dir(name: str, revision: str | None = None) -> Path:
         raise UserError(f"cannot fetch {name!r} from the Hugging Face Hub ({type(e).__name__}): pass a local directory") from None
 
 
-def sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(directory: Path) -> None:
-    """sha256 and size of every file; written last, so its presence means the directory is complete."""
-    from skeleton_ds.checkpoint import write_json
-
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
-    write_json(directory / "manifest.json", {"format": "skeleton_ds.manifest/1", "files": {
-        str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}})
-
-
-def verify_manifest(directory: Path) -> None:
-    """Refuse a directory whose files do not match its manifest (naming the first bad file)."""
-    from skeleton_ds.checkpoint import read_json
-
-    manifest = read_json(directory / "manifest.json", "manifest")
-    for name, entry in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise UserError(f"{path} is listed in {directory}/manifest.json but missing: the directory is incomplete")
-        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
-            raise UserError(f"{path} does not match its sha256 in {directory}/manifest.json: refusing to load it "
-                            f"(re-run the convert stage with --overwrite)")
-
-
 def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None) -> tuple[torch.Tensor, frozenset[str], list[int]]:
     """The verbalizer rows of the output head (or of the tied input embedding), and the names to drop."""
-    from skeleton_ds.checkpoint import read_json
-
     if not adapter.causal or prompt_dir is None:
         raise UserError("--slice-lm-head needs a decoder model and --prompt (its verbalizer decides the rows kept)")
-    record = read_json(Path(prompt_dir) / "task.json", "stage-1 task record")
+    record = checkpoint.read_json(Path(prompt_dir) / "task.json", "stage-1 task record")
     if record["readout"] != "lm":
         raise UserError(f"--slice-lm-head needs a prompt trained with the LM verbalizer readout, not {record['readout']!r}")
     where = {name: f for f in files for name in _header(f)}
@@ -316,10 +281,6 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
     LlamaModel), so inference computes a few logits instead of the whole vocabulary.
     """
     from transformers import AutoConfig
-
-    from skeleton_ds import checkpoint, engine
-    from skeleton_ds.adapters import adapter_for
-    from skeleton_ds.localization import load_skeleton
 
     base_dir = local_model_dir(base, revision)
     config = AutoConfig.from_pretrained(base_dir)
@@ -353,50 +314,8 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
         if prompt_dir is not None:
             for name in ("prompt.safetensors", "task.json"):
                 (staging / name).write_bytes((Path(prompt_dir) / name).read_bytes())
-        write_manifest(staging)
+        checkpoint.write_manifest(staging)
     full = sum(_numel(info["shape"]) for f in files for info in _header(f).values())
     compact = sum(_numel(info["shape"]) for f in checkpoint_files(out) for info in _header(f).values())
     compact += label_head.numel() if label_head is not None else 0
     return {"parameters_full": full, "parameters_compact": compact}
-
-
-class ConvertRecipe:
-    """Stage 4 inside the pipeline: rank 0 converts from the on-disk base checkpoint (streaming,
-    never holding the model) while the other ranks wait; every rank validates first so a bad input
-    stops all of them with the same message."""
-
-    stage = "convert"
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.out = cfg.output / "compact"
-
-    def done(self) -> bool:
-        return (self.out / "manifest.json").is_file()
-
-    def run(self) -> dict:
-        import torch
-
-        from skeleton_ds import checkpoint, engine
-
-        cfg = self.cfg
-        skeleton = cfg.output / "skeleton.json"
-        if not skeleton.is_file():
-            raise UserError(f"{skeleton} does not exist: run --stages localize first (same --output)")
-        dist = engine.init_distributed()
-        failure = [None]
-        summary = {}
-        if dist.is_main:
-            try:
-                summary = convert(cfg.model, skeleton, cfg.output / "prompt", self.out, revision=cfg.revision,
-                                  allow_pickle=cfg.allow_pickle, overwrite=True, slice_lm_head=cfg.slice_lm_head)
-                checkpoint.write_json(cfg.output / "conversion.json", summary)
-            except UserError as e:
-                failure = [str(e)]
-        torch.distributed.broadcast_object_list(failure, src=0)
-        if failure[0]:
-            raise UserError(failure[0])
-        if dist.is_main:
-            print(f"skeleton_ds: compact model ({summary['parameters_compact']:,} of {summary['parameters_full']:,} "
-                  f"parameters) -> {self.out}")
-        return summary

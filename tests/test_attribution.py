@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DS_CONFIGS, generic_flags
-from skeleton_ds.attribution import AttributionRecipe, read_attribution
+from skeleton_ds.attribution import read_attribution
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import config_from_args
 from skeleton_ds.localization import Skeleton, masked, top_units
-from skeleton_ds.pipeline import run_pipeline
+from skeleton_ds.stages.attribute import AttributionRecipe
+from skeleton_ds.stages.pipeline import run_pipeline
 
 
 def _argv(model_dir, files, out, stage=2, *extra):

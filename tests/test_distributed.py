@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DS_CONFIGS, REPO, generic_flags
-from skeleton_ds.recipe import KILL_AFTER_STEP_ENV
+from skeleton_ds.stages.prompt_tuning import KILL_AFTER_STEP_ENV
 
 pytestmark = pytest.mark.multirank
 

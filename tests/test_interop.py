@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from conftest import DS_CONFIGS, generic_flags
-from skeleton_ds.attribution import AttributionRecipe
 from skeleton_ds.cli import export_peft, run_command
 from skeleton_ds.config import config_from_args
-from skeleton_ds.pipeline import run_pipeline
+from skeleton_ds.stages.attribute import AttributionRecipe
+from skeleton_ds.stages.pipeline import run_pipeline
 
 peft = pytest.importorskip("peft")
 

@@ -9,11 +9,11 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import DS_CONFIGS, generic_flags
-from skeleton_ds.attribution import AttributionRecipe
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import config_from_args
 from skeleton_ds.localization import load_skeleton, masked
-from skeleton_ds.pipeline import run_pipeline
+from skeleton_ds.stages.attribute import AttributionRecipe
+from skeleton_ds.stages.pipeline import run_pipeline
 
 
 def _argv(model, files, out, stage, *extra):

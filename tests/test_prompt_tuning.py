@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import ARCHS, DS_CONFIGS, generic_flags
 from skeleton_ds import engine
 from skeleton_ds.config import config_from_args
-from skeleton_ds.recipe import PromptTuningRecipe
+from skeleton_ds.stages.prompt_tuning import PromptTuningRecipe
 
 READOUT = {"llama": "lm", "qwen2": "lm", "bert-mlm": "mlm", "bert-head": "head", "roberta-mlm": "mlm"}
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,8 +36,8 @@ def write_skeleton(model_dir: Path, path: Path, *, ffn_keep: float, head_keep: f
     meta = {"task": "generic", "geometry": asdict(geometry), "scorer": "random", "reduce": "abs-sum",
             "include_prompt": "False", "examples": "0",
             "base_model": engine.model_identity(str(model_dir), str(model_dir), config, None)}
-    cfg = SimpleNamespace(keep_mode=mode, ffn_keep=ffn_keep, head_keep=head_keep, align=align)
-    path.write_text(json.dumps(skeleton_record(skeleton, geometry, cfg, meta)))
+    record = skeleton_record(skeleton, meta, keep_mode=mode, ffn_keep=ffn_keep, head_keep=head_keep, align=align)
+    path.write_text(json.dumps(record))
     return skeleton, geometry
 
 

@@ -1,6 +1,7 @@
-"""Pipeline stage 1: prompt-tune a frozen model under DeepSpeed ZeRO-0/2/3.
+"""Pipeline stage 1: prompt-tune a frozen model under DeepSpeed ZeRO-0/2/3 (and stage 5, re-tuning).
 
     deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages prompt
+    deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages retune
 
 One recipe class, torchtune style: `setup()` builds everything (and resumes), `train()` runs the
 optimizer steps with resumable checkpoints, `evaluate()` scores the dev split, `save()` publishes
@@ -18,7 +19,6 @@ import shutil
 import signal
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,120 +26,12 @@ import torch.nn.functional as F
 from skeleton_ds import checkpoint, data, engine
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
-from skeleton_ds.prompt import PromptedClassifier, initial_prompt, verbalizer_token_ids
-from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_split
-from skeleton_ds.ui import Reporter
+from skeleton_ds.prompt import PromptedClassifier, initial_prompt, task_record
+from skeleton_ds.stages.common import TaskModelRun, read_prompt_record
 
 KILL_AFTER_STEP_ENV = "SKELETON_DS_KILL_AFTER_STEP"
 """Test hook, "STAGE:STEP" (e.g. "retune:2"): SIGKILL this process right after that optimizer step of
 that stage, to exercise a real crash and resume."""
-
-
-def _generic_spec(cfg: Config) -> GenericTaskSpec | None:
-    if cfg.task != "generic":
-        return None
-    return GenericTaskSpec(train_file=cfg.train_file, dev_file=cfg.dev_file, text_columns=cfg.text_columns,
-                           label_column=cfg.label_column, label_names=cfg.label_names, template=cfg.template,
-                           verbalizer=cfg.verbalizer)
-
-
-def subset(items: list, limit: int, seed: int) -> list:
-    """A seeded random subset (file order is often sorted by label or source)."""
-    if not limit or limit >= len(items):
-        return items
-    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return [items[i] for i in keep.tolist()]
-
-
-class TaskModelRun:
-    """Shared by every stage that runs the prompted model over a task's data: validation of the
-    inputs (before any process group or file exists), the process group, the frozen backbone, the
-    encoded splits and the PromptedClassifier."""
-
-    stage = ""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def load_examples(self) -> tuple[list, list]:
-        cfg = self.cfg
-        self.generic = _generic_spec(cfg)
-        self.task = get_task(cfg.task, self.generic)
-        train = subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
-        dev = subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
-        return train, dev
-
-    def build_model(self, ds_config: dict, train: list, dev: list, *, readout: str, prompt_length: int,
-                    max_length: int, model_name: str | None = None) -> PromptedClassifier:
-        """Join the process group, load the backbone, encode the splits, wrap the backbone with a prompt."""
-        self.ds_config = ds_config
-        self.dist = engine.init_distributed()
-        self.report = Reporter(enabled=self.dist.is_main)
-        backbone = engine.load_backbone(model_name or self.cfg.model, ds_config, readout=readout,
-                                        revision=self.cfg.revision)
-        self.backbone = backbone
-        self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
-        self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
-            else ("lm" if backbone.adapter.causal else "mlm")
-        context = getattr(backbone.model.config, "max_position_embeddings", None)
-        if context is not None and prompt_length + max_length > context:
-            raise UserError(f"--prompt-length {prompt_length} + --max-length {max_length} exceeds the model's "
-                            f"context of {context} positions: lower one of them")
-        tok = backbone.tokenizer
-        self.label_token_ids = None if self.readout == "head" else verbalizer_token_ids(tok, self.task.verbalizer)
-        self.train_set = data.encode(self.task, train, tok, max_length=max_length, readout=self.readout)
-        self.dev_set = data.encode(self.task, dev, tok, max_length=max_length, readout=self.readout)
-        self.model = PromptedClassifier(backbone.model, backbone.adapter, self.readout, prompt_length,
-                                        len(self.task.label_names), self.label_token_ids, backbone.label_head)
-        return self.model
-
-    def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load prompt (and head) values; before deepspeed.initialize, so every rank starts equal."""
-        dtype = engine.param_dtype(self.ds_config)
-        named = dict(self.model.named_parameters())
-        for name, value in tensors.items():
-            target = named["prompt.embedding" if name == "prompt" else name]
-            if target.shape != value.shape:
-                raise UserError(f"{name} has shape {tuple(value.shape)} but this model needs {tuple(target.shape)}")
-            target.data = value.to(dtype).clone()
-
-    def _forward(self, items: list[data.Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.collate(items)
-        logits = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
-        return logits, batch["labels"]
-
-    def collate(self, items: list[data.Encoded]) -> dict[str, torch.Tensor]:
-        batch = data.collate(items, self.backbone.tokenizer.pad_token_id, left_pad=self.backbone.adapter.causal)
-        return {k: v.to(engine.device()) for k, v in batch.items()}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Task metrics plus mean cross-entropy on the dev split, computed over all ranks' shards."""
-        self.engine.eval()
-        indices, real = data.eval_shard(len(self.dev_set), self.dist.rank, self.dist.world_size)
-        micro = self.ds_config["train_micro_batch_size_per_gpu"] * 2
-        predictions: list[int] = []
-        losses: list[float] = []
-        for i in range(0, len(indices), micro):
-            logits, labels = self._forward([self.dev_set[j] for j in indices[i:i + micro]])
-            predictions.extend(logits.argmax(-1).tolist())
-            losses.extend(F.cross_entropy(logits, labels, reduction="none").tolist())
-        shards = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(shards, (predictions[:real], losses[:real]))
-        predictions = [p for shard, _ in shards for p in shard]
-        losses = [x for _, shard in shards for x in shard]
-        metrics = compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
-        return metrics | {"loss": sum(losses) / len(losses)}
-
-
-def read_prompt_record(prompt_dir: Path, cfg: Config) -> dict:
-    """Stage 1's task.json, checked against this run's task."""
-    if not (prompt_dir / "prompt.safetensors").is_file():
-        raise UserError(f"{prompt_dir} has no trained prompt: run --stages prompt first (same --output)")
-    record = checkpoint.read_json(prompt_dir / "task.json", "stage-1 task record")
-    if record["task"] != cfg.task:
-        raise UserError(f"{prompt_dir} was trained for task {record['task']!r}, not {cfg.task!r}: pass --task {record['task']}")
-    return record
 
 
 class PromptTuningRecipe(TaskModelRun):
@@ -300,14 +192,10 @@ class PromptTuningRecipe(TaskModelRun):
             tensors = {k: v.detach().float().cpu().clone() for k, v in trainable.items()}
         if self.dist.is_main:
             cfg = self.cfg
-            record = {
-                "task": self.task.name, "fields": list(self.task.fields), "template": self.task.template,
-                "label_names": list(self.task.label_names), "verbalizer": list(self.task.verbalizer),
-                "label_token_ids": self.label_token_ids, "readout": self.readout, "model": cfg.model,
-                "model_path": self.backbone.path, "revision": cfg.revision, "prompt_length": self.prompt_length,
-                "base_model": self.backbone.identity,
-                "max_length": self.max_length, "padding_side": self.backbone.adapter.padding_side,
-            }
+            record = task_record(self.task, readout=self.readout, label_token_ids=self.label_token_ids,
+                                 model=cfg.model, model_path=self.backbone.path, revision=cfg.revision,
+                                 prompt_length=self.prompt_length, base_model=self.backbone.identity,
+                                 max_length=self.max_length, padding_side=self.backbone.adapter.padding_side)
             summary = {"task": self.task.name, "split": "dev", "metrics": metrics, "dev_examples": len(self.dev_set),
                        "train_examples": len(self.train_set), "steps": self.total_steps,
                        "global_batch": self.global_batch, "world_size": self.dist.world_size,
@@ -354,11 +242,9 @@ class RetuneRecipe(PromptTuningRecipe):
         self.prompt_dir = cfg.output / "prompt"
 
     def model_spec(self) -> dict:
-        from skeleton_ds.surgery import verify_manifest
-
         if not (self.compact_dir / "manifest.json").is_file():
             raise UserError(f"{self.compact_dir} holds no finished compact model: run --stages convert first")
-        verify_manifest(self.compact_dir)
+        checkpoint.verify_manifest(self.compact_dir)
         record = read_prompt_record(self.prompt_dir, self.cfg)
         compact = checkpoint.read_json(self.compact_dir / "config.json", "compact model config")
         origin = compact.get("skeleton_ds", {}).get("base_model", {})
@@ -370,8 +256,6 @@ class RetuneRecipe(PromptTuningRecipe):
         return checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors")
 
     def run(self) -> dict[str, float]:
-        from skeleton_ds.surgery import write_manifest
-
         self.setup()
         if self.cfg.overwrite and self.step == 0 and self.dist.is_main:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
@@ -383,7 +267,7 @@ class RetuneRecipe(PromptTuningRecipe):
             for name in ("prompt.safetensors", "task.json"):
                 with checkpoint.atomic_file(self.compact_dir / name) as tmp:
                     shutil.copyfile(self.out_dir / name, tmp)
-            write_manifest(self.compact_dir)
+            checkpoint.write_manifest(self.compact_dir)
         torch.distributed.barrier()
         self.report.metrics_table(f"{self.task.name} dev, skeleton", {f"{k} before": v for k, v in before.items()}
                                   | {f"{k} after": v for k, v in metrics.items()}, caption=f"{len(self.dev_set)} examples")

@@ -1,5 +1,7 @@
 """Runs the requested stages in order and summarises the run in DIR/metrics.json.
 
+    deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR [--stages a,b,...]
+
 Each stage publishes its outputs atomically and counts as done only when they are complete, so
 re-running the same command skips finished stages and resumes an interrupted one (`--resume`
 continues a prompt-tuning stage from its last checkpoint; `--overwrite` redoes finished stages).
@@ -12,11 +14,11 @@ import os
 import time
 
 from skeleton_ds import checkpoint
-from skeleton_ds.attribution import AttributionRecipe
 from skeleton_ds.config import STAGES, Config
-from skeleton_ds.localization import LocalizeRecipe
-from skeleton_ds.recipe import PromptTuningRecipe, RetuneRecipe
-from skeleton_ds.surgery import ConvertRecipe
+from skeleton_ds.stages.attribute import AttributionRecipe
+from skeleton_ds.stages.convert import ConvertRecipe
+from skeleton_ds.stages.localize import LocalizeRecipe
+from skeleton_ds.stages.prompt_tuning import PromptTuningRecipe, RetuneRecipe
 from skeleton_ds.ui import Reporter
 
 RECIPES = {"prompt": PromptTuningRecipe, "attribute": AttributionRecipe, "localize": LocalizeRecipe,

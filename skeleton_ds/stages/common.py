@@ -1,0 +1,128 @@
+"""What every stage that runs the prompted model shares: the task's data, the frozen backbone, the
+PromptedClassifier, dev evaluation, and reading stage 1's task record.
+
+Stages (skeleton_ds/stages/*) sit on top of the algorithm modules (attribution, localization,
+surgery, interop) and the shared helpers; nothing below imports them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from skeleton_ds import checkpoint, data, engine
+from skeleton_ds.config import Config
+from skeleton_ds.errors import UserError
+from skeleton_ds.prompt import PromptedClassifier, verbalizer_token_ids
+from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_split
+from skeleton_ds.ui import Reporter
+
+
+def generic_spec(cfg: Config) -> GenericTaskSpec | None:
+    """The --task generic file and column settings (None for a registered task)."""
+    if cfg.task != "generic":
+        return None
+    return GenericTaskSpec(train_file=cfg.train_file, dev_file=cfg.dev_file, text_columns=cfg.text_columns,
+                           label_column=cfg.label_column, label_names=cfg.label_names, template=cfg.template,
+                           verbalizer=cfg.verbalizer)
+
+
+def subset(items: list, limit: int, seed: int) -> list:
+    """A seeded random subset (file order is often sorted by label or source)."""
+    if not limit or limit >= len(items):
+        return items
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return [items[i] for i in keep.tolist()]
+
+
+class TaskModelRun:
+    """Shared by every stage that runs the prompted model over a task's data: validation of the
+    inputs (before any process group or file exists), the process group, the frozen backbone, the
+    encoded splits and the PromptedClassifier."""
+
+    stage = ""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def load_examples(self) -> tuple[list, list]:
+        cfg = self.cfg
+        self.generic = generic_spec(cfg)
+        self.task = get_task(cfg.task, self.generic)
+        train = subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
+        dev = subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
+        return train, dev
+
+    def build_model(self, ds_config: dict, train: list, dev: list, *, readout: str, prompt_length: int,
+                    max_length: int, model_name: str | None = None) -> PromptedClassifier:
+        """Join the process group, load the backbone, encode the splits, wrap the backbone with a prompt."""
+        self.ds_config = ds_config
+        self.dist = engine.init_distributed()
+        self.report = Reporter(enabled=self.dist.is_main)
+        backbone = engine.load_backbone(model_name or self.cfg.model, ds_config, readout=readout,
+                                        revision=self.cfg.revision)
+        self.backbone = backbone
+        self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
+        self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
+            else ("lm" if backbone.adapter.causal else "mlm")
+        context = getattr(backbone.model.config, "max_position_embeddings", None)
+        if context is not None and prompt_length + max_length > context:
+            raise UserError(f"--prompt-length {prompt_length} + --max-length {max_length} exceeds the model's "
+                            f"context of {context} positions: lower one of them")
+        tok = backbone.tokenizer
+        self.label_token_ids = None if self.readout == "head" else verbalizer_token_ids(tok, self.task.verbalizer)
+        self.train_set = data.encode(self.task, train, tok, max_length=max_length, readout=self.readout)
+        self.dev_set = data.encode(self.task, dev, tok, max_length=max_length, readout=self.readout)
+        self.model = PromptedClassifier(backbone.model, backbone.adapter, self.readout, prompt_length,
+                                        len(self.task.label_names), self.label_token_ids, backbone.label_head)
+        return self.model
+
+    def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load prompt (and head) values; before deepspeed.initialize, so every rank starts equal."""
+        dtype = engine.param_dtype(self.ds_config)
+        named = dict(self.model.named_parameters())
+        for name, value in tensors.items():
+            target = named["prompt.embedding" if name == "prompt" else name]
+            if target.shape != value.shape:
+                raise UserError(f"{name} has shape {tuple(value.shape)} but this model needs {tuple(target.shape)}")
+            target.data = value.to(dtype).clone()
+
+    def _forward(self, items: list[data.Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.collate(items)
+        logits = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+        return logits, batch["labels"]
+
+    def collate(self, items: list[data.Encoded]) -> dict[str, torch.Tensor]:
+        batch = data.collate(items, self.backbone.tokenizer.pad_token_id, left_pad=self.backbone.adapter.causal)
+        return {k: v.to(engine.device()) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Task metrics plus mean cross-entropy on the dev split, computed over all ranks' shards."""
+        self.engine.eval()
+        indices, real = data.eval_shard(len(self.dev_set), self.dist.rank, self.dist.world_size)
+        micro = self.ds_config["train_micro_batch_size_per_gpu"] * 2
+        predictions: list[int] = []
+        losses: list[float] = []
+        for i in range(0, len(indices), micro):
+            logits, labels = self._forward([self.dev_set[j] for j in indices[i:i + micro]])
+            predictions.extend(logits.argmax(-1).tolist())
+            losses.extend(F.cross_entropy(logits, labels, reduction="none").tolist())
+        shards = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(shards, (predictions[:real], losses[:real]))
+        predictions = [p for shard, _ in shards for p in shard]
+        losses = [x for _, shard in shards for x in shard]
+        metrics = compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
+        return metrics | {"loss": sum(losses) / len(losses)}
+
+
+def read_prompt_record(prompt_dir: Path, cfg: Config) -> dict:
+    """Stage 1's task.json, checked against this run's task."""
+    if not (prompt_dir / "prompt.safetensors").is_file():
+        raise UserError(f"{prompt_dir} has no trained prompt: run --stages prompt first (same --output)")
+    record = checkpoint.read_json(prompt_dir / "task.json", "stage-1 task record")
+    if record["task"] != cfg.task:
+        raise UserError(f"{prompt_dir} was trained for task {record['task']!r}, not {cfg.task!r}: pass --task {record['task']}")
+    return record
