@@ -209,8 +209,32 @@ class Backbone:
     """A compact decoder converted with --slice-lm-head: the verbalizer rows of its LM head."""
 
 
-def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | None = None) -> Backbone:
-    """Load the frozen model; under ZeRO-3 it is created partitioned so no rank holds all of it."""
+QUANT_MODES = ("none", "8bit", "4bit")
+
+
+def quantization_config(quant: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings for a frozen model: LLM.int8() or NF4 weights (with double quantization)."""
+    if quant not in QUANT_MODES:
+        raise UserError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    if quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, revision: str | None = None,
+                  dtype: torch.dtype | None = None, quant: str = "none", device: str | None = None) -> Backbone:
+    """Load the frozen model; under ZeRO-3 it is created partitioned so no rank holds all of it.
+
+    `dtype` overrides the DeepSpeed config's precision (inference passes no config). `quant` loads
+    the linear layers as bitsandbytes 8-bit or NF4 onto `device`; ZeRO-3 cannot partition those
+    layers (their weights are packed integer buffers with quantization state, not plain tensors),
+    so quantized models run on one device.
+    """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -242,9 +266,16 @@ def load_backbone(name: str, ds_config: dict, *, readout: str, revision: str | N
     transformers.utils.logging.disable_progress_bar()
     # transformers reads ZeRO-3 from a process-wide setting; hold it only while loading, so models
     # loaded later in this process (by us or by the caller) are not silently partitioned.
+    ds_config = ds_config or {}
+    dtype = dtype or param_dtype(ds_config)
+    if quant != "none" and zero_stage(ds_config) == 3:
+        raise UserError(f"--quant {quant} cannot be combined with ZeRO-3: DeepSpeed cannot partition bitsandbytes "
+                        f"layers; use ds_configs/zero0.json or zero2.json on one device")
+    quantized = quantization_config(quant, dtype)
+    placement = {"quantization_config": quantized, "device_map": {"": device or "cpu"}} if quantized else {}
     zero3 = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
-        model = cls.from_pretrained(path, revision=revision, dtype=param_dtype(ds_config))
+        model = cls.from_pretrained(path, revision=revision, dtype=dtype, **placement)
     finally:
         del zero3
         unset_hf_deepspeed_config()

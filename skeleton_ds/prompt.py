@@ -68,15 +68,22 @@ class PromptedClassifier(nn.Module):
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
         states = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs).last_hidden_state
-        rows = torch.arange(batch, device=states.device)
+        return self.read_labels(states[:, n:], attention_mask, answer_index)
+
+    def read_labels(self, text_states: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
+        """Label logits from the final states of the text positions (prompt positions already cut off).
+
+        Shared by the plain forward and by inference paths that never compute the prompt's
+        positions (a decoder's cached prompt keys and values)."""
+        rows = torch.arange(text_states.shape[0], device=text_states.device)
         if self.readout == "head":
             if self.adapter.causal:
-                pooled = states[rows, n + answer_index]
+                pooled = text_states[rows, answer_index]
             else:
-                text_mask = attention_mask.unsqueeze(-1).to(states.dtype)
-                pooled = (states[:, n:] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
+                text_mask = attention_mask.unsqueeze(-1).to(text_states.dtype)
+                pooled = (text_states * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
             return self.head(pooled.to(self.head.weight.dtype)).float()
-        answer = states[rows, n + answer_index]
+        answer = text_states[rows, answer_index]
         if self.label_head is not None:
             return F.linear(answer, self.label_head.to(answer.dtype)).float()
         if self.readout == "mlm":

@@ -146,6 +146,18 @@ def get_task(name: str, generic: GenericTaskSpec | None = None) -> Task:
     return _REGISTRY[name]
 
 
+def task_from_record(record: dict) -> Task:
+    """The task a trained prompt answers, as its task.json recorded it: the registry's entry when it
+    matches (so its loaders and metrics apply), else a task built from the recorded template, fields
+    and labels (a generic task, or a registry task whose definition has changed since)."""
+    fields, labels = tuple(record["fields"]), tuple(record["label_names"])
+    known = _REGISTRY.get(record["task"])
+    if known is not None and (known.fields, known.label_names, known.template) == (fields, labels, record["template"]):
+        return known
+    return Task(name=record["task"], fields=fields, template=record["template"], label_names=labels,
+                verbalizer=tuple(record["verbalizer"]), metrics=known.metrics if known else ("accuracy", "macro_f1"))
+
+
 def load_split(task: Task, split: str, data_dir: Path | None,
                generic: GenericTaskSpec | None = None) -> list[Example]:
     """Read one split. For the generic task a given spec replaces the files the task was built with."""

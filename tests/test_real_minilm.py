@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import SHARED_DATA
 from test_distributed import launch
@@ -51,3 +52,21 @@ def test_minilm_end_to_end_sst2_at_half_the_ffn(tmp_path):
     shrink = base.stat().st_size - (out / "compact" / "model.safetensors").stat().st_size
     assert abs(shrink - removed) < 16_384, (shrink, removed)  # headers differ by a few KB
     assert summary["parameters_full"] - summary["parameters_compact"] == removed // 4
+
+    # Inference from the compact checkpoint: the Predictor scores exactly what the retune stage measured,
+    # and 8-bit weights (bitsandbytes on CPU) keep the predictions while shrinking the linear layers.
+    from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples
+
+    fp32 = Predictor.from_checkpoint(out / "compact", InferenceConfig(device="cpu"))
+    examples = evaluation_examples(fp32.task, SHARED_DATA, "validation")
+    int8 = Predictor.from_checkpoint(out / "compact", InferenceConfig(device="cpu", quant="8bit"))
+    items = fp32.encode(examples)
+    p32, p8 = fp32.logits(items).argmax(-1), int8.logits(items).argmax(-1)
+    agreement = (p32 == p8).float().mean().item()
+    accuracy = fp32.evaluate(examples)["metrics"]["accuracy"]
+    print(f"compact fp32 accuracy {accuracy:.4f}; 8-bit agrees on {agreement:.4f} of SST-2 dev; weights "
+          f"{fp32.weight_bytes() / 2**20:.1f} MiB fp32 vs {int8.weight_bytes() / 2**20:.1f} MiB 8-bit")
+    assert abs(accuracy - after) < 1e-9, (accuracy, after)
+    assert agreement >= 0.95, agreement
+    linear = sum(m.weight.numel() for m in fp32.model.backbone.modules() if isinstance(m, torch.nn.Linear))
+    assert fp32.weight_bytes() - int8.weight_bytes() > 0.9 * 3 * linear  # 1 byte per weight instead of 4

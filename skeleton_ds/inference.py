@@ -1,0 +1,282 @@
+"""Answer a task from a compact checkpoint (or from the full model with its stage-1 prompt), fast.
+
+    python launch/infer.py --checkpoint DIR/compact --data-dir ../shared/data --split validation
+    python launch/infer.py --checkpoint DIR/compact --input records.jsonl > predictions.jsonl
+    python launch/infer.py --base M --prompt DIR/prompt --input -        # the full model, same code
+
+Both sources go through one `Predictor`, so full and compact compare fairly. What makes it fast:
+- decoders: the soft prompt comes first and attention is causal, so its keys and values never depend
+  on the input; they are computed once when the model loads and every batch starts from them
+  (`PromptCachedDecoder`), so the prompt's positions are never run again;
+- only the label logits at the answer position are computed (the verbalizer's rows of the LM head,
+  or the sliced head a `--slice-lm-head` conversion ships), never the whole vocabulary;
+- inputs are sorted by length and batched, so padding is small; `torch.inference_mode`; the
+  backbone's SDPA attention; optional `torch.compile`;
+- optional bitsandbytes 8-bit / NF4 weights (`quant`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from skeleton_ds import checkpoint, data, engine
+from skeleton_ds.errors import UserError
+from skeleton_ds.prompt import PromptedClassifier
+from skeleton_ds.tasks import Example, Task, compute_metrics, task_from_record
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    device: str = "auto"  # auto (cuda when available) | cuda | cpu | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
+    quant: str = "none"  # none | 8bit | 4bit (bitsandbytes)
+    batch_size: int = 32
+    prompt_cache: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.quant not in engine.QUANT_MODES:
+            raise UserError(f"--quant must be one of {', '.join(engine.QUANT_MODES)}, got {self.quant!r}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
+        if self.device != "auto" and not self.device.startswith(("cuda", "cpu")):
+            raise UserError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        gpu = self.torch_device().type == "cuda"
+        return torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
+
+
+class PromptCachedDecoder(nn.Module):
+    """A decoder PromptedClassifier whose prompt keys and values are computed once and reused.
+
+    Same inputs and outputs as `PromptedClassifier.forward`; positions are counted over real tokens
+    exactly as there (left padding never shifts them), so predictions are the same.
+    """
+
+    def __init__(self, model: PromptedClassifier):
+        super().__init__()
+        if not model.adapter.causal:
+            raise ValueError("only decoders (causal attention) can reuse the prompt's keys and values")
+        self.model = model
+        base = model.backbone.base_model
+        n = model.prompt.embedding.shape[0]
+        self.prompt_length = n
+        embeds = model.prompt(1).to(model.backbone.get_input_embeddings().weight.dtype)
+        with torch.inference_mode():
+            out = base(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long, device=embeds.device),
+                       position_ids=torch.arange(n, device=embeds.device)[None], use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        self.prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        batch, n = input_ids.shape[0], self.prompt_length
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.prompt_kv):
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+        mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        positions = n + attention_mask.long().cumsum(-1) - 1  # as the plain path: pads sit at n - 1
+        states = self.model.backbone.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                                cache=cache, use_cache=True).last_hidden_state
+        return self.model.read_labels(states, attention_mask, answer_index)
+
+
+def _load_prompt(model: PromptedClassifier, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    named = dict(model.named_parameters())
+    for name, value in tensors.items():
+        target = named["prompt.embedding" if name == "prompt" else name]
+        if target.shape != value.shape:
+            raise UserError(f"the prompt's {name} has shape {tuple(value.shape)} but the model needs {tuple(target.shape)}")
+        target.data = value.to(device=target.device, dtype=dtype)
+
+
+class Predictor:
+    """A prompted model ready to answer its task: records in, label probabilities out."""
+
+    def __init__(self, model: PromptedClassifier, task: Task, record: dict, tokenizer, cfg: InferenceConfig,
+                 source: str):
+        self.model, self.task, self.record, self.tokenizer, self.cfg = model, task, record, tokenizer, cfg
+        self.source = source
+        self.device = next(model.backbone.parameters()).device
+        self.causal = model.adapter.causal
+        self.forward = PromptCachedDecoder(model) if self.causal and cfg.prompt_cache else model
+        if cfg.compile:
+            self.forward = torch.compile(self.forward, dynamic=True)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_checkpoint(cls, directory: Path, cfg: InferenceConfig = InferenceConfig()) -> "Predictor":
+        """A compact checkpoint (DIR/compact): its manifest is verified before anything is loaded."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"{directory} is not a directory: pass the compact checkpoint DIR/compact")
+        if not (directory / "manifest.json").is_file():
+            raise UserError(f"{directory} is not a compact checkpoint (no manifest.json): pass the DIR/compact "
+                            f"directory the convert stage wrote, or --base M --prompt DIR/prompt for a full model")
+        checkpoint.verify_manifest(directory)
+        if not (directory / "prompt.safetensors").is_file():
+            raise UserError(f"{directory} holds no prompt: convert it with --prompt DIR/prompt (or run the pipeline's "
+                            f"convert stage, which ships one)")
+        return cls._build(str(directory), directory, cfg, source=f"compact {directory}", compact=True)
+
+    @classmethod
+    def from_prompt(cls, base: str, prompt_dir: Path, cfg: InferenceConfig = InferenceConfig(),
+                    revision: str | None = None) -> "Predictor":
+        """The full base model with a stage-1 (or re-tuned) prompt, through the same code as a compact one."""
+        prompt_dir = Path(prompt_dir)
+        if not (prompt_dir / "prompt.safetensors").is_file():
+            raise UserError(f"{prompt_dir} has no prompt.safetensors: pass a stage-1 prompt directory (DIR/prompt)")
+        return cls._build(base, prompt_dir, cfg, source=f"full {base} + {prompt_dir}", compact=False, revision=revision)
+
+    @classmethod
+    def _build(cls, model_name: str, prompt_dir: Path, cfg: InferenceConfig, *, source: str, compact: bool,
+               revision: str | None = None) -> "Predictor":
+        record = checkpoint.read_json(prompt_dir / "task.json", "task record")
+        tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
+        device, dtype = cfg.torch_device(), cfg.torch_dtype()
+        backbone = engine.load_backbone(model_name, readout="head" if record["readout"] == "head" else "verbalizer",
+                                        revision=revision, dtype=dtype, quant=cfg.quant, device=str(device))
+        # A compact model has its own config hash: its prompt must come from the base it was sliced from.
+        unknown = {"name_or_path": "an unrecorded base", "config_sha256": None}
+        origin = (getattr(backbone.model.config, "skeleton_ds", None) or {}).get("base_model", unknown) if compact \
+            else backbone.identity
+        engine.check_identity(record["base_model"], origin, f"the prompt in {prompt_dir}")
+        task = task_from_record(record)
+        model = PromptedClassifier(backbone.model, backbone.adapter, record["readout"], record["prompt_length"],
+                                   len(task.label_names), record["label_token_ids"], backbone.label_head)
+        if cfg.quant == "none":
+            model.to(device)
+        else:  # bitsandbytes placed the backbone already; move only what we added
+            model.prompt.to(device)
+            model.head.to(device) if model.head is not None else None
+            model.label_head = model.label_head.to(device) if model.label_head is not None else None
+            model.label_token_ids = model.label_token_ids.to(device) if model.readout != "head" else None
+        _load_prompt(model, tensors, dtype)
+        model.eval()
+        return cls(model, task, record, backbone.tokenizer, cfg, source)
+
+    # -------------------------------------------------------------- answering
+    def encode(self, examples: Sequence[Example], max_length: int | None = None) -> list[data.Encoded]:
+        return data.encode(self.task, examples, self.tokenizer, max_length=max_length or self.record["max_length"],
+                           readout=self.model.readout)
+
+    @torch.inference_mode()
+    def logits(self, items: Sequence[data.Encoded]) -> torch.Tensor:
+        """Label logits [len(items), labels] in input order; batches are cut from length-sorted items."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+        out = torch.empty(len(items), len(self.task.label_names))
+        pad_id = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.cfg.batch_size):
+            chunk = order[start:start + self.cfg.batch_size]
+            batch = data.collate([items[i] for i in chunk], pad_id, left_pad=self.causal)
+            logits = self.forward(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                  batch["answer_index"].to(self.device))
+            out[chunk] = logits.float().cpu()
+        return out
+
+    def predict(self, examples: Sequence[Example]) -> list[dict]:
+        """One {"label", "probabilities"} per example, in order."""
+        probs = self.logits(self.encode(examples)).softmax(-1)
+        names = self.task.label_names
+        return [{"label": names[int(p.argmax())], "probabilities": {n: float(v) for n, v in zip(names, p)}}
+                for p in probs]
+
+    def evaluate(self, examples: Sequence[Example]) -> dict:
+        """Task metrics over labelled examples, and throughput of the model calls (encoding excluded)."""
+        items = self.encode(examples)
+        sync(self.device)
+        start = time.perf_counter()
+        predictions = self.logits(items).argmax(-1).tolist()
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        return {"task": self.task.name, "examples": len(items), "source": self.source,
+                "metrics": compute_metrics(self.task, predictions, [e.label for e in items]),
+                "seconds": round(seconds, 4), "examples_per_s": round(len(items) / seconds, 2)}
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------ raw input
+def read_records(lines: Iterable[str], task: Task, source: str) -> list[Example]:
+    """JSON Lines records with the task's fields (and optionally a label), or plain text lines for a
+    single-text task. Examples without a label get label -1."""
+    lookup = {name.lower(): i for i, name in enumerate(task.label_names)}
+    examples = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{source} line {number} is not valid JSON ({e})") from None
+            missing = [f for f in task.fields if f not in record]
+            if missing:
+                raise UserError(f"{source} line {number} has no field {missing[0]!r}: task {task.name} reads "
+                                f"{', '.join(task.fields)} (found {', '.join(sorted(record)) or 'no fields'})")
+            label = -1
+            if record.get("label") is not None:
+                label = lookup.get(str(record["label"]).strip().lower(), -2)
+                if label == -2:
+                    raise UserError(f"{source} line {number} has label {record['label']!r}, which is not one of "
+                                    f"task {task.name}'s labels ({', '.join(task.label_names)})")
+            examples.append(Example(tuple(str(record[f]).strip() for f in task.fields), label))
+        elif len(task.fields) == 1:
+            examples.append(Example((line,), -1))
+        else:
+            raise UserError(f"{source} line {number} is plain text, but task {task.name} reads several fields "
+                            f"({', '.join(task.fields)}): give JSON Lines records")
+    if not examples:
+        raise UserError(f"{source} holds no input records: give one JSON record (or text line) per line")
+    return examples
+
+
+def evaluation_examples(task: Task, data_dir: Path | None, split: str, limit: int = 0) -> list[Example]:
+    """A labelled split of a built-in task (from --data-dir, else the Hub)."""
+    from skeleton_ds.tasks import load_split
+
+    split = {"validation": "dev"}.get(split, split)
+    if task.hub is None:
+        raise UserError(f"task {task.name!r} has no built-in data: evaluate it with --input FILE (JSON Lines records "
+                        f"with a label field)")
+    examples = load_split(task, split, data_dir)
+    return examples[:limit] if limit else examples
+
+
+def label_accuracy(predictions: Sequence[dict], examples: Sequence[Example], task: Task) -> dict | None:
+    """Metrics when every input record carried a label, else None."""
+    if any(e.label < 0 for e in examples):
+        return None
+    ids = {n: i for i, n in enumerate(task.label_names)}
+    return compute_metrics(task, [ids[p["label"]] for p in predictions], [e.label for e in examples])
+
