@@ -85,6 +85,122 @@ def export_peft(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def infer(argv: Sequence[str] | None = None) -> int:
+    """Answer a task with a compact checkpoint (or the full model + its prompt): evaluate a split, or
+    label raw records (JSON Lines with the task's fields, or text lines) into JSON Lines."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="skeleton-ds infer", description=infer.__doc__)
+    m = p.add_argument_group("model: --checkpoint, or --base with --prompt")
+    m.add_argument("--checkpoint", type=Path, help="compact checkpoint directory (DIR/compact); its manifest is verified")
+    m.add_argument("--base", help="full base model (local directory, Hub id, or 'minilm')")
+    m.add_argument("--prompt", type=Path, help="stage-1 (or retune) prompt directory for --base")
+    m.add_argument("--revision", default=None, help="Hub revision of --base")
+    i = p.add_argument_group("what to answer: --input, or a task split")
+    i.add_argument("--input", help="JSON Lines records or plain text lines; '-' reads standard input")
+    i.add_argument("--output", default="-", help="where the JSON Lines predictions go ('-': standard output)")
+    i.add_argument("--task", help="evaluate this built-in task (must be the checkpoint's task)")
+    i.add_argument("--data-dir", type=Path, help="read the split from DIR/<TASK>/ (else the Hugging Face Hub)")
+    i.add_argument("--split", default="validation", choices=("validation", "dev", "train"))
+    i.add_argument("--max-examples", type=int, default=0, help="evaluate only the first N examples (0: all)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
+    r.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    r.add_argument("--quant", default="none", help="none | 8bit | 4bit (bitsandbytes NF4)")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--no-prompt-cache", action="store_true", help="decoders: recompute the prompt's keys/values per batch")
+    r.add_argument("--compile", action="store_true", help="torch.compile the forward")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    if bool(args.checkpoint) == bool(args.base or args.prompt) or (args.base and not args.prompt) \
+            or (args.prompt and not args.base):
+        raise UserError("give the model as --checkpoint DIR/compact, or as --base M --prompt DIR/prompt")
+    if bool(args.input) == bool(args.task or args.data_dir):
+        raise UserError("give what to answer as --input FILE (or - for standard input), or as --task T [--data-dir D]")
+    from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, label_accuracy, read_records
+
+    cfg = InferenceConfig(device=args.device, dtype=args.dtype, quant=args.quant, batch_size=args.batch_size,
+                          prompt_cache=not args.no_prompt_cache, compile=args.compile)
+    lines = None
+    if args.input:  # read before loading the model: bad input fails fast
+        source = "standard input" if args.input == "-" else args.input
+        if args.input != "-" and not Path(args.input).is_file():
+            raise UserError(f"--input {args.input} does not exist")
+        lines = sys.stdin.read().splitlines() if args.input == "-" else Path(args.input).read_text().splitlines()
+    _quiet_libraries()
+    predictor = Predictor.from_checkpoint(args.checkpoint, cfg) if args.checkpoint else \
+        Predictor.from_prompt(args.base, args.prompt, cfg, revision=args.revision)
+    task = predictor.task
+    if lines is None:
+        if args.task != task.name:
+            raise UserError(f"{predictor.source} answers task {task.name!r}, not {args.task!r}: pass --task {task.name}")
+        result = predictor.evaluate(evaluation_examples(task, args.data_dir, args.split, args.max_examples))
+        print(json.dumps(result | {"split": args.split}))
+        print(f"skeleton_ds: {task.name} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+              + f" over {result['examples']} examples, {result['examples_per_s']:.1f} examples/s", file=sys.stderr)
+        return 0
+    examples = read_records(lines, task, source)
+    predictions = predictor.predict(examples)
+    text = "".join(json.dumps(p) + "\n" for p in predictions)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        from skeleton_ds.checkpoint import atomic_file
+
+        with atomic_file(Path(args.output)) as tmp:
+            tmp.write_text(text)
+    metrics = label_accuracy(predictions, examples, task)
+    if metrics:
+        print(f"skeleton_ds: {len(examples)} labelled records: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+              file=sys.stderr)
+    return 0
+
+
+def bench(argv: Sequence[str] | None = None) -> int:
+    """Time compact checkpoints against the full model and PEFT prompt tuning, in one process."""
+    import argparse
+    from pathlib import Path
+
+    from skeleton_ds.bench import SHAPES, BenchConfig
+
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="skeleton-ds bench", description=bench.__doc__)
+    p.add_argument("--shape", default=d.shape, help=" | ".join(SHAPES))
+    p.add_argument("--out", type=Path, default=None, help="directory for bench.json and bench.png (default runs/bench/SHAPE)")
+    p.add_argument("--device", default=d.device, help="auto | cuda | cpu")
+    p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma list (default 32,1)")
+    p.add_argument("--text-length", type=int, default=d.text_length, help="input tokens per example (default 128)")
+    p.add_argument("--prompt-length", type=int, default=d.prompt_length, help="soft prompt tokens (default 20)")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 1.0,0.5,0.3,0.2)")
+    p.add_argument("--head-keep", type=float, default=d.head_keep, help="decoders: also compacts with this KV-group keep")
+    p.add_argument("--run-dir", type=Path, default=None, help="minilm: pipeline output whose prompt and scores to use")
+    p.add_argument("--data-dir", type=Path, default=None, help="minilm with --run-dir: data for dev accuracy")
+    p.add_argument("--quant", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
+                   help="also time the FFN-0.3 compact in these bitsandbytes modes: 8bit,4bit")
+    p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")
+    p.add_argument("--skip-peft", action="store_true", help="leave out the PEFT contender")
+    args = vars(p.parse_args(list(argv) if argv is not None else None))
+    args["out"] = args["out"] or Path("runs/bench") / args["shape"]
+    cfg = BenchConfig(**args)
+    _quiet_libraries()
+    from skeleton_ds.bench import print_summary, run_bench
+
+    print_summary(run_bench(cfg), cfg.out)
+    return 0
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(",") if v.strip())
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in value.split(",") if v.strip())
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "train": train,
     "attribute": _one_stage("attribute"),
@@ -92,6 +208,8 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "retune": _one_stage("retune"),
     "convert": convert,
     "export-peft": export_peft,
+    "infer": infer,
+    "bench": bench,
 }
 
 
