@@ -60,3 +60,14 @@ class Reporter:
         for name, value in metrics.items():
             table.add_row(name, f"{value:.4f}")
         self.console.print(table)
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], caption: str = "") -> None:
+    """A plain rich table (benchmarks); the first column is left-aligned, the others right-aligned."""
+    table = Table(title=title, caption=caption or None)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    (console if console.is_terminal else Console(width=220)).print(table)  # logs keep whole rows
