@@ -32,10 +32,27 @@ class Geometry:
     heads: int
     kv_heads: int
     head_dim: int
+    hidden_size: int = 0
+    """0 when unknown (scores recorded before it was kept): every KV-group count is then allowed."""
 
     @property
     def heads_per_group(self) -> int:
         return self.heads // self.kv_heads
+
+    def allows_groups(self, groups: int) -> bool:
+        """Whether a compact model with this many KV groups per layer is loadable: transformers'
+        decoder configs require hidden_size to be a multiple of the query-head count, even when
+        head_dim is given explicitly (e.g. 9 of LLaMA-160m's 12 heads is refused, 8 is fine)."""
+        return not self.hidden_size or self.hidden_size % (groups * self.heads_per_group) == 0
+
+    def loadable_groups(self, groups: int) -> int:
+        """The allowed KV-group count nearest to `groups` (ties keep more)."""
+        allowed = [g for g in range(1, self.kv_heads + 1) if self.allows_groups(g)]
+        return min(allowed, key=lambda g: (abs(g - groups), -g))
+
+    def padded_groups(self, groups: int) -> int:
+        """The smallest allowed KV-group count >= `groups` (a per-layer skeleton pads up to it)."""
+        return next(g for g in range(groups, self.kv_heads + 1) if self.allows_groups(g))
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,7 @@ class ArchAdapter:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return Geometry(layers=config.num_hidden_layers, ffn_size=config.intermediate_size, heads=heads,
-                        kv_heads=kv_heads, head_dim=head_dim)
+                        kv_heads=kv_heads, head_dim=head_dim, hidden_size=config.hidden_size)
 
 
 def _bert_mlm_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

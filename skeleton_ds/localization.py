@@ -69,7 +69,7 @@ def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: flo
                         f"use at least {1 / geometry.kv_heads:.3g}")
     if mode == "uniform":
         ffn_counts = [keep_count(geometry.ffn_size, ffn_keep, align)] * geometry.layers
-        head_counts = [keep_count(geometry.kv_heads, head_keep)] * geometry.layers
+        head_counts = [geometry.loadable_groups(keep_count(geometry.kv_heads, head_keep))] * geometry.layers
     else:
         ffn_counts = [keep_count(geometry.ffn_size, c / geometry.ffn_size, align) for c in _global_counts(ffn_scores, ffn_keep)]
         head_counts = [keep_count(geometry.kv_heads, c / geometry.kv_heads) for c in _global_counts(head_scores, head_keep)]

@@ -97,7 +97,7 @@ def _expand(units: tuple[int, ...], width: int) -> tuple[int, ...]:
 def layer_slices(adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -> list[dict[str, Slice]]:
     """Per layer: module path -> how its weight (and bias) is cut."""
     ffn_size = max(skeleton.ffn_sizes())
-    groups = max(len(h) for h in skeleton.heads)
+    groups = geometry.padded_groups(max(len(h) for h in skeleton.heads))
     q_width = geometry.heads_per_group * geometry.head_dim
     prune_heads = any(len(h) < geometry.kv_heads for h in skeleton.heads)
     plans = []
@@ -117,7 +117,7 @@ def layer_slices(adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -
 
 
 def compact_config(config: dict, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -> dict:
-    groups = max(len(h) for h in skeleton.heads)
+    groups = geometry.padded_groups(max(len(h) for h in skeleton.heads))
     if any(len(h) < geometry.kv_heads for h in skeleton.heads) and not adapter.causal:
         raise UserError("removing attention heads from a BERT/RoBERTa model cannot be written as a standard "
                         "checkpoint (transformers derives the head size from hidden_size / num_attention_heads): "

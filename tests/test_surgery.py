@@ -174,3 +174,51 @@ def test_streaming_conversion_peak_memory_is_about_one_tensor(tmp_path):
     # Bound: 3 x the largest tensor (the tensor, its slice, the bytes written) + 64 MiB slack.
     assert growth < 3 * largest_mib + 64, (growth, largest_mib, size_mib)
     assert growth < 0.6 * size_mib
+
+
+@pytest.mark.parametrize(("heads", "expected_groups"), [([[0, 1, 3], [0, 1, 3]], 4), ([[0, 1, 3], [2]], 4),
+                                                        ([[1, 2], [3]], 2)])
+def test_head_counts_transformers_refuses_are_padded_to_a_loadable_count(heads, expected_groups, tmp_path):
+    """transformers' LlamaConfig requires hidden_size % num_attention_heads == 0 even with an explicit
+    head_dim, so 3 of 4 heads (hidden 32) is padded to 4 with zero-effect heads; 2 is written as is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from skeleton_ds.localization import Skeleton
+
+    base = tmp_path / "mha"
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(base)
+    geometry = adapter_for("llama").geometry(config)
+    skeleton = Skeleton(ffn=[list(range(0, 64, 2))] * 2, heads=heads)
+    meta = {"task": "generic", "geometry": asdict(geometry), "scorer": "random", "reduce": "abs-sum",
+            "include_prompt": "False", "examples": "0",
+            "base_model": engine.model_identity(str(base), str(base), config, None)}
+    (tmp_path / "s.json").write_text(json.dumps(skeleton_record(skeleton, meta, keep_mode="global", ffn_keep=0.5,
+                                                                head_keep=0.75, align=8)))
+    convert(str(base), tmp_path / "s.json", None, tmp_path / "compact")
+    compact = AutoModelForCausalLM.from_pretrained(tmp_path / "compact").eval()
+    assert compact.config.num_key_value_heads == expected_groups
+    full = AutoModelForCausalLM.from_pretrained(base).eval()
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        with masked(full, adapter_for("llama"), geometry, skeleton):
+            expected = full(input_ids=ids).logits
+        torch.testing.assert_close(compact(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_uniform_head_keep_rounds_to_a_loadable_count():
+    from skeleton_ds.adapters import Geometry
+
+    def groups(hidden, heads, kv, keep):
+        geometry = Geometry(layers=1, ffn_size=64, heads=heads, kv_heads=kv, head_dim=hidden // heads, hidden_size=hidden)
+        scores = {"ffn.0": torch.rand(64), "heads.0": torch.rand(kv)}
+        return len(select(scores, geometry, ffn_keep=1.0, head_keep=keep, align=64, mode="uniform").heads[0])
+
+    assert groups(768, 12, 12, 0.75) == 8  # LLaMA-160m: 9 heads would not load; 8 is nearest
+    assert groups(2048, 32, 4, 0.75) == 4  # TinyLlama: 3 groups (24 heads) would not load; tie keeps more
+    assert groups(2048, 32, 4, 0.5) == 2
+    assert groups(4096, 32, 8, 0.5) == 4  # LLaMA-3-8B
+    assert groups(32, 4, 4, 0.75) == 4
+    assert groups(48, 4, 2, 0.5) == 1  # hidden_size 48 is a multiple of 2 query heads
