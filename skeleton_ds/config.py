@@ -47,6 +47,7 @@ class Config:
     max_train_examples: int = 0  # 0: all
     max_eval_examples: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    quant: str = "none"  # none | 8bit | 4bit: the frozen backbone in bitsandbytes weights (one device, not ZeRO-3)
     save_every: int = 200  # optimizer steps between resumable checkpoints
     keep_checkpoints: int = 2
     resume: bool = False
@@ -98,6 +99,8 @@ class Config:
             raise UserError("--align must be >= 1 and --attr-examples >= 0")
         if self.readout not in ("auto", "verbalizer", "head"):
             raise UserError(f"--readout must be auto, verbalizer or head, got {self.readout!r}")
+        if self.quant not in ("none", "8bit", "4bit"):
+            raise UserError(f"--quant must be none, 8bit or 4bit, got {self.quant!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.prompt_init != "vocab" and not (self.prompt_init.startswith("text:") and self.prompt_init[5:].strip()):
@@ -147,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-init", default="vocab", help="'vocab' or 'text:<init words>'")
     t.add_argument("--readout", default="auto", help="auto | verbalizer (LM/MLM head) | head (trained classifier)")
     t.add_argument("--precision", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16")
+    t.add_argument("--quant", default="none",
+                   help="none | 8bit | 4bit: load the frozen backbone in bitsandbytes 8-bit or NF4 weights (stages "
+                        "prompt, attribute, retune; one device per rank, not with ZeRO-3)")
     t.add_argument("--revision", default=None, help="Hub revision of --model")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     t.add_argument("--overwrite", action="store_true", help="replace finished outputs in --output")

@@ -227,13 +227,15 @@ def quantization_config(quant: str, compute_dtype: torch.dtype):
 
 
 def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, revision: str | None = None,
-                  dtype: torch.dtype | None = None, quant: str = "none", device: str | None = None) -> Backbone:
+                  dtype: torch.dtype | None = None, quant: str = "none", device: str | None = None,
+                  differentiable: bool = True) -> Backbone:
     """Load the frozen model; under ZeRO-3 it is created partitioned so no rank holds all of it.
 
     `dtype` overrides the DeepSpeed config's precision (inference passes no config). `quant` loads
     the linear layers as bitsandbytes 8-bit or NF4 onto `device`; ZeRO-3 cannot partition those
     layers (their weights are packed integer buffers with quantization state, not plain tensors),
-    so quantized models run on one device.
+    so quantized models run on one device. `differentiable=False` (inference only) lets bitsandbytes
+    repack NF4 weights into its faster CPU inference layout, which has no backward.
     """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
@@ -281,6 +283,13 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
         unset_hf_deepspeed_config()
     model.requires_grad_(False)
     model.eval()  # frozen backbone: no dropout, so runs and resumes are deterministic
+    if quantized and differentiable:
+        # bitsandbytes repacks an NF4 layer for a CPU inference kernel without autograd at its first
+        # eval-mode forward with no input gradient (a dev evaluation): later backward passes through
+        # it would then be silently wrong. Gradients must reach the prompt, so keep the plain layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     tokenizer.padding_side = adapter.padding_side
     if tokenizer.pad_token_id is None:

@@ -157,7 +157,8 @@ class Predictor:
         tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
         device, dtype = cfg.torch_device(), cfg.torch_dtype()
         backbone = engine.load_backbone(model_name, readout="head" if record["readout"] == "head" else "verbalizer",
-                                        revision=revision, dtype=dtype, quant=cfg.quant, device=str(device))
+                                        revision=revision, dtype=dtype, quant=cfg.quant, device=str(device),
+                                        differentiable=False)
         # A compact model has its own config hash: its prompt must come from the base it was sliced from.
         unknown = {"name_or_path": "an unrecorded base", "config_sha256": None}
         origin = (getattr(backbone.model.config, "skeleton_ds", None) or {}).get("base_model", unknown) if compact \

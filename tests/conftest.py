@@ -48,7 +48,7 @@ _DECODER_SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, 
                      num_key_value_heads=2, max_position_embeddings=96, initializer_range=0.2)
 
 
-def _save_llama(path: Path) -> None:
+def _save_llama(path: Path, width: int = 32) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -60,7 +60,8 @@ def _save_llama(path: Path) -> None:
     # Deliberately no pad token, like LLaMA's own tokenizer.
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     # GQA: 4 query heads share 2 key/value heads.
-    config = LlamaConfig(vocab_size=len(vocab), **_DECODER_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    size = _DECODER_SIZE | {"hidden_size": width, "intermediate_size": 2 * width}
+    config = LlamaConfig(vocab_size=len(vocab), **size, bos_token_id=1, eos_token_id=2, pad_token_id=None,
                          tie_word_embeddings=False)
     _save(LlamaForCausalLM, config, tokenizer, path)
 
@@ -81,7 +82,7 @@ def _save_qwen2(path: Path) -> None:
     _save(Qwen2ForCausalLM, config, tokenizer, path)
 
 
-def _save_bert(path: Path, mlm: bool, family: str = "bert") -> None:
+def _save_bert(path: Path, mlm: bool, family: str = "bert", width: int = 32) -> None:
     from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer, RobertaConfig, RobertaForMaskedLM
 
     path.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def _save_bert(path: Path, mlm: bool, family: str = "bert") -> None:
                                pad_token_id=0, bos_token_id=2, eos_token_id=3)
         _save(RobertaForMaskedLM, config, tokenizer, path)
         return
-    config = BertConfig(vocab_size=5 + len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = BertConfig(vocab_size=5 + len(VOCAB), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=96, initializer_range=0.2)
     _save(BertForMaskedLM if mlm else BertModel, config, tokenizer, path)
 
@@ -117,6 +118,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     _save_bert(root / "bert-head", mlm=False)
     _save_bert(root / "roberta-mlm", mlm=True, family="roberta")
     return {name: root / name for name in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def wide_models(tmp_path_factory) -> dict[str, Path]:
+    """LLaMA-GQA and BERT 64 wide: bitsandbytes' CPU NF4 kernels quantize in blocks of 64 input features."""
+    root = tmp_path_factory.mktemp("wide")
+    _save_llama(root / "llama", width=64)
+    _save_bert(root / "bert-head", mlm=False, width=64)
+    return {"llama": root / "llama", "bert-head": root / "bert-head"}
 
 
 @pytest.fixture(scope="session")

@@ -81,3 +81,50 @@ def test_zero3_offload_config_trains(tiny_models, sentiment_files, tmp_path):
     assert engine.zero_stage(recipe.ds_config) == 3
     assert recipe.ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "accuracy" in metrics and (tmp_path / "run" / "prompt" / "prompt.safetensors").is_file()
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+@pytest.mark.parametrize("arch", ["llama", "bert-head"])
+def test_quantized_frozen_backbone_trains_the_prompt_and_scores_units(arch, quant, wide_models, sentiment_files, tmp_path):
+    """bitsandbytes weights for the frozen backbone on one device (ZeRO-2): the prompt still learns and
+    attribution still gets activation gradients through the quantized layers."""
+    import bitsandbytes as bnb
+
+    from skeleton_ds.attribution import read_attribution
+    from skeleton_ds.stages.pipeline import run_pipeline
+
+    recipe = _recipe(wide_models[arch], sentiment_files, tmp_path / "run", 2, "--epochs", "4", "--quant", quant)
+    recipe.setup()
+    layer = {"8bit": bnb.nn.Linear8bitLt, "4bit": bnb.nn.Linear4bit}[quant]
+    assert any(isinstance(m, layer) for m in recipe.model.backbone.modules())
+
+    def prompt_gradient() -> torch.Tensor:
+        batch = recipe.collate(recipe.train_set[:8])
+        logits = recipe.model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+        labels = batch["labels"]
+        return torch.autograd.grad(torch.nn.functional.cross_entropy(logits, labels), recipe.model.prompt.embedding)[0]
+
+    first = prompt_gradient()
+    loss_before = recipe.evaluate()["loss"]  # a no-grad eval-mode forward must not switch layers to inference kernels
+    torch.testing.assert_close(prompt_gradient(), first, rtol=1e-4, atol=1e-6)
+    assert first.abs().sum() > 0
+    recipe.train()
+    assert recipe.evaluate()["loss"] < loss_before
+    recipe.cleanup()
+
+    argv = ["--model", str(wide_models[arch]), "--config", str(DS_CONFIGS / "zero2.json"), "--output",
+            str(tmp_path / "pipe"), "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--max-steps",
+            "2", "--quant", quant, "--stages", "prompt,attribute", *generic_flags(sentiment_files)]
+    run_pipeline(config_from_args(argv))
+    scores, meta = read_attribution(tmp_path / "pipe" / "attribution.safetensors")
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in scores.values())
+
+
+def test_quantized_backbone_is_refused_under_zero3(tiny_models, sentiment_files, tmp_path, capsys):
+    from skeleton_ds.cli import run_command, train
+
+    argv = ["--model", str(tiny_models["llama"]), "--config", str(DS_CONFIGS / "zero3.json"), "--output",
+            str(tmp_path / "run"), "--batch-size", "8", "--max-steps", "1", "--quant", "8bit", *generic_flags(sentiment_files)]
+    assert run_command(train, argv) == 2
+    err = capsys.readouterr().err
+    assert "ZeRO-3" in err and "zero2.json" in err and not (tmp_path / "run" / "prompt").exists()

@@ -62,7 +62,7 @@ class TaskModelRun:
         self.dist = engine.init_distributed()
         self.report = Reporter(enabled=self.dist.is_main)
         backbone = engine.load_backbone(model_name or self.cfg.model, ds_config, readout=readout,
-                                        revision=self.cfg.revision)
+                                        revision=self.cfg.revision, quant=self.cfg.quant, device=str(engine.device()))
         self.backbone = backbone
         self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
         self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \

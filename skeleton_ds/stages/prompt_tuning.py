@@ -119,7 +119,7 @@ class PromptTuningRecipe(TaskModelRun):
     # ------------------------------------------------------------ checkpoints
     def _signature(self) -> str:
         """What must match for a checkpoint to be resumable into this run."""
-        keys = ("model", "task", "prompt_length", "prompt_init", "readout", "lr", "head_lr", "warmup_steps",
+        keys = ("model", "task", "prompt_length", "prompt_init", "readout", "quant", "lr", "head_lr", "warmup_steps",
                 "max_length", "seed", "max_train_examples", "epochs", "max_steps", "data_dir", "train_file")
         blob = json.dumps({k: str(getattr(self.cfg, k)) for k in keys} | {"global_batch": self.global_batch,
                           "stage": self.stage, "model_path": self.backbone.path}, sort_keys=True)
