@@ -26,7 +26,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -76,6 +76,7 @@ class BenchConfig:
     work_dir: Path | None = None  # where base and compact checkpoints are built (default: a temporary dir)
     seed: int = 0
     skip_peft: bool = False
+    compile: bool = False  # also time the FFN-0.3 compact model under torch.compile
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -273,18 +274,25 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     plans = [(k, 1.0) for k in cfg.ffn_keeps]
     if decoder and cfg.head_keep < 1:
         plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1]
+    base_groups = full.model.backbone.config.num_key_value_heads if decoder else 1
     for ffn_keep, head_keep in plans:
         out = _compact(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}", ffn_keep=ffn_keep,
                        head_keep=head_keep, align=cfg.align, slice_lm_head=decoder)
-        name = f"compact-{ffn_keep:g}" + (f"-h{head_keep:g}" if head_keep < 1 else "")
-        contenders.append(_ours(name, Predictor.from_checkpoint(out, infer), ffn_keep=ffn_keep, head_keep=head_keep))
-    for quant in cfg.quant:
+        compact = Predictor.from_checkpoint(out, infer)
+        # The head count actually kept (rounded to one transformers can load; see Geometry.allows_groups).
+        kept = compact.model.backbone.config.num_key_value_heads / base_groups if decoder else 1.0
+        if head_keep < 1 and kept == 1.0:
+            continue  # no loadable head count below all of them: the same model as the FFN-only compact
+        name = f"compact-{ffn_keep:g}" + (f"-h{kept:.2g}" if kept < 1 else "")
+        contenders.append(_ours(name, compact, ffn_keep=ffn_keep, head_keep=round(kept, 4)))
+    variants = [(f"compact-0.3-{q}", {"quant": q}) for q in cfg.quant]
+    variants += [("compact-0.3-compiled", {"compile": True})] if cfg.compile else []
+    for name, override in variants:  # the FFN-0.3 compact model served differently
         out = work / "compact-0.3-1.0"
         if not out.is_dir():
             _compact(base, prompt_dir, scores, out, ffn_keep=0.3, head_keep=1.0, align=cfg.align, slice_lm_head=decoder)
-        predictor = Predictor.from_checkpoint(out, InferenceConfig(device=cfg.device, dtype=cfg.dtype, quant=quant,
-                                                                   batch_size=max(cfg.batch_sizes)))
-        contenders.append(_ours(f"compact-0.3-{quant}", predictor, ffn_keep=0.3, quant=quant))
+        predictor = Predictor.from_checkpoint(out, replace(infer, **override))
+        contenders.append(_ours(name, predictor, ffn_keep=0.3, quant=override.get("quant", "none")))
     task = full.task if cfg.shape == "minilm" and cfg.run_dir is not None else None
     return contenders, task
 
@@ -394,13 +402,13 @@ def print_summary(result: dict, out: Path) -> None:
 
     rows = result["rows"]
     refs = [r for r in ("peft", "full") if f"speedup_vs_{r}" in rows[0]]
-    header = ["contender", "batch", "params (M)", "weights MiB", "peak MiB", "GFLOP", "ms/batch (median [q1, q3])",
+    header = ["contender", "batch", "params (M)", "weights MiB", "peak MiB", "GFLOP", "ms/batch median (q1-q3)",
               "examples/s"] + [f"x {r} (bound, % of it)" for r in refs] + (["accuracy"] if "accuracy" in rows[0] else [])
     table = []
     for r in rows:
         cells = [r["contender"], str(r["batch"]), f"{r['parameters'] / 1e6:.1f}", f"{r['weight_mib']:.0f}",
                  "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", f"{r['gflop']:.1f}",
-                 f"{r['ms_median']:.1f} [{r['ms_q1']:.1f}, {r['ms_q3']:.1f}]", f"{r['examples_per_s']:.1f}"]
+                 f"{r['ms_median']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f})", f"{r['examples_per_s']:.1f}"]
         cells += [f"{r[f'speedup_vs_{ref}']:.2f} ({r[f'bound_vs_{ref}']:.2f}, {100 * r[f'of_bound_vs_{ref}']:.0f}%)"
                   for ref in refs]
         if "accuracy" in rows[0]:

@@ -183,6 +183,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
                    help="also time the FFN-0.3 compact in these bitsandbytes modes: 8bit,4bit")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")
     p.add_argument("--skip-peft", action="store_true", help="leave out the PEFT contender")
+    p.add_argument("--compile", action="store_true", help="also time the FFN-0.3 compact model under torch.compile")
     args = vars(p.parse_args(list(argv) if argv is not None else None))
     args["out"] = args["out"] or Path("runs/bench") / args["shape"]
     cfg = BenchConfig(**args)
