@@ -390,16 +390,14 @@ def run_bench(cfg: BenchConfig) -> dict:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "rows": rows}
     cfg.out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(cfg.out / "bench.json", result)
+    (cfg.out / "bench.md").write_text(markdown_table(result))
     from skeleton_ds.plots import plot_bench
 
     plot_bench(rows, cfg.out / "bench.png", title=f"{cfg.shape} on {env['device']} ({env['dtype']})")
     return result
 
 
-def print_summary(result: dict, out: Path) -> None:
-    """The rich table of a run_bench result."""
-    from skeleton_ds.ui import print_table
-
+def _table(result: dict) -> tuple[list[str], list[list[str]]]:
     rows = result["rows"]
     refs = [r for r in ("peft", "full") if f"speedup_vs_{r}" in rows[0]]
     header = ["contender", "batch", "params (M)", "weights MiB", "peak MiB", "GFLOP", "ms/batch median (q1-q3)",
@@ -414,6 +412,21 @@ def print_summary(result: dict, out: Path) -> None:
         if "accuracy" in rows[0]:
             cells.append(f"{r['accuracy']['accuracy']:.4f}" if "accuracy" in r else "-")
         table.append(cells)
+    return header, table
+
+
+def markdown_table(result: dict) -> str:
+    """The table as Markdown (bench.md), for READMEs and reports."""
+    header, table = _table(result)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table]) + "\n"
+
+
+def print_summary(result: dict, out: Path) -> None:
+    """The rich table of a run_bench result."""
+    from skeleton_ds.ui import print_table
+
+    header, table = _table(result)
     env = result["environment"]
     print_table(f"{result['shape']}: {env['device']}, {env['dtype']}, {env['threads']} threads, {env['date']}",
                 header, table, caption=f"{out / 'bench.json'}, {out / 'bench.png'}")

@@ -159,11 +159,11 @@ class Predictor:
         backbone = engine.load_backbone(model_name, readout="head" if record["readout"] == "head" else "verbalizer",
                                         revision=revision, dtype=dtype, quant=cfg.quant, device=str(device),
                                         differentiable=False)
-        # A compact model has its own config hash: its prompt must come from the base it was sliced from.
-        unknown = {"name_or_path": "an unrecorded base", "config_sha256": None}
-        origin = (getattr(backbone.model.config, "skeleton_ds", None) or {}).get("base_model", unknown) if compact \
-            else backbone.identity
-        engine.check_identity(record["base_model"], origin, f"the prompt in {prompt_dir}")
+        # A compact model has its own config hash: its prompt was trained either on the base it was sliced
+        # from (the stage-1 prompt convert ships) or on the compact model itself (re-tuned).
+        origin = (getattr(backbone.model.config, "skeleton_ds", None) or {}).get("base_model", {})
+        if not (compact and record["base_model"].get("config_sha256") == origin.get("config_sha256")):
+            engine.check_identity(record["base_model"], backbone.identity, f"the prompt in {prompt_dir}")
         task = task_from_record(record)
         model = PromptedClassifier(backbone.model, backbone.adapter, record["readout"], record["prompt_length"],
                                    len(task.label_names), record["label_token_ids"], backbone.label_head)

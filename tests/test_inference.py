@@ -53,7 +53,7 @@ def _pipeline(model_dir, files, out, *extra):
     argv = ["--model", str(model_dir), "--config", str(DS_CONFIGS / "zero2.json"), "--output", str(out),
             "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--lr", "0.1", "--seed", "3",
             "--max-steps", "4", "--align", "8", "--ffn-keep", "0.5", "--stages", "prompt,attribute,localize,convert",
-            *generic_flags(files), *extra]
+            *generic_flags(files), *extra]  # a later --stages in `extra` wins
     run_pipeline(config_from_args(argv))
     return out
 
@@ -99,6 +99,23 @@ def _dev_examples(dev_csv, predictor):
     rows = [line.rsplit(",", 1) for line in dev_csv.read_text().splitlines()[1:]]
     names = predictor.task.label_names
     return [Example((text,), names.index(label)) for text, label in rows]
+
+
+def test_retuned_compact_checkpoint_scores_what_the_retune_stage_measured(runs, tiny_models, sentiment_files,
+                                                                          tmp_path):
+    """After stage 5 the compact directory carries a prompt trained on the compact model itself."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["llama"], out)
+    _pipeline(tiny_models["llama"], sentiment_files, out, "--head-keep", "0.5", "--stages", "retune")
+    retuned = json.loads((out / "retune" / "metrics.json").read_text())["metrics"]
+    predictor = Predictor.from_checkpoint(out / "compact", InferenceConfig(device="cpu", batch_size=8))
+    result = predictor.evaluate(_dev_examples(sentiment_files[1], predictor))
+    assert result["metrics"]["accuracy"] == pytest.approx(retuned["accuracy"], abs=1e-9)
+    # Its prompt belongs to the compact model: the full base model refuses it.
+    with pytest.raises(Exception, match="made for base model"):
+        Predictor.from_prompt(str(tiny_models["llama"]), out / "compact", InferenceConfig(device="cpu"))
 
 
 def test_tampered_compact_checkpoint_is_refused(runs, tmp_path):
