@@ -213,8 +213,12 @@ class Contender:
 
 
 def _weights(module: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, bytes resident): an NF4 tensor packs two weights per byte, so its parameter count
+    is read from its quantization state."""
     tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+    logical = sum(t.quant_state.shape.numel() if getattr(t, "quant_state", None) is not None else t.numel()
+                  for t in tensors)
+    return logical, sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _ours(name: str, predictor: Predictor, **extra) -> Contender:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -156,6 +157,8 @@ class Predictor:
         record = checkpoint.read_json(prompt_dir / "task.json", "task record")
         tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
         device, dtype = cfg.torch_device(), cfg.torch_dtype()
+        if cfg.quant == "8bit":  # said once per layer and call on CPU; it is how LLM.int8() works there
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         backbone = engine.load_backbone(model_name, readout="head" if record["readout"] == "head" else "verbalizer",
                                         revision=revision, dtype=dtype, quant=cfg.quant, device=str(device),
                                         differentiable=False)
