@@ -77,6 +77,7 @@ class BenchConfig:
     seed: int = 0
     skip_peft: bool = False
     compile: bool = False  # also time the FFN-0.3 compact model under torch.compile
+    profile: bool = False  # profile the FFN-0.3 compact model's batches (operator time vs wall time)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -333,6 +334,28 @@ def time_contenders(contenders: list[Contender], cfg: BenchConfig, device: torch
                 c.seconds[batch].append(time.perf_counter() - start)
 
 
+def profile_contender(contender: Contender, items: list[data.Encoded], device: torch.device, repeats: int = 3) -> dict:
+    """Where one batch's time goes: torch.profiler's operator self times against the wall clock. What
+    no operator accounts for is Python (ours and the model's) between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    contender.run(items)
+    with profile(activities=activities) as prof:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            contender.run(items)
+        sync(device)
+        wall = (time.perf_counter() - start) / repeats
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    op_us = sum(e.self_cpu_time_total for e in ops) / repeats
+    top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    return {"contender": contender.name, "batch": len(items), "wall_ms": round(wall * 1e3, 3),
+            "aten_self_ms": round(op_us / 1e3, 3), "outside_ops_share": round(max(0.0, 1 - op_us / 1e6 / wall), 4),
+            "top_ops": [{"op": e.key, "ms": round(e.self_cpu_time_total / repeats / 1e3, 3)} for e in top]}
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -385,13 +408,16 @@ def run_bench(cfg: BenchConfig) -> dict:
         vocab = contenders[0].config["vocab_size"]
         accuracy = _accuracy(contenders, task, cfg.data_dir, max(cfg.batch_sizes)) if task is not None else {}
         time_contenders(contenders, cfg, device, vocab)
+        profiles = [profile_contender(c, _inputs(b, cfg.text_length, vocab, cfg.seed), device)
+                    for c in contenders if cfg.profile and c.name == "compact-0.3" for b in cfg.batch_sizes]
     rows = summarize(contenders, cfg, accuracy)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "dtype": str(InferenceConfig(device=cfg.device, dtype=cfg.dtype).torch_dtype()).replace("torch.", ""),
            "date": time.strftime("%Y-%m-%d")}
     result = {"format": "skeleton_ds.bench/1", "shape": cfg.shape, "environment": env,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "rows": rows}
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "rows": rows,
+              "profiles": profiles}
     cfg.out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(cfg.out / "bench.json", result)
     (cfg.out / "bench.md").write_text(markdown_table(result))
@@ -434,3 +460,7 @@ def print_summary(result: dict, out: Path) -> None:
     env = result["environment"]
     print_table(f"{result['shape']}: {env['device']}, {env['dtype']}, {env['threads']} threads, {env['date']}",
                 header, table, caption=f"{out / 'bench.json'}, {out / 'bench.png'}")
+    for prof in result["profiles"]:
+        ops = ", ".join(f"{o['op']} {o['ms']:.1f}" for o in prof["top_ops"])
+        print(f"profile {prof['contender']} batch {prof['batch']}: {prof['wall_ms']:.1f} ms wall, "
+              f"{prof['aten_self_ms']:.1f} ms in operators ({100 * prof['outside_ops_share']:.1f}% outside); top: {ops}")

@@ -184,6 +184,8 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")
     p.add_argument("--skip-peft", action="store_true", help="leave out the PEFT contender")
     p.add_argument("--compile", action="store_true", help="also time the FFN-0.3 compact model under torch.compile")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the FFN-0.3 compact model: operator time against wall time, top operators")
     args = vars(p.parse_args(list(argv) if argv is not None else None))
     args["out"] = args["out"] or Path("runs/bench") / args["shape"]
     cfg = BenchConfig(**args)

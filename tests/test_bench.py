@@ -50,3 +50,14 @@ def test_flop_model_matches_torch_flop_counter(tmp_path):
         assert counter.get_total_flops() == pytest.approx(parts["linear"] + parts["head"], rel=0.01), c.name
     assert {c.name for c in contenders} >= {"peft", "full", "compact-0.5-h0.5"}
     torch.testing.assert_close(contenders[1].run(items), contenders[0].run(items), rtol=1e-4, atol=1e-4)
+
+
+def test_profile_accounts_for_the_batch(tmp_path):
+    out = tmp_path / "bench"
+    cfg_args = ["--shape", "tiny", "--out", str(out), "--rounds", "1", "--warmup", "1", "--batch-sizes", "2",
+                "--device", "cpu", "--skip-peft", "--ffn-keeps", "1.0,0.3", "--head-keep", "1.0", "--profile"]
+    assert run_command(bench, cfg_args) == 0
+    (prof,) = json.loads((out / "bench.json").read_text())["profiles"]
+    assert prof["contender"] == "compact-0.3" and prof["batch"] == 2
+    assert 0 < prof["aten_self_ms"] <= prof["wall_ms"] and 0 <= prof["outside_ops_share"] < 1
+    assert any("mm" in op["op"] or "linear" in op["op"] for op in prof["top_ops"])
