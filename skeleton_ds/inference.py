@@ -104,15 +104,6 @@ class PromptCachedDecoder(nn.Module):
         return self.model.read_labels(states, attention_mask, answer_index)
 
 
-def _load_prompt(model: PromptedClassifier, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    named = dict(model.named_parameters())
-    for name, value in tensors.items():
-        target = named["prompt.embedding" if name == "prompt" else name]
-        if target.shape != value.shape:
-            raise UserError(f"the prompt's {name} has shape {tuple(value.shape)} but the model needs {tuple(target.shape)}")
-        target.data = value.to(device=target.device, dtype=dtype)
-
-
 class Predictor:
     """A prompted model ready to answer its task: records in, label probabilities out."""
 
@@ -170,14 +161,8 @@ class Predictor:
         task = task_from_record(record)
         model = PromptedClassifier(backbone.model, backbone.adapter, record["readout"], record["prompt_length"],
                                    len(task.label_names), record["label_token_ids"], backbone.label_head)
-        if cfg.quant == "none":
-            model.to(device)
-        else:  # bitsandbytes placed the backbone already; move only what we added
-            model.prompt.to(device)
-            model.head.to(device) if model.head is not None else None
-            model.label_head = model.label_head.to(device) if model.label_head is not None else None
-            model.label_token_ids = model.label_token_ids.to(device) if model.readout != "head" else None
-        _load_prompt(model, tensors, dtype)
+        model.to(device)  # (a quantized backbone is there already: bitsandbytes placed it)
+        model.load_trained(tensors, dtype)
         model.eval()
         return cls(model, task, record, backbone.tokenizer, cfg, source)
 

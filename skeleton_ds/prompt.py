@@ -54,6 +54,15 @@ class PromptedClassifier(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def load_trained(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Set the prompt (`prompt`) and head (`head.weight`, `head.bias`) values, as prompt.safetensors stores them."""
+        named = dict(self.named_parameters())
+        for name, value in tensors.items():
+            target = named["prompt.embedding" if name == "prompt" else name]
+            if target.shape != value.shape:
+                raise UserError(f"{name} has shape {tuple(value.shape)} but this model needs {tuple(target.shape)}")
+            target.data = value.to(device=target.device, dtype=dtype).clone()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
         """Label logits [batch, num_labels]. `answer_index` indexes the un-prompted input."""
         batch = input_ids.shape[0]

@@ -81,13 +81,7 @@ class TaskModelRun:
 
     def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load prompt (and head) values; before deepspeed.initialize, so every rank starts equal."""
-        dtype = engine.param_dtype(self.ds_config)
-        named = dict(self.model.named_parameters())
-        for name, value in tensors.items():
-            target = named["prompt.embedding" if name == "prompt" else name]
-            if target.shape != value.shape:
-                raise UserError(f"{name} has shape {tuple(value.shape)} but this model needs {tuple(target.shape)}")
-            target.data = value.to(dtype).clone()
+        self.model.load_trained(tensors, engine.param_dtype(self.ds_config))
 
     def _forward(self, items: list[data.Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.collate(items)
