@@ -215,36 +215,44 @@ def sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------ raw input
+def parse_record(record, task: Task, where: str) -> Example:
+    """One input: a dict with the task's fields (and optionally a label), or a plain string for a
+    single-text task. Without a label the example gets label -1."""
+    if isinstance(record, str):
+        if len(task.fields) != 1:
+            raise UserError(f"{where} is plain text, but task {task.name} reads several fields "
+                            f"({', '.join(task.fields)}): give records with those fields")
+        return Example((record.strip(),), -1)
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is neither a record nor a string: give {{{', '.join(repr(f) for f in task.fields)}}}")
+    missing = [f for f in task.fields if f not in record]
+    if missing:
+        raise UserError(f"{where} has no field {missing[0]!r}: task {task.name} reads {', '.join(task.fields)} "
+                        f"(found {', '.join(sorted(record)) or 'no fields'})")
+    label = -1
+    if record.get("label") is not None:
+        lookup = {name.lower(): i for i, name in enumerate(task.label_names)}
+        label = lookup.get(str(record["label"]).strip().lower(), -2)
+        if label == -2:
+            raise UserError(f"{where} has label {record['label']!r}, which is not one of task {task.name}'s labels "
+                            f"({', '.join(task.label_names)})")
+    return Example(tuple(str(record[f]).strip() for f in task.fields), label)
+
+
 def read_records(lines: Iterable[str], task: Task, source: str) -> list[Example]:
-    """JSON Lines records with the task's fields (and optionally a label), or plain text lines for a
-    single-text task. Examples without a label get label -1."""
-    lookup = {name.lower(): i for i, name in enumerate(task.label_names)}
+    """JSON Lines records, or plain text lines for a single-text task (see parse_record)."""
     examples = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
+        record = line
         if line.startswith("{"):
             try:
                 record = json.loads(line)
             except ValueError as e:
                 raise UserError(f"{source} line {number} is not valid JSON ({e})") from None
-            missing = [f for f in task.fields if f not in record]
-            if missing:
-                raise UserError(f"{source} line {number} has no field {missing[0]!r}: task {task.name} reads "
-                                f"{', '.join(task.fields)} (found {', '.join(sorted(record)) or 'no fields'})")
-            label = -1
-            if record.get("label") is not None:
-                label = lookup.get(str(record["label"]).strip().lower(), -2)
-                if label == -2:
-                    raise UserError(f"{source} line {number} has label {record['label']!r}, which is not one of "
-                                    f"task {task.name}'s labels ({', '.join(task.label_names)})")
-            examples.append(Example(tuple(str(record[f]).strip() for f in task.fields), label))
-        elif len(task.fields) == 1:
-            examples.append(Example((line,), -1))
-        else:
-            raise UserError(f"{source} line {number} is plain text, but task {task.name} reads several fields "
-                            f"({', '.join(task.fields)}): give JSON Lines records")
+        examples.append(parse_record(record, task, f"{source} line {number}"))
     if not examples:
         raise UserError(f"{source} holds no input records: give one JSON record (or text line) per line")
     return examples

@@ -70,7 +70,7 @@ class Slice:
         for dim, index in ((0, self.rows), (1, self.cols)):
             if index is None:
                 continue
-            idx = torch.tensor(index)
+            idx = torch.tensor(index, device=tensor.device)
             picked = tensor.index_select(dim, idx.clamp(min=0))
             pad = (idx < 0).view([-1 if d == dim else 1 for d in range(tensor.dim())])
             tensor = picked.masked_fill(pad, 0) if bool((idx < 0).any()) else picked
@@ -131,24 +131,26 @@ def compact_config(config: dict, adapter: ArchAdapter, geometry: Geometry, skele
     return out
 
 
+def slice_for(name: str, adapter: ArchAdapter, slices: list[dict[str, Slice]]) -> Slice | None:
+    """How the tensor called `name` (a checkpoint or state-dict key) is cut; None: kept whole."""
+    match = re.search(rf"(?:^|\.){re.escape(adapter.layers)}\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if not match:
+        return None
+    cut = slices[int(match.group(1))].get(match.group(2))
+    if cut is not None and match.group(3) == "bias":
+        # an output projection's bias is per output feature: untouched
+        return Slice(rows=cut.rows) if cut.rows is not None else None
+    return cut
+
+
 def plan_tensors(files: list[Path], adapter: ArchAdapter, slices: list[dict[str, Slice]]
                  ) -> list[tuple[str, Path, Slice | None, str, list[int]]]:
     """(name, source file, slice, dtype, output shape) for every tensor, from headers only."""
-    pattern = re.compile(rf"(?:^|\.){re.escape(adapter.layers)}\.(\d+)\.(.+)\.(weight|bias)$")
     plan = []
     for file in files:
         for name, info in _header(file).items():
-            cut = None
-            match = pattern.search(name)
-            if match:
-                layer, module, kind = int(match.group(1)), match.group(2), match.group(3)
-                cut = slices[layer].get(module)
-                if cut is not None and kind == "bias" and cut.rows is None:
-                    cut = None  # an output projection's bias is per output feature: untouched
-                if cut is not None and kind == "bias":
-                    cut = Slice(rows=cut.rows)
-            shape = cut.shape(info["shape"]) if cut else info["shape"]
-            plan.append((name, file, cut, info["dtype"], shape))
+            cut = slice_for(name, adapter, slices)
+            plan.append((name, file, cut, info["dtype"], cut.shape(info["shape"]) if cut else info["shape"]))
     return plan
 
 

@@ -1,0 +1,110 @@
+"""One base model, many tasks: a task materialised from the shared base equals its own compact
+checkpoint, shares every tensor it does not slice, and lives in a byte-bounded LRU cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import DS_CONFIGS, generic_flags
+from skeleton_ds.config import config_from_args
+from skeleton_ds.errors import UserError
+from skeleton_ds.inference import InferenceConfig, Predictor
+from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.stages.pipeline import run_pipeline
+
+CPU = InferenceConfig(device="cpu", batch_size=8)
+TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine"]
+
+
+def _run(model_dir, files, out, *extra):
+    argv = ["--model", str(model_dir), "--config", str(DS_CONFIGS / "zero2.json"), "--output", str(out),
+            "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--lr", "0.1", "--max-steps", "3",
+            "--align", "8", "--stages", "prompt,attribute,localize,convert", *generic_flags(files), *extra]
+    run_pipeline(config_from_args(argv))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, sentiment_files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("multitask")
+    return {
+        "llama-a": _run(tiny_models["llama"], sentiment_files, root / "llama-a", "--ffn-keep", "0.5", "--head-keep",
+                        "0.5", "--seed", "1"),
+        "llama-b": _run(tiny_models["llama"], sentiment_files, root / "llama-b", "--ffn-keep", "0.25", "--keep-mode",
+                        "global", "--seed", "2"),
+        "bert": _run(tiny_models["bert-head"], sentiment_files, root / "bert", "--ffn-keep", "0.5"),
+    }
+
+
+def _logits(predictor: Predictor) -> torch.Tensor:
+    from skeleton_ds.tasks import Example
+
+    return predictor.logits(predictor.encode([Example((t,), -1) for t in TEXTS]))
+
+
+@pytest.mark.parametrize(("base", "run"), [("llama", "llama-a"), ("llama", "llama-b"), ("bert-head", "bert")])
+def test_shared_weight_task_equals_its_compact_checkpoint(base, run, runs, tiny_models):
+    registry = MultiTaskModel(str(tiny_models[base]), [f"t={runs[run]}"], cfg=CPU)
+    shared = registry._predictor("t")
+    compact = Predictor.from_checkpoint(runs[run] / "compact", CPU)
+    torch.testing.assert_close(_logits(shared), _logits(compact), rtol=1e-4, atol=1e-5)
+    # The same through the public API, and the task's unsliced tensors are the base model's own.
+    examples = registry.parse_inputs("t", TEXTS)
+    assert registry.predict("t", examples) == compact.predict(examples)
+    embed = shared.model.backbone.get_input_embeddings().weight
+    assert embed.data_ptr() == registry.backbone.model.get_input_embeddings().weight.data_ptr()
+    memory = registry.memory()
+    assert 0 < memory["tasks"]["t"] == memory["cache_bytes"] < memory["shared_bytes"]
+
+
+def test_a_compact_checkpoint_directory_is_a_task_too(runs, tiny_models):
+    registry = MultiTaskModel(str(tiny_models["llama"]), [runs["llama-a"] / "compact"], cfg=CPU)
+    assert registry.task_names() == ["generic"]
+    compact = Predictor.from_checkpoint(runs["llama-a"] / "compact", CPU)
+    examples = registry.parse_inputs("generic", [{"text": t} for t in TEXTS])
+    assert registry.predict("generic", examples) == compact.predict(examples)
+
+
+def test_cache_stays_within_budget_and_evicted_tasks_come_back_identical(runs, tiny_models):
+    dirs = [f"a={runs['llama-a']}", f"b={runs['llama-b']}", f"c={runs['llama-a'] / 'compact'}"]
+    probe = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=CPU)
+    sizes = {}
+    for name in "abc":
+        probe.predict(name, probe.parse_inputs(name, TEXTS[:1]))
+        sizes[name] = probe.memory()["tasks"][name] or sizes.get(name, 0)
+    budget = max(sizes.values()) + min(sizes.values())  # room for two tasks at most, never three
+    registry = MultiTaskModel(str(tiny_models["llama"]), dirs, cache_bytes=budget, cfg=CPU)
+    first = {}
+    for name in "abcabcbba":
+        answer = registry.predict(name, registry.parse_inputs(name, TEXTS))
+        assert registry.cache_bytes() <= budget
+        assert answer == first.setdefault(name, answer)  # re-materialised after eviction: identical
+    stats = registry.cache_stats()
+    assert sum(s.evictions for s in stats.values()) >= 3
+    assert sum(s.hits for s in stats.values()) >= 1
+    assert all(s.hits + s.misses == "abcabcbba".count(n) for n, s in stats.items())
+    tiny = MultiTaskModel(str(tiny_models["llama"]), dirs[:1], cache_bytes=1, cfg=CPU)  # smaller than any task
+    assert tiny.predict("a", tiny.parse_inputs("a", TEXTS)) == first["a"] and tiny.cache_bytes() == 0
+
+
+def test_bad_task_directories_are_refused_at_start(runs, tiny_models, tmp_path):
+    with pytest.raises(UserError, match="'generic'.*localized for base model"):
+        MultiTaskModel(str(tiny_models["qwen2"]), [runs["llama-a"]], cfg=CPU)
+    with pytest.raises(UserError, match="NAME=DIR"):
+        MultiTaskModel(str(tiny_models["llama"]), [runs["llama-a"], runs["llama-b"]], cfg=CPU)
+    with pytest.raises(UserError, match="neither a pipeline output"):
+        MultiTaskModel(str(tiny_models["llama"]), [tmp_path], cfg=CPU)
+    tampered = tmp_path / "compact"
+    shutil.copytree(runs["llama-a"] / "compact", tampered)
+    (tampered / "skeleton.json").write_text(json.dumps({"tampered": True}))
+    with pytest.raises(UserError, match="skeleton.json does not match"):
+        MultiTaskModel(str(tiny_models["llama"]), [tampered], cfg=CPU)
+    registry = MultiTaskModel(str(tiny_models["llama"]), [runs["llama-a"]], cfg=CPU)
+    with pytest.raises(UserError, match="no field 'text'"):
+        registry.parse_inputs("generic", [{"sentence": "x"}])
+    with pytest.raises(KeyError):
+        registry.parse_inputs("sst2", TEXTS)
