@@ -154,7 +154,7 @@ _SYNTHETIC = Task(name="bench", fields=("text",), template="{text} {answer}", la
                   verbalizer=("w5", "w6"), metrics=("accuracy",))
 
 
-def _synthetic_prompt(base: Path, out: Path, prompt_length: int, readout: str) -> Path:
+def synthetic_prompt_dir(base: Path, out: Path, prompt_length: int, readout: str) -> Path:
     """A random prompt (and head) with the task.json stage 1 would write, for random-weight shapes."""
     from transformers import AutoConfig
 
@@ -173,8 +173,8 @@ def _synthetic_prompt(base: Path, out: Path, prompt_length: int, readout: str) -
     return out
 
 
-def _compact(base: Path, prompt_dir: Path, scores: dict | None, out: Path, *, ffn_keep: float, head_keep: float,
-             align: int, slice_lm_head: bool) -> Path:
+def compact_checkpoint(base: Path, prompt_dir: Path, scores: dict | None, out: Path, *, ffn_keep: float,
+                       head_keep: float, align: int, slice_lm_head: bool) -> Path:
     """The real localize + convert code on given (or seeded random) scores."""
     from transformers import AutoConfig
 
@@ -268,10 +268,10 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
             if (cfg.run_dir / "attribution.safetensors").is_file():
                 scores, _ = read_attribution(cfg.run_dir / "attribution.safetensors")
         else:
-            prompt_dir = _synthetic_prompt(base, work / "prompt", cfg.prompt_length, "head")
+            prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, "head")
     else:
         base = _random_base(cfg.shape, work / "base", dtype, device)
-        prompt_dir = _synthetic_prompt(base, work / "prompt", cfg.prompt_length, "lm")
+        prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, "lm")
     full = Predictor.from_prompt(str(base), prompt_dir, infer)
     contenders = [] if cfg.skip_peft else [_peft(full, prompt_dir, work / "peft")]
     contenders.append(_ours("full", full))
@@ -281,7 +281,7 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1]
     base_groups = full.model.backbone.config.num_key_value_heads if decoder else 1
     for ffn_keep, head_keep in plans:
-        out = _compact(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}", ffn_keep=ffn_keep,
+        out = compact_checkpoint(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}", ffn_keep=ffn_keep,
                        head_keep=head_keep, align=cfg.align, slice_lm_head=decoder)
         compact = Predictor.from_checkpoint(out, infer)
         # The head count actually kept (rounded to one transformers can load; see Geometry.allows_groups).
@@ -295,7 +295,8 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     for name, override in variants:  # the FFN-0.3 compact model served differently
         out = work / "compact-0.3-1.0"
         if not out.is_dir():
-            _compact(base, prompt_dir, scores, out, ffn_keep=0.3, head_keep=1.0, align=cfg.align, slice_lm_head=decoder)
+            compact_checkpoint(base, prompt_dir, scores, out, ffn_keep=0.3, head_keep=1.0, align=cfg.align,
+                               slice_lm_head=decoder)
         predictor = Predictor.from_checkpoint(out, replace(infer, **override))
         contenders.append(_ours(name, predictor, ffn_keep=0.3, quant=override.get("quant", "none")))
     task = full.task if cfg.shape == "minilm" and cfg.run_dir is not None else None

@@ -108,3 +108,23 @@ def test_bad_task_directories_are_refused_at_start(runs, tiny_models, tmp_path):
         registry.parse_inputs("generic", [{"sentence": "x"}])
     with pytest.raises(KeyError):
         registry.parse_inputs("sst2", TEXTS)
+
+
+@pytest.mark.realdata
+def test_minilm_shared_weight_task_equals_its_compact_checkpoint(tmp_path):
+    """The real MiniLM with a random prompt and head, FFN keep 0.3 (speed and sharing need no training)."""
+    from pathlib import Path
+
+    from skeleton_ds import engine
+    from skeleton_ds.bench import compact_checkpoint, synthetic_prompt_dir
+
+    base = Path(engine.resolve_model_path("minilm"))
+    prompt = synthetic_prompt_dir(base, tmp_path / "prompt", 20, "head")
+    compact = compact_checkpoint(base, prompt, None, tmp_path / "compact", ffn_keep=0.3, head_keep=1.0, align=64,
+                                 slice_lm_head=False)
+    registry = MultiTaskModel("minilm", [f"sst={compact}"], cfg=CPU)
+    torch.testing.assert_close(_logits(registry._predictor("sst")), _logits(Predictor.from_checkpoint(compact, CPU)),
+                               rtol=1e-4, atol=1e-5)
+    memory = registry.memory()
+    # The task owns its sliced FFN (6 layers x 448 of 1536 neurons) and its prompt and head; the rest is shared.
+    assert memory["tasks"]["sst"] < 0.25 * memory["shared_bytes"]
