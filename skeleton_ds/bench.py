@@ -281,8 +281,8 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1]
     base_groups = full.model.backbone.config.num_key_value_heads if decoder else 1
     for ffn_keep, head_keep in plans:
-        out = compact_checkpoint(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}", ffn_keep=ffn_keep,
-                       head_keep=head_keep, align=cfg.align, slice_lm_head=decoder)
+        out = compact_checkpoint(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}",
+                                 ffn_keep=ffn_keep, head_keep=head_keep, align=cfg.align, slice_lm_head=decoder)
         compact = Predictor.from_checkpoint(out, infer)
         # The head count actually kept (rounded to one transformers can load; see Geometry.allows_groups).
         kept = compact.model.backbone.config.num_key_value_heads / base_groups if decoder else 1.0
