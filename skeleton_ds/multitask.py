@@ -95,6 +95,12 @@ def read_task_dir(directory: Path, base_identity: dict, name: str | None = None)
                      checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
 
 
+def _named(spec: str) -> tuple[str, str]:
+    """'NAME=DIR' -> (NAME, DIR); a plain DIR -> ("", DIR) (the task is then named by its task.json)."""
+    name, sep, directory = spec.partition("=")
+    return (name, directory) if sep and name and "/" not in name else ("", spec)
+
+
 class MultiTaskModel:
     """Thread-safe: one lock around materialisation and the forward pass (one pass at a time)."""
 
@@ -110,7 +116,7 @@ class MultiTaskModel:
         self.cfg, self.budget = cfg, cache_bytes
         self.device, self.dtype = cfg.torch_device(), cfg.torch_dtype()
         self.tasks: dict[str, TaskEntry] = {}
-        specs = [str(d).partition("=")[::2] if "=" in str(d) else ("", str(d)) for d in task_dirs]
+        specs = [_named(str(d)) for d in task_dirs]
         from transformers import AutoConfig
 
         path = engine.resolve_model_path(base)
@@ -197,13 +203,13 @@ class MultiTaskModel:
         return list(self.tasks)
 
     def describe(self) -> list[dict]:
-        """One JSON-ready dict per task: name, task, fields, labels, directory, cached, resident_bytes."""
-        with self._lock:
-            return [{"name": name, "task": e.task.name, "fields": list(e.task.fields),
-                     "labels": list(e.task.label_names), "directory": str(e.directory),
-                     "ffn_sizes": e.skeleton.ffn_sizes(), "head_groups": [len(h) for h in e.skeleton.heads],
-                     "cached": name in self._cache, "resident_bytes": self._cache[name][1] if name in self._cache else 0}
-                    for name, e in self.tasks.items()]
+        """One JSON-ready dict per task: name, task, fields, labels, directory, cached, resident_bytes.
+        Reads a snapshot of the cache, so it never waits for a forward pass."""
+        resident = self.memory()["tasks"]
+        return [{"name": name, "task": e.task.name, "fields": list(e.task.fields), "labels": list(e.task.label_names),
+                 "directory": str(e.directory), "ffn_sizes": e.skeleton.ffn_sizes(),
+                 "head_groups": [len(h) for h in e.skeleton.heads], "cached": resident[name] > 0,
+                 "resident_bytes": resident[name]} for name, e in self.tasks.items()]
 
     def parse_inputs(self, name: str, inputs: list) -> list[Example]:
         """Records (dicts with the task's fields, optional label) or plain strings (single-text tasks) ->
@@ -222,12 +228,14 @@ class MultiTaskModel:
         return {name: CacheStats(**vars(e.stats)) for name, e in self.tasks.items()}
 
     def cache_bytes(self) -> int:
-        return sum(owned for _, owned in self._cache.values())
+        return sum(owned for _, owned in dict(self._cache).values())
 
     def memory(self) -> dict:
-        """{"shared_bytes", "cache_bytes", "cache_budget", "tasks": {name: resident bytes}}."""
+        """{"shared_bytes", "cache_bytes", "cache_budget", "tasks": {name: resident bytes}}; the base model's
+        storage counted once, however many tasks share it."""
         model = self.backbone.model
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for t in [*model.parameters(), *model.buffers()]}
-        return {"shared_bytes": sum(storages.values()), "cache_bytes": self.cache_bytes(), "cache_budget": self.budget,
-                "tasks": {name: self._cache[name][1] if name in self._cache else 0 for name in self.tasks}}
+        cache = dict(self._cache)  # a snapshot (one C-level copy): the worker thread may be evicting
+        return {"shared_bytes": sum(storages.values()), "cache_bytes": sum(owned for _, owned in cache.values()),
+                "cache_budget": self.budget, "tasks": {name: cache[name][1] if name in cache else 0 for name in self.tasks}}
