@@ -196,6 +196,59 @@ def bench(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def serve(argv: Sequence[str] | None = None) -> int:
+    """Serve many task skeletons on one shared base model over HTTP, with dynamic batching."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="skeleton-ds serve", description=serve.__doc__)
+    p.add_argument("--base", help="the shared base model: local directory, Hub id, or 'minilm'")
+    p.add_argument("--task-dir", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a pipeline output directory or a compact checkpoint, served as NAME (default: its task "
+                        "name); repeat for each task")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the address is printed)")
+    p.add_argument("--cache-bytes", type=int, default=1 << 30, help="bytes of task-owned weights kept (LRU)")
+    p.add_argument("--max-batch", type=int, default=32, help="most examples of one task merged into one pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to merge with")
+    p.add_argument("--no-batching", action="store_true", help="every request is its own pass (for comparison)")
+    p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (more: 413)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (larger: 413)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    if not args.base:
+        raise UserError("give the shared base model: --base M (a local directory, Hub id, or 'minilm')")
+    if not args.task_dir:
+        raise UserError("give at least one task: --task-dir [NAME=]DIR (a pipeline output or a compact checkpoint), "
+                        "repeatable")
+    try:
+        from skeleton_ds import server
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install 'skeleton-ds[serve]'") from None
+    from skeleton_ds.inference import InferenceConfig
+
+    settings = server.ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
+                                    max_body_bytes=args.max_body_bytes, batching=not args.no_batching)
+    # One merged request is one forward pass: the model's batch size is the batcher's.
+    cfg = InferenceConfig(device=args.device, dtype=args.dtype, batch_size=args.max_batch)
+    sock = server.bind(args.host, args.port)  # before the model loads: a port in use fails at once
+    try:
+        _quiet_libraries()
+        from skeleton_ds.multitask import MultiTaskModel
+
+        model = MultiTaskModel(args.base, args.task_dir, cache_bytes=args.cache_bytes, cfg=cfg)  # checks the dirs
+        app = server.create_app(model, settings)
+        policy = (f"batching up to {settings.max_batch} examples, {settings.max_wait_ms:g} ms" if settings.batching
+                  else "no batching")
+        print(f"skeleton_ds: serving {len(model.task_names())} tasks ({', '.join(model.task_names())}) on "
+              f"{server.address(sock)} ({policy})", flush=True)
+        server.run(app, sock, log_level=args.log_level)
+    finally:
+        sock.close()
+    return 0
+
+
 def _ints(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(",") if v.strip())
 
@@ -213,6 +266,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "export-peft": export_peft,
     "infer": infer,
     "bench": bench,
+    "serve": serve,
 }
 
 

@@ -1,0 +1,302 @@
+"""Load the HTTP server with a bounded closed loop, batching on and off, and compare the memory of
+serving N tasks on shared weights with N compact checkpoints and N copies of the base model.
+
+    python launch/load_test.py --base minilm --task-dir sst2=runs/minilm-sst2 \
+        --task-dir k05=runs/serve/minilm-sst2-k0.5 --requests 400 --clients 8 --inputs-per-request 1
+
+For each mode (dynamic batching, then `--no-batching`) it starts `launch/serve.py` on 127.0.0.1 with a
+free port, waits for /healthz, sends one warm-up request per task (materialising every task, so the
+timed loop measures serving, not loading), then `--clients` threads each send their next request as
+soon as the previous one is answered, `--requests` in all, tasks taken in turn. Reported: requests/s
+and examples/s over the loop's wall time, p50/p99 latency as the client sees it, and the mean batch
+size (examples per forward pass, from /metrics before and after the loop).
+
+Memory, in bytes of parameters and buffers at the serving dtype:
+- shared: what the server holds after the loop (/v1/tasks memory): the base model once, plus what each
+  cached task owns (its sliced FFN/attention tensors, prompt, head, prompt key/value cache);
+- N compact checkpoints: the tensors in each task's compact `model*.safetensors` (numel from the
+  headers x the serving dtype's element size), summed: N separate processes each loading its own;
+- N base copies: N x the base checkpoint's tensors, counted the same way: N full prompt-tuned models.
+Writes JSON (`--out`) and prints rich tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+SAMPLES = ["a gripping, funny film", "the plot was thin and the acting worse", "quite a nice story",
+           "an awful, boring two hours", "the actor was great", "a sad and ugly scene", "very happy ending",
+           "it was fine"]
+
+
+# ------------------------------------------------------------------ the server
+class Server:
+    """`launch/serve.py` in a subprocess on a free port of 127.0.0.1; stopped on exit."""
+
+    def __init__(self, args: argparse.Namespace, batching: bool):
+        command = [sys.executable, str(REPO / "launch" / "serve.py"), "--base", args.base, "--port", "0",
+                   "--host", "127.0.0.1", "--device", args.device, "--dtype", args.dtype,
+                   "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                   "--max-inputs", str(max(256, args.inputs_per_request)),
+                   *(["--cache-bytes", str(args.cache_bytes)] if args.cache_bytes is not None else []),
+                   *itertools.chain.from_iterable(("--task-dir", d) for d in args.task_dir),
+                   *([] if batching else ["--no-batching"])]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        line = _first_line(self.process, args.start_timeout)
+        if " on http://" not in line:
+            self.stop()
+            raise SystemExit(f"load_test: the server did not start (exit {self.process.returncode}); see above")
+        self.host, port = line.split(" on http://", 1)[1].split()[0].split(":")
+        self.port = int(port)
+        deadline = time.monotonic() + args.start_timeout
+        while get(self, "/healthz")[0] != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit("load_test: /healthz never answered 200")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _first_line(process: subprocess.Popen, timeout: float) -> str:
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else ""
+
+
+def request(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def get(server: Server, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    try:
+        return request(conn, "GET", path)
+    except OSError:
+        return 0, b""
+    finally:
+        conn.close()
+
+
+def batch_totals(server: Server) -> tuple[float, float]:
+    """(examples, forward passes) so far, summed over tasks, from the batch-size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = get(server, "/metrics")
+    assert status == 200, "load_test: /metrics did not answer"
+    totals = {"skeleton_batch_size_sum": 0.0, "skeleton_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["skeleton_batch_size_sum"], totals["skeleton_batch_size_count"]
+
+
+# ---------------------------------------------------------------------- load
+def bodies(tasks: list[dict], per_request: int) -> list[tuple[str, bytes]]:
+    """One request body per task, `per_request` records filled from SAMPLES."""
+    out = []
+    for t in tasks:
+        records = [{f: SAMPLES[(i + j) % len(SAMPLES)] for j, f in enumerate(t["fields"])} for i in range(per_request)]
+        out.append((t["name"], json.dumps({"task": t["name"], "inputs": records}).encode()))
+    return out
+
+
+def closed_loop(server: Server, work: list[tuple[str, bytes]], requests: int, clients: int) -> dict:
+    """`clients` threads, each sending its next request when the previous one is answered."""
+    counter, lock = itertools.count(), threading.Lock()
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
+        try:
+            while True:
+                with lock:
+                    i = next(counter)
+                if i >= requests:
+                    return
+                task, body = work[i % len(work)]
+                start = time.perf_counter()
+                status, answer = request(conn, "POST", "/v1/classify", body)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    if status != 200:
+                        failures.append(f"{task}: {status} {answer[:200]!r}")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 2), "p50_ms": round(cuts[49] * 1e3, 2),
+            "p99_ms": round(cuts[98] * 1e3, 2), "failures": len(failures), "first_failures": failures[:3]}
+
+
+def run_mode(args: argparse.Namespace, batching: bool) -> tuple[dict, dict]:
+    """The load figures of one mode, and the server's /v1/tasks answer after the loop."""
+    with Server(args, batching) as server:
+        tasks = json.loads(get(server, "/v1/tasks")[1])
+        work = bodies(tasks["tasks"], args.inputs_per_request)
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+        for task, body in work:  # warm-up: every task materialised before the clock starts
+            status, answer = request(conn, "POST", "/v1/classify", body)
+            if status != 200:
+                raise SystemExit(f"load_test: warm-up request for {task} failed: {status} {answer[:300]!r}")
+        conn.close()
+        examples_before, passes_before = batch_totals(server)
+        result = closed_loop(server, work, args.requests, args.clients)
+        examples_after, passes_after = batch_totals(server)
+        passes = passes_after - passes_before
+        result |= {"mode": "batching" if batching else "no batching", "passes": int(passes),
+                   "examples_per_s": round(args.requests * args.inputs_per_request / result["wall_s"], 2),
+                   "mean_batch": round((examples_after - examples_before) / passes, 2) if passes else 0.0}
+        return result, json.loads(get(server, "/v1/tasks")[1])
+
+
+# -------------------------------------------------------------------- memory
+def tensor_count(files: list[Path]) -> int:
+    """Parameters in safetensors files, from their headers alone (nothing is loaded)."""
+    total = 0
+    for f in files:
+        with open(f, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += _prod(entry["shape"])
+    return total
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def memory_figures(args: argparse.Namespace, served: dict) -> dict:
+    from skeleton_ds import engine
+    from skeleton_ds.inference import InferenceConfig
+
+    element = InferenceConfig(device=args.device, dtype=args.dtype).torch_dtype().itemsize
+    n = len(args.task_dir)
+    compact_params = []
+    for spec in args.task_dir:
+        directory = Path(spec.partition("=")[2] if "=" in spec else spec)
+        compact = directory if (directory / "manifest.json").is_file() else directory / "compact"
+        files = sorted(compact.glob("model*.safetensors"))
+        compact_params.append(tensor_count(files) if files else None)
+    base_dir = Path(engine.resolve_model_path(args.base))
+    base_files = sorted(base_dir.glob("model*.safetensors")) if base_dir.is_dir() else []
+    base_params = tensor_count(base_files) if base_files else None
+    memory = served["memory"]
+    shared = memory["shared_bytes"] + sum(memory["tasks"].values())
+    return {"tasks": n, "bytes_per_parameter": element,
+            "shared_bytes": shared, "shared_base_bytes": memory["shared_bytes"], "task_owned_bytes": memory["tasks"],
+            "tasks_resident": sum(1 for v in memory["tasks"].values() if v),
+            "compact_checkpoints_bytes": None if None in compact_params else sum(compact_params) * element,
+            "base_copies_bytes": None if base_params is None else n * base_params * element}
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="the shared base model (local directory, Hub id, or 'minilm')")
+    p.add_argument("--task-dir", action="append", required=True, metavar="[NAME=]DIR", help="repeat for each task")
+    p.add_argument("--requests", type=int, default=400, help="requests per mode, in all")
+    p.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
+    p.add_argument("--inputs-per-request", type=int, default=1)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "load_test" / "load_test.json")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--cache-bytes", type=int, default=None, help="the server's --cache-bytes (default: its own)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server to answer")
+    args = p.parse_args(argv)
+    if min(args.requests, args.clients, args.inputs_per_request) < 1:
+        p.error("--requests, --clients and --inputs-per-request must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs, served = [], None
+    for batching in (True, False):
+        result, tasks = run_mode(args, batching)
+        runs.append(result)
+        served = served or tasks
+    report = {"base": args.base, "task_dirs": args.task_dir, "requests": args.requests, "clients": args.clients,
+              "inputs_per_request": args.inputs_per_request, "max_batch": args.max_batch,
+              "max_wait_ms": args.max_wait_ms, "runs": runs, "memory": memory_figures(args, served)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report, args.out)
+    return 1 if any(r["failures"] for r in runs) else 0
+
+
+def print_report(report: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(report['task_dirs'])} tasks on {report['base']}: {report['requests']} requests, "
+                        f"{report['clients']} clients, {report['inputs_per_request']} inputs each")
+    for column in ("mode", "requests/s", "examples/s", "p50 ms", "p99 ms", "mean batch", "passes", "failures"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for r in report["runs"]:
+        table.add_row(r["mode"], f"{r['requests_per_s']:.1f}", f"{r['examples_per_s']:.1f}", f"{r['p50_ms']:.1f}",
+                      f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}", str(r["passes"]), str(r["failures"]))
+    m = report["memory"]
+    memory = Table(title=f"memory for {m['tasks']} tasks ({m['bytes_per_parameter']} bytes per parameter)")
+    memory.add_column("how")
+    memory.add_column("MiB", justify="right")
+    memory.add_row(f"shared base + task-owned tensors ({m['tasks_resident']} resident)", _mib(m["shared_bytes"]))
+    memory.add_row(f"{m['tasks']} separate compact checkpoints", _mib(m["compact_checkpoints_bytes"]))
+    memory.add_row(f"{m['tasks']} copies of the base model", _mib(m["base_copies_bytes"]))
+    console = Console()
+    if not console.is_terminal:  # a log file: wide enough for the columns, not rich's 80
+        console = Console(width=120)
+    console.print(table)
+    console.print(memory)
+    console.print(f"load_test: {out}")
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

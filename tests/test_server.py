@@ -1,0 +1,371 @@
+"""The HTTP server: a real uvicorn server on 127.0.0.1 (a background thread, a free port) in front of a
+real MultiTaskModel with two tiny-LLaMA task skeletons, asked over real HTTP. Concurrent mixed-task
+requests answer what sequential ones do, and really are merged; every bad request gets its 4xx and a
+JSON error while the server goes on serving; /metrics, /v1/tasks and /healthz answer. The batcher's
+policy (merging, round-robin between tasks, no batching, failures) is tested on its own, without HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO
+from skeleton_ds.cli import run_command, serve
+from skeleton_ds.inference import InferenceConfig
+from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.server import Batcher, ServeSettings, address, bind, create_app
+from skeleton_ds.tasks import Example
+from test_inference import _pipeline
+
+TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine",
+         "a sad ugly film", "very happy scene", "the story was poor"]
+SETTINGS = ServeSettings(max_batch=16, max_wait_ms=30, max_inputs=8, max_body_bytes=4096)
+TIMEOUT = 30  # seconds, every HTTP call
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def task_dirs(tiny_models, sentiment_files, tmp_path_factory) -> list[str]:
+    """Two skeletons of one tiny LLaMA, served by name: a pipeline output and a compact checkpoint."""
+    root = tmp_path_factory.mktemp("serve")
+    first = _pipeline(tiny_models["llama"], sentiment_files, root / "first", "--head-keep", "0.5")
+    second = _pipeline(tiny_models["llama"], sentiment_files, root / "second", "--seed", "4", "--ffn-keep", "0.25")
+    return [f"first={first}", f"second={second / 'compact'}"]
+
+
+class _Flaky:
+    """The real model, except that a forward pass over a text containing BOOM raises."""
+
+    def __init__(self, model: MultiTaskModel):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def predict(self, name: str, examples: list[Example]) -> list[dict]:
+        if any("BOOM" in text for e in examples for text in e.texts):
+            raise RuntimeError("BOOM inside the forward pass")
+        return self.model.predict(name, examples)
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        sock = bind("127.0.0.1", 0)
+        self.url = address(sock)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models, task_dirs) -> MultiTaskModel:
+    cfg = InferenceConfig(device="cpu", batch_size=SETTINGS.max_batch)
+    return MultiTaskModel(str(tiny_models["llama"]), task_dirs, cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def url(model):
+    server = ServerThread(create_app(_Flaky(model), SETTINGS))
+    yield server.url
+    server.stop()
+
+
+def _call(url: str, path: str, body=None, *, raw: bytes | None = None, headers: dict | None = None):
+    """(status, decoded JSON or text) of one HTTP call; 4xx/5xx are answers, not exceptions."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json",
+                                                                     **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            status, kind, text = response.status, response.headers.get_content_type(), response.read()
+    except urllib.error.HTTPError as e:
+        status, kind, text = e.code, e.headers.get_content_type(), e.read()
+    return status, json.loads(text) if kind == "application/json" else text.decode()
+
+
+def _classify(url: str, task: str, inputs: list) -> list[dict]:
+    status, answer = _call(url, "/v1/classify", {"task": task, "inputs": inputs})
+    assert status == 200, answer
+    return answer["predictions"]
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (sample name, sorted labels)."""
+    status, text = _call(url, "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def _assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
+    assert [p["label"] for p in got] == [p["label"] for p in expected]
+    for g, e in zip(got, expected):  # merged passes pad differently: equal up to float rounding
+        assert g["probabilities"] == pytest.approx(e["probabilities"], abs=1e-5)
+
+
+# --------------------------------------------------------------- the server
+def test_healthz_and_tasks(url, model):
+    assert _call(url, "/healthz") == (200, {"status": "ok", "tasks": 2})
+    status, answer = _call(url, "/v1/tasks")
+    assert status == 200
+    assert [t["name"] for t in answer["tasks"]] == ["first", "second"] == model.task_names()
+    assert all(t["fields"] == ["text"] and t["labels"] == ["neg", "pos"] for t in answer["tasks"])
+    assert set(answer["memory"]) >= {"shared_bytes", "cache_bytes", "cache_budget", "tasks"}
+    assert answer["memory"]["shared_bytes"] > 0
+
+
+def test_concurrent_mixed_requests_answer_what_sequential_ones_do_and_are_merged(url):
+    jobs = [("first" if i % 3 else "second", TEXTS[i % len(TEXTS)], i % 2 == 0) for i in range(48)]
+    expected = {(task, text): _classify(url, task, [text])[0] for task, text in {job[:2] for job in jobs}}
+    before = _metrics(url)
+    start = threading.Barrier(8)
+
+    def send(i: int) -> dict:
+        task, text, as_record = jobs[i]
+        if i < 8:
+            start.wait(timeout=TIMEOUT)  # the first wave lands together
+        return _classify(url, task, [{"text": text} if as_record else text])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(len(jobs))))
+    _assert_same_predictions(answers, [expected[task, text] for task, text, _ in jobs])
+
+    after = _metrics(url)
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    assert _total(delta, "skeleton_batch_size_sum") == len(jobs)  # every example in exactly one pass
+    passes = _total(delta, "skeleton_batch_size_count")
+    single = _total(delta, "skeleton_batch_size_bucket", le="1.0")
+    assert passes < len(jobs) and single < passes, f"no pass merged requests: {passes} passes, {single} of size 1"
+    assert _total(delta, "skeleton_requests_total", status="200") == len(jobs)
+
+
+def test_metrics_count_requests_and_read_the_cache(url):
+    before = _metrics(url)
+    _classify(url, "second", TEXTS[:3])
+    _classify(url, "second", TEXTS[3:4])
+    _call(url, "/v1/classify", {"task": "third", "inputs": ["x"]})
+    after = _metrics(url)
+
+    def delta(name, **labels):
+        return _total(after, name, **labels) - _total(before, name, **labels)
+
+    assert delta("skeleton_requests_total", task="second", status="200") == 2
+    assert delta("skeleton_requests_total", task="-", status="404") == 1  # unknown names never become labels
+    assert delta("skeleton_request_seconds_count", task="second") == 2
+    assert delta("skeleton_batch_size_sum", task="second") == 4
+    for task in ("first", "second"):
+        looked_up = _total(after, "skeleton_cache_hits_total", task=task) + _total(after, "skeleton_cache_misses_total",
+                                                                                   task=task)
+        assert looked_up >= 1 and ("skeleton_cache_evictions_total", (("task", task),)) in after
+    assert _total(after, "skeleton_resident_bytes", part="shared") > 0
+    assert _total(after, "skeleton_resident_bytes", part="cache") > 0
+
+
+def _chunked(url: str, body: bytes) -> tuple[int, dict]:
+    """POST without Content-Length (chunked): only the bytes read can tell the size."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    try:
+        conn.request("POST", "/v1/classify", body=iter([body[i:i + 1000] for i in range(0, len(body), 1000)]),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+TOO_BIG = json.dumps({"task": "first", "inputs": ["good " * 1000]}).encode()  # > SETTINGS.max_body_bytes
+
+BAD_REQUESTS = {  # id: (body, or raw bytes, expected status, a word the error names)
+    "invalid-json": (b'{"task": "first", "inputs": [', 400, "not valid JSON"),
+    "not-an-object": ([1, 2], 400, "JSON object"),
+    "no-task": ({"inputs": ["a good movie"]}, 400, '"task"'),
+    "task-not-a-string": ({"task": 3, "inputs": ["a good movie"]}, 400, '"task"'),
+    "no-inputs": ({"task": "first"}, 400, '"inputs"'),
+    "inputs-not-a-list": ({"task": "first", "inputs": "a good movie"}, 400, '"inputs"'),
+    "unknown-task": ({"task": "third", "inputs": ["a good movie"]}, 404, "third"),
+    "record-missing-field": ({"task": "first", "inputs": [{"sentence": "a good movie"}]}, 422, "'text'"),
+    "bad-label": ({"task": "first", "inputs": [{"text": "a good movie", "label": "maybe"}]}, 422, "'maybe'"),
+    "neither-record-nor-string": ({"task": "first", "inputs": [7]}, 422, "input 0"),
+    "empty-inputs": ({"task": "first", "inputs": []}, 422, "empty"),
+    "too-many-inputs": ({"task": "first", "inputs": ["good"] * 9}, 413, "at most 8"),
+    "body-over-content-length": (TOO_BIG, 413, "4096"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_REQUESTS, "body-over-read-bytes", "unknown-path"])
+def test_bad_request_gets_its_4xx_and_the_server_serves_on(case, url):
+    if case == "body-over-read-bytes":
+        status, answer = _chunked(url, TOO_BIG)
+        expected, needle = 413, "4096"
+    elif case == "unknown-path":
+        (status, answer), expected, needle = _call(url, "/v1/classfy", {"task": "first"}), 404, "/v1/classfy"
+    else:
+        body, expected, needle = BAD_REQUESTS[case]
+        raw = body if isinstance(body, bytes) else None
+        status, answer = _call(url, "/v1/classify", None if raw else body, raw=raw)
+    assert status == expected and set(answer) == {"error"} and needle in answer["error"], (status, answer)
+    assert len(_classify(url, "first", ["a good movie", {"text": "an awful plot", "label": "neg"}])) == 2
+
+
+def test_an_error_inside_the_forward_pass_fails_that_request_only(url):
+    status, answer = _call(url, "/v1/classify", {"task": "first", "inputs": ["BOOM"]})
+    assert status == 500 and "BOOM inside the forward pass" in answer["error"]
+    assert _call(url, "/healthz")[0] == 200
+    assert _classify(url, "first", ["a good movie"])[0]["label"] in ("neg", "pos")
+
+
+# -------------------------------------------------------------- the batcher
+class _Recorder:
+    """A stand-in predict that records each call and can hold the worker until released."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[str, list[str]]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, task: str, examples: list[Example]) -> list[dict]:
+        self.entered.set()
+        self.release.wait(TIMEOUT)
+        texts = [e.texts[0] for e in examples]
+        self.calls.append((task, texts))
+        if self.fail_on in texts:
+            raise ValueError(f"failing on {self.fail_on}")
+        return [{"label": f"{task}:{t}"} for t in texts]
+
+
+def _examples(*texts: str) -> list[Example]:
+    return [Example((t,), -1) for t in texts]
+
+
+def _run_queued(batcher: Batcher, recorder: _Recorder, requests: list[tuple[str, list[str]]]):
+    """Hold the worker on a first pass, queue `requests`, release; their futures' results (or errors)."""
+    blocker = batcher.submit("hold", _examples("hold"))
+    assert recorder.entered.wait(TIMEOUT)  # the worker is inside predict: what follows queues up
+    futures = [batcher.submit(task, _examples(*texts)) for task, texts in requests]
+    recorder.release.set()
+    blocker.result(TIMEOUT)
+    return [f.exception(TIMEOUT) or f.result() for f in futures]
+
+
+def test_batcher_merges_one_task_per_pass_round_robin():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.05)
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["a1"]), ("a", ["a2", "a3"]), ("b", ["b1"]), ("a", ["a4"]),
+                                                  ("a", ["a5"]), ("b", ["b2"])])
+    finally:
+        batcher.close()
+    # Whole requests, at most 4 examples of one task a turn, tasks in turn; each caller gets its own slice.
+    assert recorder.calls[1:] == [("a", ["a1", "a2", "a3", "a4"]), ("b", ["b1", "b2"]), ("a", ["a5"])]
+    assert results[1] == [{"label": "a:a2"}, {"label": "a:a3"}] and results[5] == [{"label": "b:b2"}]
+
+
+def test_batcher_burst_on_one_task_does_not_starve_another():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=2, max_wait_s=0.0)
+    try:
+        _run_queued(batcher, recorder, [("a", [f"a{i}", f"a{i}'"]) for i in range(10)] + [("b", ["b"])])
+    finally:
+        batcher.close()
+    assert [task for task, _ in recorder.calls[1:4]] == ["a", "b", "a"]  # b waits one turn, not ten
+
+
+def test_batcher_without_batching_runs_every_request_alone():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=32, max_wait_s=1.0, batching=False)
+    try:
+        _run_queued(batcher, recorder, [("a", ["a1"]), ("a", ["a2", "a3"]), ("a", ["a4"])])
+    finally:
+        batcher.close()
+    assert recorder.calls[1:] == [("a", ["a1"]), ("a", ["a2", "a3"]), ("a", ["a4"])]
+
+
+def test_batcher_failure_fails_only_its_pass_and_the_worker_survives():
+    recorder = _Recorder(fail_on="bad")
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.05)
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["ok1"]), ("a", ["bad"]), ("b", ["ok2"])])
+        assert isinstance(results[0], ValueError) and isinstance(results[1], ValueError)  # one merged pass
+        assert results[2] == [{"label": "b:ok2"}]
+        assert batcher.alive() and batcher.submit("a", _examples("ok3")).result(TIMEOUT) == [{"label": "a:ok3"}]
+    finally:
+        batcher.close()
+    assert not batcher.alive()
+
+
+# ------------------------------------------------------------- the command
+def _assert_one_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_bad_input_is_one_error_line(tiny_models, task_dirs, tmp_path, capsys):
+    base = str(tiny_models["llama"])
+    _assert_one_error(run_command(serve, ["--base", base]), capsys.readouterr().err, "--task-dir")
+    missing = tmp_path / "nowhere"
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", str(missing), "--port", "0"]),
+                      capsys.readouterr().err, str(missing))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--port", port]),
+                          capsys.readouterr().err, "cannot listen", port)
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--max-batch", "0"]),
+                      capsys.readouterr().err, "--max-batch")
+
+
+def test_launch_script_serves_until_stopped(tiny_models, task_dirs):
+    """`python launch/serve.py` as a user runs it: prints its address, answers, stops on SIGTERM."""
+    command = [sys.executable, str(REPO / "launch" / "serve.py"), "--base", str(tiny_models["llama"]),
+               "--task-dir", task_dirs[0], "--port", "0", "--device", "cpu", "--no-batching"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = _read_line(process, timeout=60)
+        assert "serving 1 tasks (first)" in first_line and "no batching" in first_line, first_line
+        url = first_line.rsplit(" on ", 1)[1].split()[0]
+        assert _call(url, "/healthz")[0] == 200
+        assert _classify(url, "first", ["a good movie"])[0]["label"] in ("neg", "pos")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not (lines and lines[0]):
+        process.kill()
+        pytest.fail(f"no address line within {timeout} s; stderr: {process.communicate()[1][-2000:]}")
+    return lines[0]
