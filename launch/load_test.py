@@ -105,18 +105,20 @@ def get(server: Server, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def batch_totals(server: Server) -> tuple[float, float]:
-    """(examples, forward passes) so far, summed over tasks, from the batch-size histogram."""
+def batch_totals(server: Server) -> dict[str, float]:
+    """Examples, forward passes and their seconds so far, summed over tasks, from the batch histograms."""
     from prometheus_client.parser import text_string_to_metric_families
 
     status, text = get(server, "/metrics")
     assert status == 200, "load_test: /metrics did not answer"
-    totals = {"skeleton_batch_size_sum": 0.0, "skeleton_batch_size_count": 0.0}
+    names = {"skeleton_batch_size_sum": "examples", "skeleton_batch_size_count": "passes",
+             "skeleton_batch_seconds_sum": "seconds"}
+    totals = dict.fromkeys(names.values(), 0.0)
     for family in text_string_to_metric_families(text.decode()):
         for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-    return totals["skeleton_batch_size_sum"], totals["skeleton_batch_size_count"]
+            if sample.name in names:
+                totals[names[sample.name]] += sample.value
+    return totals
 
 
 # ---------------------------------------------------------------------- load
@@ -177,13 +179,15 @@ def run_mode(args: argparse.Namespace, batching: bool) -> tuple[dict, dict]:
             if status != 200:
                 raise SystemExit(f"load_test: warm-up request for {task} failed: {status} {answer[:300]!r}")
         conn.close()
-        examples_before, passes_before = batch_totals(server)
+        before = batch_totals(server)
         result = closed_loop(server, work, args.requests, args.clients)
-        examples_after, passes_after = batch_totals(server)
-        passes = passes_after - passes_before
+        after = batch_totals(server)
+        passes, examples, seconds = (after[k] - before[k] for k in ("passes", "examples", "seconds"))
         result |= {"mode": "batching" if batching else "no batching", "passes": int(passes),
                    "examples_per_s": round(args.requests * args.inputs_per_request / result["wall_s"], 2),
-                   "mean_batch": round((examples_after - examples_before) / passes, 2) if passes else 0.0}
+                   "mean_batch": round(examples / passes, 2) if passes else 0.0,
+                   "mean_pass_ms": round(seconds / passes * 1e3, 2) if passes else 0.0,
+                   "worker_busy": round(seconds / result["wall_s"], 3)}
         return result, json.loads(get(server, "/v1/tasks")[1])
 
 
@@ -274,11 +278,13 @@ def print_report(report: dict, out: Path) -> None:
 
     table = Table(title=f"{len(report['task_dirs'])} tasks on {report['base']}: {report['requests']} requests, "
                         f"{report['clients']} clients, {report['inputs_per_request']} inputs each")
-    for column in ("mode", "requests/s", "examples/s", "p50 ms", "p99 ms", "mean batch", "passes", "failures"):
+    for column in ("mode", "requests/s", "examples/s", "p50 ms", "p99 ms", "mean batch", "passes", "ms/pass",
+                   "worker busy", "failures"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for r in report["runs"]:
         table.add_row(r["mode"], f"{r['requests_per_s']:.1f}", f"{r['examples_per_s']:.1f}", f"{r['p50_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}", str(r["passes"]), str(r["failures"]))
+                      f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}", str(r["passes"]), f"{r['mean_pass_ms']:.1f}",
+                      f"{r['worker_busy']:.0%}", str(r["failures"]))
     m = report["memory"]
     memory = Table(title=f"memory for {m['tasks']} tasks ({m['bytes_per_parameter']} bytes per parameter)")
     memory.add_column("how")
