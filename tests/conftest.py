@@ -139,3 +139,17 @@ def generic_flags(files: tuple[Path, Path]) -> list[str]:
     train, dev = files
     return ["--task", "generic", "--train-file", str(train), "--dev-file", str(dev), "--text-columns", "text",
             "--label-names", "neg,pos", "--verbalizer", ",".join(VERBALIZER), "--template", "{text} ? {answer}"]
+
+
+def run_stages(model_dir, files, out, *extra):
+    """Stages 1-4 on a tiny model with the sentiment task, in process (no re-tuning, so the compact
+    model carries the stage-1 prompt); flags in `extra` win over these defaults."""
+    from skeleton_ds.config import config_from_args
+    from skeleton_ds.stages.pipeline import run_pipeline
+
+    argv = ["--model", str(model_dir), "--config", str(DS_CONFIGS / "zero2.json"), "--output", str(out),
+            "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--lr", "0.1", "--seed", "3",
+            "--max-steps", "4", "--align", "8", "--ffn-keep", "0.5", "--stages", "prompt,attribute,localize,convert",
+            *generic_flags(files), *extra]
+    run_pipeline(config_from_args(argv))
+    return out

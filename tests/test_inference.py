@@ -9,14 +9,12 @@ import random
 import pytest
 import torch
 
-from conftest import DS_CONFIGS, generic_flags
+from conftest import run_stages
 from skeleton_ds import data, engine
 from skeleton_ds.cli import infer, run_command
-from skeleton_ds.config import config_from_args
 from skeleton_ds.inference import InferenceConfig, Predictor, PromptCachedDecoder
 from skeleton_ds.localization import load_skeleton, masked
 from skeleton_ds.prompt import PromptedClassifier
-from skeleton_ds.stages.pipeline import run_pipeline
 
 
 def _random_items(rng: random.Random, lengths: list[int], vocab: int) -> list[data.Encoded]:
@@ -49,24 +47,15 @@ def test_prompt_cache_equals_plain_path(arch, readout, tiny_models):
         torch.testing.assert_close(fast_alone, plain[:1], rtol=1e-4, atol=1e-5)  # padding changes nothing
 
 
-def _pipeline(model_dir, files, out, *extra):
-    argv = ["--model", str(model_dir), "--config", str(DS_CONFIGS / "zero2.json"), "--output", str(out),
-            "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--lr", "0.1", "--seed", "3",
-            "--max-steps", "4", "--align", "8", "--ffn-keep", "0.5", "--stages", "prompt,attribute,localize,convert",
-            *generic_flags(files), *extra]  # a later --stages in `extra` wins
-    run_pipeline(config_from_args(argv))
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_models, sentiment_files, tmp_path_factory):
     """Stages 1-4 (no re-tuning, so the compact model carries the stage-1 prompt)."""
     root = tmp_path_factory.mktemp("infer")
     return {
-        "llama": _pipeline(tiny_models["llama"], sentiment_files, root / "llama", "--head-keep", "0.5"),
-        "qwen2": _pipeline(tiny_models["qwen2"], sentiment_files, root / "qwen2", "--head-keep", "0.5",
+        "llama": run_stages(tiny_models["llama"], sentiment_files, root / "llama", "--head-keep", "0.5"),
+        "qwen2": run_stages(tiny_models["qwen2"], sentiment_files, root / "qwen2", "--head-keep", "0.5",
                            "--slice-lm-head"),
-        "bert-head": _pipeline(tiny_models["bert-head"], sentiment_files, root / "bert-head"),
+        "bert-head": run_stages(tiny_models["bert-head"], sentiment_files, root / "bert-head"),
     }
 
 
@@ -108,7 +97,7 @@ def test_retuned_compact_checkpoint_scores_what_the_retune_stage_measured(runs, 
 
     out = tmp_path / "run"
     shutil.copytree(runs["llama"], out)
-    _pipeline(tiny_models["llama"], sentiment_files, out, "--head-keep", "0.5", "--stages", "retune")
+    run_stages(tiny_models["llama"], sentiment_files, out, "--head-keep", "0.5", "--stages", "retune")
     retuned = json.loads((out / "retune" / "metrics.json").read_text())["metrics"]
     predictor = Predictor.from_checkpoint(out / "compact", InferenceConfig(device="cpu", batch_size=8))
     result = predictor.evaluate(_dev_examples(sentiment_files[1], predictor))

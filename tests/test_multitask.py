@@ -9,34 +9,24 @@ import shutil
 import pytest
 import torch
 
-from conftest import DS_CONFIGS, generic_flags
-from skeleton_ds.config import config_from_args
+from conftest import run_stages
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor
 from skeleton_ds.multitask import MultiTaskModel
-from skeleton_ds.stages.pipeline import run_pipeline
 
 CPU = InferenceConfig(device="cpu", batch_size=8)
 TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine"]
-
-
-def _run(model_dir, files, out, *extra):
-    argv = ["--model", str(model_dir), "--config", str(DS_CONFIGS / "zero2.json"), "--output", str(out),
-            "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--lr", "0.1", "--max-steps", "3",
-            "--align", "8", "--stages", "prompt,attribute,localize,convert", *generic_flags(files), *extra]
-    run_pipeline(config_from_args(argv))
-    return out
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_models, sentiment_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("multitask")
     return {
-        "llama-a": _run(tiny_models["llama"], sentiment_files, root / "llama-a", "--ffn-keep", "0.5", "--head-keep",
+        "llama-a": run_stages(tiny_models["llama"], sentiment_files, root / "llama-a", "--ffn-keep", "0.5", "--head-keep",
                         "0.5", "--seed", "1"),
-        "llama-b": _run(tiny_models["llama"], sentiment_files, root / "llama-b", "--ffn-keep", "0.25", "--keep-mode",
+        "llama-b": run_stages(tiny_models["llama"], sentiment_files, root / "llama-b", "--ffn-keep", "0.25", "--keep-mode",
                         "global", "--seed", "2"),
-        "bert": _run(tiny_models["bert-head"], sentiment_files, root / "bert", "--ffn-keep", "0.5"),
+        "bert": run_stages(tiny_models["bert-head"], sentiment_files, root / "bert", "--ffn-keep", "0.5"),
     }
 
 

@@ -21,13 +21,12 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO
+from conftest import REPO, run_stages
 from skeleton_ds.cli import run_command, serve
 from skeleton_ds.inference import InferenceConfig
 from skeleton_ds.multitask import MultiTaskModel
 from skeleton_ds.server import Batcher, ServeSettings, address, bind, create_app
 from skeleton_ds.tasks import Example
-from test_inference import _pipeline
 
 TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine",
          "a sad ugly film", "very happy scene", "the story was poor"]
@@ -40,8 +39,8 @@ TIMEOUT = 30  # seconds, every HTTP call
 def task_dirs(tiny_models, sentiment_files, tmp_path_factory) -> list[str]:
     """Two skeletons of one tiny LLaMA, served by name: a pipeline output and a compact checkpoint."""
     root = tmp_path_factory.mktemp("serve")
-    first = _pipeline(tiny_models["llama"], sentiment_files, root / "first", "--head-keep", "0.5")
-    second = _pipeline(tiny_models["llama"], sentiment_files, root / "second", "--seed", "4", "--ffn-keep", "0.25")
+    first = run_stages(tiny_models["llama"], sentiment_files, root / "first", "--head-keep", "0.5")
+    second = run_stages(tiny_models["llama"], sentiment_files, root / "second", "--seed", "4", "--ffn-keep", "0.25")
     return [f"first={first}", f"second={second / 'compact'}"]
 
 
