@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from skeleton_ds.cli import run_command, train  # noqa: E402
+from skeleton_ds.cli import run_and_exit, train  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_command(train, sys.argv[1:]))
+    sys.exit(run_and_exit(train, sys.argv[1:]))

@@ -281,13 +281,25 @@ def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[s
         return 130
 
 
+def run_and_exit(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """run_command for a process that exits right after: it also leaves the process group, since a gloo
+    group still alive at interpreter teardown can abort a finished rank ("terminate called without an
+    active exception", exit 250). In-process callers (tests) keep theirs: DeepSpeed caches it."""
+    code = run_command(command, argv)
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         names = ", ".join(COMMANDS)
         print(f"usage: skeleton-ds {{{names}}} [flags]   (skeleton-ds <command> --help for flags)", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return run_command(COMMANDS[argv[0]], argv[1:])
+    return run_and_exit(COMMANDS[argv[0]], argv[1:])
 
 
 if __name__ == "__main__":
