@@ -266,8 +266,6 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    # transformers reads ZeRO-3 from a process-wide setting; hold it only while loading, so models
-    # loaded later in this process (by us or by the caller) are not silently partitioned.
     ds_config = ds_config or {}
     dtype = dtype or param_dtype(ds_config)
     if quant != "none" and zero_stage(ds_config) == 3:
@@ -275,6 +273,8 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
                         f"layers; use ds_configs/zero0.json or zero2.json on one device")
     quantized = quantization_config(quant, dtype)
     placement = {"quantization_config": quantized, "device_map": {"": device or "cpu"}} if quantized else {}
+    # transformers reads ZeRO-3 from a process-wide setting; hold it only while loading, so models
+    # loaded later in this process (by us or by the caller) are not silently partitioned.
     zero3 = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
         model = cls.from_pretrained(path, revision=revision, dtype=dtype, **placement)
