@@ -36,7 +36,7 @@ from skeleton_ds import checkpoint, data, engine
 from skeleton_ds.adapters import adapter_for
 from skeleton_ds.attribution import random_scores, read_attribution
 from skeleton_ds.errors import UserError
-from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, sync
+from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, sync, tensor_bytes
 from skeleton_ds.localization import select, skeleton_record
 from skeleton_ds.prompt import task_record
 from skeleton_ds.tasks import Task, compute_metrics
@@ -219,7 +219,7 @@ def _weights(module: torch.nn.Module) -> tuple[int, int]:
     tensors = [*module.parameters(), *module.buffers()]
     logical = sum(t.quant_state.shape.numel() if getattr(t, "quant_state", None) is not None else t.numel()
                   for t in tensors)
-    return logical, sum(t.numel() * t.element_size() for t in tensors)
+    return logical, tensor_bytes(tensors)
 
 
 def _ours(name: str, predictor: Predictor, **extra) -> Contender:

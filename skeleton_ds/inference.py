@@ -205,7 +205,12 @@ class Predictor:
                 "seconds": round(seconds, 4), "examples_per_s": round(len(items) / seconds, 2)}
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        return tensor_bytes([*self.model.parameters(), *self.model.buffers()])
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes the tensors' elements take (a packed NF4 tensor: its packed bytes)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def sync(device: torch.device) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from skeleton_ds import checkpoint, engine
 from skeleton_ds.errors import UserError
-from skeleton_ds.inference import InferenceConfig, Predictor, parse_record
+from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tensor_bytes
 from skeleton_ds.localization import Skeleton, load_skeleton
 from skeleton_ds.prompt import PromptedClassifier
 from skeleton_ds.surgery import compact_config, layer_slices, slice_for
@@ -49,10 +49,6 @@ class TaskEntry:
     skeleton: Skeleton
     prompt: dict[str, torch.Tensor]
     stats: CacheStats = field(default_factory=CacheStats)
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _identity_hash(directory: Path) -> str:
@@ -154,7 +150,7 @@ class MultiTaskModel:
         for name, tensor in base.state_dict().items():
             cut = slice_for(name, self.adapter, slices)
             state[name] = cut.apply(tensor) if cut else tensor
-            owned += _nbytes([state[name]]) if cut else 0
+            owned += tensor_bytes([state[name]]) if cut else 0
         model.load_state_dict(state, assign=True, strict=True)
         base_buffers = dict(base.named_buffers())
         for name, buffer in list(model.named_buffers()):  # non-persistent buffers (rotary frequencies, ids)
@@ -171,15 +167,13 @@ class MultiTaskModel:
         record = entry.record
         model = PromptedClassifier(backbone, self.adapter, record["readout"], record["prompt_length"],
                                    len(entry.task.label_names), record["label_token_ids"])
-        model.prompt.to(self.device)
-        if model.head is not None:
-            model.head.to(self.device)
+        model.to(self.device)  # the shared tensors are there already: moving them is a no-op, no copy
         model.load_trained(entry.prompt, self.dtype)
         model.eval()
         predictor = Predictor(model, entry.task, record, self.backbone.tokenizer, self.cfg, source=f"task {entry.name}")
-        owned += _nbytes([*model.prompt.parameters(), *(model.head.parameters() if model.head is not None else [])])
+        owned += tensor_bytes([*model.prompt.parameters(), *(model.head.parameters() if model.head is not None else [])])
         cached = getattr(predictor.forward, "prompt_kv", [])
-        return predictor, owned + _nbytes(t for pair in cached for t in pair)
+        return predictor, owned + tensor_bytes(t for pair in cached for t in pair)
 
     def _predictor(self, name: str) -> Predictor:
         entry = self.tasks[name]
