@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from skeleton_ds.errors import UserError
+from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _quiet_libraries() -> None:
@@ -30,9 +31,11 @@ def train(argv: Sequence[str] | None = None) -> int:
 
     cfg = config_from_args(list(argv) if argv is not None else None)
     _quiet_libraries()
+    from skeleton_ds.preemption import stop_on_signals
     from skeleton_ds.stages.pipeline import run_pipeline
 
-    run_pipeline(cfg)
+    with stop_on_signals():  # SIGUSR1/SIGTERM: finish the step, checkpoint, exit PREEMPTED_EXIT_CODE
+        run_pipeline(cfg)
     return 0
 
 
@@ -249,6 +252,27 @@ def serve(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def hostfile(argv: Sequence[str] | None = None) -> int:
+    """Write a DeepSpeed hostfile ('host slots=N' per node) for a SLURM allocation."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="skeleton-ds hostfile", description=hostfile.__doc__)
+    p.add_argument("--nodelist", default=None,
+                   help="SLURM node list such as 'gpu-a[01-04]' (default: SLURM_JOB_NODELIST); expanded by "
+                        "`scontrol show hostnames`")
+    p.add_argument("--slots", type=int, default=None,
+                   help="processes per node (default: SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, else "
+                        "SLURM_NTASKS_PER_NODE)")
+    p.add_argument("--out", type=Path, default=Path("hostfile"), help="where to write it (atomically)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    from skeleton_ds.cluster import slurm_hostfile
+
+    hosts, slots = slurm_hostfile(args.out, nodelist=args.nodelist, slots=args.slots)
+    print(f"skeleton_ds: hostfile for {len(hosts)} nodes x {slots} slots (first: {hosts[0]}) -> {args.out}")
+    return 0
+
+
 def _ints(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(",") if v.strip())
 
@@ -267,6 +291,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "infer": infer,
     "bench": bench,
     "serve": serve,
+    "hostfile": hostfile,
 }
 
 
@@ -277,6 +302,10 @@ def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[s
         if os.environ.get("RANK", "0") == "0":  # every rank validates the same input; say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"skeleton_ds: preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         return 130
 
@@ -286,9 +315,14 @@ def run_and_exit(command: Callable[[Sequence[str] | None], int], argv: Sequence[
     group still alive at interpreter teardown can abort a finished rank ("terminate called without an
     active exception", exit 250). In-process callers (tests) keep theirs: DeepSpeed caches it."""
     code = run_command(command, argv)
+    import gc
+
     import torch.distributed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # a stage left by an exception (preemption) still holds its engine in reference cycles
+        if code in (0, PREEMPTED_EXIT_CODE):
+            torch.distributed.barrier()  # every rank is here: none tears down a connection another still uses
         torch.distributed.destroy_process_group()
     return code
 

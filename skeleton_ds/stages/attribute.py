@@ -7,19 +7,30 @@ skeleton_ds.attribution (activation x gradient by default; see there for the met
 baselines) and writes DIR/attribution.safetensors. Each rank scores its own shard of the examples
 (padded to equal batch counts, padding weighted zero), then sums and counts are all-reduced, so every
 rank ends with identical scores.
+
+Resumable like training: every --save-every batches, and when a SIGUSR1/SIGTERM asks the job to
+stop, the ranks' partial sums are added up and rank 0 writes them to DIR/checkpoints/attribute/
+(with the batch count and the run's settings); `--resume` starts from there and ends with the
+scores an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import time
 
 import torch
 
-from skeleton_ds import checkpoint, data, engine
+from skeleton_ds import checkpoint, data, engine, preemption
 from skeleton_ds.attribution import UnitRecorder, random_scores, score_batch, weight_magnitude, write_scores, zero_sums
 from skeleton_ds.config import Config
+from skeleton_ds.errors import UserError
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record, subset
+
+PARTIAL_FORMAT = "skeleton_ds.attribution-partial/1"
 
 
 class AttributionRecipe(TaskModelRun):
@@ -29,6 +40,7 @@ class AttributionRecipe(TaskModelRun):
         super().__init__(cfg)
         self.prompt_dir = cfg.output / "prompt"
         self.out_file = cfg.output / "attribution.safetensors"
+        self.partial_file = cfg.output / "checkpoints" / "attribute" / "partial.safetensors"
 
     def done(self) -> bool:
         return self.out_file.is_file()
@@ -36,6 +48,9 @@ class AttributionRecipe(TaskModelRun):
     def setup(self) -> None:
         cfg = self.cfg
         record = read_prompt_record(self.prompt_dir, cfg)
+        if self.partial_file.is_file() and not (cfg.resume or cfg.overwrite):
+            raise UserError(f"{self.partial_file} holds the partial scores of an unfinished attribution: pass --resume "
+                            f"to continue it or --overwrite to start over")
         ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
                                              batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
         # Nothing is trained here: no optimizer, and below ZeRO-3 nothing to partition either
@@ -70,21 +85,76 @@ class AttributionRecipe(TaskModelRun):
         sums = zero_sums(geometry)
         indices, real = data.eval_shard(len(self.train_set), self.dist.rank, self.dist.world_size)
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        starts = list(range(0, len(indices), micro))
+        signature = self._signature(scorer, len(starts))
+        done = self._resume(sums, signature) if cfg.resume else 0
         recorder = UnitRecorder(self.model.backbone, self.backbone.adapter)
         self.engine.eval()
         start_time = time.perf_counter()
-        with recorder.recording(), self.report.progress(math.ceil(len(indices) / micro), 0, scorer) as bar:
-            for b, start in enumerate(range(0, len(indices), micro)):
+        with recorder.recording(), self.report.progress(len(starts), done, scorer) as bar:
+            for b in range(done, len(starts)):
+                start = starts[b]
                 weights = torch.tensor([1.0 if start + k < real else 0.0 for k in range(len(indices[start:start + micro]))])
                 batch = self.collate([self.train_set[j] for j in indices[start:start + micro]])
                 score_batch(self.engine.module, batch, weights.to(engine.device()), recorder,
                             prompt_length=self.prompt_length, geometry=geometry, scorer=scorer,
                             reduce=cfg.attr_reduce, include_prompt=cfg.attr_include_prompt, sums=sums)
-                bar.update(b + 1, rate=(start + len(weights)) / (time.perf_counter() - start_time))
+                bar.update(b + 1, rate=(start + len(weights) - done * micro) / (time.perf_counter() - start_time))
+                preemption.step_delay()
+                stop = preemption.agreed_stop()
+                if b + 1 < len(starts) and (stop or (b + 1) % cfg.save_every == 0):
+                    self._save_partial(sums, b + 1, signature)
+                if stop and b + 1 < len(starts):
+                    raise preemption.Preempted(
+                        f"attribute stopped on {preemption.signal_name()} after batch {b + 1}/{len(starts)}; partial "
+                        f"scores in {self.partial_file}: run the same command with --resume")
         examples = torch.tensor(float(real), dtype=torch.float64)
         for value in list(sums.values()) + [examples]:
             torch.distributed.all_reduce(value)
         return {k: (v / examples).float() for k, v in sums.items()}, int(examples.item())
+
+    # ------------------------------------------------------- partial sums
+    def _signature(self, scorer: str, batches: int) -> str:
+        """What must match for partial sums to be resumable: the settings that choose and score the
+        examples, the prompt scored, and the sharding (world size, micro batch)."""
+        cfg = self.cfg
+        keys = ("model", "task", "seed", "max_train_examples", "attr_examples", "attr_reduce", "attr_include_prompt",
+                "data_dir", "train_file", "max_length")
+        blob = json.dumps({k: str(getattr(cfg, k)) for k in keys} | {
+            "scorer": scorer, "batches": batches, "world_size": self.dist.world_size,
+            "micro": self.ds_config["train_micro_batch_size_per_gpu"],
+            "prompt": checkpoint.sha256(self.prompt_dir / "prompt.safetensors")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _save_partial(self, sums: dict[str, torch.Tensor], batches: int, signature: str) -> None:
+        """All ranks' sums so far, added up, written by rank 0 (a collective)."""
+        total = {k: v.clone() for k, v in sums.items()}
+        for value in total.values():
+            torch.distributed.all_reduce(value)
+        if self.dist.is_main:
+            self.partial_file.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.save_tensors_atomic(self.partial_file, total, {
+                "format": PARTIAL_FORMAT, "batches": str(batches), "signature": signature})
+        torch.distributed.barrier()
+
+    def _resume(self, sums: dict[str, torch.Tensor], signature: str) -> int:
+        """Batches already scored; rank 0 starts from the saved totals, the other ranks from zero."""
+        if not self.partial_file.is_file():
+            self.report.note("--resume: no partial attribution yet, starting from the beginning")
+            return 0
+        from safetensors import safe_open
+
+        with safe_open(str(self.partial_file), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != PARTIAL_FORMAT or meta.get("signature") != signature:
+                raise UserError(f"{self.partial_file} comes from an attribution with other settings (or another world "
+                                f"size): use the same flags and ranks to resume, or pass --overwrite to start over")
+            if self.dist.is_main:
+                for key in sums:
+                    sums[key] += f.get_tensor(key)
+        batches = int(meta["batches"])
+        self.report.note(f"resumed attribution from {self.partial_file} at batch {batches}")
+        return batches
 
     def save(self, scores: dict[str, torch.Tensor], examples: int) -> None:
         if self.dist.is_main:
@@ -96,8 +166,13 @@ class AttributionRecipe(TaskModelRun):
 
     def run(self) -> dict[str, torch.Tensor]:
         self.setup()
+        if self.cfg.overwrite and not self.cfg.resume and self.dist.is_main:
+            shutil.rmtree(self.partial_file.parent, ignore_errors=True)
+        torch.distributed.barrier()
         scores, examples = self.score()
         self.save(scores, examples)
+        if self.dist.is_main:
+            shutil.rmtree(self.partial_file.parent, ignore_errors=True)
         self.report.note(f"attribution ({self.cfg.scorer}, {examples} examples) -> {self.out_file}")
         del self.engine, self.model, self.backbone  # free memory before the next stage in this process
         return scores

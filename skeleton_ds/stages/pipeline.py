@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from skeleton_ds import checkpoint
+from skeleton_ds import checkpoint, preemption
 from skeleton_ds.config import STAGES, Config
 from skeleton_ds.stages.attribute import AttributionRecipe
 from skeleton_ds.stages.convert import ConvertRecipe
@@ -42,6 +42,9 @@ def run_pipeline(cfg: Config) -> dict:
             if _is_main():
                 print(f"skeleton_ds: stage {stage} is complete in {cfg.output}, skipping (--overwrite redoes it)")
             continue
+        if preemption.agreed_stop():  # a stop asked for during the last stage's evaluation or saving
+            raise preemption.Preempted(f"stopped on {preemption.signal_name()} before stage {stage}; finished stages "
+                                       f"are kept: run the same command with --resume")
         start = time.perf_counter()
         recipe.run()
         seconds[stage] = round(time.perf_counter() - start, 2)

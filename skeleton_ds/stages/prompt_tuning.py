@@ -23,7 +23,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from skeleton_ds import checkpoint, data, engine
+from skeleton_ds import checkpoint, data, engine, preemption
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.prompt import PromptedClassifier, initial_prompt, task_record
@@ -171,15 +171,24 @@ class PromptTuningRecipe(TaskModelRun):
                     self.engine.backward(loss)
                     self.engine.step()
                     loss_sum += loss.detach().float()
-                torch.distributed.all_reduce(loss_sum)
-                self.last_loss = loss_sum.item() / (self.accumulation * dist.world_size)
+                preemption.step_delay()
+                # One all-reduce per step carries the loss and the stop flag: a SIGUSR1/SIGTERM on any
+                # rank stops every rank after this same step.
+                reduced = torch.stack([loss_sum, preemption.flag_tensor(loss_sum.device)])
+                torch.distributed.all_reduce(reduced)
+                self.last_loss = reduced[0].item() / (self.accumulation * dist.world_size)
+                stop = reduced[1].item() > 0
                 self.step += 1
-                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps or stop:
                     self.save_checkpoint()
                 rate = (self.step - start) * self.global_batch / (time.perf_counter() - t0)
                 bar.update(self.step, loss=self.last_loss, lr=self.scheduler.get_last_lr()[0], rate=rate)
                 if self.step == kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if stop and self.step < self.total_steps:
+                    raise preemption.Preempted(
+                        f"{self.stage} stopped on {preemption.signal_name()} after step {self.step}/{self.total_steps}; "
+                        f"checkpoint {self.ckpt_dir / self._latest_checkpoint()}: run the same command with --resume")
         self.train_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------- save
