@@ -4,6 +4,9 @@ A stage's output directory appears only once everything in it is written (build 
 temporary directory, then rename), so a crash never leaves something that looks complete. A
 directory that is shipped on (the compact model) carries a manifest.json (sha256 and size of every
 file), written last and checked before the directory is loaded.
+
+Every write is flushed to disk (fsync) before its rename, and the directory holding the new name
+after it, so a power loss or a node failure never leaves a renamed file with missing contents.
 """
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ from safetensors.torch import load_file, save_file
 from skeleton_ds.errors import UserError
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, and `root` itself."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
+
+
 @contextmanager
 def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory that replaces `final` only if the block succeeds."""
@@ -33,6 +53,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield staging
+        fsync_tree(staging)
         if final.exists():
             retired = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, retired)
@@ -40,6 +61,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, final)
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -51,18 +73,17 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic single-file JSON write (write, fsync, rename)."""
-    with atomic_file(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path, what: str) -> dict:

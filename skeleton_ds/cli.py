@@ -273,6 +273,30 @@ def hostfile(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def verify(argv: Sequence[str] | None = None) -> int:
+    """Check a run directory or a compact checkpoint: manifest hashes, safetensors integrity, skeleton
+    against the model, prompt shape against the hidden size, stage markers. Exit 0 if all is well, 1 if not."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="skeleton-ds verify", description=verify.__doc__)
+    p.add_argument("directory", type=Path, help="a run directory (--output of train) or a compact checkpoint")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    from skeleton_ds.verify import as_json
+    from skeleton_ds.verify import verify as run_verify
+
+    findings = run_verify(args.directory)
+    problems = [f for f in findings if not f.ok]
+    if args.json:
+        print(as_json(findings))
+    else:
+        for f in findings:
+            print(f"{'ok  ' if f.ok else 'FAIL'}  {f.subject}" + (f": {f.detail}" if f.detail else ""))
+        print(f"skeleton_ds: {args.directory}: " + (f"{len(problems)} problem(s)" if problems else "verified"))
+    return 1 if problems else 0
+
+
 def _ints(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(",") if v.strip())
 
@@ -291,6 +315,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "infer": infer,
     "bench": bench,
     "serve": serve,
+    "verify": verify,
     "hostfile": hostfile,
 }
 

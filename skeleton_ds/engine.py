@@ -191,6 +191,14 @@ def model_identity(name: str, path: str, config, revision: str | None) -> dict:
             "revision": revision or getattr(config, "_commit_hash", None)}
 
 
+def directory_config_hash(directory) -> str:
+    """The config hash of the model saved in `directory` (a compact checkpoint's own identity)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    return model_identity(str(directory), str(directory), config, None)["config_sha256"]
+
+
 def check_identity(recorded: dict, actual: dict, what: str) -> None:
     if recorded.get("config_sha256") != actual["config_sha256"]:
         raise UserError(f"{what} was made for base model {recorded.get('name_or_path')!r}, not {actual['name_or_path']!r} "

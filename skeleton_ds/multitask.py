@@ -51,13 +51,6 @@ class TaskEntry:
     stats: CacheStats = field(default_factory=CacheStats)
 
 
-def _identity_hash(directory: Path) -> str:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory)
-    return engine.model_identity(str(directory), str(directory), config, None)["config_sha256"]
-
-
 def read_task_dir(directory: Path, base_identity: dict, name: str | None = None) -> TaskEntry:
     """A pipeline output directory (skeleton.json + retune/ or prompt/) or a compact checkpoint (manifest
     verified). Its skeleton and prompt must belong to `base_identity`, else the task is refused by name."""
@@ -84,7 +77,7 @@ def read_task_dir(directory: Path, base_identity: dict, name: str | None = None)
                         f"{skeleton_record['base_model'].get('name_or_path')!r}, not {base_identity['name_or_path']!r}: "
                         f"serve it with that --base")
     prompt_base = record["base_model"].get("config_sha256")
-    if prompt_base != base_hash and not (compact_dir.is_dir() and prompt_base == _identity_hash(compact_dir)):
+    if prompt_base != base_hash and not (compact_dir.is_dir() and prompt_base == engine.directory_config_hash(compact_dir)):
         raise UserError(f"task {label!r} ({directory}): its prompt belongs to neither the base model nor its "
                         f"compact model")
     return TaskEntry(label, directory, record, task_from_record(record), skeleton,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from skeleton_ds.checkpoint import atomic_file
+
 
 def _pyplot():
     import matplotlib
@@ -14,6 +16,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, png: Path, dpi: int) -> None:
+    """Write the figure atomically (fsync-ed temporary file, then rename) and release it."""
+    with atomic_file(Path(png)) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
 
 
 def plot_skeleton(scores: dict[str, torch.Tensor], skeleton, geometry, ffn_png: Path, heads_png: Path) -> None:
@@ -36,8 +45,7 @@ def plot_skeleton(scores: dict[str, torch.Tensor], skeleton, geometry, ffn_png: 
     ax.set_title(f"FFN scores per layer; kept {sum(skeleton.ffn_sizes())}/{geometry.layers * geometry.ffn_size}")
     fig.colorbar(image, ax=ax, label="|score| / layer max (log)")
     fig.tight_layout()
-    fig.savefig(ffn_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ffn_png, dpi=110)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * geometry.layers + 2), 3.4))
     kept = [len(h) for h in skeleton.heads]
@@ -48,8 +56,7 @@ def plot_skeleton(scores: dict[str, torch.Tensor], skeleton, geometry, ffn_png: 
     ax.set_title(f"Attention KV groups kept per layer\n({geometry.heads_per_group} query head(s) per group)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(heads_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, heads_png, dpi=110)
 
 
 def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title: str = "") -> None:
@@ -86,8 +93,7 @@ def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.02 + 0.05 * -(-len(labels) // ncol), 1, 1))
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, png, dpi=110)
 
 
 def plot_bench(rows: list[dict], png: Path, title: str = "") -> None:
@@ -113,5 +119,4 @@ def plot_bench(rows: list[dict], png: Path, title: str = "") -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, png, dpi=120)
