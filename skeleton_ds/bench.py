@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +39,7 @@ from skeleton_ds.adapters import adapter_for
 from skeleton_ds.attribution import random_scores, read_attribution
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, sync, tensor_bytes
-from skeleton_ds.localization import select, skeleton_record
+from skeleton_ds.localization import keep_count, select, skeleton_record
 from skeleton_ds.prompt import task_record
 from skeleton_ds.tasks import Task, compute_metrics
 
@@ -96,6 +98,12 @@ class BenchConfig:
         if bad:
             raise UserError(f"--quant takes 8bit and/or 4bit, got {', '.join(bad)}")
         InferenceConfig(device=self.device, dtype=self.dtype)  # validates device and dtype
+
+
+def _note(message: str) -> None:
+    """A progress line on stderr: building an 8B model's checkpoints takes minutes, and a log that
+    stops shows where."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------- FLOPs
@@ -270,24 +278,38 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         else:
             prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, "head")
     else:
+        start = time.perf_counter()
         base = _random_base(cfg.shape, work / "base", dtype, device)
         prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, "lm")
+        _note(f"random {cfg.shape} base saved in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
     full = Predictor.from_prompt(str(base), prompt_dir, infer)
+    _note(f"full model loaded in {time.perf_counter() - start:.1f} s")
     contenders = [] if cfg.skip_peft else [_peft(full, prompt_dir, work / "peft")]
     contenders.append(_ours("full", full))
     decoder = full.causal
     plans = [(k, 1.0) for k in cfg.ffn_keeps]
-    if decoder and cfg.head_keep < 1:
-        plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1]
     base_groups = full.model.backbone.config.num_key_value_heads if decoder else 1
+    geometry = full.model.adapter.geometry(full.model.backbone.config)
+    if decoder and cfg.head_keep < 1 and geometry.loadable_groups(keep_count(base_groups, cfg.head_keep)) < base_groups:
+        plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1]
+    elif decoder and cfg.head_keep < 1:  # (LLaMA-3-8B and TinyLlama at 0.75: the head count rounds to all)
+        _note(f"--head-keep {cfg.head_keep:g} rounds to all {base_groups} KV groups of {cfg.shape}: no head-pruned rows")
+    reused = work / "compact-0.3-1.0" if cfg.quant or cfg.compile else None  # the variants below load it again
     for ffn_keep, head_keep in plans:
+        start = time.perf_counter()
         out = compact_checkpoint(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}",
                                  ffn_keep=ffn_keep, head_keep=head_keep, align=cfg.align, slice_lm_head=decoder)
+        built = time.perf_counter() - start
         compact = Predictor.from_checkpoint(out, infer)
+        _note(f"compact ffn {ffn_keep:g} kv {head_keep:g}: built in {built:.1f} s, loaded in "
+              f"{time.perf_counter() - start - built:.1f} s")
+        if cfg.work_dir is None and out != reused:
+            # Loaded: a temporary checkpoint is not needed again. An 8B base and its compact models
+            # at the default keeps take about 53 GB together in bf16: more than a GPU box may spare.
+            shutil.rmtree(out)
         # The head count actually kept (rounded to one transformers can load; see Geometry.allows_groups).
         kept = compact.model.backbone.config.num_key_value_heads / base_groups if decoder else 1.0
-        if head_keep < 1 and kept == 1.0:
-            continue  # no loadable head count below all of them: the same model as the FFN-only compact
         name = f"compact-{ffn_keep:g}" + (f"-h{kept:.2g}" if kept < 1 else "")
         contenders.append(_ours(name, compact, ffn_keep=ffn_keep, head_keep=round(kept, 4)))
     variants = [(f"compact-0.3-{q}", {"quant": q}) for q in cfg.quant]
@@ -378,7 +400,8 @@ def summarize(contenders: list[Contender], cfg: BenchConfig, accuracy: dict[str,
                    "quant": c.quant, "parameters": c.parameters, "weight_mib": round(c.weight_bytes / 2**20, 1),
                    "peak_mib": round(c.peak_bytes[batch] / 2**20, 1) if batch in c.peak_bytes else None,
                    "ms_median": round(q2 * 1e3, 3), "ms_q1": round(q1 * 1e3, 3), "ms_q3": round(q3 * 1e3, 3),
-                   "examples_per_s": round(batch / q2, 2), "gflop": round(flops[c.name] / 1e9, 3)}
+                   "examples_per_s": round(batch / q2, 2), "gflop": round(flops[c.name] / 1e9, 3),
+                   "tflop_per_s": float(f"{flops[c.name] / q2 / 1e12:.4g}")}
             for ref in ("peft", "full"):
                 if ref in by_name:
                     speedup, bound = median[ref] / q2, flops[ref] / flops[c.name]
@@ -403,22 +426,34 @@ def _accuracy(contenders: list[Contender], task: Task, data_dir: Path | None, ba
 
 def run_bench(cfg: BenchConfig) -> dict:
     device = InferenceConfig(device=cfg.device).torch_device()
+    began = time.perf_counter()
+    seconds = {}
     with tempfile.TemporaryDirectory(prefix="skeleton-bench-") as tmp:
         work = cfg.work_dir or Path(tmp)
         contenders, task = build_contenders(cfg, work)
+        seconds["build"] = round(time.perf_counter() - began, 1)
+        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         vocab = contenders[0].config["vocab_size"]
         accuracy = _accuracy(contenders, task, cfg.data_dir, max(cfg.batch_sizes)) if task is not None else {}
+        start = time.perf_counter()
+        _note(f"{len(contenders)} contenders built in {seconds['build']:.1f} s; timing {cfg.rounds} rounds")
         time_contenders(contenders, cfg, device, vocab)
+        seconds["timing"] = round(time.perf_counter() - start, 1)
         profiles = [profile_contender(c, _inputs(b, cfg.text_length, vocab, cfg.seed), device)
                     for c in contenders if cfg.profile and c.name == "compact-0.3" for b in cfg.batch_sizes]
+    seconds["total"] = round(time.perf_counter() - began, 1)
     rows = summarize(contenders, cfg, accuracy)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "dtype": str(InferenceConfig(device=cfg.device, dtype=cfg.dtype).torch_dtype()).replace("torch.", ""),
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d")} | _versions()
+    if device.type == "cuda":
+        env |= {"cuda": torch.version.cuda,
+                "gpu_memory_mib": round(torch.cuda.get_device_properties(device).total_memory / 2**20),
+                "all_contenders_resident_mib": round(resident / 2**20)}  # every contender's weights at once
     result = {"format": "skeleton_ds.bench/1", "shape": cfg.shape, "environment": env,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "rows": rows,
-              "profiles": profiles}
+              "profiles": profiles, "seconds": seconds}
     cfg.out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(cfg.out / "bench.json", result)
     (cfg.out / "bench.md").write_text(markdown_table(result))
@@ -426,6 +461,18 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     plot_bench(rows, cfg.out / "bench.png", title=f"{cfg.shape} on {env['device']} ({env['dtype']})")
     return result
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _table(result: dict) -> tuple[list[str], list[list[str]]]:
