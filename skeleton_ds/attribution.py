@@ -165,7 +165,7 @@ def read_attribution(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist: run --stages attribute first (same --output)")
-    with safe_open(str(path), "pt") as f:
+    with checkpoint.unreadable_as_user_error(path), safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for key in ("base_model", "geometry"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -107,7 +108,69 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist")
-    return load_file(str(path))
+    with unreadable_as_user_error(path):
+        return load_file(str(path))
+
+
+@contextmanager
+def unreadable_as_user_error(path: Path, fix: str = "re-run the stage that wrote it with --overwrite") -> Iterator[None]:
+    """A truncated or corrupt safetensors file becomes one UserError naming it. `path` may be a
+    directory of shards: the first unreadable one is named."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        path = Path(path)
+        if path.is_dir():
+            path = next((f for f in sorted(path.glob("*.safetensors")) if safetensors_problem(f)), path)
+        raise UserError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; {fix}") from None
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file, checked against the file's size (catches truncation and a
+    corrupt header without reading the tensors). Raises ValueError saying what is wrong."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{size} bytes: too short for a safetensors header")
+        length = int.from_bytes(raw, "little")
+        if length > size - 8:
+            raise ValueError(f"header length {length} exceeds the file ({size} bytes): truncated or not safetensors")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"header is not valid JSON ({e}): corrupt") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object: corrupt")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            nbytes = _ITEMSIZE[info["dtype"]] * math.prod(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name}: malformed header entry") from None
+        if nbytes != stop - begin:
+            raise ValueError(f"tensor {name}: its shape and dtype do not match its byte range")
+        end = max(end, stop)
+    if 8 + length + end != size:
+        raise ValueError(f"data ends at byte {8 + length + end} but the file has {size} bytes: truncated or padded")
+    return header
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's structure, or None."""
+    try:
+        safetensors_header(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def sha256(path: Path) -> str:

@@ -5,6 +5,7 @@ User mistakes (UserError) become one `error: ...` line and exit status 2, never 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -20,8 +21,10 @@ def _quiet_libraries() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from deepspeed.utils import logger as ds_logger
-
+    try:
+        from deepspeed.utils import logger as ds_logger
+    except ImportError:  # inference, bench and serve run without DeepSpeed (e.g. on a serving GPU box)
+        return
     ds_logger.setLevel(logging.WARNING)
 
 
@@ -130,7 +133,11 @@ def infer(argv: Sequence[str] | None = None) -> int:
         source = "standard input" if args.input == "-" else args.input
         if args.input != "-" and not Path(args.input).is_file():
             raise UserError(f"--input {args.input} does not exist")
-        lines = sys.stdin.read().splitlines() if args.input == "-" else Path(args.input).read_text().splitlines()
+        raw = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{source} is not UTF-8 (byte {e.start}: {e.reason}): save it as UTF-8") from None
     _quiet_libraries()
     predictor = Predictor.from_checkpoint(args.checkpoint, cfg) if args.checkpoint else \
         Predictor.from_prompt(args.base, args.prompt, cfg, revision=args.revision)
@@ -326,6 +333,14 @@ def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[s
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # every rank validates the same input; say it once
             print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not our code: a full disk, a read-only or missing path, permissions
+        if os.environ.get("RANK", "0") == "0":
+            hint = {errno.ENOSPC: "free space (or point --output elsewhere) and run the same command again",
+                    errno.EDQUOT: "the disk quota is exhausted: free space and run the same command again",
+                    errno.EROFS: "the file system is read-only: write to another directory"}.get(e.errno, "")
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"error: {e.strerror or e}{where}" + (f": {hint}" if hint else ""), file=sys.stderr)
         return 2
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":

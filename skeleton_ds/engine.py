@@ -98,6 +98,7 @@ def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float
     autos = [k for k, v in cfg.items() if v == "auto"]
     if autos:
         raise UserError(f"DeepSpeed config {path} has 'auto' values ({', '.join(autos)}): give numbers")
+    _check_ds_types(cfg, path)
 
     gas = int(cfg.get("gradient_accumulation_steps", 1))
     if batch_size:
@@ -132,6 +133,23 @@ def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float
     optimizer.setdefault("params", {})["lr"] = lr
     cfg.setdefault("steps_per_print", 10**9)  # progress goes through our own rich bar
     return cfg
+
+
+def _check_ds_types(cfg: dict, path: Path) -> None:
+    """The keys we read must have the types DeepSpeed expects; it would otherwise fail deep inside
+    initialize() with a stack trace, or (a string batch size) after loading the model."""
+    for key in _BATCH_KEYS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"DeepSpeed config {path}: {key} must be an integer, got {value!r}")
+        if value is not None and value < 1:
+            raise UserError(f"DeepSpeed config {path}: {key} must be a positive integer, got {value}")
+    for key in ("zero_optimization", "optimizer", "bf16", "fp16"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise UserError(f"DeepSpeed config {path}: {key} must be a JSON object, got {cfg[key]!r}")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise UserError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
 
 
 def zero_stage(ds_config: dict) -> int:

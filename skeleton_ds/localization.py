@@ -125,14 +125,41 @@ def skeleton_record(skeleton: Skeleton, meta: dict, *, keep_mode: str, ffn_keep:
     }
 
 
+def unit_problems(layers: list[list[int]], size: int, unit: str) -> list[str]:
+    """What is wrong with per-layer kept indices of units numbered [0, size): a skeleton must keep at
+    least one unit per layer, as sorted unique integers in range."""
+    problems = []
+    for i, kept in enumerate(layers):
+        if not isinstance(kept, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in kept):
+            problems.append(f"layer {i}: {unit} indices must be a list of integers")
+        elif any(not 0 <= k < size for k in kept):
+            problems.append(f"layer {i}: {unit} index out of range [0, {size}): {[k for k in kept if not 0 <= k < size][:5]}")
+        elif len(set(kept)) != len(kept):
+            problems.append(f"layer {i}: duplicate {unit} indices")
+        elif kept != sorted(kept):
+            problems.append(f"layer {i}: {unit} indices are not sorted")
+        elif not kept:
+            problems.append(f"layer {i}: no {unit} kept")
+    return problems
+
+
 def load_skeleton(path, geometry: Geometry | None = None) -> tuple[Skeleton, dict]:
+    """skeleton.json, checked against `geometry` (the model it is about to be applied to)."""
     record = checkpoint.read_json(path, "skeleton")
     if record.get("format") != "skeleton_ds.skeleton/1":
         raise UserError(f"{path} is not a skeleton_ds skeleton.json")
-    skeleton = Skeleton(ffn=[layer["ffn"] for layer in record["layers"]], heads=[layer["heads"] for layer in record["layers"]])
+    try:
+        skeleton = Skeleton(ffn=[layer["ffn"] for layer in record["layers"]],
+                            heads=[layer["heads"] for layer in record["layers"]])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path} is malformed (layers[].ffn / layers[].heads: {e}): redo --stages localize") from None
     if geometry is not None:
-        if len(skeleton.ffn) != geometry.layers or any(max(f, default=-1) >= geometry.ffn_size for f in skeleton.ffn) \
-                or any(max(h, default=-1) >= geometry.kv_heads for h in skeleton.heads):
+        if len(skeleton.ffn) != geometry.layers:
+            raise UserError(f"{path} has {len(skeleton.ffn)} layers, this model {geometry.layers}: it was made for "
+                            f"{record.get('base_model', {}).get('name_or_path')}")
+        problems = unit_problems(skeleton.ffn, geometry.ffn_size, "FFN") + \
+            unit_problems(skeleton.heads, geometry.kv_heads, "KV-group")
+        if problems:
             raise UserError(f"{path} does not fit this model ({geometry.layers} layers, {geometry.ffn_size} FFN neurons, "
-                            f"{geometry.kv_heads} KV groups): it was made for {record['base_model'].get('name_or_path')}")
+                            f"{geometry.kv_heads} KV groups): {problems[0]}; redo --stages localize")
     return skeleton, record

@@ -14,8 +14,6 @@ leftover temporary files from interrupted writes.
 from __future__ import annotations
 
 import json
-import math
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,9 +21,7 @@ from skeleton_ds import checkpoint
 from skeleton_ds.adapters import Geometry, adapter_for
 from skeleton_ds.engine import directory_config_hash
 from skeleton_ds.errors import UserError
-from skeleton_ds.localization import keep_count
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+from skeleton_ds.localization import keep_count, unit_problems
 
 
 @dataclass(frozen=True)
@@ -60,37 +56,9 @@ class _Report:
         return data
 
 
-def safetensors_header(path: Path) -> dict:
-    """The header of a safetensors file, checked against the file's size (catches truncation and
-    corrupt headers without reading the tensors). Raises ValueError saying what is wrong."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{size} bytes: too short for a safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        if length > size - 8:
-            raise ValueError(f"header length {length} exceeds the file ({size} bytes): truncated or not safetensors")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"header is not valid JSON ({e}): corrupt") from None
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, stop = info["data_offsets"]
-        if math.prod(info["shape"]) * _ITEMSIZE.get(info["dtype"], 1) != stop - begin:
-            raise ValueError(f"tensor {name}: its shape and dtype do not match its byte range")
-        end = max(end, stop)
-    if 8 + length + end != size:
-        raise ValueError(f"data ends at byte {8 + length + end} but the file has {size}: truncated or padded")
-    return header
-
-
 def _tensors(report: _Report, path: Path) -> dict | None:
     try:
-        header = safetensors_header(path)
+        header = checkpoint.safetensors_header(path)
     except FileNotFoundError:
         report.bad(str(path), "missing")
         return None
@@ -104,20 +72,6 @@ def _leftovers(report: _Report, directory: Path) -> None:
     for p in sorted(directory.glob(".*")):
         if ".partial-" in p.name or ".tmp-" in p.name or ".old-" in p.name:
             report.bad(str(p), "left over from an interrupted write: delete it (the finished artifact never uses it)")
-
-
-def _check_units(report: _Report, where: str, layers: list[list[int]], size: int, unit: str) -> None:
-    for i, kept in enumerate(layers):
-        if not all(isinstance(k, int) for k in kept):
-            report.bad(where, f"layer {i}: {unit} indices must be integers")
-        elif any(k < 0 or k >= size for k in kept):
-            report.bad(where, f"layer {i}: {unit} index out of range [0, {size}): {[k for k in kept if not 0 <= k < size][:5]}")
-        elif len(set(kept)) != len(kept):
-            report.bad(where, f"layer {i}: duplicated {unit} indices")
-        elif kept != sorted(kept):
-            report.bad(where, f"layer {i}: {unit} indices are not sorted")
-        elif not kept:
-            report.bad(where, f"layer {i}: no {unit} kept")
 
 
 def check_skeleton(report: _Report, path: Path) -> dict | None:
@@ -138,8 +92,8 @@ def check_skeleton(report: _Report, path: Path) -> dict | None:
     before = len(report.findings)
     if len(ffn) != geometry.layers:
         report.bad(str(path), f"{len(ffn)} layers, but its model has {geometry.layers}")
-    _check_units(report, str(path), ffn, geometry.ffn_size, "FFN")
-    _check_units(report, str(path), heads, geometry.kv_heads, "KV-group")
+    for problem in unit_problems(ffn, geometry.ffn_size, "FFN") + unit_problems(heads, geometry.kv_heads, "KV-group"):
+        report.bad(str(path), problem)
     if record.get("ffn_sizes") != [len(f) for f in ffn] or record.get("head_counts") != [len(h) for h in heads]:
         report.bad(str(path), "ffn_sizes/head_counts disagree with the kept index lists")
     if record.get("keep_mode") == "uniform" and len({len(f) for f in ffn}) > 1:

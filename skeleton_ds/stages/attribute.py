@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 
@@ -144,7 +143,7 @@ class AttributionRecipe(TaskModelRun):
             return 0
         from safetensors import safe_open
 
-        with safe_open(str(self.partial_file), "pt") as f:
+        with checkpoint.unreadable_as_user_error(self.partial_file), safe_open(str(self.partial_file), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != PARTIAL_FORMAT or meta.get("signature") != signature:
                 raise UserError(f"{self.partial_file} comes from an attribution with other settings (or another world "

@@ -61,8 +61,11 @@ class TaskModelRun:
         self.ds_config = ds_config
         self.dist = engine.init_distributed()
         self.report = Reporter(enabled=self.dist.is_main)
-        backbone = engine.load_backbone(model_name or self.cfg.model, ds_config, readout=readout,
-                                        revision=self.cfg.revision, quant=self.cfg.quant, device=str(engine.device()))
+        name = model_name or self.cfg.model
+        with checkpoint.unreadable_as_user_error(Path(engine.resolve_model_path(name)),
+                                                 fix="re-download or re-save the model"):
+            backbone = engine.load_backbone(name, ds_config, readout=readout, revision=self.cfg.revision,
+                                            quant=self.cfg.quant, device=str(engine.device()))
         self.backbone = backbone
         self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
         self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
