@@ -59,7 +59,9 @@ def init_distributed() -> Dist:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist = Dist(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+                # DeepSpeed's launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE: ranks on this node
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE",
+                                                                                    os.environ["WORLD_SIZE"]))))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
         # CPU ranks on one host share its cores; oversubscribing threads makes every rank slower.

@@ -19,9 +19,9 @@ from conftest import REPO
 PACKAGE = REPO / "skeleton_ds"
 
 SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "adapters", "tasks", "data", "prompt", "engine",
-                                        "config", "ui", "plots")}
+                                        "config", "ui", "plots", "preemption", "cluster")}
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "surgery", "interop", "inference", "bench",
-                                            "multitask")}
+                                            "multitask", "verify")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
 TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server"}
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")

@@ -142,8 +142,16 @@ class PromptTuningRecipe(TaskModelRun):
 
     def save_checkpoint(self) -> None:
         """A resumable DeepSpeed checkpoint of the trainable state only (the frozen backbone is on disk already)."""
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step:08d}", exclude_frozen_parameters=True,
+        tag = f"step{self.step:08d}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, exclude_frozen_parameters=True,
                                     client_state={"step": self.step, "signature": self._signature()})
+        # DeepSpeed writes without fsync; a job killed right after (preemption) must not resume from a
+        # `latest` whose files never reached the disk. Each rank flushes what it wrote (shared file systems).
+        torch.distributed.barrier()
+        checkpoint.fsync_tree(self.ckpt_dir / tag)
+        if (self.ckpt_dir / "latest").is_file():
+            checkpoint.fsync_path(self.ckpt_dir / "latest")
+        checkpoint.fsync_path(self.ckpt_dir)
         if self.dist.is_main:
             tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
             for old in tags[:-self.cfg.keep_checkpoints]:
