@@ -15,7 +15,7 @@ Units:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -75,6 +75,10 @@ class ArchAdapter:
     kv_proj: tuple[str, ...]
     mlm_transform: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     """Hidden state -> features that the output embedding (vocabulary decoder) consumes (MLM heads)."""
+    ffn_out_bias: str | None = None
+    """Where bias compensation puts its fold: "native" (the FFN output projection has a bias), the
+    name of a standard config flag that gives it one (LLaMA's `mlp_bias`, which also adds biases to
+    `ffn_in`, written as zeros), or None: the architecture cannot carry one and still load."""
 
     @property
     def padding_side(self) -> str:
@@ -101,13 +105,13 @@ def _roberta_mlm_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tens
 
 
 _DECODER = ArchAdapter(
-    family="llama", causal=True, layers="layers",
+    family="llama", causal=True, layers="layers", ffn_out_bias="mlp_bias",
     ffn_site="mlp.down_proj", ffn_site_reads_input=True, ffn_in=("mlp.gate_proj", "mlp.up_proj"),
     ffn_out="mlp.down_proj",
     attn_out="self_attn.o_proj", q_proj="self_attn.q_proj", kv_proj=("self_attn.k_proj", "self_attn.v_proj"),
 )
 _BERT_LAYER = dict(
-    causal=False, layers="encoder.layer",
+    causal=False, layers="encoder.layer", ffn_out_bias="native",
     ffn_site="intermediate", ffn_site_reads_input=False, ffn_in=("intermediate.dense",), ffn_out="output.dense",
     attn_out="attention.output.dense", q_proj="attention.self.query",
     kv_proj=("attention.self.key", "attention.self.value"),
@@ -117,8 +121,8 @@ _ROBERTA = ArchAdapter(family="roberta", mlm_transform=_roberta_mlm_transform, *
 
 ADAPTERS: dict[str, ArchAdapter] = {
     "llama": _DECODER,
-    "mistral": _DECODER,
-    "qwen2": _DECODER,
+    "mistral": replace(_DECODER, family="mistral", ffn_out_bias=None),  # no mlp_bias in MistralConfig
+    "qwen2": replace(_DECODER, family="qwen2", ffn_out_bias=None),  # nor in Qwen2Config
     "bert": _BERT,
     "roberta": _ROBERTA,
 }

@@ -65,11 +65,16 @@ def convert(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--slice-lm-head", action="store_true",
                    help="decoders: keep only the verbalizer rows of the LM head (needs --prompt)")
+    p.add_argument("--compensate", default="none", choices=("none", "mean"),
+                   help="mean: fold removed FFN neurons' mean activations into the FFN output bias")
+    p.add_argument("--scores", type=Path, default=None,
+                   help="attribution.safetensors with the mean activations (default: beside --skeleton)")
     args = p.parse_args(list(argv) if argv is not None else None)
     from skeleton_ds.surgery import convert as run_convert
 
     summary = run_convert(args.base, args.skeleton, args.prompt, args.out, revision=args.revision,
-                          allow_pickle=args.allow_pickle, overwrite=args.overwrite, slice_lm_head=args.slice_lm_head)
+                          allow_pickle=args.allow_pickle, overwrite=args.overwrite, slice_lm_head=args.slice_lm_head,
+                          compensate=args.compensate, scores=args.scores)
     print(f"skeleton_ds: compact model ({summary['parameters_compact']:,} of {summary['parameters_full']:,} "
           f"parameters) -> {args.out}")
     return 0

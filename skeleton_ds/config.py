@@ -66,6 +66,7 @@ class Config:
     # conversion (stage 4)
     allow_pickle: bool = False
     slice_lm_head: bool = False
+    compensate: str = "none"  # none | mean: fold removed FFN neurons' mean activations into the output bias
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,7 +89,8 @@ class Config:
         if not self.epochs > 0 and not self.max_steps:
             raise UserError("--epochs must be positive (or give --max-steps)")
         choices = {"scorer": ("attribution", "random", "weight-magnitude", "activation-magnitude"),
-                   "attr_reduce": ("abs-sum", "mean-abs", "signed"), "keep_mode": ("uniform", "global")}
+                   "attr_reduce": ("abs-sum", "mean-abs", "signed"), "keep_mode": ("uniform", "global"),
+                   "compensate": ("none", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -169,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert a base checkpoint stored as pickle (.bin); refused by default: loading a pickle can run code")
     p.add_argument("--slice-lm-head", action="store_true",
                    help="decoders: keep only the verbalizer rows of the LM head in the compact model")
+    p.add_argument("--compensate", default="none",
+                   help="none | mean: fold each removed FFN neuron's mean activation (measured in the attribution "
+                        "pass) times its output weights into the FFN output bias (LLaMA via mlp_bias; BERT, RoBERTa)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 

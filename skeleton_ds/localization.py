@@ -87,21 +87,29 @@ def check_scores(scores: dict[str, torch.Tensor], geometry: Geometry, source: st
 
 
 @contextmanager
-def masked(model: nn.Module, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -> Iterator[None]:
-    """Zero the unkept FFN neurons and KV groups of `model` (a Hugging Face backbone) in forward passes."""
+def masked(model: nn.Module, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton,
+           fill: list[torch.Tensor] | None = None) -> Iterator[None]:
+    """Zero the unkept FFN neurons and KV groups of `model` (a Hugging Face backbone) in forward passes;
+    with `fill` (per layer [ffn_size]), unkept FFN neurons output those values instead of zero: the
+    reference for bias compensation."""
     handles = []
     group_width = geometry.heads_per_group * geometry.head_dim
-    for layer, ffn_keep, head_keep in zip(adapter.layer_modules(model), skeleton.ffn, skeleton.heads):
+    for i, (layer, ffn_keep, head_keep) in enumerate(zip(adapter.layer_modules(model), skeleton.ffn, skeleton.heads)):
         ffn_mask = torch.zeros(geometry.ffn_size)
         ffn_mask[ffn_keep] = 1
+        ffn_fill = torch.zeros(geometry.ffn_size) if fill is None else fill[i].float() * (1 - ffn_mask)
         head_mask = torch.zeros(geometry.kv_heads)
         head_mask[head_keep] = 1
         head_mask = head_mask.repeat_interleave(group_width)
         site = layer.get_submodule(adapter.ffn_site)
+
+        def keep(h: torch.Tensor, k=ffn_mask, f=ffn_fill) -> torch.Tensor:
+            return h * k.to(h) + f.to(h)
+
         if adapter.ffn_site_reads_input:
-            handles.append(site.register_forward_pre_hook(lambda m, args, k=ffn_mask: (args[0] * k.to(args[0]),) + args[1:]))
+            handles.append(site.register_forward_pre_hook(lambda m, args, keep=keep: (keep(args[0]),) + args[1:]))
         else:
-            handles.append(site.register_forward_hook(lambda m, args, out, k=ffn_mask: out * k.to(out)))
+            handles.append(site.register_forward_hook(lambda m, args, out, keep=keep: keep(out)))
         attn_out = layer.get_submodule(adapter.attn_out)
         handles.append(attn_out.register_forward_pre_hook(lambda m, args, k=head_mask: (args[0] * k.to(args[0]),) + args[1:]))
     try:

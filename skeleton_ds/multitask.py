@@ -14,6 +14,7 @@ by a byte budget (only the bytes a task owns count), least recently used evicted
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class TaskEntry:
     task: Task
     skeleton: Skeleton
     prompt: dict[str, torch.Tensor]
+    compensated: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Bias compensation's FFN biases, read from its compact checkpoint (empty when not compensated)."""
     stats: CacheStats = field(default_factory=CacheStats)
 
 
@@ -81,7 +84,32 @@ def read_task_dir(directory: Path, base_identity: dict, name: str | None = None)
         raise UserError(f"task {label!r} ({directory}): its prompt belongs to neither the base model nor its "
                         f"compact model")
     return TaskEntry(label, directory, record, task_from_record(record), skeleton,
-                     checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
+                     checkpoint.load_tensors(prompt_dir / "prompt.safetensors"), _compensation(compact_dir, label))
+
+
+def _compensation(compact_dir: Path, label: str) -> dict[str, torch.Tensor]:
+    """The FFN bias tensors of a compensated compact checkpoint (they are not in the base model)."""
+    config = compact_dir / "config.json"
+    if not config.is_file() or checkpoint.read_json(config, "model config").get("skeleton_ds", {}).get(
+            "compensate", "none") == "none":
+        return {}
+    from safetensors import safe_open
+
+    from skeleton_ds.surgery import checkpoint_files
+
+    tensors = {}
+    for file in checkpoint_files(compact_dir):
+        with checkpoint.unreadable_as_user_error(file), safe_open(str(file), "pt") as f:
+            tensors |= {name: f.get_tensor(name) for name in f.keys() if name.endswith(".bias")}
+    if not tensors:
+        raise UserError(f"task {label!r}: {compact_dir} says it is bias-compensated but holds no biases")
+    return tensors
+
+
+def _same_tensor(name: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """The key of `tensors` naming the same layer tensor as `name` (checkpoints may carry a prefix such
+    as 'bert.' or 'model.' that the loaded module tree does not)."""
+    return next((k for k in tensors if k == name or k.endswith("." + name) or name.endswith("." + k)), None)
 
 
 def _named(spec: str) -> tuple[str, str]:
@@ -130,12 +158,15 @@ class MultiTaskModel:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ materialise
-    def _task_backbone(self, skeleton: Skeleton) -> tuple[nn.Module, int]:
+    def _task_backbone(self, skeleton: Skeleton, compensated: dict[str, torch.Tensor]) -> tuple[nn.Module, int]:
         """The compact architecture of `skeleton` as a module tree whose unsliced tensors are the base
-        model's own; returns it with the bytes of the tensors it owns (the sliced ones)."""
+        model's own; returns it with the bytes of the tensors it owns (the sliced ones, and the FFN
+        biases of a compensated task)."""
         base = self.backbone.model
         slices = layer_slices(self.adapter, self.geometry, skeleton)
-        config = type(base.config).from_dict(compact_config(base.config.to_dict(), self.adapter, self.geometry, skeleton))
+        flag = self.adapter.ffn_out_bias if compensated and self.adapter.ffn_out_bias != "native" else None
+        config = type(base.config).from_dict(compact_config(base.config.to_dict(), self.adapter, self.geometry, skeleton,
+                                                            bias_flag=flag))
         config._attn_implementation = base.config._attn_implementation
         with torch.device("meta"):
             model = type(base)(config)
@@ -144,6 +175,12 @@ class MultiTaskModel:
             cut = slice_for(name, self.adapter, slices)
             state[name] = cut.apply(tensor) if cut else tensor
             owned += tensor_bytes([state[name]]) if cut else 0
+        paths = [self.adapter.ffn_out, *(self.adapter.ffn_in if flag else ())]
+        folded = re.compile(rf"(?:^|\.){re.escape(self.adapter.layers)}\.\d+\.({'|'.join(map(re.escape, paths))})\.bias$")
+        for name in model.state_dict():  # compensation's biases, from the task's compact checkpoint
+            if compensated and folded.search(name) and (source := _same_tensor(name, compensated)) is not None:
+                state[name] = compensated[source].to(self.device, self.dtype)
+                owned += tensor_bytes([state[name]])
         model.load_state_dict(state, assign=True, strict=True)
         base_buffers = dict(base.named_buffers())
         for name, buffer in list(model.named_buffers()):  # non-persistent buffers (rotary frequencies, ids)
@@ -156,7 +193,7 @@ class MultiTaskModel:
         return model.requires_grad_(False).eval(), owned
 
     def _materialise(self, entry: TaskEntry) -> tuple[Predictor, int]:
-        backbone, owned = self._task_backbone(entry.skeleton)
+        backbone, owned = self._task_backbone(entry.skeleton, entry.compensated)
         record = entry.record
         model = PromptedClassifier(backbone, self.adapter, record["readout"], record["prompt_length"],
                                    len(entry.task.label_names), record["label_token_ids"])

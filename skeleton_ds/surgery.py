@@ -25,7 +25,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -116,7 +116,8 @@ def layer_slices(adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -
     return plans
 
 
-def compact_config(config: dict, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton) -> dict:
+def compact_config(config: dict, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton,
+                   bias_flag: str | None = None) -> dict:
     groups = geometry.padded_groups(max(len(h) for h in skeleton.heads))
     if any(len(h) < geometry.kv_heads for h in skeleton.heads) and not adapter.causal:
         raise UserError("removing attention heads from a BERT/RoBERTa model cannot be written as a standard "
@@ -124,6 +125,8 @@ def compact_config(config: dict, adapter: ArchAdapter, geometry: Geometry, skele
                         "localize encoders with --head-keep 1.0")
     out = dict(config)
     out["intermediate_size"] = max(skeleton.ffn_sizes())
+    if bias_flag:
+        out[bias_flag] = True
     if adapter.causal:
         out["num_key_value_heads"] = groups
         out["num_attention_heads"] = groups * geometry.heads_per_group
@@ -141,6 +144,49 @@ def slice_for(name: str, adapter: ArchAdapter, slices: list[dict[str, Slice]]) -
         # an output projection's bias is per output feature: untouched
         return Slice(rows=cut.rows) if cut.rows is not None else None
     return cut
+
+
+def _layer_tensor(names, adapter: ArchAdapter, layer: int, path: str, kind: str) -> str | None:
+    pattern = re.compile(rf"(?:^|\.){re.escape(adapter.layers)}\.{layer}\.{re.escape(path)}\.{kind}$")
+    return next((n for n in names if pattern.search(n)), None)
+
+
+def compensation_tensors(files: list[Path], adapter: ArchAdapter, skeleton: Skeleton, means: list[torch.Tensor]
+                         ) -> tuple[dict[str, tuple[str, list[int], Callable[[], torch.Tensor]]], str | None]:
+    """Bias compensation: each removed FFN neuron's mean activation times its output column, added to
+    the FFN output bias, so that the compact model's output equals, to first order (exactly, for the
+    mean input), the full model's. Returns name -> (dtype, shape, producer) of the bias tensors to
+    write (replacing the base's where it has them), and the config flag that makes the architecture
+    carry them (None when it has them natively)."""
+    where = {name: (f, info) for f in files for name, info in _header(f).items()}
+    size = max(skeleton.ffn_sizes())
+    flag = None
+    tensors = {}
+    for i, kept in enumerate(skeleton.ffn):
+        weight = _layer_tensor(where, adapter, i, adapter.ffn_out, "weight")
+        bias = weight[:-len("weight")] + "bias"
+        file, info = where[weight]
+        if bias not in where:
+            if adapter.ffn_out_bias in (None, "native"):
+                raise UserError(f"{adapter.family} models have no FFN output bias and no standard config option that "
+                                f"adds one, so a compensated model would not load with plain from_pretrained: "
+                                f"convert with --compensate none")
+            flag = adapter.ffn_out_bias
+            for path in adapter.ffn_in:  # the flag adds these too: zeros change nothing
+                name = _layer_tensor(where, adapter, i, path, "weight")[:-len("weight")] + "bias"
+                tensors[name] = (info["dtype"], [size], lambda dtype=info["dtype"]: torch.zeros(size, dtype=_DTYPES[dtype]))
+
+        def fold(file=file, weight=weight, bias=bias, kept=kept, mean=means[i]) -> torch.Tensor:
+            w = _read(file, weight)
+            removed = torch.ones(w.shape[1], dtype=torch.bool)
+            removed[kept] = False
+            value = w.double()[:, removed] @ mean.double()[removed]
+            if bias in where:
+                value += _read(where[bias][0], bias).double()
+            return value.to(w.dtype)
+
+        tensors[bias] = (info["dtype"], [info["shape"][0]], fold)
+    return tensors, flag
 
 
 def plan_tensors(files: list[Path], adapter: ArchAdapter, slices: list[dict[str, Slice]]
@@ -211,10 +257,15 @@ def write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tenso
 
 
 def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geometry, skeleton: Skeleton, *,
-                    shard_bytes: int = 2 << 30, allow_pickle: bool = False, drop: frozenset[str] = frozenset()) -> dict:
-    """Write the sliced weights of `base` (less `drop`) into `out` as sharded safetensors; returns the weight map."""
+                    shard_bytes: int = 2 << 30, allow_pickle: bool = False, drop: frozenset[str] = frozenset(),
+                    produced: dict[str, tuple[str, list[int], Callable[[], torch.Tensor]]] | None = None) -> dict:
+    """Write the sliced weights of `base` (less `drop`) into `out` as sharded safetensors; returns the weight map.
+    `produced` (name -> dtype, shape, producer) replaces or adds tensors (bias compensation)."""
     files = checkpoint_files(base, allow_pickle=allow_pickle)
-    plan = [item for item in plan_tensors(files, adapter, layer_slices(adapter, geometry, skeleton)) if item[0] not in drop]
+    produced = produced or {}
+    plan = [item for item in plan_tensors(files, adapter, layer_slices(adapter, geometry, skeleton))
+            if item[0] not in drop and item[0] not in produced]
+    plan += [(name, None, make, dtype, shape) for name, (dtype, shape, make) in produced.items()]
     shards: list[list] = [[]]
     size = 0
     for item in plan:
@@ -230,6 +281,9 @@ def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geome
     for shard_name, shard in zip(names, shards):
         def tensors(items=shard) -> Iterator[torch.Tensor]:
             for name, file, cut, _, _ in items:
+                if file is None:  # a produced tensor; `cut` holds its producer
+                    yield cut()
+                    continue
                 tensor = _read(file, name)
                 yield cut.apply(tensor) if cut else tensor
 
@@ -240,6 +294,19 @@ def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geome
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return weight_map
+
+
+def compensation_means(scores: Path, geometry: Geometry, base_model: dict) -> list[torch.Tensor]:
+    """Per layer, each FFN neuron's mean activation, from the attribution pass's scores file."""
+    from skeleton_ds.attribution import read_attribution
+
+    tensors, meta = read_attribution(scores)
+    engine.check_identity(meta["base_model"], base_model, str(scores))
+    means = [tensors.get(f"ffn_mean.{i}") for i in range(geometry.layers)]
+    if any(m is None or m.shape != (geometry.ffn_size,) for m in means):
+        raise UserError(f"{scores} holds no mean FFN activations for this model (written by an older version, or "
+                        f"for another model): redo --stages attribute with --overwrite, or convert with --compensate none")
+    return means
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -275,12 +342,16 @@ def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None
 
 
 def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, *, revision: str | None = None,
-            allow_pickle: bool = False, overwrite: bool = False, slice_lm_head: bool = False) -> dict:
+            allow_pickle: bool = False, overwrite: bool = False, slice_lm_head: bool = False,
+            compensate: str = "none", scores: Path | None = None) -> dict:
     """Build the compact model directory `out` (atomically); returns parameter counts.
 
     `slice_lm_head` (classification-only decoders): the vocabulary projection is replaced by its
     verbalizer rows in label_head.safetensors and the model is saved as its base class (e.g.
     LlamaModel), so inference computes a few logits instead of the whole vocabulary.
+
+    `compensate="mean"` folds each removed FFN neuron's mean activation (from the attribution pass,
+    `scores`, default: attribution.safetensors beside the skeleton) into the FFN output bias.
     """
     from transformers import AutoConfig
 
@@ -298,10 +369,18 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
         raise UserError(f"{out} already exists: pass --overwrite to replace it")
     config_dict = json.loads((base_dir / "config.json").read_text())
     label_head, drop, label_ids = _label_head(files, adapter, prompt_dir) if slice_lm_head else (None, frozenset(), None)
+    produced, flag = {}, None
+    if compensate == "mean":
+        means = compensation_means(Path(scores or Path(skeleton_path).parent / "attribution.safetensors"), geometry,
+                                   record["base_model"])
+        produced, flag = compensation_tensors(files, adapter, skeleton, means)
+    elif compensate != "none":
+        raise UserError(f"--compensate must be mean or none, got {compensate!r}")
     with checkpoint.atomic_dir(out, overwrite=overwrite) as staging:
-        convert_weights(base_dir, staging, adapter, geometry, skeleton, allow_pickle=allow_pickle, drop=drop)
-        small = compact_config(config_dict, adapter, geometry, skeleton)
-        small["skeleton_ds"] = {"base_model": record["base_model"], "task": record["task"]}
+        convert_weights(base_dir, staging, adapter, geometry, skeleton, allow_pickle=allow_pickle, drop=drop,
+                        produced=produced)
+        small = compact_config(config_dict, adapter, geometry, skeleton, bias_flag=flag)
+        small["skeleton_ds"] = {"base_model": record["base_model"], "task": record["task"], "compensate": compensate}
         if label_head is not None:
             small["architectures"] = [a.replace("ForCausalLM", "Model") for a in small.get("architectures") or []]
             small["tie_word_embeddings"] = False

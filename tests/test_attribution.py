@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DS_CONFIGS, generic_flags
-from skeleton_ds.attribution import read_attribution
+from skeleton_ds.attribution import UnitRecorder, read_attribution
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import config_from_args
 from skeleton_ds.localization import Skeleton, masked, top_units
@@ -94,8 +94,17 @@ def test_scores_are_exactly_activation_times_gradient(arch, stage, trained, tiny
     single, _ = rec.score()
     rec.cfg.attr_reduce = "signed"
     signed_single, _ = rec.score()
-    for key in single:
+    for key in (k for k in single if not k.startswith("ffn_mean.")):
         torch.testing.assert_close(single[key], signed_single[key].abs())
+
+    # ffn_mean.i (bias compensation's input): the mean FFN activation over every real position, prompt included
+    recorder = UnitRecorder(rec.model.backbone, rec.backbone.adapter)
+    batch = rec.collate(rec.train_set)
+    with torch.no_grad(), recorder.recording():
+        rec.model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+    for layer in range(rec.geometry.layers):
+        expected = recorder.ffn[layer][0].float().mean(0)  # one unpadded example: every position is real
+        torch.testing.assert_close(single[f"ffn_mean.{layer}"], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert-head"])
@@ -130,7 +139,7 @@ def test_full_stages_write_attribution_skeleton_and_pictures(trained, tiny_model
                  "--head-keep", "0.5")
     assert run_command(train, argv) == 0
     scores, meta = read_attribution(out / "attribution.safetensors")
-    assert sorted(scores) == ["ffn.0", "ffn.1", "heads.0", "heads.1"]
+    assert sorted(scores) == ["ffn.0", "ffn.1", "ffn_mean.0", "ffn_mean.1", "heads.0", "heads.1"]
     assert scores["ffn.0"].dtype == torch.float32 and scores["heads.0"].shape == (2,)  # 2 KV groups (GQA)
     assert meta["task"] == "generic" and meta["examples"] == "96" and meta["reduce"] == "abs-sum"
     import json

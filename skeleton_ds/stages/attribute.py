@@ -24,7 +24,8 @@ import time
 import torch
 
 from skeleton_ds import checkpoint, data, engine, preemption
-from skeleton_ds.attribution import UnitRecorder, random_scores, score_batch, weight_magnitude, write_scores, zero_sums
+from skeleton_ds.attribution import (UnitRecorder, finish_scores, random_scores, score_batch, weight_magnitude,
+                                     write_scores, zero_sums)
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record, subset
@@ -77,10 +78,12 @@ class AttributionRecipe(TaskModelRun):
         """(scores per unit, examples used), identical on every rank. `scorer` defaults to --scorer."""
         cfg, geometry = self.cfg, self.geometry
         scorer = scorer or cfg.scorer
-        if scorer == "weight-magnitude":
-            return weight_magnitude(self.model.backbone, self.backbone.adapter, geometry), 0
-        if scorer == "random":
-            return random_scores(geometry, cfg.seed), 0
+        if scorer in ("weight-magnitude", "random"):
+            # No data needed for the scores, but the forward pass gives bias compensation its means.
+            measured, examples = self.score("activation-magnitude")
+            baseline = weight_magnitude(self.model.backbone, self.backbone.adapter, geometry) \
+                if scorer == "weight-magnitude" else random_scores(geometry, cfg.seed)
+            return measured | baseline, examples
         sums = zero_sums(geometry)
         indices, real = data.eval_shard(len(self.train_set), self.dist.rank, self.dist.world_size)
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
@@ -110,7 +113,7 @@ class AttributionRecipe(TaskModelRun):
         examples = torch.tensor(float(real), dtype=torch.float64)
         for value in list(sums.values()) + [examples]:
             torch.distributed.all_reduce(value)
-        return {k: (v / examples).float() for k, v in sums.items()}, int(examples.item())
+        return finish_scores(sums, examples), int(examples.item())
 
     # ------------------------------------------------------- partial sums
     def _signature(self, scorer: str, batches: int) -> str:

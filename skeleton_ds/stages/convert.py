@@ -42,7 +42,8 @@ class ConvertRecipe:
         if dist.is_main:
             try:
                 summary = convert(cfg.model, skeleton, cfg.output / "prompt", self.out, revision=cfg.revision,
-                                  allow_pickle=cfg.allow_pickle, overwrite=True, slice_lm_head=cfg.slice_lm_head)
+                                  allow_pickle=cfg.allow_pickle, overwrite=True, slice_lm_head=cfg.slice_lm_head,
+                                  compensate=cfg.compensate, scores=cfg.output / "attribution.safetensors")
                 checkpoint.write_json(cfg.output / "conversion.json", summary)
             except UserError as e:
                 failure = [str(e)]
