@@ -174,13 +174,15 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch
 def write_scores(path: Path, scores: dict[str, torch.Tensor], *, task: str, scorer: str, reduce: str,
                  include_prompt: bool, examples: int, base_model: dict, geometry: Geometry) -> None:
     """The scores file (atomically), with the metadata read_attribution decodes."""
-    meta = {"task": task, "scorer": scorer, "reduce": reduce, "include_prompt": str(include_prompt),
-            "examples": str(examples), "base_model": json.dumps(base_model), "geometry": json.dumps(asdict(geometry))}
+    # safetensors metadata is str -> str: the non-string values are stored as JSON
+    meta = {"task": task, "scorer": scorer, "reduce": reduce, "include_prompt": json.dumps(bool(include_prompt)),
+            "examples": json.dumps(int(examples)), "base_model": json.dumps(base_model),
+            "geometry": json.dumps(asdict(geometry))}
     checkpoint.save_tensors_atomic(path, scores, meta)
 
 
 def read_attribution(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Scores and their metadata (JSON fields decoded)."""
+    """Scores and their metadata, decoded to JSON types (include_prompt a bool, examples an int)."""
     from safetensors import safe_open
 
     if not Path(path).is_file():
@@ -188,6 +190,11 @@ def read_attribution(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with checkpoint.unreadable_as_user_error(path), safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for key in ("base_model", "geometry"):
-        meta[key] = json.loads(meta[key])
+    try:
+        for key in ("base_model", "geometry"):
+            meta[key] = json.loads(meta[key])
+        meta["include_prompt"] = meta.get("include_prompt") in ("true", "True")  # "True": files before 2026-11-26
+        meta["examples"] = int(meta.get("examples", 0))
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path} has malformed metadata ({e}): redo --stages attribute with --overwrite") from None
     return tensors, meta

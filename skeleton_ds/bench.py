@@ -194,7 +194,7 @@ def compact_checkpoint(base: Path, prompt_dir: Path, scores: dict | None, out: P
     skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode="uniform")
     identity = json.loads((prompt_dir / "task.json").read_text())["base_model"]
     meta = {"task": "bench", "base_model": identity, "geometry": asdict(geometry), "scorer": "given",
-            "reduce": "abs-sum", "include_prompt": "False", "examples": "0"}
+            "reduce": "abs-sum", "include_prompt": False, "examples": 0}
     skeleton_file = out.with_suffix(".skeleton.json")
     checkpoint.write_json(skeleton_file, skeleton_record(skeleton, meta, keep_mode="uniform", ffn_keep=ffn_keep,
                                                          head_keep=head_keep, align=align))
@@ -452,7 +452,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 "gpu_memory_mib": round(torch.cuda.get_device_properties(device).total_memory / 2**20),
                 "all_contenders_resident_mib": round(resident / 2**20)}  # every contender's weights at once
     result = {"format": "skeleton_ds.bench/1", "shape": cfg.shape, "environment": env,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "rows": rows,
+              "settings": checkpoint.json_record(cfg), "rows": rows,
               "profiles": profiles, "seconds": seconds}
     cfg.out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(cfg.out / "bench.json", result)

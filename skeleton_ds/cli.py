@@ -47,6 +47,7 @@ def _one_stage(stage: str) -> Callable[[Sequence[str] | None], int]:
         return train([*(argv or []), "--stages", stage])
 
     command.__doc__ = f"Run only the {stage} stage (same flags as train)."
+    command.stage = stage
     return command
 
 
@@ -330,6 +331,32 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "verify": verify,
     "hostfile": hostfile,
 }
+
+
+def reference() -> str:
+    """Markdown reference of every command and flag, read off the parsers themselves (docs/cli.md)."""
+    import contextlib
+    import io
+
+    parts = ["# `skeleton-ds` command reference", "",
+             "Generated from the argument parsers by `python launch/cli_reference.py`; `tests/test_docs.py` fails "
+             "when this file is stale. The `launch/*.py` scripts take the same flags as their commands.", ""]
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "110"  # argparse wraps to the terminal: fix the width so the file is reproducible
+    try:
+        for name, command in COMMANDS.items():
+            if getattr(command, "stage", None):  # attribute / localize / retune: train's flags, one stage
+                parts += [f"## `skeleton-ds {name}`", "", f"{command.__doc__} Same as `skeleton-ds train ... "
+                          f"--stages {command.stage}`.", ""]
+                continue
+            text = io.StringIO()
+            with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+                command(["--help"])
+            parts += [f"## `skeleton-ds {name}`", "", (command.__doc__ or "").strip().split("\n\n")[0], "", "```",
+                      text.getvalue().rstrip(), "```", ""]
+    finally:
+        os.environ.pop("COLUMNS") if previous is None else os.environ.update(COLUMNS=previous)
+    return "\n".join(parts)
 
 
 def run_command(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:

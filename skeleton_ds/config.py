@@ -125,7 +125,8 @@ def _csv(value: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """Flags mirror Config's fields one to one (underscores become dashes)."""
     d = Config.__dataclass_fields__
-    p = argparse.ArgumentParser(description="Prompt-tune a frozen model under DeepSpeed ZeRO (skeleton_ds).")
+    p = argparse.ArgumentParser(prog="skeleton-ds train",
+                                description="Prompt-tune a frozen model under DeepSpeed ZeRO (skeleton_ds).")
     p.add_argument("--config", dest="ds_config", type=Path, default=d["ds_config"].default,
                    help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)")
     p.add_argument("--model", default=d["model"].default,

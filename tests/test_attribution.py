@@ -141,7 +141,7 @@ def test_full_stages_write_attribution_skeleton_and_pictures(trained, tiny_model
     scores, meta = read_attribution(out / "attribution.safetensors")
     assert sorted(scores) == ["ffn.0", "ffn.1", "ffn_mean.0", "ffn_mean.1", "heads.0", "heads.1"]
     assert scores["ffn.0"].dtype == torch.float32 and scores["heads.0"].shape == (2,)  # 2 KV groups (GQA)
-    assert meta["task"] == "generic" and meta["examples"] == "96" and meta["reduce"] == "abs-sum"
+    assert meta["task"] == "generic" and meta["examples"] == 96 and meta["reduce"] == "abs-sum"
     import json
 
     record = json.loads((out / "skeleton.json").read_text())

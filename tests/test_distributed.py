@@ -108,7 +108,7 @@ def test_two_rank_zero3_attribution_equals_one_rank(tiny_models, sentiment_files
                                 "--align", "8")))
     one, meta_one = read_attribution(tmp_path / "one" / "attribution.safetensors")
     two, meta_two = read_attribution(tmp_path / "two" / "attribution.safetensors")
-    assert meta_one["examples"] == meta_two["examples"] == "96"
+    assert meta_one["examples"] == meta_two["examples"] == 96
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-9)
     assert (tmp_path / "one" / "skeleton.json").read_text() == (tmp_path / "two" / "skeleton.json").read_text()

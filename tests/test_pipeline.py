@@ -56,6 +56,12 @@ def test_rerun_skips_finished_stages_and_manifest_mismatch_is_refused(tiny_model
     capsys.readouterr()
     assert run_command(train, argv) == 0
     assert capsys.readouterr().out.count("skipping") == 5
+    # Records keep JSON types: numbers as numbers, booleans as booleans, null, lists.
+    for stage in ("prompt", "retune"):
+        config = json.loads((out / stage / "metrics.json").read_text())["config"]
+        assert config["seed"] == 3 and config["lr"] == 0.1 and config["ffn_keep"] == 0.5
+        assert config["resume"] is False and config["revision"] is None and config["text_columns"] == ["text"]
+        assert config["output"] == str(out)
 
     weights = out / "compact" / "model.safetensors"
     data = bytearray(weights.read_bytes())

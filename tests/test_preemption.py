@@ -129,7 +129,7 @@ def test_attribution_stopped_by_signal_resumes_to_the_same_scores(tiny_models, s
     assert not partial.exists(), "partial sums are removed once the scores are written"
     one, meta_one = read_attribution(tmp_path / "straight" / "attribution.safetensors")
     two, meta_two = read_attribution(out / "attribution.safetensors")
-    assert meta_one["examples"] == meta_two["examples"] == "96"
+    assert meta_one["examples"] == meta_two["examples"] == 96
     for key in one:
         # Float64 partial sums added in another order, then rounded to float32.
         torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-12)

@@ -34,7 +34,7 @@ def write_skeleton(model_dir: Path, path: Path, *, ffn_keep: float, head_keep: f
     scores |= {f"heads.{i}": torch.rand(geometry.kv_heads, generator=g) + 0.3 * i for i in range(geometry.layers)}
     skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode=mode)
     meta = {"task": "generic", "geometry": asdict(geometry), "scorer": "random", "reduce": "abs-sum",
-            "include_prompt": "False", "examples": "0",
+            "include_prompt": False, "examples": 0,
             "base_model": engine.model_identity(str(model_dir), str(model_dir), config, None)}
     record = skeleton_record(skeleton, meta, keep_mode=mode, ffn_keep=ffn_keep, head_keep=head_keep, align=align)
     path.write_text(json.dumps(record))
@@ -193,7 +193,7 @@ def test_head_counts_transformers_refuses_are_padded_to_a_loadable_count(heads, 
     geometry = adapter_for("llama").geometry(config)
     skeleton = Skeleton(ffn=[list(range(0, 64, 2))] * 2, heads=heads)
     meta = {"task": "generic", "geometry": asdict(geometry), "scorer": "random", "reduce": "abs-sum",
-            "include_prompt": "False", "examples": "0",
+            "include_prompt": False, "examples": 0,
             "base_model": engine.model_identity(str(base), str(base), config, None)}
     (tmp_path / "s.json").write_text(json.dumps(skeleton_record(skeleton, meta, keep_mode="global", ffn_keep=0.5,
                                                                 head_keep=0.75, align=8)))

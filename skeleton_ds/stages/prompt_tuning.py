@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +218,7 @@ class PromptTuningRecipe(TaskModelRun):
                        "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,
                        "backbone_fraction_on_rank0": self.backbone_local_fraction,
                        "train_seconds": self.train_seconds, **(extra or {}),
-                       "config": {k: str(v) for k, v in asdict(cfg).items()}}
+                       "config": checkpoint.json_record(cfg)}
             with checkpoint.atomic_dir(self.out_dir, overwrite=True) as staging:
                 checkpoint.save_tensors(staging / "prompt.safetensors", tensors,
                                         {"task": self.task.name, "model": self.backbone.path, "readout": self.readout})
