@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from skeleton_ds.checkpoint import atomic_file  # noqa: E402
+from skeleton_ds.checkpoint import write_text  # noqa: E402
 from skeleton_ds.cli import reference  # noqa: E402
 
 TARGET = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -20,6 +20,5 @@ if __name__ == "__main__":
         stale = not TARGET.is_file() or TARGET.read_text() != text
         print(f"{TARGET}: {'stale: run python launch/cli_reference.py' if stale else 'up to date'}")
         sys.exit(1 if stale else 0)
-    with atomic_file(TARGET) as tmp:
-        tmp.write_text(text)
+    write_text(TARGET, text)
     print(f"wrote {TARGET}")

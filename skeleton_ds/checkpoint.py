@@ -81,10 +81,15 @@ def atomic_file(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomic single-file text write (write, fsync, rename)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path: Path, data: dict) -> None:
     """Atomic single-file JSON write (write, fsync, rename)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def json_record(config) -> dict:

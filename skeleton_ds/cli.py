@@ -162,10 +162,9 @@ def infer(argv: Sequence[str] | None = None) -> int:
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        from skeleton_ds.checkpoint import atomic_file
+        from skeleton_ds.checkpoint import write_text
 
-        with atomic_file(Path(args.output)) as tmp:
-            tmp.write_text(text)
+        write_text(Path(args.output), text)
     metrics = label_accuracy(predictions, examples, task)
     if metrics:
         print(f"skeleton_ds: {len(examples)} labelled records: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),

@@ -212,7 +212,9 @@ class PromptTuningRecipe(TaskModelRun):
                                  model=cfg.model, model_path=self.backbone.path, revision=cfg.revision,
                                  prompt_length=self.prompt_length, base_model=self.backbone.identity,
                                  max_length=self.max_length, padding_side=self.backbone.adapter.padding_side)
+            labels = [e.label for e in self.dev_set]
             summary = {"task": self.task.name, "split": "dev", "metrics": metrics, "dev_examples": len(self.dev_set),
+                       "dev_majority": max(labels.count(c) for c in set(labels)) / len(labels),  # did it learn?
                        "train_examples": len(self.train_set), "steps": self.total_steps,
                        "global_batch": self.global_batch, "world_size": self.dist.world_size,
                        "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,

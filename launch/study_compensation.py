@@ -1,0 +1,97 @@
+"""Does bias compensation help? The same skeleton converted with and without it, before and after re-tuning.
+
+    python launch/study_compensation.py --data-dir ../shared/data --output runs/compensation
+    python launch/study_compensation.py --data-dir ../shared/data --task rte --ffn-keeps 0.2,0.5
+
+Prompt-tunes and scores once (OUTPUT/base: stages prompt, attribute), then for each FFN keep ratio and
+each of --compensate none / mean runs localize, convert and retune in OUTPUT/keep<K>-<mode> from that
+prompt and those scores, and collects the dev metrics of the skeleton before and after re-tuning.
+Writes OUTPUT/study.json and docs/study_compensation.{json,md} (the command, settings and every result).
+"""
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.cli import run_command, train  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Bias compensation study: skeleton accuracy with and without it.")
+    p.add_argument("--data-dir", type=Path, default=None, help="read GLUE/SuperGLUE files from DIR/<TASK>/")
+    p.add_argument("--output", type=Path, default=Path("runs/compensation"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--ffn-keeps", default="0.2,0.3", help="comma list of FFN keep ratios")
+    p.add_argument("--max-train-examples", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--config", default="ds_configs/zero2.json")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/study_compensation.*")
+    return p
+
+
+def markdown(record: dict) -> str:
+    """The study's table (docs/study_compensation.md; tests/test_readme_tables.py checks the README's copy)."""
+    full = record["full_prompt_tuned"]["accuracy"]
+    lines = [f"Bias compensation, {record['task']} dev ({record['model']}, {record['max_train_examples']} training "
+             f"examples, seed {record['seed']}); full model prompt-tuned: accuracy {full:.4f}.", "",
+             f"`{record['command']}` ({record['date']}, {record['seconds']:.0f} s)", "",
+             "| FFN keep | compensation | accuracy before re-tuning | after re-tuning |", "|---|---|---|---|"]
+    lines += [f"| {r['ffn_keep']:g} | {r['compensate']} | {r['before_retune']['accuracy']:.4f} | "
+              f"{r['after_retune']['accuracy']:.4f} |" for r in record["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def _stage(argv: list[str]) -> None:
+    code = run_command(train, argv)
+    if code:
+        raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common = ["--model", args.model, "--task", args.task, "--config", args.config, "--seed", str(args.seed),
+              "--max-train-examples", str(args.max_train_examples)]
+    if args.data_dir:
+        common += ["--data-dir", str(args.data_dir)]
+    base = args.output / "base"
+    start = time.perf_counter()
+    _stage(common + ["--output", str(base), "--stages", "prompt,attribute"])
+    full = json.loads((base / "prompt" / "metrics.json").read_text())["metrics"]
+    rows = []
+    for keep in [float(k) for k in args.ffn_keeps.split(",") if k.strip()]:
+        for mode in ("none", "mean"):
+            run = args.output / f"keep{keep:g}-{mode}"
+            if not (run / "prompt").exists():
+                shutil.copytree(base / "prompt", run / "prompt")
+                shutil.copy(base / "attribution.safetensors", run / "attribution.safetensors")
+            _stage(common + ["--output", str(run), "--stages", "localize,convert,retune", "--ffn-keep", str(keep),
+                             "--compensate", mode])
+            retune = json.loads((run / "retune" / "metrics.json").read_text())
+            rows.append({"ffn_keep": keep, "compensate": mode, "before_retune": retune["before_retune"],
+                         "after_retune": retune["metrics"], "run": str(run)})
+    record = {"command": "python launch/study_compensation.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              "date": date.today().isoformat(), "task": args.task, "model": args.model,
+              "max_train_examples": args.max_train_examples, "seed": args.seed, "full_prompt_tuned": full,
+              "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
+    write_json(args.output / "study.json", record)
+    text = markdown(record)
+    print(text)
+    if not args.no_docs:
+        write_json(DOCS / "study_compensation.json", record)
+        write_text(DOCS / "study_compensation.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
