@@ -97,14 +97,19 @@ def test_scores_are_exactly_activation_times_gradient(arch, stage, trained, tiny
     for key in (k for k in single if not k.startswith("ffn_mean.")):
         torch.testing.assert_close(single[key], signed_single[key].abs())
 
-    # ffn_mean.i (bias compensation's input): the mean FFN activation over every real position, prompt included
+    # ffn_mean.i (bias compensation's input): the mean FFN activation over the counted positions (prompt
+    # included here: this test runs with --attr-include-prompt)
     recorder = UnitRecorder(rec.model.backbone, rec.backbone.adapter)
     batch = rec.collate(rec.train_set)
     with torch.no_grad(), recorder.recording():
         rec.model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+    rec.cfg.attr_include_prompt = False
+    text_only, _ = rec.score()
     for layer in range(rec.geometry.layers):
         expected = recorder.ffn[layer][0].float().mean(0)  # one unpadded example: every position is real
         torch.testing.assert_close(single[f"ffn_mean.{layer}"], expected, rtol=1e-5, atol=1e-6)
+        text = recorder.ffn[layer][0, rec.prompt_length:].float().mean(0)  # by default: the text positions only
+        torch.testing.assert_close(text_only[f"ffn_mean.{layer}"], text, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert-head"])
