@@ -18,9 +18,8 @@ Baselines for comparison: `random` (seeded), `weight-magnitude` (L2 norm of a un
 The same pass also sums every FFN neuron's activation over the same counted positions (the text
 tokens; the prompt's too with include_prompt): the scores file carries the means (`ffn_mean.i`),
 which conversion's bias compensation folds into the FFN output bias. Prompt positions are left out
-by default because trained soft-prompt vectors drive some neurons far from their values on text, and
-a mean dominated by them would shift every text position (measured on MiniLM + SST-2: with them in
-the mean, compensation dropped accuracy before re-tuning to chance).
+by default: on MiniLM + SST-2, means that included them took compensated skeletons to chance before
+re-tuning (0.51-0.52), text-only means to 0.66-0.75 (docs/study_compensation.md).
 """
 
 from __future__ import annotations
