@@ -254,10 +254,130 @@ def quantization_config(quant: str, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _safetensors_index(path: str, revision: str | None) -> dict[str, tuple[Path, dict]] | None:
+    """Checkpoint tensor name -> (file, header entry) from the safetensors headers alone; None when the
+    checkpoint is not safetensors (or a Hub id that cannot be fetched): the caller falls back."""
+    import struct
+
+    directory = Path(path)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # offline, unknown id: from_pretrained gives the user its own error
+            return None
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    else:
+        return None
+    entries = {}
+    for file in files:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            info["data_offsets"] = [8 + size + o for o in info["data_offsets"]]  # absolute file offsets
+            entries[name] = (file, info)
+    return entries
+
+
+def _read_tensor_into(target: torch.Tensor, file: Path, info: dict) -> None:
+    """Copy one checkpoint tensor into `target` with plain reads: no memory map, so the checkpoint's
+    pages never count in this process's RSS, and no copy of the tensor when dtype and device match."""
+    dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
+    start, end = info["data_offsets"]
+    direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+    buffer = target if direct else torch.empty(shape, dtype=dtype)
+    view = memoryview(buffer.view(-1).view(torch.uint8).numpy()) if buffer.numel() else memoryview(b"")
+    with open(file, "rb") as f:
+        f.seek(start)
+        if f.readinto(view) != end - start:
+            raise UserError(f"{file} is truncated (tensor at bytes {start}-{end}): re-download or re-save the model")
+    if not direct:
+        target.copy_(buffer.view(target.shape))
+
+
+def _load_partitioned(cls, config, path: str, revision: str | None, dtype: torch.dtype):
+    """A ZeRO-3 model loaded with at most one module's parameters whole on any rank, or None (fall back).
+
+    transformers' from_pretrained under ZeRO-3 (integrations/deepspeed.py, modeling_utils
+    _load_pretrained_model) builds the model partitioned (zero.Init), but then has rank 0 read every
+    shard into one merged state dict before copying it in, so rank 0 holds the whole model. Here the
+    partitioned model is built from its config, then filled module by module: its parameters are
+    gathered, rank 0 reads exactly those tensors from the safetensors files, and they are
+    re-partitioned. Only when every parameter is found in the checkpoint by name (as is, or with the
+    base-model prefix added or removed) with its shape; anything else (pickles, renamed legacy keys,
+    weights the checkpoint lacks) takes transformers' own path.
+    """
+    import copy
+
+    import deepspeed
+
+    index = _safetensors_index(path, revision)
+    if index is None:
+        return None
+    model = cls.from_config(copy.deepcopy(config), dtype=dtype)  # zero.Init: created partitioned
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def source(key: str, shape) -> tuple[Path, dict] | None:
+        names = [key]
+        if prefix:
+            names.append(key[len(prefix) + 1:] if key.startswith(prefix + ".") else f"{prefix}.{key}")
+        for name in names:
+            if name in index and list(index[name][1]["shape"]) == list(shape):
+                return index[name]
+        return None
+
+    plan, seen = [], set()
+    for module_name, module in model.named_modules():
+        params = []
+        for name, p in module._parameters.items():
+            if p is None or id(p) in seen:  # tied parameters are loaded once
+                continue
+            seen.add(id(p))
+            found = source(f"{module_name}.{name}" if module_name else name, getattr(p, "ds_shape", p.shape))
+            if found is None:
+                log.info("ZeRO-3 streaming load: %s.%s not found in the checkpoint as is; using from_pretrained",
+                         module_name, name)
+                return None
+            params.append((p, found))
+        buffers = []
+        for name, b in module._buffers.items():
+            key = f"{module_name}.{name}" if module_name else name
+            if b is not None and name not in module._non_persistent_buffers_set:
+                found = source(key, b.shape)
+                if found is not None:
+                    buffers.append((b, found))
+        if params or buffers:
+            plan.append((params, buffers))
+    rank = torch.distributed.get_rank()
+    with torch.no_grad():
+        for params, buffers in plan:
+            if params:
+                with deepspeed.zero.GatheredParameters([p for p, _ in params], modifier_rank=0):
+                    if rank == 0:
+                        for p, (file, info) in params:
+                            _read_tensor_into(p.data, file, info)
+            for b, (file, info) in buffers:  # not partitioned, and small: every rank reads its own
+                _read_tensor_into(b, file, info)
+    return model
+
+
 def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, revision: str | None = None,
                   dtype: torch.dtype | None = None, quant: str = "none", device: str | None = None,
                   differentiable: bool = True) -> Backbone:
-    """Load the frozen model; under ZeRO-3 it is created partitioned so no rank holds all of it.
+    """Load the frozen model; under ZeRO-3 it is created partitioned and filled one module at a time
+    (_load_partitioned), so no rank holds all of it.
 
     `dtype` overrides the DeepSpeed config's precision (inference passes no config). `quant` loads
     the linear layers as bitsandbytes 8-bit or NF4 onto `device`; ZeRO-3 cannot partition those
@@ -305,7 +425,11 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
     # loaded later in this process (by us or by the caller) are not silently partitioned.
     zero3 = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
-        model = cls.from_pretrained(path, revision=revision, dtype=dtype, **placement)
+        # Measured on a 1.1B LLaMA, 2 ranks (docs/scale_run.md): transformers' own ZeRO-3 path peaks at the
+        # whole checkpoint plus a partition on rank 0 (7.6 GB); this one at a partition plus one module (3.0 GB).
+        model = _load_partitioned(cls, config, path, revision, dtype) if zero3 is not None else None
+        if model is None:
+            model = cls.from_pretrained(path, revision=revision, dtype=dtype, **placement)
     finally:
         del zero3
         unset_hf_deepspeed_config()

@@ -1,0 +1,647 @@
+"""A measured scale run: the pipeline stages on a ~1.1B-parameter LLaMA under ZeRO-0 (1 rank), ZeRO-3 (2
+ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory sampled.
+
+    python launch/scale_run.py                               # tinyllama-1.1b shape -> docs/scale_run.{json,md}
+    python launch/scale_run.py --shape small                 # a few MB, for a smoke test (docs/scale_run_small.*)
+    python launch/scale_run.py --runs zero0,zero3 --work runs/scale --keep-base
+
+1. Builds a random-init LLaMA of the shape (TinyLlama: hidden 2048, 22 layers, 32 heads / 4 KV heads,
+   intermediate 5632, vocab 32000; 1.1B parameters, fp32) once, as sharded safetensors
+   (`save_pretrained(max_shard_size=--shard-size)`), with a small word-level tokenizer, and a
+   synthetic two-class CSV task. `--keep-base` reuses a finished base in --work.
+2. Runs each stage (prompt, attribute, localize, convert, retune) as its own launch, as a user would:
+   `deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ... --stages S` (and
+   zero3_offload.json), and `python launch/train.py --config ds_configs/zero0.json ... --stages S`, with
+   a few steps of a tiny global batch.
+3. Samples every process of the launch's tree every --interval seconds (psutil): per rank the peak
+   RSS (also the kernel's own high-water mark, VmHWM) and the peak anonymous RSS (RSS less
+   file-backed and shared pages: memory-mapped checkpoint pages count in RSS but are page cache).
+   Before the stages, a `load` launch runs this script with --probe-load on every rank: only
+   engine.load_backbone, as the stages call it, reporting each rank's RSS and high-water mark after it.
+4. Reports, per stage and rank, the peaks; the ratio of the largest ZeRO-3 rank's peak to the ZeRO-0
+   peak; seconds per optimizer step (DIR/prompt and DIR/retune metrics.json: train_seconds / steps);
+   and the convert stage's peak RSS growth on rank 0 (from the sample before its staging directory
+   appears) against the largest tensor of the base checkpoint.
+
+A run NAME_tuned (e.g. --runs zero0_tuned,zero3_tuned) adds the two settings the shipped configs lack (see
+TUNED_ENV below). After each multi-rank launch the script removes the launch's DeepSpeed shared-memory
+buffers from /dev/shm, which DeepSpeed leaves behind (66 MiB per rank). Writes the JSON and Markdown
+reports atomically after every run, and prints a table; --render rewrites the Markdown (with --notes)
+from the JSON. A measurement, not a test: tests/test_scale_run.py runs `--shape small` end to end.
+
+docs/scale_run.md was made with
+    python launch/scale_run.py --runs zero0,zero0_tuned,zero3_tuned,zero3_offload_tuned --stage3-limit 1e8
+and docs/scale_run_before.md (shipped configs, transformers' loader) by the first version with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+STAGES = ("prompt", "attribute", "localize", "convert", "retune")
+ROWS = ("load", *STAGES)  # "load": a launch that only loads the backbone as the stages do (the load probe)
+LLAMA = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
+SHAPES = {
+    "tinyllama-1.1b": dict(LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4),
+    "small": dict(LLAMA, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256),
+}
+RUNS = {  # name: (DeepSpeed config, ranks; 0 = plain python, no launcher)
+    "zero0": ("ds_configs/zero0.json", 0),
+    "zero3": ("ds_configs/zero3.json", 2),
+    "zero3_offload": ("ds_configs/zero3_offload.json", 2),
+}
+LIMIT_KEYS = ("stage3_max_live_parameters", "stage3_max_reuse_distance")
+TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
+"""A run NAME_tuned is run NAME with glibc's mmap threshold fixed at 1 MiB (TUNED_ENV;
+by default it grows up to 32 MiB as large blocks are freed, and ZeRO-3's gathered weights of 2-32 MiB then stay
+in the heap after release) and, for ZeRO-3, the shipped config with LIMIT_KEYS set to --stage3-limit (DeepSpeed's defaults,
+1e9 elements each, keep a gathered parameter while it is used again within 1e9 elements of the module order:
+with a backward pass through frozen weights that is nearly all of a 1B model)."""
+
+# The synthetic task of tests/conftest.py: the label is which sentiment word a sentence holds.
+POSITIVE = ["good", "great", "fine", "nice", "happy"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "ugly"]
+FILLER = ["the", "movie", "was", "plot", "actor", "story", "very", "quite", "film", "scene"]
+VERBALIZER = ["no", "yes"]
+WORDS = sorted(set(POSITIVE + NEGATIVE + FILLER + VERBALIZER + ["a", "?", "text", ":", "answer", "it"]))
+MIB = 2**20
+
+
+# ------------------------------------------------------------------ inputs
+def write_task(directory: Path, train: int, dev: int) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, seed in (("train", train, 1), ("dev", dev, 2)):
+        rng = random.Random(seed)
+        path = directory / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for i in range(n):
+                positive = i % 2 == 0
+                words = rng.choices(FILLER, k=rng.randint(2, 6))
+                words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if positive else NEGATIVE))
+                w.writerow([" ".join(words), "pos" if positive else "neg"])
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def build_base(shape: str, directory: Path, shard_size: str) -> dict:
+    """Random-init LLaMA of `shape`, saved by save_pretrained in shards of `shard_size`, plus a word-level
+    tokenizer (ids < 30; the embedding has the shape's full vocabulary). One copy of the model in
+    memory (no meta-device trick needed); safetensors serialises one shard at a time."""
+    import psutil
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
+                         initializer_range=0.02)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(staging, safe_serialization=True, max_shard_size=shard_size)
+    del model
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(staging)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+    peak = _status(os.getpid()).get("VmHWM", 0) / 1024
+    info = {"parameters": parameters, "seconds": round(time.perf_counter() - start, 1), "build_peak_rss_mib": round(peak),
+            "shard_size": shard_size, "system_memory_mib": round(psutil.virtual_memory().total / MIB)}
+    (directory / "scale_run_base.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def checkpoint_summary(directory: Path) -> dict:
+    """Shards, total bytes and the largest tensor, from the safetensors headers alone."""
+    shards = sorted(directory.glob("*.safetensors"))
+    largest, total = ("", 0), 0
+    for shard in shards:
+        with open(shard, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+            total += nbytes
+            largest = max(largest, (name, nbytes), key=lambda x: x[1])
+    return {"shards": len(shards), "largest_shard_mib": round(max(s.stat().st_size for s in shards) / MIB, 1),
+            "checkpoint_mib": round(total / MIB, 1), "largest_tensor": largest[0],
+            "largest_tensor_mib": round(largest[1] / MIB, 1)}
+
+
+# ---------------------------------------------------------------- sampling
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of /proc/PID/status, in KiB."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+@dataclass
+class RankTrace:
+    pid: int
+    peak_rss: float = 0.0  # MiB, sampled
+    peak_anon: float = 0.0
+    hwm: float = 0.0  # the kernel's high-water mark of RSS, last read
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds since launch, RSS MiB)
+
+
+class TreeSampler:
+    """Samples the RSS of every process under `root` every `interval` seconds, on a thread.
+
+    A rank is a process running launch/train.py that is not the DeepSpeed launcher: under
+    `deepspeed` the one with RANK in its environment (set by deepspeed.launcher.launch), under
+    plain python the root itself (rank 0). Other processes (launcher, compilers) count as "other"."""
+
+    def __init__(self, root: int, *, direct: bool, interval: float, watch: list[Path] | None = None):
+        self.root, self.direct, self.interval, self.watch = root, direct, interval, watch
+        self.ranks: dict[int, RankTrace] = {}
+        self.other_peak = 0.0
+        self.tree_peak = 0.0  # largest sum over all processes at one sample
+        self.watch_seen: float | None = None  # when a path matching one of the `watch` globs first appeared
+        self._kind: dict[tuple[int, str], int | None] = {}
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "TreeSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _rank_of(self, proc) -> int | None:
+        """Decided once per (pid, command line): a rank forked by the launcher still shows the launcher's
+        command line and environment until it execs, and must be looked at again after that."""
+        import psutil
+
+        if self.direct:
+            return 0 if proc.pid == self.root else None
+        try:
+            cmd = " ".join(proc.cmdline())
+            key = (proc.pid, cmd)
+            if key not in self._kind:
+                env = proc.environ()
+                is_rank = "RANK" in env and ("train.py" in cmd or "--probe-load" in cmd)
+                self._kind[key] = int(env["RANK"]) if is_rank else None
+        except (psutil.Error, ValueError):
+            return None
+        return self._kind[key]
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.root)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            now = time.perf_counter() - self._t0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            total = 0.0
+            for proc in procs:
+                status = _status(proc.pid)
+                if "VmRSS" not in status:
+                    continue
+                rss = status["VmRSS"] / 1024
+                total += rss
+                rank = self._rank_of(proc)
+                if rank is None:
+                    self.other_peak = max(self.other_peak, rss)
+                    continue
+                trace = self.ranks.setdefault(rank, RankTrace(proc.pid))
+                trace.peak_rss = max(trace.peak_rss, rss)
+                trace.peak_anon = max(trace.peak_anon, status.get("RssAnon", 0) / 1024)
+                trace.hwm = max(trace.hwm, status.get("VmHWM", 0) / 1024)
+                trace.samples.append((now, rss))
+            self.tree_peak = max(self.tree_peak, total)
+            if self.watch and self.watch_seen is None and any(any(w.parent.glob(w.name)) for w in self.watch):
+                self.watch_seen = now
+            self._stop.wait(self.interval)
+
+
+# --------------------------------------------------------------------- runs
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(run: str, work: Path, limit: int | None) -> tuple[str, int]:
+    """(DeepSpeed config path, ranks) of a run; a ZeRO-3 NAME_tuned run gets a patched copy in WORK/ds_configs."""
+    shipped, ranks = RUNS[run.removesuffix("_tuned")]
+    if not run.endswith("_tuned") or not ranks:
+        return shipped, ranks
+    cfg = json.loads((REPO / shipped).read_text())
+    cfg["zero_optimization"].update({k: limit for k in LIMIT_KEYS})
+    path = work / "ds_configs" / f"{run}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2))
+    return str(path), ranks
+
+
+def _launcher(ranks: int) -> list[str]:
+    python = Path(sys.executable)
+    if ranks:
+        return [str(python.parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+    return [str(python)]
+
+
+def stage_command(config: str, ranks: int, stage: str, base: Path, files: tuple[Path, Path], out: Path,
+                  flags: list[str]) -> list[str]:
+    train, dev = files
+    return [*_launcher(ranks), "launch/train.py", "--config", config, "--model", str(base), "--output", str(out),
+            "--task", "generic", "--train-file", str(train), "--dev-file", str(dev), "--text-columns", "text",
+            "--label-names", "neg,pos", "--verbalizer", ",".join(VERBALIZER), "--template", "{text} ? {answer}",
+            *flags, "--stages", stage]
+
+
+def stage_flags(shape: str, steps: int, batch: int) -> list[str]:
+    align = "64" if shape == "tinyllama-1.1b" else "32"
+    return ["--batch-size", str(batch), "--prompt-length", "4", "--max-length", "32", "--max-steps", str(steps),
+            "--max-train-examples", "16", "--max-eval-examples", "4", "--attr-examples", "4", "--save-every", "1000",
+            "--seed", "0", "--ffn-keep", "0.3", "--head-keep", "0.5", "--align", align]
+
+
+_RENDEZVOUS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def run_stage(cmd: list[str], log: Path, *, direct: bool, interval: float, watch: list[Path] | None,
+              extra_env: dict[str, str]) -> tuple[int, float, TreeSampler]:
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS} | extra_env
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        sampler = TreeSampler(proc.pid, direct=direct, interval=interval, watch=watch).start()
+        code = proc.wait()
+        sampler.stop()
+    if "--master_port" in cmd:
+        remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+    return code, time.perf_counter() - start, sampler
+
+
+def remove_shm_buffers(port: str) -> int:
+    """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp) creates one 66 MiB file per rank in
+    /dev/shm, named after the master port, and never unlinks it: each multi-rank launch would leave 2 x 66 MiB
+    of RAM behind. Remove this launch's (its ranks have exited). Returns the bytes freed."""
+    freed = 0
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        freed += path.stat().st_size
+        path.unlink(missing_ok=True)
+    return freed
+
+
+def seconds_per_step(run_dir: Path, stage: str) -> float | None:
+    path = run_dir / stage / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    return round(m["train_seconds"] / m["steps"], 2) if m.get("steps") else None
+
+
+def conversion_growth(sampler: TreeSampler) -> dict:
+    """Rank 0's peak RSS from the start of the conversion (its staging directory appearing) less the RSS just before."""
+    trace = sampler.ranks.get(0)
+    if trace is None or not trace.samples:
+        return {}
+    seen = sampler.watch_seen
+    before = [rss for t, rss in trace.samples if seen is None or t < seen]
+    after = [rss for t, rss in trace.samples if seen is not None and t >= seen]
+    baseline = before[-1] if before else trace.samples[0][1]
+    peak = max(after) if after else trace.peak_rss
+    return {"baseline_mib": round(baseline), "peak_mib": round(peak), "growth_mib": round(peak - baseline),
+            "staging_seen": seen is not None}
+
+
+def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
+    config, ranks = run_config(run, args.work, args.stage3_limit)
+    out = args.work / "runs" / run
+    shutil.rmtree(out, ignore_errors=True)
+    result = {"config": config, "ranks": max(ranks, 1), "launcher": "deepspeed" if ranks else "python", "output": str(out), "stages": {}}
+    env = TUNED_ENV if run.endswith("_tuned") else {}
+    if run.endswith("_tuned") and ranks:
+        result["config"] = f"{RUNS[run.removesuffix('_tuned')][0]} with " + ", ".join(
+            f"{k}={args.stage3_limit:g}" for k in LIMIT_KEYS)
+    result["env"] = env
+    for stage in ("load", *STAGES):
+        if stage == "load":  # the backbone load alone, as the stages do it: the load probe on every rank
+            cmd = [*_launcher(ranks), "launch/scale_run.py", "--probe-load", str(base), config]
+        else:
+            cmd = stage_command(config, ranks, stage, base, files, out, flags)
+        # the conversion starts when its staging directory appears (a small model's is renamed to compact/ at once)
+        watch = [out / ".compact.partial-*", out / "compact"] if stage == "convert" else None
+        log = args.work / "logs" / f"{run}-{stage}.log"
+        print(f"[scale_run] {run} {stage}: {shlex.join(cmd[:6])} ...", flush=True)
+        code, wall, sampler = run_stage(cmd, log, direct=not ranks, interval=args.interval, watch=watch, extra_env=env)
+        if code != 0:
+            raise SystemExit(f"[scale_run] {run} {stage} exited {code}; log tail:\n{log.read_text()[-4000:]}")
+        entry = {"wall_s": round(wall, 1), "tree_peak_rss_mib": round(sampler.tree_peak),
+                 "other_peak_rss_mib": round(sampler.other_peak),
+                 "ranks": {str(r): {"peak_rss_mib": round(t.peak_rss), "hwm_mib": round(t.hwm),
+                                    "peak_anon_mib": round(t.peak_anon)} for r, t in sorted(sampler.ranks.items())}}
+        timeline = {str(r): [(round(t, 1), round(v)) for t, v in trace.samples] for r, trace in sampler.ranks.items()}
+        log.with_suffix(".rss.json").write_text(json.dumps(timeline))
+        if stage == "load":
+            probes = [json.loads(m) for m in re.findall(r"SCALE_RUN_PROBE (\{[^}]*\})", log.read_text())]
+            entry["after_load"] = {str(p["rank"]): p for p in sorted(probes, key=lambda p: p["rank"])}
+        if stage == "convert":
+            entry["conversion"] = conversion_growth(sampler)
+        result["stages"][stage] = entry
+        ranks_text = ", ".join(f"rank {r} {v['peak_rss_mib']} MiB (anon {v['peak_anon_mib']})" for r, v in entry["ranks"].items())
+        print(f"[scale_run] {run} {stage}: {wall:.0f} s, peak RSS {ranks_text}", flush=True)
+    result["seconds_per_step"] = {s: seconds_per_step(out, s) for s in ("prompt", "retune")}
+    prompt = json.loads((out / "prompt" / "metrics.json").read_text())
+    result["backbone_fraction_on_rank0"] = prompt.get("backbone_fraction_on_rank0")
+    ckpt = out / "checkpoints" / "prompt"
+    result["prompt_checkpoint_mib"] = round(sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / MIB, 2)
+    conversion = json.loads((out / "conversion.json").read_text())
+    result["parameters_full"], result["parameters_compact"] = conversion["parameters_full"], conversion["parameters_compact"]
+    if not args.keep_outputs:
+        shutil.rmtree(out / "compact", ignore_errors=True)
+    return result
+
+
+def peak(stage: dict, key: str = "peak_rss_mib") -> float:
+    """The largest rank's peak: the sampled peak or, for RSS, the kernel high-water mark if higher."""
+    values = [max(r[key], r["hwm_mib"]) if key == "peak_rss_mib" else r[key] for r in stage["ranks"].values()]
+    return max(values)
+
+
+def ratios(runs: dict) -> dict:
+    """Per stage: largest ZeRO-3 rank's peak / the ZeRO-0 rank's peak (RSS and anonymous RSS); a NAME_tuned
+    run is compared with zero0_tuned when there is one."""
+    out = {}
+    for run in runs:
+        ref = "zero0_tuned" if run.endswith("_tuned") and "zero0_tuned" in runs else "zero0"
+        if run.startswith("zero0") or ref not in runs:
+            continue
+        a, b = runs[run]["stages"], runs[ref]["stages"]
+        out[run] = {stage: {"rss": round(peak(a[stage]) / peak(b[stage]), 3),
+                            "anon": round(peak(a[stage], "peak_anon_mib") / peak(b[stage], "peak_anon_mib"), 3),
+                            "vs": ref} for stage in ROWS}
+    return out
+
+
+# ------------------------------------------------------------------ report
+def table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per run and rank: peak RSS (anonymous RSS) per stage in MiB, and seconds per step; after each
+    ZeRO-3 run, its ratio row (largest rank's peak over the ZeRO-0 peak)."""
+    runs, rat = result["runs"], result["ratios"]
+    header = ["run", "rank", *ROWS, "s/step prompt", "s/step retune"]
+    rows = []
+    for run, r in runs.items():
+        for k in range(r["ranks"]):
+            row = [run, str(k)]
+            for stage in ROWS:
+                v = r["stages"][stage]["ranks"].get(str(k))
+                row.append("-" if v is None else f"{max(v['peak_rss_mib'], v['hwm_mib'])} ({v['peak_anon_mib']})")
+            steps = r["seconds_per_step"]
+            row += [str(steps["prompt"]), str(steps["retune"])] if k == 0 else ["", ""]
+            rows.append(row)
+        if run in rat:
+            rows.append([run, f"/ {rat[run]['prompt']['vs']}"]
+                        + [f"{rat[run][s]['rss']:.2f} ({rat[run][s]['anon']:.2f})" for s in ROWS] + ["", ""])
+    return header, rows
+
+
+def markdown(result: dict) -> str:
+    header, rows = table(result)
+    base = result["base"]
+    lines = [f"# Scale run: {result['shape']} ({base['parameters'] / 1e9:.2f}B parameters, fp32, random weights)", "",
+             f"Measured {result['date']} on {result['environment']['machine']}.", "", "Command:", "", "```bash",
+             result["command"], "```", "",
+             f"Base checkpoint: {base['checkpoint_mib']:.0f} MiB in {base['shards']} safetensors shards "
+             f"(`save_pretrained(max_shard_size=\"{base['shard_size']}\")`, largest shard {base['largest_shard_mib']:.0f} MiB); "
+             f"largest tensor `{base['largest_tensor']}` {base['largest_tensor_mib']:.0f} MiB. Built (random init, "
+             f"then save_pretrained) in {base['seconds']} s at a peak RSS of {base['build_peak_rss_mib']} MiB: one copy "
+             f"of the model.", "",
+             "Stage flags (every run): `" + " ".join(result["stage_flags"]) + "`", "",
+             "Runs: " + "; ".join(f"`{run}` {r['launcher']} x {r['ranks']}, {r['config']}"
+                                  + (" + " + " ".join(f"{k}={v}" for k, v in r["env"].items()) if r["env"] else "")
+                                  for run, r in result["runs"].items()) + ".", "",
+             "Peak resident memory per stage launch and rank, in MiB: RSS (the larger of the 0.2 s samples and the "
+             "kernel's VmHWM) and, in brackets, anonymous RSS (RSS less file-backed pages such as a memory-mapped "
+             "checkpoint); `load` is a launch that only loads the backbone as the stages do. Ratio rows (`/ zero0`): "
+             "the largest ZeRO-3 rank's peak over the ZeRO-0 peak. Seconds per optimizer step: DIR/prompt and "
+             "DIR/retune metrics.json, train_seconds / steps.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "Conversion (rank 0, streaming from the on-disk base): peak RSS growth over the RSS before it "
+                  f"started (sampled; and the process's VmHWM less the same), against the largest base tensor "
+                  f"({base['largest_tensor_mib']:.0f} MiB):", ""]
+    for run, r in result["runs"].items():
+        c = r["stages"]["convert"].get("conversion", {})
+        if c:
+            hwm = r["stages"]["convert"]["ranks"]["0"]["hwm_mib"] - c["baseline_mib"]  # the process's own peak
+            lines.append(f"- {run}: {c['baseline_mib']} -> {c['peak_mib']} MiB, growth **{c['growth_mib']} MiB** = "
+                         f"{c['growth_mib'] / base['largest_tensor_mib']:.2f} x the largest tensor (by VmHWM: "
+                         f"{hwm} MiB = {hwm / base['largest_tensor_mib']:.2f} x)")
+    lines += ["", "Load probe (`launch/scale_run.py --probe-load`, the backbone load alone under the run's launcher "
+                  "and config): seconds, share of the backbone stored per rank, RSS per rank right after loading:", ""]
+    for run, r in result["runs"].items():
+        after = r["stages"]["load"].get("after_load", {})
+        lines.append(f"- {run}: " + "; ".join(f"rank {k} {v['seconds']} s, share {v['fraction']}, RSS {v['rss_mib']} MiB "
+                                                f"(anon {v['anon_mib']})" for k, v in after.items()))
+    lines += ["", "Per run: backbone share stored on rank 0 (prompt stage), prompt-stage DeepSpeed checkpoint size, "
+                  "parameters full -> compact:", ""]
+    for run, r in result["runs"].items():
+        lines.append(f"- {run}: {r['backbone_fraction_on_rank0']:.3f}, checkpoint {r['prompt_checkpoint_mib']} MiB, "
+                     f"{r['parameters_full'] / 1e6:.1f}M -> {r['parameters_compact'] / 1e6:.1f}M; stage wall seconds "
+                     + ", ".join(f"{s} {v['wall_s']}" for s, v in r["stages"].items()))
+    if result.get("notes"):
+        lines += ["", result["notes"].rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def print_result(result: dict, json_path: Path) -> None:
+    from skeleton_ds.ui import print_table
+
+    header, rows = table(result)
+    base = result["base"]
+    print_table(f"{result['shape']}: peak RSS (anon) MiB per stage and rank, {result['date']}", header, rows,
+                caption=f"{json_path}; largest tensor {base['largest_tensor_mib']:.0f} MiB")
+    for run, r in result["runs"].items():
+        c = r["stages"]["convert"].get("conversion", {})
+        if c:
+            print(f"{run}: conversion peak RSS growth {c['growth_mib']} MiB "
+                  f"({c['growth_mib'] / base['largest_tensor_mib']:.2f} x largest tensor {base['largest_tensor_mib']:.0f} MiB)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES))
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help=f"comma list of {','.join(RUNS)}, each also as NAME_tuned (glibc mmap threshold 1 MiB and, "
+                        f"for ZeRO-3, --stage3-limit)")
+    p.add_argument("--stage3-limit", type=float, default=1e8,
+                   help="stage3_max_live_parameters and stage3_max_reuse_distance of the ZeRO-3 NAME_tuned runs")
+    p.add_argument("--work", type=Path, default=None, help="base model, data, run outputs, logs (default runs/scale/SHAPE)")
+    p.add_argument("--json", type=Path, default=None, help="default docs/scale_run.json (docs/scale_run_SHAPE.json)")
+    p.add_argument("--md", type=Path, default=None, help="default docs/scale_run.md (docs/scale_run_SHAPE.md)")
+    p.add_argument("--shard-size", default="500MB", help="save_pretrained max_shard_size of the base checkpoint")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps of prompt tuning and re-tuning")
+    p.add_argument("--batch-size", type=int, default=2, help="global batch")
+    p.add_argument("--interval", type=float, default=0.2, help="RSS sampling period, seconds")
+    p.add_argument("--keep-base", action="store_true", help="reuse a finished base model in --work")
+    p.add_argument("--keep-outputs", action="store_true", help="keep the compact models of the runs")
+    p.add_argument("--notes", type=Path, default=None, help="Markdown appended to the report (findings)")
+    p.add_argument("--render", action="store_true", help="only rewrite --md (and --notes into --json) from --json")
+    args = p.parse_args(argv)
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad = [r for r in args.runs if r.removesuffix("_tuned") not in RUNS]
+    if bad:
+        p.error(f"--runs takes {', '.join(RUNS)} (each also as NAME_tuned); got {', '.join(bad)}")
+    args.stage3_limit = int(args.stage3_limit)
+    suffix = "" if args.shape == "tinyllama-1.1b" else f"_{args.shape}"
+    args.work = args.work or REPO / "runs" / "scale" / args.shape
+    args.json = args.json or REPO / "docs" / f"scale_run{suffix}.json"
+    args.md = args.md or REPO / "docs" / f"scale_run{suffix}.md"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--probe-load" in argv:  # a rank of the load probe (see measure); the launcher adds --local_rank=N
+        return probe_load(*[a for a in argv if a != "--probe-load" and not a.startswith("--local_rank")])
+    args = parse_args(argv)
+    if args.render:
+        result = json.loads(args.json.read_text())
+        if args.notes is not None:
+            result["notes"] = args.notes.read_text()
+            _atomic_write(args.json, json.dumps(result, indent=2) + "\n")
+        _atomic_write(args.md, markdown(result))
+        print_result(result, args.json)
+        return 0
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
+    base = args.work / "base"
+    if not (args.keep_base and (base / "scale_run_base.json").is_file()):
+        print(f"[scale_run] building the {args.shape} base model in {base} (shards of {args.shard_size}) ...", flush=True)
+        build_base(args.shape, base, args.shard_size)
+    info = json.loads((base / "scale_run_base.json").read_text()) | checkpoint_summary(base)
+    print(f"[scale_run] base: {info['parameters'] / 1e6:.1f}M parameters, {info['checkpoint_mib']:.0f} MiB in "
+          f"{info['shards']} shards, largest tensor {info['largest_tensor_mib']:.0f} MiB", flush=True)
+    files = write_task(args.work / "data", 32, 8)
+    flags = stage_flags(args.shape, args.steps, args.batch_size)
+    import platform
+
+    import torch
+
+    meta = {"format": "skeleton_ds.scale_run/1", "shape": args.shape, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": "python launch/scale_run.py " + shlex.join(argv), "stage_flags": flags, "base": info,
+            "stage3_limit": args.stage3_limit, "tuned_env": TUNED_ENV,
+            "environment": {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                                       f"{info['system_memory_mib'] / 1024:.0f} GiB RAM, "
+                                       + ("CUDA" if _has_cuda() else "no GPU (CPU ranks over gloo)"),
+                            "torch": torch.__version__, "python": platform.python_version(), **_versions()}}
+    runs: dict[str, dict] = {}
+    for run in args.runs:
+        runs[run] = measure(run, args, base, files, flags)
+        result = {**meta, "runs": runs, "ratios": ratios(runs)}
+        if args.notes is not None:
+            result["notes"] = args.notes.read_text()
+        _atomic_write(args.json, json.dumps(result, indent=2) + "\n")  # after every run: a crash keeps the finished ones
+        _atomic_write(args.md, markdown(result))
+    print_result(result, args.json)
+    return 0
+
+
+def probe_load(model: str, config: str) -> int:
+    """Runs inside each rank (under the launcher): join the group, load the backbone as the stages do,
+    and print this rank's RSS, high-water mark and anonymous RSS right after loading."""
+    import torch
+
+    from skeleton_ds import engine
+
+    dist = engine.init_distributed()
+    ds_config = engine.resolve_ds_config(Path(config), world_size=dist.world_size, batch_size=2 * dist.world_size,
+                                         lr=0.03, precision="auto")
+    start = time.perf_counter()
+    backbone = engine.load_backbone(model, ds_config, readout="verbalizer")
+    seconds = time.perf_counter() - start
+    status = _status(os.getpid())
+    fraction = engine.local_fraction(backbone.model.parameters())
+    torch.distributed.barrier()
+    line = "SCALE_RUN_PROBE " + json.dumps({"rank": dist.rank, "seconds": round(seconds, 1), "fraction": round(fraction, 3),
+                                            "rss_mib": round(status["VmRSS"] / 1024), "hwm_mib": round(status["VmHWM"] / 1024),
+                                            "anon_mib": round(status["RssAnon"] / 1024)})
+    sys.stdout.flush()
+    os.write(1, (line + "\n").encode())  # one write: the ranks share the launcher's stdout
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _versions() -> dict:
+    import deepspeed
+    import transformers
+
+    return {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
