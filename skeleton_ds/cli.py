@@ -395,7 +395,21 @@ def run_and_exit(command: Callable[[Sequence[str] | None], int], argv: Sequence[
         if code in (0, PREEMPTED_EXIT_CODE):
             torch.distributed.barrier()  # every rank is here: none tears down a connection another still uses
         torch.distributed.destroy_process_group()
+        _remove_shm_buffer()
     return code
+
+
+def _remove_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) creates a 66 MiB /dev/shm file per rank and
+    never removes it: RAM lost until reboot, a few GB after a day of multi-rank CPU jobs. Each rank
+    removes its own once every rank is past the final barrier (a mapping outlives its name)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and hasattr(os, "getuid")):
+        return
+    from pathlib import Path
+
+    for rank in {os.environ.get("RANK"), os.environ.get("LOCAL_RANK")} - {None}:
+        Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
