@@ -45,7 +45,6 @@ import re
 import shlex
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -55,6 +54,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from skeleton_ds.checkpoint import read_header  # noqa: E402
 
 STAGES = ("prompt", "attribute", "localize", "convert", "retune")
 ROWS = ("load", *STAGES)  # "load": a launch that only loads the backbone as the stages do (the load probe)
@@ -146,11 +147,7 @@ def checkpoint_summary(directory: Path) -> dict:
     shards = sorted(directory.glob("*.safetensors"))
     largest, total = ("", 0), 0
     for shard in shards:
-        with open(shard, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        for name, info in header.items():
+        for name, info in read_header(shard)[0].items():
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
             total += nbytes
             largest = max(largest, (name, nbytes), key=lambda x: x[1])

@@ -147,7 +147,21 @@ def unreadable_as_user_error(path: Path, fix: str = "re-run the stage that wrote
         raise UserError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; {fix}") from None
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+"""safetensors dtype names -> torch dtypes (surgery writes, the ZeRO-3 loader reads, verify checks sizes)."""
+ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets; metadata left out) and the
+    byte where its data starts, without reading any tensor. Unchecked: see safetensors_header."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
 def safetensors_header(path: Path) -> dict:
@@ -173,7 +187,7 @@ def safetensors_header(path: Path) -> dict:
             continue
         try:
             begin, stop = info["data_offsets"]
-            nbytes = _ITEMSIZE[info["dtype"]] * math.prod(info["shape"])
+            nbytes = ITEMSIZE[info["dtype"]] * math.prod(info["shape"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"tensor {name}: malformed header entry") from None
         if nbytes != stop - begin:

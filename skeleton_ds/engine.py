@@ -18,6 +18,7 @@ from typing import Iterable
 
 import torch
 
+from skeleton_ds import checkpoint
 from skeleton_ds.adapters import ArchAdapter, adapter_for
 from skeleton_ds.errors import UserError
 
@@ -254,16 +255,9 @@ def quantization_config(quant: str, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
-
-
 def _safetensors_index(path: str, revision: str | None) -> dict[str, tuple[Path, dict]] | None:
     """Checkpoint tensor name -> (file, header entry) from the safetensors headers alone; None when the
     checkpoint is not safetensors (or a Hub id that cannot be fetched): the caller falls back."""
-    import struct
-
     directory = Path(path)
     if not directory.is_dir():
         try:
@@ -281,12 +275,9 @@ def _safetensors_index(path: str, revision: str | None) -> dict[str, tuple[Path,
         return None
     entries = {}
     for file in files:
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
+        header, data_start = checkpoint.read_header(file)
         for name, info in header.items():
-            info["data_offsets"] = [8 + size + o for o in info["data_offsets"]]  # absolute file offsets
+            info["data_offsets"] = [data_start + o for o in info["data_offsets"]]  # absolute file offsets
             entries[name] = (file, info)
     return entries
 
@@ -294,7 +285,7 @@ def _safetensors_index(path: str, revision: str | None) -> dict[str, tuple[Path,
 def _read_tensor_into(target: torch.Tensor, file: Path, info: dict) -> None:
     """Copy one checkpoint tensor into `target` with plain reads: no memory map, so the checkpoint's
     pages never count in this process's RSS, and no copy of the tensor when dtype and device match."""
-    dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
+    dtype, shape = checkpoint.SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
     start, end = info["data_offsets"]
     direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
     buffer = target if direct else torch.empty(shape, dtype=dtype)

@@ -35,10 +35,9 @@ from skeleton_ds.adapters import ArchAdapter, Geometry, adapter_for
 from skeleton_ds.errors import UserError
 from skeleton_ds.localization import Skeleton, load_skeleton
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = checkpoint.SAFETENSORS_DTYPES
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = checkpoint.ITEMSIZE
 
 
 def checkpoint_files(base: Path, *, allow_pickle: bool = False) -> list[Path]:
@@ -204,11 +203,7 @@ def _header(file: Path) -> dict:
     """name -> {"dtype", "shape"} without reading tensor data."""
     if file.suffix == ".bin":
         return {name: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for name, t in _pickle(file).items()}
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
+    return checkpoint.read_header(file)[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -232,7 +227,6 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tensors: Iterator[torch.Tensor],
