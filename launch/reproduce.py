@@ -92,8 +92,10 @@ def run_task(task: str, seed: int, plan: dict, keeps: list[float], args) -> list
     common = ["--model", args.model, "--config", args.config, "--seed", str(seed), "--epochs", str(plan["epochs"]),
               "--max-train-examples", str(plan["train"]), "--max-eval-examples", str(plan["dev"]),
               "--attr-examples", str(plan["attr"]), *_task_flags(task, args.data_dir)]
-    _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
+    if not (base / "full" / "attribution.safetensors").is_file():  # a finished run is reused (an interrupted table resumes)
+        _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
     full = json.loads((base / "full" / "prompt" / "metrics.json").read_text())
+    full_seconds = _seconds(base / "full")
     rows = []
     for keep in keeps:
         for variant, (scorer, compensate) in VARIANTS.items():
@@ -102,8 +104,9 @@ def run_task(task: str, seed: int, plan: dict, keeps: list[float], args) -> list
                 shutil.copytree(base / "full" / "prompt", run / "prompt")
                 if scorer == "attribution":
                     shutil.copy(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
-            _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune", "--scorer", scorer,
-                             "--ffn-keep", str(keep), "--compensate", compensate])
+            if not (run / "retune" / "metrics.json").is_file():
+                _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
+                                 "--scorer", scorer, "--ffn-keep", str(keep), "--compensate", compensate])
             retune = json.loads((run / "retune" / "metrics.json").read_text())
             conversion = json.loads((run / "conversion.json").read_text())
             rows.append({"task": task, "seed": seed, "ffn_keep": keep, "variant": variant,
@@ -111,8 +114,14 @@ def run_task(task: str, seed: int, plan: dict, keeps: list[float], args) -> list
                          "after": _metric(retune["metrics"]), "parameters_full": conversion["parameters_full"],
                          "parameters_compact": conversion["parameters_compact"],
                          "train_examples": full["train_examples"], "dev_examples": full["dev_examples"],
-                         "majority": full.get("dev_majority"), "run": str(run)})
+                         "majority": full.get("dev_majority"), "run": str(run),
+                         "seconds": round(_seconds(run) + full_seconds / len(keeps) / len(VARIANTS), 1)})
     return rows
+
+
+def _seconds(run: Path) -> float:
+    """Wall seconds the pipeline spent on a run (its metrics.json), so a resumed table still reports its cost."""
+    return sum(json.loads((run / "metrics.json").read_text()).get("stage_seconds", {}).values())
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -121,7 +130,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["task"], r["ffn_keep"], r["variant"]), []).append(r)
     out = []
-    for (task, keep, variant), rs in groups.items():
+    order = {task: i for i, task in enumerate(PLAN)}
+    for (task, keep, variant), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1],
+                                                                          list(VARIANTS).index(kv[0][2]))):
         def stat(key):
             values = [r[key] for r in rs]
             return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -200,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: unknown task(s) {', '.join(unknown)}; choose from {', '.join(PLAN)}")
     keeps = [float(k) for k in args.ffn_keeps.split(",") if k]
     start = time.perf_counter()
+    measured = {} if args.quick else speedups(keeps)  # first: a benchmark failure shows in minutes, not hours
     rows = []
-    for task in tasks:
+    for task in sorted(tasks, key=list(PLAN).index, reverse=True):  # the small tasks first
         plan = dict(PLAN[task])
         if args.quick:
             plan.update(train=64, attr=32, dev=64, epochs=1.0)
@@ -210,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python launch/reproduce.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "date": date.today().isoformat(), "model": args.model, "plan": {t: PLAN[t] for t in tasks},
               "quick": args.quick, "rows": rows, "table": aggregate(rows),
-              "speedups": {} if args.quick else speedups(keeps)}
-    record["seconds"] = round(time.perf_counter() - start, 1)
+              "speedups": measured, "wall_seconds": round(time.perf_counter() - start, 1)}
+    record["seconds"] = round(sum(r["seconds"] for r in rows), 1)
     write_json(args.output / "reproduce.json", record)
     text = markdown(record)
     print(text)
