@@ -211,6 +211,37 @@ def bench(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def reproduce(argv: Sequence[str] | None = None) -> int:
+    """Reproduce the results table: the real MiniLM on real tasks, Skeleton against random and magnitude controls."""
+    import argparse
+    import shlex
+    from pathlib import Path
+
+    from skeleton_ds.stages.reproduce import PLAN, ReproduceConfig
+
+    d = ReproduceConfig(data_dir=Path("."))
+    p = argparse.ArgumentParser(prog="skeleton-ds reproduce", description=reproduce.__doc__)
+    p.add_argument("--data-dir", type=Path, required=True, help="GLUE/SuperGLUE files (../shared/data)")
+    p.add_argument("--output", type=Path, default=d.output, help="where the pipeline runs go (default runs/reproduce)")
+    p.add_argument("--model", default=d.model, help="base model (default: the packaged MiniLM)")
+    p.add_argument("--tasks", type=lambda v: tuple(t for t in v.split(",") if t), default=d.tasks,
+                   help="comma list of " + ", ".join(PLAN))
+    p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 0.2,0.3,0.5)")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per task (default 0: 3 for small tasks, else 1)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny subsets, one epoch, no benchmark")
+    p.add_argument("--docs", type=Path, default=d.docs, help="where reproduce.{json,md,png} go (default docs)")
+    p.add_argument("--no-docs", dest="docs", action="store_const", const=None, help="write only OUTPUT/reproduce.json")
+    p.add_argument("--config", default=d.config, help="DeepSpeed config for the stages (default ds_configs/zero2.json)")
+    args = list(argv) if argv is not None else sys.argv[1:]
+    cfg = ReproduceConfig(**vars(p.parse_args(args)), command=shlex.join(["skeleton-ds", "reproduce", *args]))
+    _quiet_libraries()
+    from skeleton_ds.stages.reproduce import markdown
+    from skeleton_ds.stages.reproduce import reproduce as run_reproduce
+
+    print(markdown(run_reproduce(cfg)))
+    return 0
+
+
 def serve(argv: Sequence[str] | None = None) -> int:
     """Serve many task skeletons on one shared base model over HTTP, with dynamic batching."""
     import argparse
@@ -326,6 +357,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "export-peft": export_peft,
     "infer": infer,
     "bench": bench,
+    "reproduce": reproduce,
     "serve": serve,
     "verify": verify,
     "hostfile": hostfile,

@@ -1,33 +1,54 @@
-"""launch/reproduce.py end to end on the real MiniLM and the real CB files, in its quick mode (tiny
-subsets, one seed, one ratio): every variant is built, re-tuned and tabulated."""
+"""`skeleton-ds reproduce` end to end on the real MiniLM and the real CB files, in its quick mode (tiny
+subsets, one seed, one ratio): every variant is built, re-tuned and tabulated, and a second run reads the
+finished runs back instead of redoing them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import SHARED_DATA
+from skeleton_ds.cli import reproduce, run_command
+from skeleton_ds.stages.reproduce import VARIANTS, markdown
 
-pytestmark = pytest.mark.realdata
 
-
-def test_reproduce_quick_builds_every_variant(tmp_path):
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "launch" / "reproduce.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+@pytest.mark.realdata
+def test_reproduce_quick_builds_every_variant(tmp_path, capsys):
     out = tmp_path / "reproduce"
-    assert reproduce.main(["--data-dir", str(SHARED_DATA), "--tasks", "cb", "--seeds", "1", "--ffn-keeps", "0.5",
-                           "--quick", "--no-docs", "--output", str(out)]) == 0
+    argv = ["--data-dir", str(SHARED_DATA), "--tasks", "cb", "--seeds", "1", "--ffn-keeps", "0.5", "--quick",
+            "--no-docs", "--output", str(out)]
+    assert run_command(reproduce, argv) == 0
     record = json.loads((out / "reproduce.json").read_text())
+    assert record["command"].startswith("skeleton-ds reproduce --data-dir") and record["quick"] is True
     table = record["table"]
-    assert sorted(r["variant"] for r in table) == sorted(reproduce.VARIANTS)
+    assert [r["variant"] for r in table] == list(VARIANTS)
     for row in table:
         assert row["task"] == "cb" and row["ffn_keep"] == 0.5 and row["seeds"] == 1
         assert all(0 <= row[k] <= 1 for k in ("full_mean", "before_mean", "after_mean", "majority"))
         assert row["parameters_compact"] < row["parameters_full"]
     comp = json.loads((out / "cb" / "seed0" / "keep0.5-attribution+comp" / "compact" / "config.json").read_text())
     assert comp["skeleton_ds"]["compensate"] == "mean"
-    text = reproduce.markdown(record)
+    text = markdown(record)
     assert text.count("| cb (") == 4 and ("(learned)" in text or "(not learned)" in text)
+
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")}
+    assert run_command(reproduce, argv) == 0  # resumes: every run is complete, nothing is redone
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")} == finished
+    assert json.loads((out / "reproduce.json").read_text())["table"] == table
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "mnli"], "--tasks takes a comma list of"),
+    (["--ffn-keeps", "0.3,1.5"], "--ffn-keeps takes ratios in (0, 1)"),
+    (["--seeds", "-1"], "--seeds must be >= 0"),
+])
+def test_reproduce_refuses_bad_flags(tmp_path, capsys, flags, message):
+    assert run_command(reproduce, ["--data-dir", str(tmp_path), "--output", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reproduce_refuses_a_missing_data_dir(tmp_path, capsys):
+    assert run_command(reproduce, ["--data-dir", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

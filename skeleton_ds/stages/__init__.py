@@ -6,6 +6,7 @@
     localize.py       stage 3 LocalizeRecipe (drives skeleton_ds.localization)
     convert.py        stage 4 ConvertRecipe (drives skeleton_ds.surgery)
     pipeline.py       run_pipeline, summarize
+    reproduce.py      the results table: every task x keep x scorer control, through run_pipeline
 
 Stages may import the algorithm modules and the shared helpers; neither of those imports a stage
 (tests/test_layout.py checks it).
