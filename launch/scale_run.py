@@ -447,12 +447,32 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def summary_table(result: dict) -> list[str]:
+    """The README's table: per training stage, the largest rank's peak RSS (MiB) of each ZeRO-3 run and its
+    ratio to the ZeRO-0 run it is compared with."""
+    runs, rat = result["runs"], result["ratios"]
+    ref = next(iter(rat.values()))["prompt"]["vs"] if rat else None
+    if ref is None:
+        return []
+    names = {run: ("ZeRO-3 offload" if "offload" in run else "ZeRO-3") + f", {runs[run]['ranks']} ranks (ratio)"
+             for run in rat}
+    lines = ["| stage | ZeRO-0 | " + " | ".join(names.values()) + " |", "|---|---|" + "---|" * len(names)]
+    compact = f"retune ({runs[ref]['parameters_compact'] / 1e6:.0f}M compact)"
+    for stage in ("prompt", "attribute", "retune"):
+        cells = [f"{peak(runs[run]['stages'][stage]):.0f} ({rat[run][stage]['rss']:.2f})" for run in rat]
+        label = compact if stage == "retune" else stage
+        lines.append(f"| {label} | {peak(runs[ref]['stages'][stage]):.0f} MiB | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     header, rows = table(result)
     base = result["base"]
     lines = [f"# Scale run: {result['shape']} ({base['parameters'] / 1e9:.2f}B parameters, fp32, random weights)", "",
              f"Measured {result['date']} on {result['environment']['machine']}.", "", "Command:", "", "```bash",
              result["command"], "```", "",
+             "Summary: the largest rank's peak RSS per training stage, in MiB, and its ratio to ZeRO-0:", "",
+             *summary_table(result), "",
              f"Base checkpoint: {base['checkpoint_mib']:.0f} MiB in {base['shards']} safetensors shards "
              f"(`save_pretrained(max_shard_size=\"{base['shard_size']}\")`, largest shard {base['largest_shard_mib']:.0f} MiB); "
              f"largest tensor `{base['largest_tensor']}` {base['largest_tensor_mib']:.0f} MiB. Built (random init, "

@@ -8,7 +8,8 @@ Per task: prompt-tune once (stage 1, kept in OUTPUT/<task>/prompt and reused by 
 same settings), score every unit with each scorer (attribution, random, weight-magnitude,
 activation-magnitude), then for each FFN keep ratio zero the unkept FFN neurons (uniform count per
 layer, rounded to --align; attention heads all kept; no retuning) and evaluate on the dev split.
-Writes OUTPUT/study.json (command, settings, unpruned accuracy, every result) and OUTPUT/study.png.
+Writes OUTPUT/study.json (command, settings, unpruned accuracy, every result), OUTPUT/study.md (the README's
+table) and OUTPUT/study.png.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
 from skeleton_ds.cli import run_command  # noqa: E402
 from skeleton_ds.errors import UserError  # noqa: E402
 
@@ -186,12 +188,33 @@ def study(argv: Sequence[str] | None = None) -> int:
     record = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "argv": sys.argv, "cwd": os.getcwd(),
               "settings": settings, "tasks": per_task, "results": results, "summary": summary,
               "seconds": round(time.perf_counter() - t_start, 1)}
-    (args.output / "study.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.output / "study.json", record)  # atomic, like every artifact
+    write_text(args.output / "study.md", markdown(record))
     plot_study(results, {t: v["unpruned_accuracy"] for t, v in per_task.items()}, args.output / "study.png",
                title=f"{args.model}: dev accuracy, top FFN neurons kept, rest masked (no retuning)")
     console.print(f"[bold]skeleton_ds[/]: study -> {args.output / 'study.json'}, {args.output / 'study.png'} "
                   f"({record['seconds']:.0f} s)")
     return 0
+
+
+def markdown(record: dict) -> str:
+    """The README's table: masked dev accuracy per task, scorer and keep ratio (the best per column in bold)."""
+    ratios, ffn_size = record["settings"]["ratios"], record["settings"]["geometry"]["ffn_size"]
+    lines = ["| task (unpruned prompt-tuned) | scorer | " + " | ".join(
+        f"keep {k:g} ({next(r['ffn_kept'] for r in record['results'] if r['ffn_keep'] == k)}/{ffn_size})"
+        for k in ratios) + " |", "|---|---|" + "---|" * len(ratios)]
+    for task, info in record["tasks"].items():
+        mine = [r for r in record["results"] if r["task"] == task]
+        best = {k: max(r["accuracy"] for r in mine if r["ffn_keep"] == k) for k in ratios}
+        for i, scorer in enumerate(record["settings"]["scorers"]):
+            acc = {r["ffn_keep"]: r["accuracy"] for r in mine if r["scorer"] == scorer}
+            cells = [f"**{acc[k]:.3f}**" if acc[k] == best[k] else f"{acc[k]:.3f}" for k in ratios]
+            label = f"{TASK_NAMES.get(task, task)} ({info['unpruned_accuracy']:.3f}, {info['dev_examples']} dev)"
+            lines.append(f"| {label if i == 0 else ''} | {scorer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "qnli": "QNLI", "cb": "CB", "copa": "COPA"}
 
 
 if __name__ == "__main__":

@@ -169,15 +169,46 @@ def learned(row: dict) -> bool | None:
     return None if row["majority"] is None else row["full_mean"] > row["majority"] + 0.02
 
 
+def _pm(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if seeds > 1 else "")
+
+
+def readme_table(record: dict) -> str:
+    """The README's view: one row per task and keep ratio, each variant's dev metric after re-tuning (before
+    re-tuning in brackets), the best variant in bold. docs/reproduce.md has every number."""
+    lines = ["| task (train / dev examples, seeds) | majority | full model | FFN keep | " + " | ".join(VARIANTS)
+             + " | parameters | speed-up |", "|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|"]
+    cells: dict[tuple, dict] = {}
+    for r in record["table"]:
+        cells.setdefault((r["task"], r["ffn_keep"]), {})[r["variant"]] = r
+    previous = None
+    for (task, keep), variants in cells.items():
+        first = next(iter(variants.values()))
+        best = max(r["after_mean"] for r in variants.values())
+        flag = {None: "", True: " (learned)", False: " (not learned)"}[learned(first)]
+        label = f"{task} ({first['train_examples']} / {first['dev_examples']}, {first['seeds']})"
+        row = [label, "-" if first["majority"] is None else f"{first['majority']:.3f}",
+               _pm(first["full_mean"], first["full_std"], first["seeds"]) + flag] if task != previous else ["", "", ""]
+        row.append(f"{keep:g}")
+        for variant in VARIANTS:
+            r = variants.get(variant)
+            after = "-" if r is None else _pm(r["after_mean"], r["after_std"], r["seeds"])
+            row.append("-" if r is None else (f"**{after}**" if r["after_mean"] == best else after)
+                       + f" ({r['before_mean']:.3f})")
+        speedup = record["speedups"].get(format(keep, "g"))
+        row += [f"{first['parameters_compact'] / 1e6:.1f}M / {first['parameters_full'] / 1e6:.1f}M",
+                "-" if speedup is None else f"{speedup:.2f}x"]
+        lines.append("| " + " | ".join(row) + " |")
+        previous = task
+    return "\n".join(lines) + "\n"
+
+
 def markdown(record: dict) -> str:
     lines = [f"Skeleton on real tasks, {record['model']} ({record['date']}, {record['seconds'] / 60:.0f} min of "
              f"pipeline runs): `{record['command']}`", "",
              "| task (train / dev examples, seeds) | majority | full model | FFN keep | variant | before re-tuning | "
              "after re-tuning | parameters | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-
-    def pm(mean: float, std: float, seeds: int) -> str:
-        return f"{mean:.3f}" + (f" ± {std:.3f}" if seeds > 1 else "")
-
+    pm = _pm
     for r in record["table"]:
         flag = {None: "", True: " (learned)", False: " (not learned)"}[learned(r)]
         speedup = record["speedups"].get(format(r["ffn_keep"], "g"))
