@@ -17,7 +17,7 @@ Memory, in bytes of parameters and buffers at the serving dtype:
 - N compact checkpoints: the tensors in each task's compact `model*.safetensors` (numel from the
   headers x the serving dtype's element size), summed: N separate processes each loading its own;
 - N base copies: N x the base checkpoint's tensors, counted the same way: N full prompt-tuned models.
-Writes JSON (`--out`) and prints rich tables.
+Writes JSON (`--out`), the README's tables next to it (`.md`), and prints rich tables.
 """
 
 from __future__ import annotations
@@ -26,16 +26,20 @@ import argparse
 import http.client
 import itertools
 import json
+import shlex
 import statistics
 import struct
 import subprocess
 import sys
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
 
 SAMPLES = ["a gripping, funny film", "the plot was thin and the acting worse", "quite a nice story",
            "an awful, boring two hours", "the actor was great", "a sad and ugly scene", "very happy ending",
@@ -168,8 +172,8 @@ def closed_loop(server: Server, work: list[tuple[str, bytes]], requests: int, cl
             "p99_ms": round(cuts[98] * 1e3, 2), "failures": len(failures), "first_failures": failures[:3]}
 
 
-def run_mode(args: argparse.Namespace, batching: bool) -> tuple[dict, dict]:
-    """The load figures of one mode, and the server's /v1/tasks answer after the loop."""
+def run_mode(args: argparse.Namespace, batching: bool) -> tuple[list[dict], dict]:
+    """The load figures of one mode per client count, and the server's /v1/tasks answer after the loops."""
     with Server(args, batching) as server:
         tasks = json.loads(get(server, "/v1/tasks")[1])
         work = bodies(tasks["tasks"], args.inputs_per_request)
@@ -179,16 +183,19 @@ def run_mode(args: argparse.Namespace, batching: bool) -> tuple[dict, dict]:
             if status != 200:
                 raise SystemExit(f"load_test: warm-up request for {task} failed: {status} {answer[:300]!r}")
         conn.close()
-        before = batch_totals(server)
-        result = closed_loop(server, work, args.requests, args.clients)
-        after = batch_totals(server)
-        passes, examples, seconds = (after[k] - before[k] for k in ("passes", "examples", "seconds"))
-        result |= {"mode": "batching" if batching else "no batching", "passes": int(passes),
-                   "examples_per_s": round(args.requests * args.inputs_per_request / result["wall_s"], 2),
-                   "mean_batch": round(examples / passes, 2) if passes else 0.0,
-                   "mean_pass_ms": round(seconds / passes * 1e3, 2) if passes else 0.0,
-                   "worker_busy": round(seconds / result["wall_s"], 3)}
-        return result, json.loads(get(server, "/v1/tasks")[1])
+        results = []
+        for clients in args.clients:
+            before = batch_totals(server)
+            result = closed_loop(server, work, args.requests, clients)
+            after = batch_totals(server)
+            passes, examples, seconds = (after[k] - before[k] for k in ("passes", "examples", "seconds"))
+            results.append({"clients": clients, "mode": "batching" if batching else "no batching"} | result
+                           | {"passes": int(passes),
+                              "examples_per_s": round(args.requests * args.inputs_per_request / result["wall_s"], 2),
+                              "mean_batch": round(examples / passes, 2) if passes else 0.0,
+                              "mean_pass_ms": round(seconds / passes * 1e3, 2) if passes else 0.0,
+                              "worker_busy": round(seconds / result["wall_s"], 3)})
+        return results, json.loads(get(server, "/v1/tasks")[1])
 
 
 # -------------------------------------------------------------------- memory
@@ -241,7 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", required=True, help="the shared base model (local directory, Hub id, or 'minilm')")
     p.add_argument("--task-dir", action="append", required=True, metavar="[NAME=]DIR", help="repeat for each task")
     p.add_argument("--requests", type=int, default=400, help="requests per mode, in all")
-    p.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
+    p.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",") if c.strip()], default=[8],
+                   help="concurrent closed-loop clients; a comma list runs the loop once per count (e.g. 32,8)")
     p.add_argument("--inputs-per-request", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "load_test" / "load_test.json")
     p.add_argument("--max-batch", type=int, default=32)
@@ -251,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server to answer")
     args = p.parse_args(argv)
-    if min(args.requests, args.clients, args.inputs_per_request) < 1:
+    if not args.clients or min(args.requests, *args.clients, args.inputs_per_request) < 1:
         p.error("--requests, --clients and --inputs-per-request must be positive")
     return args
 
@@ -260,16 +268,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs, served = [], None
     for batching in (True, False):
-        result, tasks = run_mode(args, batching)
-        runs.append(result)
+        results, tasks = run_mode(args, batching)
+        runs += results
         served = served or tasks
-    report = {"base": args.base, "task_dirs": args.task_dir, "requests": args.requests, "clients": args.clients,
-              "inputs_per_request": args.inputs_per_request, "max_batch": args.max_batch,
-              "max_wait_ms": args.max_wait_ms, "runs": runs, "memory": memory_figures(args, served)}
+    runs.sort(key=lambda r: (-r["clients"], r["mode"] != "batching"))
+    report = {"command": shlex.join(["python", "launch/load_test.py", *(sys.argv[1:] if argv is None else argv)]),
+              "date": date.today().isoformat(), "base": args.base, "task_dirs": args.task_dir,
+              "requests": args.requests, "clients": args.clients, "inputs_per_request": args.inputs_per_request,
+              "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "runs": runs,
+              "memory": memory_figures(args, served)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
+    write_text(args.out.with_suffix(".md"), markdown(report))
     print_report(report, args.out)
     return 1 if any(r["failures"] for r in runs) else 0
+
+
+def markdown(report: dict) -> str:
+    """The README's tables: throughput and latency per client count and mode, then memory."""
+    m = report["memory"]
+    lines = [f"{len(report['task_dirs'])} tasks on {report['base']}, {report['requests']} requests of "
+             f"{report['inputs_per_request']} input(s) per loop ({report['date']}): `{report['command']}`", "",
+             "| clients | mode | requests/s | p50 ms | p99 ms | mean batch | forward passes | ms per pass |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['clients']} | {r['mode']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+              f"{r['mean_batch']:.2f} | {r['passes']} | {r['mean_pass_ms']:.1f} |" for r in report["runs"]]
+    owned = sorted(v for v in m["task_owned_bytes"].values() if v)
+    lines += ["", f"Memory for the {m['tasks']} tasks ({m['bytes_per_parameter']} bytes per parameter; parameter and "
+                  "buffer bytes):", "", "| how the tasks are served | MiB |", "|---|---|",
+              f"| one shared base ({_mib(m['shared_base_bytes'])}) + what each task owns "
+              f"({', '.join(_mib(v) for v in owned)}: its sliced FFN, prompt, head) | {_mib(m['shared_bytes'])} |",
+              f"| {m['tasks']} separate compact checkpoints (each with its own embeddings, attention, norms) | "
+              f"{_mib(m['compact_checkpoints_bytes'])} |",
+              f"| {m['tasks']} copies of the base model ({m['tasks']} prompt-tuned full models) | "
+              f"{_mib(m['base_copies_bytes'])} |"]
+    return "\n".join(lines) + "\n"
 
 
 def print_report(report: dict, out: Path) -> None:
@@ -277,12 +310,12 @@ def print_report(report: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(report['task_dirs'])} tasks on {report['base']}: {report['requests']} requests, "
-                        f"{report['clients']} clients, {report['inputs_per_request']} inputs each")
-    for column in ("mode", "requests/s", "examples/s", "p50 ms", "p99 ms", "mean batch", "passes", "ms/pass",
+                        f"{','.join(map(str, report['clients']))} clients, {report['inputs_per_request']} inputs each")
+    for column in ("clients", "mode", "requests/s", "examples/s", "p50 ms", "p99 ms", "mean batch", "passes", "ms/pass",
                    "worker busy", "failures"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for r in report["runs"]:
-        table.add_row(r["mode"], f"{r['requests_per_s']:.1f}", f"{r['examples_per_s']:.1f}", f"{r['p50_ms']:.1f}",
+        table.add_row(str(r["clients"]), r["mode"], f"{r['requests_per_s']:.1f}", f"{r['examples_per_s']:.1f}", f"{r['p50_ms']:.1f}",
                       f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}", str(r["passes"]), f"{r['mean_pass_ms']:.1f}",
                       f"{r['worker_busy']:.0%}", str(r["failures"]))
     m = report["memory"]
