@@ -20,7 +20,6 @@ so an interrupted table resumes: finished runs are read back, not redone.
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import statistics
 import time
