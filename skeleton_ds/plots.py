@@ -1,4 +1,4 @@
-"""PNG pictures of a skeleton (matplotlib, headless)."""
+"""PNG pictures of a skeleton, the studies, the benchmark and the results table (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,36 @@ def plot_study(results: list[dict], unpruned: dict[str, float], png: Path, title
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.02 + 0.05 * -(-len(labels) // ncol), 1, 1))
+    _save(plt, fig, png, dpi=110)
+
+
+def plot_results(table: list[dict], variants: list[str], png: Path, title: str = "") -> None:
+    """One subplot per task: dev accuracy after re-tuning against the FFN keep ratio, one line per skeleton
+    variant with its standard deviation over seeds, and the full model and majority class as lines.
+    `table` rows carry task, ffn_keep, variant, after_mean, after_std, full_mean, majority."""
+    plt = _pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in table))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in table if r["task"] == task]
+        for variant in variants:
+            mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["ffn_keep"])
+            ax.errorbar([r["ffn_keep"] for r in mine], [r["after_mean"] for r in mine],
+                        yerr=[r["after_std"] for r in mine], marker="o", capsize=3, label=variant)
+        ax.axhline(rows[0]["full_mean"], color="black", ls="--", lw=1, label="full model, prompt-tuned")
+        if rows[0]["majority"] is not None:
+            ax.axhline(rows[0]["majority"], color="grey", ls=":", lw=1, label="majority class")
+        ax.set_xticks(sorted({r["ffn_keep"] for r in rows}))
+        ax.set_title(task)
+        ax.set_xlabel("FFN keep ratio")
+        ax.set_ylabel("dev accuracy after re-tuning")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    ncol = min(len(labels), 2 * len(tasks))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07 * -(-len(labels) // ncol), 1, 1))
     _save(plt, fig, png, dpi=110)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.config import config_from_args
 from skeleton_ds.errors import UserError
+from skeleton_ds.plots import plot_results
 from skeleton_ds.stages.pipeline import run_pipeline
 
 VARIANTS = {  # name -> (scorer, compensate)
@@ -168,6 +169,19 @@ def learned(row: dict) -> bool | None:
     return None if row["majority"] is None else row["full_mean"] > row["majority"] + 0.02
 
 
+def _label(record: dict, r: dict) -> str:
+    """task (train / dev examples, seeds); a training split cut to the plan's cap says "sampled"."""
+    cap = record["plan"][r["task"]]["train"]
+    sampled = " sampled" if cap and r["train_examples"] >= cap else ""
+    return f"{r['task']} ({r['train_examples']}{sampled} / {r['dev_examples']}, {r['seeds']})"
+
+
+def _plan_note(record: dict) -> str:
+    return "Plan (0: all): " + "; ".join(
+        f"{task} {p['seeds']} seed(s), {p['train'] or 'all'} training examples, {p['attr'] or 'all'} scored, "
+        f"{p['epochs']:g} epoch(s)" for task, p in record["plan"].items()) + "."
+
+
 def _pm(mean: float, std: float, seeds: int) -> str:
     return f"{mean:.3f}" + (f" ± {std:.3f}" if seeds > 1 else "")
 
@@ -185,8 +199,7 @@ def readme_table(record: dict) -> str:
         first = next(iter(variants.values()))
         best = max(r["after_mean"] for r in variants.values())
         flag = {None: "", True: " (learned)", False: " (not learned)"}[learned(first)]
-        label = f"{task} ({first['train_examples']} / {first['dev_examples']}, {first['seeds']})"
-        row = [label, "-" if first["majority"] is None else f"{first['majority']:.3f}",
+        row = [_label(record, first), "-" if first["majority"] is None else f"{first['majority']:.3f}",
                _pm(first["full_mean"], first["full_std"], first["seeds"]) + flag] if task != previous else ["", "", ""]
         row.append(f"{keep:g}")
         for variant in VARIANTS:
@@ -211,37 +224,14 @@ def markdown(record: dict) -> str:
     for r in record["table"]:
         flag = {None: "", True: " (learned)", False: " (not learned)"}[learned(r)]
         speedup = record["speedups"].get(format(r["ffn_keep"], "g"))
-        lines.append(f"| {r['task']} ({r['train_examples']} / {r['dev_examples']}, {r['seeds']}) | "
+        lines.append(f"| {_label(record, r)} | "
                      f"{'-' if r['majority'] is None else format(r['majority'], '.3f')} | "
                      f"{pm(r['full_mean'], r['full_std'], r['seeds'])}{flag} | {r['ffn_keep']:g} | {r['variant']} | "
                      f"{pm(r['before_mean'], r['before_std'], r['seeds'])} | "
                      f"{pm(r['after_mean'], r['after_std'], r['seeds'])} | "
                      f"{r['parameters_compact'] / 1e6:.1f}M / {r['parameters_full'] / 1e6:.1f}M | "
                      f"{'-' if speedup is None else f'{speedup:.2f}x'} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(record: dict, png: Path) -> None:
-    from skeleton_ds.plots import _pyplot, _save
-
-    plt = _pyplot()
-    tasks = list(dict.fromkeys(r["task"] for r in record["table"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = [r for r in record["table"] if r["task"] == task]
-        for variant in VARIANTS:
-            mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["ffn_keep"])
-            ax.errorbar([r["ffn_keep"] for r in mine], [r["after_mean"] for r in mine],
-                        yerr=[r["after_std"] for r in mine], marker="o", capsize=3, label=variant)
-        ax.axhline(rows[0]["full_mean"], color="black", ls="--", lw=1, label="full model")
-        if rows[0]["majority"] is not None:
-            ax.axhline(rows[0]["majority"], color="grey", ls=":", lw=1, label="majority class")
-        ax.set_title(task)
-        ax.set_xlabel("FFN keep ratio")
-        ax.set_ylabel("dev accuracy after re-tuning")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    _save(plt, fig, png, dpi=110)
+    return "\n".join(lines + ["", _plan_note(record)]) + "\n"
 
 
 def reproduce(cfg: ReproduceConfig) -> dict:
@@ -257,7 +247,9 @@ def reproduce(cfg: ReproduceConfig) -> dict:
               "seconds": round(sum(r["seconds"] for r in rows), 1)}
     write_json(cfg.output / "reproduce.json", record)
     if cfg.docs is not None:
+        cfg.docs.mkdir(parents=True, exist_ok=True)
         write_json(cfg.docs / "reproduce.json", record)
         write_text(cfg.docs / "reproduce.md", markdown(record))
-        plot(record, cfg.docs / "reproduce.png")
+        plot_results(record["table"], list(VARIANTS), cfg.docs / "reproduce.png",
+                     title=f"{cfg.model}: dev accuracy after re-tuning (mean ± std over seeds)")
     return record
