@@ -98,6 +98,20 @@ def _seconds(run: Path) -> float:
     return sum(json.loads((run / "metrics.json").read_text()).get("stage_seconds", {}).values())
 
 
+def _copy_atomically(source: Path, target: Path) -> None:
+    """A copy that is complete or absent, so an interrupted table never resumes from half a prompt."""
+    partial = target.with_name(f".{target.name}.partial")
+    if partial.is_dir():  # left by an interrupted copy
+        shutil.rmtree(partial)
+    partial.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, partial)
+    else:
+        shutil.copy(source, partial)
+    partial.rename(target)
+
+
 def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
     plan, base = cfg.plan(task), cfg.output / task / f"seed{seed}"
     common = ["--model", cfg.model, "--config", cfg.config, "--seed", str(seed), "--epochs", str(plan["epochs"]),
@@ -112,9 +126,9 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
         for variant, (scorer, compensate) in VARIANTS.items():
             run = base / f"keep{keep:g}-{variant}"
             if not (run / "prompt").exists():  # every skeleton starts from the same stage-1 prompt
-                shutil.copytree(base / "full" / "prompt", run / "prompt")
-                if scorer == "attribution":
-                    shutil.copy(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
+                _copy_atomically(base / "full" / "prompt", run / "prompt")
+            if scorer == "attribution" and not (run / "attribution.safetensors").exists():
+                _copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
             if not (run / "retune" / "metrics.json").is_file():
                 _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
                                  "--scorer", scorer, "--ffn-keep", str(keep), "--compensate", compensate])
