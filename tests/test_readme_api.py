@@ -10,7 +10,7 @@ from conftest import DS_CONFIGS, REPO, generic_flags
 
 def test_readme_python_api_example_runs(tiny_models, sentiment_files, tmp_path, monkeypatch, capsys):
     readme = (REPO / "README.md").read_text()
-    block = re.search(r"### Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    block = re.search(r"#+ Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
     flags = ['"--model", "minilm", "--task", "sst2", "--data-dir", "../shared/data",', '"sentence"']
     assert all(f in block for f in flags), "the README example changed: update this test's substitutions"
     tiny = [str(tiny_models["llama"]), *generic_flags(sentiment_files), "--config", str(DS_CONFIGS / "zero2.json"),
