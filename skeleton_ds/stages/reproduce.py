@@ -118,7 +118,8 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
     plan, base = cfg.plan(task), cfg.output / task / f"seed{seed}"
     common = ["--model", cfg.model, "--config", cfg.config, "--seed", str(seed), "--epochs", str(plan["epochs"]),
               "--max-train-examples", str(plan["train"]), "--max-eval-examples", str(plan["dev"]),
-              "--attr-examples", str(plan["attr"]), *_task_flags(task, cfg.data_dir)]
+              "--attr-examples", str(plan["attr"]), "--resume",  # an interrupted run continues from its checkpoint
+              *_task_flags(task, cfg.data_dir)]
     if not (base / "full" / "attribution.safetensors").is_file():
         _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
     full = json.loads((base / "full" / "prompt" / "metrics.json").read_text())
