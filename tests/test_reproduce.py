@@ -10,7 +10,10 @@ import pytest
 
 from conftest import SHARED_DATA
 from skeleton_ds.cli import reproduce, run_command
-from skeleton_ds.stages.reproduce import VARIANTS, markdown
+from skeleton_ds.config import config_from_args
+from skeleton_ds.stages.common import generic_spec
+from skeleton_ds.tasks import get_task, load_split
+from skeleton_ds.stages.reproduce import PLAN, VARIANTS, ReproduceConfig, markdown, stage_flags
 
 
 @pytest.mark.realdata
@@ -52,3 +55,14 @@ def test_reproduce_refuses_bad_flags(tmp_path, capsys, flags, message):
 def test_reproduce_refuses_a_missing_data_dir(tmp_path, capsys):
     assert run_command(reproduce, ["--data-dir", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("task", sorted(PLAN))
+def test_every_planned_task_gives_a_valid_stage_command(task, tmp_path):
+    """Each task's flags pass the pipeline's own validation (a bad template would stop the table hours in)."""
+    cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path)
+    config = config_from_args(stage_flags(task, 0, cfg) + ["--output", str(tmp_path / "run")])
+    assert config.resume is True and config.max_train_examples == PLAN[task]["train"]
+    spec = get_task(config.task, generic_spec(config))  # checks the template against the fields
+    assert load_split(spec, "dev", config.data_dir)

@@ -52,7 +52,8 @@ PLAN = {
 }
 QUICK = dict(train=64, attr=32, dev=64, epochs=1.0)
 GENERIC_QNLI = ["--task", "generic", "--text-columns", "text_a,text_b", "--label-column", "label",
-                "--label-names", "entailment,not_entailment", "--template", "{text_a} ? {answer} , {text_b}",
+                "--label-names", "entailment,not_entailment",
+                "--template", "{text_a} Sentence: {text_b} Does the sentence answer the question? Answer: {answer}",
                 "--verbalizer", "yes,no"]
 
 
@@ -114,12 +115,18 @@ def _copy_atomically(source: Path, target: Path) -> None:
     partial.rename(target)
 
 
+def stage_flags(task: str, seed: int, cfg: ReproduceConfig) -> list[str]:
+    """The flags every stage run of a task and seed shares (the pipeline's own command line)."""
+    plan = cfg.plan(task)
+    return ["--model", cfg.model, "--config", cfg.config, "--seed", str(seed), "--epochs", str(plan["epochs"]),
+            "--max-train-examples", str(plan["train"]), "--max-eval-examples", str(plan["dev"]),
+            "--attr-examples", str(plan["attr"]), "--resume",  # an interrupted run continues from its checkpoint
+            *_task_flags(task, cfg.data_dir)]
+
+
 def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
-    plan, base = cfg.plan(task), cfg.output / task / f"seed{seed}"
-    common = ["--model", cfg.model, "--config", cfg.config, "--seed", str(seed), "--epochs", str(plan["epochs"]),
-              "--max-train-examples", str(plan["train"]), "--max-eval-examples", str(plan["dev"]),
-              "--attr-examples", str(plan["attr"]), "--resume",  # an interrupted run continues from its checkpoint
-              *_task_flags(task, cfg.data_dir)]
+    base = cfg.output / task / f"seed{seed}"
+    common = stage_flags(task, seed, cfg)
     if not (base / "full" / "attribution.safetensors").is_file():
         _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
     full = json.loads((base / "full" / "prompt" / "metrics.json").read_text())
