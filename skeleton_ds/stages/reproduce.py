@@ -202,9 +202,10 @@ def _label(record: dict, r: dict) -> str:
 
 
 def _plan_note(record: dict) -> str:
+    plan = sorted(record["plan"].items(), key=lambda kv: list(PLAN).index(kv[0]))  # JSON sorts the keys
     return "Plan (0: all): " + "; ".join(
         f"{task} {p['seeds']} seed(s), {p['train'] or 'all'} training examples, {p['attr'] or 'all'} scored, "
-        f"{p['epochs']:g} epoch(s)" for task, p in record["plan"].items()) + "."
+        f"{p['epochs']:g} epoch(s)" for task, p in plan) + "."
 
 
 def _pm(mean: float, std: float, seeds: int) -> str:
