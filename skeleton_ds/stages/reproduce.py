@@ -42,8 +42,7 @@ VARIANTS = {  # name -> (scorer, compensate)
 # Per task: seeds, training examples for prompt tuning and re-tuning, examples scored, dev examples (0: all).
 # Chosen so the whole table takes about two hours on 2 CPU cores (measured: a COPA seed takes about 6 min,
 # an RTE seed about 25: its 2,490 long pairs are re-tuned 12 times), so the small tasks get three seeds and
-# the larger ones one seed, with SST-2 and QNLI sampled (SST-2 to 2,000: the session that ran the table
-# had the time left for that much).
+# the larger ones one seed, with SST-2 and QNLI sampled to 2,000 training examples.
 PLAN = {
     "sst2": dict(seeds=1, train=2000, attr=500, dev=0, epochs=1.0),
     "qnli": dict(seeds=1, train=2000, attr=1000, dev=0, epochs=1.0),
@@ -194,6 +193,12 @@ def learned(row: dict) -> bool | None:
     return None if row["majority"] is None else row["full_mean"] > row["majority"] + 0.02
 
 
+def _full_cell(row: dict) -> str:
+    """The full model's metric, and whether it learned the task at all."""
+    flag = {None: "", True: " (learned)", False: " (not learned)"}[learned(row)]
+    return _pm(row["full_mean"], row["full_std"], row["seeds"]) + flag
+
+
 def _label(record: dict, r: dict) -> str:
     """task (train / dev examples, seeds); a training split cut to the plan's cap says "sampled"."""
     cap = record["plan"][r["task"]]["train"]
@@ -224,9 +229,8 @@ def readme_table(record: dict) -> str:
     for (task, keep), variants in cells.items():
         first = next(iter(variants.values()))
         best = max(r["after_mean"] for r in variants.values())
-        flag = {None: "", True: " (learned)", False: " (not learned)"}[learned(first)]
         row = [_label(record, first), "-" if first["majority"] is None else f"{first['majority']:.3f}",
-               _pm(first["full_mean"], first["full_std"], first["seeds"]) + flag] if task != previous else ["", "", ""]
+               _full_cell(first)] if task != previous else ["", "", ""]
         row.append(f"{keep:g}")
         for variant in VARIANTS:
             r = variants.get(variant)
@@ -248,11 +252,10 @@ def markdown(record: dict) -> str:
              "after re-tuning | parameters | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     pm = _pm
     for r in record["table"]:
-        flag = {None: "", True: " (learned)", False: " (not learned)"}[learned(r)]
         speedup = record["speedups"].get(format(r["ffn_keep"], "g"))
         lines.append(f"| {_label(record, r)} | "
                      f"{'-' if r['majority'] is None else format(r['majority'], '.3f')} | "
-                     f"{pm(r['full_mean'], r['full_std'], r['seeds'])}{flag} | {r['ffn_keep']:g} | {r['variant']} | "
+                     f"{_full_cell(r)} | {r['ffn_keep']:g} | {r['variant']} | "
                      f"{pm(r['before_mean'], r['before_std'], r['seeds'])} | "
                      f"{pm(r['after_mean'], r['after_std'], r['seeds'])} | "
                      f"{r['parameters_compact'] / 1e6:.1f}M / {r['parameters_full'] / 1e6:.1f}M | "
