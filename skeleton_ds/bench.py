@@ -497,7 +497,14 @@ def markdown_table(result: dict) -> str:
     """The table as Markdown (bench.md), for READMEs and reports."""
     header, table = _table(result)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table]) + "\n"
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    if result["profiles"]:  # --profile: where one batch's time goes
+        lines += ["", "| profiled | batch | ms wall | ms in PyTorch operators | outside operators | top operators (ms) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['contender']} | {p['batch']} | {p['wall_ms']:.1f} | {p['aten_self_ms']:.1f} | "
+                  f"{p['outside_ops_share']:.1%} | " + ", ".join(f"{o['op']} {o['ms']:.1f}" for o in p["top_ops"]) + " |"
+                  for p in result["profiles"]]
+    return "\n".join(lines) + "\n"
 
 
 def print_summary(result: dict, out: Path) -> None:

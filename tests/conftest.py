@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,26 @@ def wide_models(tmp_path_factory) -> dict[str, Path]:
     _save_llama(root / "llama", width=64)
     _save_bert(root / "bert-head", mlm=False, width=64)
     return {"llama": root / "llama", "bert-head": root / "bert-head"}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture
+def measured(request) -> dict:
+    """Figures a test measured (`measured["accuracy"] = ...`). launch/measured.py runs the tests with
+    SKELETON_DS_MEASURED set to a folder and builds docs/measured.json from what they keep there; in an
+    ordinary run nothing is written."""
+    figures: dict = {}
+    yield figures
+    folder = os.environ.get("SKELETON_DS_MEASURED")
+    if folder and figures:
+        from skeleton_ds.checkpoint import write_json
+
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)
+        write_json(Path(folder) / f"{name}.json", {"test": request.node.nodeid, "figures": figures})
 
 
 @pytest.fixture(scope="session")

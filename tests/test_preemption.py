@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, max_abs_diff
 from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, STEP_DELAY_ENV
 from test_distributed import _RENDEZVOUS, _argv, _free_port, _ok, _prompt, launch
 
@@ -71,7 +71,8 @@ def _latest_step(out: Path, stage: str) -> int:
     return int((out / "checkpoints" / stage / "latest").read_text().strip().removeprefix("step"))
 
 
-def test_sigusr1_to_one_rank_stops_both_after_a_checkpoint_and_resume_matches(tiny_models, sentiment_files, tmp_path):
+def test_sigusr1_to_one_rank_stops_both_after_a_checkpoint_and_resume_matches(tiny_models, sentiment_files, tmp_path,
+                                                                              measured):
     """SIGUSR1 reaches only rank 1 of a 2-rank ZeRO-3 prompt-tuning job: both ranks stop after the same
     step with a checkpoint, exit 75, and --resume ends with the uninterrupted run's prompt."""
     flags = ("--max-steps", "12", "--save-every", "2", "--stages", "prompt")
@@ -95,11 +96,12 @@ def test_sigusr1_to_one_rank_stops_both_after_a_checkpoint_and_resume_matches(ti
     _ok(resumed)
     assert f"at step {stopped}/12" in resumed.stdout
     a, b = _prompt(tmp_path / "straight"), _prompt(out)
+    measured["prompt_max_abs_diff"] = max_abs_diff(a, b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)  # see test_distributed: ZeRO-3 reduce order
 
 
-def test_attribution_stopped_by_signal_resumes_to_the_same_scores(tiny_models, sentiment_files, tmp_path):
+def test_attribution_stopped_by_signal_resumes_to_the_same_scores(tiny_models, sentiment_files, tmp_path, measured):
     """SIGUSR1 to both ranks mid-attribution: partial sums are saved, exit 75; --resume gives the scores
     of an uninterrupted 2-rank run."""
     from skeleton_ds.attribution import read_attribution
@@ -130,12 +132,14 @@ def test_attribution_stopped_by_signal_resumes_to_the_same_scores(tiny_models, s
     one, meta_one = read_attribution(tmp_path / "straight" / "attribution.safetensors")
     two, meta_two = read_attribution(out / "attribution.safetensors")
     assert meta_one["examples"] == meta_two["examples"] == 96
+    measured.update(scores_max_abs_diff=max_abs_diff(two, one),
+                    scores_max_abs=max(v.abs().max().item() for v in one.values()))
     for key in one:
         # Float64 partial sums added in another order, then rounded to float32.
         torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-12)
 
 
-def test_sigterm_during_retune_checkpoints_and_resumes(tiny_models, sentiment_files, tmp_path):
+def test_sigterm_during_retune_checkpoints_and_resumes(tiny_models, sentiment_files, tmp_path, measured):
     """SIGTERM (what a preempting scheduler sends) to a single-process job during re-tuning."""
     flags = ("--max-steps", "10", "--save-every", "4", "--align", "8", "--ffn-keep", "0.5")
     model = tiny_models["bert-head"]
@@ -154,5 +158,6 @@ def test_sigterm_during_retune_checkpoints_and_resumes(tiny_models, sentiment_fi
     _ok(resumed)
     a = load_file(str(tmp_path / "straight" / "compact" / "prompt.safetensors"))
     b = load_file(str(out / "compact" / "prompt.safetensors"))
+    measured["retune_max_abs_diff"] = max_abs_diff(a, b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

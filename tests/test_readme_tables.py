@@ -73,3 +73,25 @@ def test_readme_table_matches_its_json(name):
     assert lines, f"no table rendered from docs/{name}.json"
     missing = [line for line in lines if line not in README.splitlines()]
     assert not missing, f"README lacks these rows rendered from docs/{name}.json: {missing[:3]}"
+
+
+def test_measured_table_keeps_what_the_tests_measured(tmp_path):
+    """launch/measured.py runs a row's test with the `measured` fixture on, and a summary row reads its table."""
+    import shutil
+    import subprocess
+
+    shutil.copy(REPO / "docs" / "bench_llama-160m_cpu.json", tmp_path)
+    run = subprocess.run([sys.executable, "launch/measured.py", "--rows", "streaming,bench_cpu", "--docs", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    record = json.loads((tmp_path / "measured.json").read_text())
+    rows = {r["key"]: r["figures"] for r in record["rows"]}
+    assert rows.keys() == {"streaming", "bench_cpu"}
+    assert rows["streaming"]["passed"] == 1 and 0 < rows["streaming"]["rss_growth_mib"] < rows["streaming"]["bound_mib"]
+    bench = next(r for r in _record("bench_llama-160m_cpu")["rows"] if r["contender"] == "compact-0.3" and r["batch"] == 32)
+    assert rows["bench_cpu"]["speedup_vs_peft"] == bench["speedup_vs_peft"]
+    assert (tmp_path / "measured.md").read_text() == _script("measured").markdown(record)
+
+    refused = subprocess.run([sys.executable, "launch/measured.py", "--rows", "nope", "--docs", str(tmp_path)],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "choose from" in refused.stderr

@@ -1,0 +1,213 @@
+"""The README's "Measured" table: run what stands behind each row, keep the figures, write docs/measured.{json,md}.
+
+    python launch/measured.py --data-dir ../shared/data                 # every row, about 20 min on 2 CPU cores
+    python launch/measured.py --data-dir ../shared/data --rows quickstart,hostile   # these rows; the rest are kept
+
+A row is measured one of three ways: tests (pytest runs them with SKELETON_DS_MEASURED set, and each test keeps
+its figures through the `measured` fixture in tests/conftest.py; pytest's own pass count and time come from its
+JUnit report), a command (the README quick start, whose metrics.json is read back), or another committed table's
+JSON (the benchmarks, the load test), summarised. The files are rewritten (atomically) after each row, so a
+failing or skipped test, or a failing command, stops the script with every finished row kept and the failed
+one as it was. tests/test_readme_tables.py checks that the README holds the rendered rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    what: str
+    command: str  # what a reader runs to see it
+    measure: Callable[[argparse.Namespace], dict]  # -> the row's figures (JSON types)
+    result: Callable[[dict], str]  # figures -> the table's result cell
+
+
+def tests(*selection: str) -> Callable[[argparse.Namespace], dict]:
+    """Run pytest on `selection`; the figures are what the tests kept, plus passed and seconds."""
+
+    def measure(args: argparse.Namespace) -> dict:
+        with tempfile.TemporaryDirectory() as folder:
+            report = Path(folder) / "junit.xml"
+            env = {**os.environ, "SKELETON_DS_MEASURED": folder}
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                                   *selection], cwd=REPO, env=env)
+            suite = ElementTree.parse(report).getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            if proc.returncode or counts["failures"] or counts["errors"] or counts["skipped"]:
+                raise SystemExit(f"error: {' '.join(selection)}: {counts} (pytest exit {proc.returncode}); "
+                                 "every test behind a row must pass, none skipped (is --data-dir's data there?)")
+            figures = {}
+            for kept in sorted(Path(folder).glob("*.json")):
+                figures |= json.loads(kept.read_text())["figures"]
+        return figures | {"passed": counts["tests"], "seconds": round(float(suite.get("time")), 1)}
+
+    return measure
+
+
+def quick_start(args: argparse.Namespace) -> dict:
+    """The README quick start's training flags, in one process, into runs/measured/quickstart."""
+    out = REPO / "runs" / "measured" / "quickstart"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "ds_configs/zero2.json", "--data-dir",
+                           str(args.data_dir), "--max-train-examples", "4000", "--output", str(out), "--overwrite"],
+                          cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(f"error: the quick start failed (exit {proc.returncode})")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"metrics": metrics, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def from_json(name: str, pick: Callable[[dict], dict]) -> Callable[[argparse.Namespace], dict]:
+    """A summary of another committed table: docs/NAME.json's figures, picked."""
+    return lambda args: pick(json.loads((args.docs / f"{name}.json").read_text())) | {"source": f"docs/{name}.json"}
+
+
+def _bench_row(contender: str, batch: int) -> Callable[[dict], dict]:
+    def pick(record: dict) -> dict:
+        row = next(r for r in record["rows"] if r["contender"] == contender and r["batch"] == batch)
+        keys = ("speedup_vs_peft", "of_bound_vs_peft", "speedup_vs_full", "of_bound_vs_full")
+        return {k: row[k] for k in keys} | {"date": record["environment"]["date"]}
+    return pick
+
+
+def _load_test(record: dict) -> dict:
+    runs = {(r["clients"], r["mode"]): r["requests_per_s"] for r in record["runs"]}
+    clients = max(c for c, _ in runs)
+    m = record["memory"]
+    return {"clients": clients, "tasks": m["tasks"], "batched": runs[(clients, "dynamic batching")],
+            "unbatched": runs[(clients, "no batching")], "shared_mib": m["shared_bytes"] / 2**20,
+            "compact_mib": m["compact_checkpoints_bytes"] / 2**20, "date": record["date"]}
+
+
+ROWS = [
+    Row("prompt", "MiniLM prompt tuning, SST-2 (1,600 train examples, 1 process)",
+        "pytest tests/test_real_minilm.py -k prompt_tuning",
+        tests("tests/test_real_minilm.py::test_minilm_prompt_tuning_beats_majority_on_sst2_dev"),
+        lambda f: f"dev accuracy **{f['accuracy']:.3f}** ({f['dev_examples']} examples; majority class "
+                  f"{f['majority']:.3f}); {f['steps']} steps of {f['batch']}; {f['seconds']:.0f} s"),
+    Row("quickstart", "README quick start: MiniLM, SST-2, 4,000 train examples, all five stages at the default FFN "
+        "keep 0.3", "the quick-start command", quick_start,
+        lambda f: (lambda m: f"dev accuracy: full prompt-tuned **{m['full_prompt_tuned']['accuracy']:.3f}**, skeleton "
+                   f"before re-tuning **{m['skeleton_before_retune']['accuracy']:.3f}**, after "
+                   f"**{m['skeleton_after_retune']['accuracy']:.3f}**; {m['parameters_full'] / 1e6:.1f}M -> "
+                   f"{m['parameters_compact'] / 1e6:.1f}M parameters; {f['seconds']:.0f} s (prompt "
+                   f"{m['stage_seconds']['prompt']:.0f} s, attribute {m['stage_seconds']['attribute']:.0f} s, retune "
+                   f"{m['stage_seconds']['retune']:.0f} s)")(f["metrics"])),
+    Row("end_to_end", "All five stages, MiniLM, SST-2 (1,600 train examples, FFN keep 0.5, attribution on 400 "
+        "examples), then inference from the compact checkpoint in fp32 and 8-bit",
+        "pytest tests/test_real_minilm.py -k end_to_end",
+        tests("tests/test_real_minilm.py::test_minilm_end_to_end_sst2_at_half_the_ffn"),
+        lambda f: f"dev accuracy: full prompt-tuned **{f['full']:.3f}**, skeleton before re-tuning **{f['before']:.3f}**, "
+                  f"after **{f['after']:.3f}** (the Predictor on the checkpoint: {f['predictor_accuracy']:.3f}); every "
+                  f"FFN layer 1536 -> {f['ffn_sizes'][0]}; checkpoint {f['shrink_mib']:.1f} MiB smaller; 8-bit agrees "
+                  f"with fp32 on **{f['int8_agreement']:.1%}** of predictions (bound 95%), weights "
+                  f"{f['fp32_mib']:.1f} -> {f['int8_mib']:.1f} MiB"),
+    Row("two_ranks", "1 rank (ZeRO-2, batch 8) vs 2 ranks (ZeRO-3, 4 each), 6 steps, tiny LLaMA-GQA and BERT",
+        "pytest tests/test_distributed.py -k two_rank_zero3_matches",
+        tests("tests/test_distributed.py::test_two_rank_zero3_matches_one_rank"),
+        lambda f: f"max abs prompt difference {f['max_abs_diff_llama']:.1e} (LLaMA), {f['max_abs_diff_bert_head']:.1e} "
+                  f"(BERT) on values up to {max(f['max_abs_value_llama'], f['max_abs_value_bert_head']):.2f}; "
+                  "test bound 1e-5"),
+    Row("streaming", "Streaming conversion of a random-init LLaMA",
+        "pytest tests/test_surgery.py -k streaming",
+        tests("tests/test_surgery.py::test_streaming_conversion_peak_memory_is_about_one_tensor"),
+        lambda f: f"{f['checkpoint_mib']:.0f} MiB checkpoint (largest tensor {f['largest_tensor_mib']:.0f} MiB): peak RSS "
+                  f"growth **{f['rss_growth_mib']:.0f} MiB** (bound 3 x largest + 64 = {f['bound_mib']:.0f} MiB)"),
+    Row("preemption", "Preemption with real signals: SIGUSR1 to one rank of 2 ZeRO-3 ranks (prompt), to both ranks "
+        "(attribution), SIGTERM to 1 process (retune)", "pytest tests/test_preemption.py",
+        tests("tests/test_preemption.py"),
+        lambda f: f"every job exits 75 after a checkpoint, and `--resume` ends where the uninterrupted run does: "
+                  f"prompt max abs difference {f['prompt_max_abs_diff']:.1e}, scores {f['scores_max_abs_diff']:.1e} "
+                  f"(largest score {f['scores_max_abs']:.1e}), re-tuned prompt {f['retune_max_abs_diff']:.1e}; "
+                  f"{f['passed']} passed"),
+    Row("hostile", "Hostile input: malformed inputs across the pipeline, `convert` and `infer`; damaged artifacts "
+        "for `verify`", "pytest tests/test_hostile_inputs.py", tests("tests/test_hostile_inputs.py"),
+        lambda f: f"one `error:` line each, exit 2, nothing complete-looking left; `verify` names each problem "
+                  f"(exit 1); {f['passed']} passed in {f['seconds']:.0f} s"),
+    Row("bench_cpu", "Compact vs full vs PEFT speed, LLaMA-160m shape, FFN keep 0.3, batch 32",
+        "`python launch/bench.py --shape llama-160m` (see Benchmark)",
+        from_json("bench_llama-160m_cpu", _bench_row("compact-0.3", 32)),
+        lambda f: f"**{f['speedup_vs_peft']:.2f}x** PEFT prompt tuning, **{f['speedup_vs_full']:.2f}x** our full path "
+                  f"= {f['of_bound_vs_full']:.0%} of its FLOP bound"),
+    Row("bench_gpu", "Compact vs full vs PEFT speed, LLaMA-3-8B shape, bf16, **one H100**, FFN keep 0.3, batch 32",
+        "`bash docs/bench_llama3-8b_gpu.sh` (see Benchmark)",
+        from_json("bench_llama3-8b_h100", _bench_row("compact-0.3", 32)),
+        lambda f: f"**{f['speedup_vs_peft']:.2f}x** PEFT, **{f['speedup_vs_full']:.2f}x** our full path "
+                  f"({f['of_bound_vs_peft']:.0%} / {f['of_bound_vs_full']:.0%} of the FLOP bounds)"),
+    Row("serving", "MiniLM task skeletons on one base over HTTP, closed-loop clients",
+        "`python launch/load_test.py ...` (see Serving)", from_json("load_test", _load_test),
+        lambda f: f"{f['tasks']} tasks, {f['clients']} clients: **{f['batched']:.0f}** requests/s with dynamic "
+                  f"batching vs {f['unbatched']:.0f} without; {f['shared_mib']:.1f} MiB for the {f['tasks']} tasks vs "
+                  f"{f['compact_mib']:.1f} MiB as separate compact checkpoints"),
+]
+ROW_KEYS = [r.key for r in ROWS]
+
+
+def markdown(record: dict) -> str:
+    """The table (docs/measured.md, and the README's copy): one line per row, in ROWS order."""
+    rows = {r["key"]: r for r in record["rows"]}
+    lines = ["| what | command | result | measured |", "|---|---|---|---|"]
+    for row in ROWS:
+        if row.key in rows:
+            command = row.command if row.command.startswith("`") or " " not in row.command else f"`{row.command}`"
+            lines.append(f"| {row.what} | {command} | {row.result(rows[row.key]['figures'])} | "
+                         f"{rows[row.key]['date']} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Measure the README's Measured table: docs/measured.{json,md}.")
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
+                   help="GLUE/SuperGLUE files (default ../shared/data)")
+    p.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma list of rows to measure: {', '.join(ROW_KEYS)} "
+                   "(the others are kept from DOCS/measured.json)")
+    p.add_argument("--docs", type=Path, default=REPO / "docs", help="where measured.{json,md} go and tables are read")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    wanted = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = sorted(set(wanted) - set(ROW_KEYS))
+    if unknown or not wanted:
+        print(f"error: --rows {args.rows!r}: unknown {unknown}; choose from {', '.join(ROW_KEYS)}", file=sys.stderr)
+        return 2
+    path = args.docs / "measured.json"
+    kept = {r["key"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    command = "python launch/measured.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    for row in ROWS:
+        if row.key in wanted:
+            figures = row.measure(args)
+            row.result(figures)  # a figure the row needs but the measurement lacks fails here, before writing
+            when = figures.get("date", date.today().isoformat())  # a summary row carries its table's date
+            kept[row.key] = {"key": row.key, "figures": figures, "date": when, "command": command}
+            record = {"rows": [kept[k] for k in ROW_KEYS if k in kept]}
+            write_json(path, record)
+            write_text(args.docs / "measured.md", markdown(record))
+    print(markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
