@@ -58,6 +58,7 @@ TABLES = {
     "study_localization": _same(lambda r: _script("study_localization").markdown(r)),
     "scale_run": _scale_run,
     "reproduce": _reproduce,
+    "load_test": _same(lambda r: _script("load_test").markdown(r)),
 }
 
 
