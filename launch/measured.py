@@ -37,7 +37,7 @@ from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
 class Row:
     key: str
     what: str
-    command: str  # what a reader runs to see it
+    command: str  # what a reader runs to see it (a markdown cell)
     measure: Callable[[argparse.Namespace], dict]  # -> the row's figures (JSON types)
     result: Callable[[dict], str]  # figures -> the table's result cell
 
@@ -95,19 +95,19 @@ def _load_test(record: dict) -> dict:
     runs = {(r["clients"], r["mode"]): r["requests_per_s"] for r in record["runs"]}
     clients = max(c for c, _ in runs)
     m = record["memory"]
-    return {"clients": clients, "tasks": m["tasks"], "batched": runs[(clients, "dynamic batching")],
+    return {"clients": clients, "tasks": m["tasks"], "batched": runs[(clients, "batching")],
             "unbatched": runs[(clients, "no batching")], "shared_mib": m["shared_bytes"] / 2**20,
             "compact_mib": m["compact_checkpoints_bytes"] / 2**20, "date": record["date"]}
 
 
 ROWS = [
     Row("prompt", "MiniLM prompt tuning, SST-2 (1,600 train examples, 1 process)",
-        "pytest tests/test_real_minilm.py -k prompt_tuning",
+        "`pytest tests/test_real_minilm.py -k prompt_tuning`",
         tests("tests/test_real_minilm.py::test_minilm_prompt_tuning_beats_majority_on_sst2_dev"),
         lambda f: f"dev accuracy **{f['accuracy']:.3f}** ({f['dev_examples']} examples; majority class "
                   f"{f['majority']:.3f}); {f['steps']} steps of {f['batch']}; {f['seconds']:.0f} s"),
     Row("quickstart", "README quick start: MiniLM, SST-2, 4,000 train examples, all five stages at the default FFN "
-        "keep 0.3", "the quick-start command", quick_start,
+        "keep 0.3", "the quick-start command (Quick start)", quick_start,
         lambda f: (lambda m: f"dev accuracy: full prompt-tuned **{m['full_prompt_tuned']['accuracy']:.3f}**, skeleton "
                    f"before re-tuning **{m['skeleton_before_retune']['accuracy']:.3f}**, after "
                    f"**{m['skeleton_after_retune']['accuracy']:.3f}**; {m['parameters_full'] / 1e6:.1f}M -> "
@@ -116,7 +116,7 @@ ROWS = [
                    f"{m['stage_seconds']['retune']:.0f} s)")(f["metrics"])),
     Row("end_to_end", "All five stages, MiniLM, SST-2 (1,600 train examples, FFN keep 0.5, attribution on 400 "
         "examples), then inference from the compact checkpoint in fp32 and 8-bit",
-        "pytest tests/test_real_minilm.py -k end_to_end",
+        "`pytest tests/test_real_minilm.py -k end_to_end`",
         tests("tests/test_real_minilm.py::test_minilm_end_to_end_sst2_at_half_the_ffn"),
         lambda f: f"dev accuracy: full prompt-tuned **{f['full']:.3f}**, skeleton before re-tuning **{f['before']:.3f}**, "
                   f"after **{f['after']:.3f}** (the Predictor on the checkpoint: {f['predictor_accuracy']:.3f}); every "
@@ -124,25 +124,25 @@ ROWS = [
                   f"with fp32 on **{f['int8_agreement']:.1%}** of predictions (bound 95%), weights "
                   f"{f['fp32_mib']:.1f} -> {f['int8_mib']:.1f} MiB"),
     Row("two_ranks", "1 rank (ZeRO-2, batch 8) vs 2 ranks (ZeRO-3, 4 each), 6 steps, tiny LLaMA-GQA and BERT",
-        "pytest tests/test_distributed.py -k two_rank_zero3_matches",
+        "`pytest tests/test_distributed.py -k two_rank_zero3_matches`",
         tests("tests/test_distributed.py::test_two_rank_zero3_matches_one_rank"),
         lambda f: f"max abs prompt difference {f['max_abs_diff_llama']:.1e} (LLaMA), {f['max_abs_diff_bert_head']:.1e} "
                   f"(BERT) on values up to {max(f['max_abs_value_llama'], f['max_abs_value_bert_head']):.2f}; "
                   "test bound 1e-5"),
     Row("streaming", "Streaming conversion of a random-init LLaMA",
-        "pytest tests/test_surgery.py -k streaming",
+        "`pytest tests/test_surgery.py -k streaming`",
         tests("tests/test_surgery.py::test_streaming_conversion_peak_memory_is_about_one_tensor"),
         lambda f: f"{f['checkpoint_mib']:.0f} MiB checkpoint (largest tensor {f['largest_tensor_mib']:.0f} MiB): peak RSS "
                   f"growth **{f['rss_growth_mib']:.0f} MiB** (bound 3 x largest + 64 = {f['bound_mib']:.0f} MiB)"),
     Row("preemption", "Preemption with real signals: SIGUSR1 to one rank of 2 ZeRO-3 ranks (prompt), to both ranks "
-        "(attribution), SIGTERM to 1 process (retune)", "pytest tests/test_preemption.py",
+        "(attribution), SIGTERM to 1 process (retune)", "`pytest tests/test_preemption.py`",
         tests("tests/test_preemption.py"),
         lambda f: f"every job exits 75 after a checkpoint, and `--resume` ends where the uninterrupted run does: "
                   f"prompt max abs difference {f['prompt_max_abs_diff']:.1e}, scores {f['scores_max_abs_diff']:.1e} "
                   f"(largest score {f['scores_max_abs']:.1e}), re-tuned prompt {f['retune_max_abs_diff']:.1e}; "
                   f"{f['passed']} passed"),
     Row("hostile", "Hostile input: malformed inputs across the pipeline, `convert` and `infer`; damaged artifacts "
-        "for `verify`", "pytest tests/test_hostile_inputs.py", tests("tests/test_hostile_inputs.py"),
+        "for `verify`", "`pytest tests/test_hostile_inputs.py`", tests("tests/test_hostile_inputs.py"),
         lambda f: f"one `error:` line each, exit 2, nothing complete-looking left; `verify` names each problem "
                   f"(exit 1); {f['passed']} passed in {f['seconds']:.0f} s"),
     Row("bench_cpu", "Compact vs full vs PEFT speed, LLaMA-160m shape, FFN keep 0.3, batch 32",
@@ -170,8 +170,7 @@ def markdown(record: dict) -> str:
     lines = ["| what | command | result | measured |", "|---|---|---|---|"]
     for row in ROWS:
         if row.key in rows:
-            command = row.command if row.command.startswith("`") or " " not in row.command else f"`{row.command}`"
-            lines.append(f"| {row.what} | {command} | {row.result(rows[row.key]['figures'])} | "
+            lines.append(f"| {row.what} | {row.command} | {row.result(rows[row.key]['figures'])} | "
                          f"{rows[row.key]['date']} |")
     return "\n".join(lines) + "\n"
 

@@ -33,6 +33,14 @@ def _bench(record: dict) -> tuple[str, str]:
     return markdown_table(record), markdown_table(record)
 
 
+def _profile(record: dict) -> tuple[str, str]:
+    """bench.md with its profile table; the README shows the profile table alone."""
+    from skeleton_ds.bench import markdown_table
+
+    document = markdown_table(record)
+    return document, document.split("\n\n", 1)[1]
+
+
 def _same(render):
     return lambda record: (render(record), render(record))
 
@@ -54,11 +62,13 @@ TABLES = {
     "bench_llama-160m_cpu": _bench,
     "bench_tinyllama-1.1b_cpu": _bench,
     "bench_minilm_cpu": _bench,
+    "bench_llama-160m_profile": _profile,
     "study_compensation": _same(lambda r: _script("study_compensation").markdown(r)),
     "study_localization": _same(lambda r: _script("study_localization").markdown(r)),
     "scale_run": _scale_run,
     "reproduce": _reproduce,
     "load_test": _same(lambda r: _script("load_test").markdown(r)),
+    "measured": _same(lambda r: _script("measured").markdown(r)),
 }
 
 
