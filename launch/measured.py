@@ -51,6 +51,8 @@ def tests(*selection: str) -> Callable[[argparse.Namespace], dict]:
             env = {**os.environ, "SKELETON_DS_MEASURED": folder}
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
                                    *selection], cwd=REPO, env=env)
+            if not report.is_file():
+                raise SystemExit(f"error: pytest did not run {' '.join(selection)} (exit {proc.returncode})")
             suite = ElementTree.parse(report).getroot()
             suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
             counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -178,7 +180,7 @@ def markdown(record: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Measure the README's Measured table: docs/measured.{json,md}.")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
-                   help="GLUE/SuperGLUE files (default ../shared/data)")
+                   help="GLUE/SuperGLUE files for the quick start (default ../shared/data, where the tests read)")
     p.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma list of rows to measure: {', '.join(ROW_KEYS)} "
                    "(the others are kept from DOCS/measured.json)")
     p.add_argument("--docs", type=Path, default=REPO / "docs", help="where measured.{json,md} go and tables are read")
