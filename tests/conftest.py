@@ -135,6 +135,11 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def max_abs(tensors: dict) -> float:
+    """The scale a difference is read against: the largest absolute value in a state dict."""
+    return max(v.abs().max().item() for v in tensors.values())
+
+
 @pytest.fixture
 def measured(request) -> dict:
     """Figures a test measured (`measured["accuracy"] = ...`). launch/measured.py runs the tests with
