@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from skeleton_ds.errors import UserError
+from skeleton_ds.tasks import check_task_parts
 
 STAGES = ("prompt", "attribute", "localize", "convert", "retune")
 """Pipeline stages this build implements, in run order."""
@@ -110,6 +111,7 @@ class Config:
         if self.task == "generic":
             if not (self.train_file and self.dev_file and self.text_columns):
                 raise UserError("--task generic needs --train-file, --dev-file and --text-columns")
+            check_task_parts(self.text_columns, self.template, self.label_names, self.verbalizer)
         elif self.train_file or self.dev_file or self.text_columns:
             raise UserError("--train-file/--dev-file/--text-columns only go with --task generic")
         if self.data_dir is not None and not self.data_dir.is_dir():

@@ -324,35 +324,40 @@ def _generic_task(spec: GenericTaskSpec) -> Task:
         label_names=names, verbalizer=tuple(spec.verbalizer or (n.lower() for n in names)),
         metrics=("accuracy", "macro_f1"), sources=sources,
     )
-    _check_task(task)
+    check_task_parts(task.fields, task.template, task.label_names, task.verbalizer)
     return task
 
 
-def _check_task(task: Task) -> None:
-    """Reject a task whose template, labels or verbalizer other modules could not rely on."""
-    for f in task.fields:
+def check_task_parts(fields: Sequence[str], template: str | None = None, label_names: Sequence[Any] | None = None,
+                     verbalizer: Sequence[str] | None = None) -> None:
+    """Reject a template, labels or verbalizer other modules could not rely on. A part given as None is not
+    checked: Config checks what the flags give before any work starts, the loader the whole task once the
+    label names are read from the data."""
+    for f in fields:
         try:
             ok = f != "answer" and ("{" + f + "}").format_map({f: "x"}) == "x"
         except (KeyError, IndexError, ValueError, AttributeError):
             ok = False
         if not ok:
             raise UserError(f"Column {f!r} cannot be a template placeholder; rename it (letters, digits, _).")
-    try:
-        used = [f for _, f, _, _ in string.Formatter().parse(task.template) if f is not None]
-    except ValueError:
-        used = []
-    if sorted(used) != sorted((*task.fields, "answer")) or used[-1] != "answer":
-        wanted = ", ".join("{" + f + "}" for f in task.fields)
-        raise UserError(f"Template {task.template!r} must use {wanted} once each and end with {{answer}}.")
-    keys = [_text(n).lower() for n in task.label_names]
-    if len(keys) < 2 or "" in keys or len(set(keys)) != len(keys):
-        raise UserError(f"Label names {list(task.label_names)} must be at least two distinct non-empty "
-                        "values (compared case-insensitively).")
-    words = task.verbalizer
-    if len(words) != len(keys):
-        raise UserError(f"The verbalizer has {len(words)} words for {len(keys)} labels; give one per label.")
-    if any(w.split() != [w] or w != w.lower() for w in words) or len(set(words)) != len(words):
-        raise UserError(f"Verbalizer {list(words)} must be distinct single lowercase words.")
+    if template is not None:
+        try:
+            used = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError:
+            used = []
+        if sorted(used) != sorted((*fields, "answer")) or used[-1] != "answer":
+            wanted = ", ".join("{" + f + "}" for f in fields)
+            raise UserError(f"Template {template!r} must use {wanted} once each and end with {{answer}}.")
+    if label_names is not None:
+        keys = [_text(n).lower() for n in label_names]
+        if len(keys) < 2 or "" in keys or len(set(keys)) != len(keys):
+            raise UserError(f"Label names {list(label_names)} must be at least two distinct non-empty "
+                            "values (compared case-insensitively).")
+        if verbalizer is not None and len(verbalizer) != len(keys):
+            raise UserError(f"The verbalizer has {len(verbalizer)} words for {len(keys)} labels; give one per label.")
+    if verbalizer is not None and (any(w.split() != [w] or w != w.lower() for w in verbalizer)
+                                   or len(set(verbalizer)) != len(verbalizer)):
+        raise UserError(f"Verbalizer {list(verbalizer)} must be distinct single lowercase words.")
 
 
 # --- metrics ------------------------------------------------------------------------------------

@@ -112,3 +112,25 @@ def test_console_script_reports_error_and_exit_status(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_generic_template_and_verbalizer_are_checked_before_any_work(tiny_models, sentiment_files, tmp_path, capsys):
+    """Flags that describe a task it cannot run fail in Config, before the model loads or a directory appears."""
+    from skeleton_ds.config import config_from_args
+    from skeleton_ds.errors import UserError
+
+    out = tmp_path / "run"
+    flags = generic_flags(sentiment_files)
+    for bad, needle in ((["--template", "Answer: {answer} {text}"], "end with {answer}"),
+                        (["--verbalizer", "yes,No"], "single lowercase words"),
+                        (["--label-names", "neg,pos,odd"], "give one per label")):
+        argv = _base(tiny_models["llama"], out) + flags + bad  # argparse keeps the last of a repeated flag
+        try:
+            config_from_args(argv)
+        except UserError as e:
+            assert needle in str(e), e
+        else:
+            raise AssertionError(f"{bad} was accepted")
+        code, err = _run(argv, capsys)
+        _assert_clean_error(code, err, out, needle)
+        assert not out.exists()
