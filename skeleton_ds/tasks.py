@@ -347,7 +347,8 @@ def check_task_parts(fields: Sequence[str], template: str | None = None, label_n
             used = []
         if sorted(used) != sorted((*fields, "answer")) or used[-1] != "answer":
             wanted = ", ".join("{" + f + "}" for f in fields)
-            raise UserError(f"Template {template!r} must use {wanted} once each and end with {{answer}}.")
+            raise UserError(f"Template {template!r} must use {wanted} once each, with {{answer}} after them "
+                            "(text may follow it).")
     if label_names is not None:
         keys = [_text(n).lower() for n in label_names]
         if len(keys) < 2 or "" in keys or len(set(keys)) != len(keys):

@@ -121,7 +121,7 @@ def test_generic_template_and_verbalizer_are_checked_before_any_work(tiny_models
 
     out = tmp_path / "run"
     flags = generic_flags(sentiment_files)
-    for bad, needle in ((["--template", "Answer: {answer} {text}"], "end with {answer}"),
+    for bad, needle in ((["--template", "Answer: {answer} {text}"], "with {answer} after them"),
                         (["--verbalizer", "yes,No"], "single lowercase words"),
                         (["--label-names", "neg,pos,odd"], "give one per label")):
         argv = _base(tiny_models["llama"], out) + flags + bad  # argparse keeps the last of a repeated flag
