@@ -1,6 +1,6 @@
 """The README's "Measured" table: run what stands behind each row, keep the figures, write docs/measured.{json,md}.
 
-    python launch/measured.py --data-dir ../shared/data                 # every row, about 20 min on 2 CPU cores
+    python launch/measured.py --data-dir ../shared/data                 # every row, about 15 min on 2 CPU cores
     python launch/measured.py --data-dir ../shared/data --rows quickstart,hostile   # these rows; the rest are kept
 
 A row is measured one of three ways: tests (pytest runs them with SKELETON_DS_MEASURED set, and each test keeps
