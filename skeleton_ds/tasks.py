@@ -161,6 +161,20 @@ def task_from_record(record: dict) -> Task:
 def load_split(task: Task, split: str, data_dir: Path | None,
                generic: GenericTaskSpec | None = None) -> list[Example]:
     """Read one split. For the generic task a given spec replaces the files the task was built with."""
+    task, found = _split_source(task, split, data_dir, generic)
+    return _load_hub(task, split) if found is None else _load_file(task, *found)
+
+
+def split_file(task: Task, split: str, data_dir: Path | None, generic: GenericTaskSpec | None = None) -> Path | None:
+    """The file load_split reads for this split, or None when it comes from the Hub (what a run's
+    settings record hashes, so a changed data file is noticed)."""
+    _, found = _split_source(task, split, data_dir, generic)
+    return None if found is None else found[1]
+
+
+def _split_source(task: Task, split: str, data_dir: Path | None,
+                  generic: GenericTaskSpec | None) -> tuple[Task, tuple[Source, Path] | None]:
+    """The task (with a generic spec's files) and the first existing candidate file; None: the Hub."""
     if split not in SPLITS:
         raise UserError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     if generic is not None:
@@ -169,14 +183,14 @@ def load_split(task: Task, split: str, data_dir: Path | None,
         task = replace(task, sources=_generic_sources(generic))
     if task.hub is not None:  # a built-in task: files live under data_dir, or come from the Hub
         if data_dir is None:
-            return _load_hub(task, split)
+            return task, None
         if not Path(data_dir).is_dir():
             raise UserError(f"Data directory {data_dir} does not exist; "
                             "pass the folder that holds the task folders (SST-2, RTE, ...).")
     candidates = [(s, Path(data_dir or ".") / s.path) for s in dict(task.sources)[split]]
     for source, path in candidates:
         if path.is_file():
-            return _load_file(task, source, path)
+            return task, (source, path)
     expected = " or ".join(str(p) for _, p in candidates)
     raise UserError(f"Missing {split} data for task {task.name}: expected {expected}.")
 

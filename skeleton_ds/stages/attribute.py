@@ -29,11 +29,12 @@ from skeleton_ds.attribution import (UnitRecorder, finish_scores, random_scores,
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record, subset
+from skeleton_ds.stages.settings import RecordsSettings
 
 PARTIAL_FORMAT = "skeleton_ds.attribution-partial/1"
 
 
-class AttributionRecipe(TaskModelRun):
+class AttributionRecipe(RecordsSettings, TaskModelRun):
     stage = "attribute"
 
     def __init__(self, cfg: Config):
@@ -117,15 +118,11 @@ class AttributionRecipe(TaskModelRun):
 
     # ------------------------------------------------------- partial sums
     def _signature(self, scorer: str, batches: int) -> str:
-        """What must match for partial sums to be resumable: the settings that choose and score the
-        examples, the prompt scored, and the sharding (world size, micro batch)."""
-        cfg = self.cfg
-        keys = ("model", "task", "seed", "max_train_examples", "attr_examples", "attr_reduce", "attr_include_prompt",
-                "data_dir", "train_file", "max_length")
-        blob = json.dumps({k: str(getattr(cfg, k)) for k in keys} | {
-            "scorer": scorer, "batches": batches, "world_size": self.dist.world_size,
-            "micro": self.ds_config["train_micro_batch_size_per_gpu"],
-            "prompt": checkpoint.sha256(self.prompt_dir / "prompt.safetensors")}, sort_keys=True)
+        """What must match for partial sums to be resumable: the stage's settings record, the scorer
+        actually run, the prompt scored, and the sharding (world size, micro batch)."""
+        blob = json.dumps({"settings": self.settings_record()["id"], "scorer": scorer, "batches": batches,
+                           "world_size": self.dist.world_size, "micro": self.ds_config["train_micro_batch_size_per_gpu"],
+                           "prompt": checkpoint.sha256(self.prompt_dir / "prompt.safetensors")}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _save_partial(self, sums: dict[str, torch.Tensor], batches: int, signature: str) -> None:
@@ -163,7 +160,7 @@ class AttributionRecipe(TaskModelRun):
             cfg = self.cfg
             write_scores(self.out_file, scores, task=self.task.name, scorer=cfg.scorer, reduce=cfg.attr_reduce,
                          include_prompt=cfg.attr_include_prompt, examples=examples, base_model=self.backbone.identity,
-                         geometry=self.geometry)
+                         geometry=self.geometry, settings=self.settings_record())
         torch.distributed.barrier()
 
     def run(self) -> dict[str, torch.Tensor]:

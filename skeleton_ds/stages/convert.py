@@ -14,10 +14,11 @@ import torch
 from skeleton_ds import checkpoint, engine
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
+from skeleton_ds.stages.settings import RecordsSettings
 from skeleton_ds.surgery import convert
 
 
-class ConvertRecipe:
+class ConvertRecipe(RecordsSettings):
     """Stage 4 inside the pipeline: rank 0 converts from the on-disk base checkpoint (streaming,
     never holding the model) while the other ranks wait; every rank validates first so a bad input
     stops all of them with the same message."""
@@ -43,8 +44,9 @@ class ConvertRecipe:
             try:
                 summary = convert(cfg.model, skeleton, cfg.output / "prompt", self.out, revision=cfg.revision,
                                   allow_pickle=cfg.allow_pickle, overwrite=True, slice_lm_head=cfg.slice_lm_head,
-                                  compensate=cfg.compensate, scores=cfg.output / "attribution.safetensors")
-                checkpoint.write_json(cfg.output / "conversion.json", summary)
+                                  compensate=cfg.compensate, scores=cfg.output / "attribution.safetensors",
+                                  settings=self.settings_record())
+                checkpoint.write_json(cfg.output / "conversion.json", summary | {"settings": self.settings_record()})
             except UserError as e:
                 failure = [str(e)]
         torch.distributed.broadcast_object_list(failure, src=0)

@@ -19,9 +19,10 @@ from skeleton_ds.adapters import Geometry
 from skeleton_ds.attribution import read_attribution
 from skeleton_ds.config import Config
 from skeleton_ds.localization import Skeleton, check_scores, select, skeleton_record
+from skeleton_ds.stages.settings import RecordsSettings
 
 
-class LocalizeRecipe:
+class LocalizeRecipe(RecordsSettings):
     stage = "localize"
 
     def __init__(self, cfg: Config):
@@ -50,7 +51,7 @@ class LocalizeRecipe:
         if os.environ.get("RANK", "0") == "0":
             plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png", cfg.output / "skeleton_heads.png")
             record = skeleton_record(skeleton, meta, keep_mode=cfg.keep_mode, ffn_keep=cfg.ffn_keep,
-                                     head_keep=cfg.head_keep, align=cfg.align)
+                                     head_keep=cfg.head_keep, align=cfg.align) | {"settings": self.settings_record()}
             checkpoint.write_json(self.out_file, record)  # last: marks done
             print(f"skeleton_ds: skeleton (FFN {skeleton.ffn_sizes()[0]}/{geometry.ffn_size} per layer"
                   f"{'' if skeleton.is_uniform() else ', sizes vary'}) -> {self.out_file}")

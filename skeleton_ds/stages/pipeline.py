@@ -2,23 +2,32 @@
 
     deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR [--stages a,b,...]
 
-Each stage publishes its outputs atomically and counts as done only when they are complete, so
-re-running the same command skips finished stages and resumes an interrupted one (`--resume`
-continues a prompt-tuning stage from its last checkpoint; `--overwrite` redoes finished stages).
+Before any work, every finished stage's recorded settings (skeleton_ds.lineage) are compared with
+the ones these flags give. A finished stage whose settings match is reused; one whose settings differ
+stops the run with one error naming each change, unless `--overwrite` is given: then the first
+changed stage and every stage after it are redone (with `--overwrite` and no change, every requested
+stage is redone), and finished outputs of unrequested later stages, made from what is being redone,
+are removed. Each stage publishes its outputs atomically, so an interrupted stage is never mistaken
+for a finished one (`--resume` continues it from its last checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from dataclasses import dataclass
 
-from skeleton_ds import checkpoint, preemption
+from skeleton_ds import checkpoint, lineage, preemption
 from skeleton_ds.config import STAGES, Config
+from skeleton_ds.errors import UserError
+from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.attribute import AttributionRecipe
 from skeleton_ds.stages.convert import ConvertRecipe
 from skeleton_ds.stages.localize import LocalizeRecipe
 from skeleton_ds.stages.prompt_tuning import PromptTuningRecipe, RetuneRecipe
+from skeleton_ds.stages.settings import RunSettings
 from skeleton_ds.ui import Reporter
 
 RECIPES = {"prompt": PromptTuningRecipe, "attribute": AttributionRecipe, "localize": LocalizeRecipe,
@@ -30,25 +39,86 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+@dataclass
+class Plan:
+    records: dict[str, dict]  # the settings record each requested stage writes (or has written)
+    run: list[str]  # requested stages to run, in order
+    reuse: list[str]  # requested stages finished with these settings
+    remove: list[str]  # unrequested finished stages made from a stage this run redoes
+    changes: list[str]  # "stage: setting old -> new"
+
+
+def plan_stages(cfg: Config, settings: RunSettings | None = None) -> Plan:
+    """Which requested stages run and which are reused, from the records on disk; refuses changed
+    settings without --overwrite. Reads files only, so every rank plans alike."""
+    settings = settings or RunSettings(cfg)
+    records: dict[str, dict] = {}
+    current: dict[str, str | None] = {}  # the id of each stage's output as the stages after it will read it
+    changes: list[str] = []
+    first = None  # the first requested stage to run
+    for stage in STAGES:
+        recorded = lineage.read_record(cfg.output, stage)
+        if stage not in cfg.stages:
+            current[stage] = (recorded or {}).get("id")
+            continue
+        record = settings.record(stage, {u: current.get(u) for u in lineage.UPSTREAM[stage]})
+        records[stage], current[stage] = record, record["id"]
+        if not RECIPES[stage](cfg).done():
+            first = first or stage
+            continue
+        found = lineage.value_changes(recorded, record)
+        if first is None:  # an input redone in this run is no change of this stage's own
+            found += lineage.upstream_changes(recorded, record)
+        changes += [f"{stage}: {change}" for change in found]
+        if found:
+            first = first or stage
+    if changes and not cfg.overwrite:
+        raise UserError(f"{cfg.output} holds finished stages made with other settings ({'; '.join(changes)}): pass "
+                        f"--overwrite to redo them and the stages after them, or choose another --output")
+    requested = [s for s in STAGES if s in cfg.stages]
+    if cfg.overwrite and not changes:
+        first = requested[0]
+    run = requested[requested.index(first):] if first else []
+    later = STAGES[STAGES.index(first) + 1:] if first else ()
+    remove = [s for s in later if s not in cfg.stages
+              and any((cfg.output / name).exists() for name in lineage.OUTPUTS[s])]
+    return Plan(records, run, [s for s in requested if s not in run], remove, changes)
+
+
+def _remove_outputs(cfg: Config, stages: list[str]) -> None:
+    """Outputs of unrequested stages that a stage redone now makes stale: removed, never left looking current."""
+    for stage in stages:
+        for name in lineage.OUTPUTS[stage]:
+            path = cfg.output / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        print(f"skeleton_ds: removed the {stage} outputs in {cfg.output}: they were made from a stage redone now")
+
+
 def run_pipeline(cfg: Config) -> dict:
     summary_file = cfg.output / "metrics.json"
     previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     seconds = dict(previous.get("stage_seconds", {}))
-    for stage in STAGES:
-        if stage not in cfg.stages:
-            continue
+    plan = plan_stages(cfg)
+    for stage in plan.remove:
+        seconds.pop(stage, None)
+    if _is_main():
+        for stage in plan.reuse:
+            print(f"skeleton_ds: stage {stage} is complete in {cfg.output} with these settings, skipping "
+                  f"(--overwrite redoes it)")
+        _remove_outputs(cfg, plan.remove)
+    for stage in plan.run:
         recipe = RECIPES[stage](cfg)
-        if recipe.done() and not cfg.overwrite:
-            if _is_main():
-                print(f"skeleton_ds: stage {stage} is complete in {cfg.output}, skipping (--overwrite redoes it)")
-            continue
+        recipe.planned = plan.records[stage]
         if preemption.agreed_stop():  # a stop asked for during the last stage's evaluation or saving
             raise preemption.Preempted(f"stopped on {preemption.signal_name()} before stage {stage}; finished stages "
                                        f"are kept: run the same command with --resume")
         start = time.perf_counter()
         recipe.run()
         seconds[stage] = round(time.perf_counter() - start, 2)
-    summary = summarize(cfg, seconds)
+    summary = summarize(cfg, seconds) | {"provenance": provenance()}
     if _is_main() and cfg.output.is_dir():
         checkpoint.write_json(summary_file, summary)
         Reporter(enabled=True).metrics_table(f"{cfg.task}: Skeleton pipeline", _table_rows(summary),
@@ -76,6 +146,7 @@ def summarize(cfg: Config, stage_seconds: dict) -> dict:
         "ffn_sizes": skeleton.get("ffn_sizes"),
         "parameters_full": conversion.get("parameters_full"), "parameters_compact": conversion.get("parameters_compact"),
         "stage_seconds": stage_seconds,
+        "settings_ids": {s: (lineage.read_record(cfg.output, s) or {}).get("id") for s in STAGES},
     }
 
 

@@ -11,8 +11,6 @@ process group. Every rank runs the same code; only rank 0 writes files and print
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -26,14 +24,16 @@ from skeleton_ds import checkpoint, data, engine, preemption
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.prompt import PromptedClassifier, initial_prompt, task_record
+from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record
+from skeleton_ds.stages.settings import RecordsSettings
 
 KILL_AFTER_STEP_ENV = "SKELETON_DS_KILL_AFTER_STEP"
 """Test hook, "STAGE:STEP" (e.g. "retune:2"): SIGKILL this process right after that optimizer step of
 that stage, to exercise a real crash and resume."""
 
 
-class PromptTuningRecipe(TaskModelRun):
+class PromptTuningRecipe(RecordsSettings, TaskModelRun):
     """Stage 1 (and, through RetuneRecipe, stage 5)."""
 
     stage = "prompt"
@@ -117,12 +117,8 @@ class PromptTuningRecipe(TaskModelRun):
 
     # ------------------------------------------------------------ checkpoints
     def _signature(self) -> str:
-        """What must match for a checkpoint to be resumable into this run."""
-        keys = ("model", "task", "prompt_length", "prompt_init", "readout", "quant", "lr", "head_lr", "warmup_steps",
-                "max_length", "seed", "max_train_examples", "epochs", "max_steps", "data_dir", "train_file")
-        blob = json.dumps({k: str(getattr(self.cfg, k)) for k in keys} | {"global_batch": self.global_batch,
-                          "stage": self.stage, "model_path": self.backbone.path}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """What must match for a checkpoint to be resumable into this run: the stage's settings record."""
+        return self.settings_record()["id"]
 
     def _latest_checkpoint(self) -> str | None:
         latest = self.ckpt_dir / "latest"
@@ -220,7 +216,8 @@ class PromptTuningRecipe(TaskModelRun):
                        "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,
                        "backbone_fraction_on_rank0": self.backbone_local_fraction,
                        "train_seconds": self.train_seconds, **(extra or {}),
-                       "config": checkpoint.json_record(cfg)}
+                       "config": checkpoint.json_record(cfg), "settings": self.settings_record(),
+                       "provenance": provenance()}
             with checkpoint.atomic_dir(self.out_dir, overwrite=True) as staging:
                 checkpoint.save_tensors(staging / "prompt.safetensors", tensors,
                                         {"task": self.task.name, "model": self.backbone.path, "readout": self.readout})

@@ -1,0 +1,110 @@
+"""What each finished stage was made from, so a run never reuses an output its flags did not make.
+
+Every stage's output carries one settings record:
+
+    {"stage": "localize", "values": {"ffn_keep": 0.3, ...}, "upstream": {"attribute": "3f2a..."}, "id": "9c1e..."}
+
+`values` are the settings the output depends on (base-model identity, task and data hashes, the
+stage's own flags), `upstream` the ids of the records of the stage outputs it consumed, and `id` a
+hash of all three: identical settings give identical ids, and an output built from another upstream
+output has another id. The pipeline compares a finished stage's record with the one its flags give
+before any work starts; `skeleton-ds verify` checks that each output's upstream ids match the
+records of the outputs beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+STAGE_ORDER = ("prompt", "attribute", "localize", "convert", "retune")
+
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "prompt": (), "attribute": ("prompt",), "localize": ("attribute",), "convert": ("localize", "prompt"),
+    "retune": ("convert",)}
+"""The stage outputs each stage reads (convert ships the stage-1 prompt with the compact model)."""
+
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt",), "attribute": ("attribution.safetensors",),
+    "localize": ("skeleton.json", "skeleton_ffn.png", "skeleton_heads.png"),
+    "convert": ("compact", "conversion.json"), "retune": ("retune",)}
+"""Each stage's outputs in a run directory, relative to it (removed when an upstream stage is redone)."""
+
+
+def record_id(stage: str, values: dict, upstream: dict) -> str:
+    blob = json.dumps({"stage": stage, "values": values, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_record(stage: str, values: dict, upstream: dict[str, str | None]) -> dict:
+    return {"stage": stage, "values": values, "upstream": upstream, "id": record_id(stage, values, upstream)}
+
+
+def read_record(run: Path, stage: str) -> dict | None:
+    """The settings record of a finished stage in `run`, or None (not finished, unreadable, or made
+    before settings were recorded)."""
+    from safetensors import SafetensorError, safe_open
+
+    run = Path(run)
+    try:
+        if stage in ("prompt", "retune"):
+            return json.loads((run / stage / "metrics.json").read_text()).get("settings")
+        if stage == "attribute":
+            with safe_open(str(run / "attribution.safetensors"), "pt") as f:
+                raw = (f.metadata() or {}).get("settings")
+            return json.loads(raw) if raw else None
+        if stage == "localize":
+            return json.loads((run / "skeleton.json").read_text()).get("settings")
+        if stage == "convert":
+            return json.loads((run / "compact" / "config.json").read_text()).get("skeleton_ds", {}).get("settings")
+    except (OSError, ValueError, AttributeError, SafetensorError):
+        return None
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _show(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list)) else str(value)
+
+
+def value_changes(recorded: dict | None, expected: dict) -> list[str]:
+    """Each setting whose recorded value differs from the expected one, as "name old -> new"."""
+    if recorded is None:
+        return ["no settings recorded (made by an older skeleton_ds)"]
+    old, new = recorded.get("values", {}), expected["values"]
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):  # name the inner keys that differ
+                inner = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
+                changes += [f"{key}.{k} {_show(old[key].get(k))} -> {_show(new[key].get(k))}" for k in inner]
+            else:
+                changes.append(f"{key} {_show(old.get(key, '(unset)'))} -> {_show(new.get(key, '(unset)'))}")
+    return changes
+
+
+def upstream_changes(recorded: dict | None, expected: dict) -> list[str]:
+    """Inputs a finished stage was built from that are not the outputs it would read now."""
+    if recorded is None:
+        return []
+    old = recorded.get("upstream", {})
+    return [f"built from another {stage} output than the one in this directory"
+            for stage, current in expected["upstream"].items() if old.get(stage) != current]
+
+
+def lineage_problems(run: Path) -> list[tuple[str, str]]:
+    """(output, problem) for every finished stage in `run` whose recorded inputs are not the outputs beside it,
+    e.g. a compact model built from another skeleton than DIR/skeleton.json."""
+    run = Path(run)
+    records = {stage: read_record(run, stage) for stage in STAGE_ORDER}
+    problems = []
+    for stage, record in records.items():
+        if record is None:
+            continue
+        for upstream, recorded_id in record.get("upstream", {}).items():
+            present = records.get(upstream)
+            if present is not None and present.get("id") != recorded_id:
+                problems.append((str(run / OUTPUTS[stage][0]),
+                                 f"was built from another {upstream} output than {run / OUTPUTS[upstream][0]} "
+                                 f"(recorded id {recorded_id}, present {present.get('id')}): redo {stage} with --overwrite"))
+    return problems

@@ -1,0 +1,109 @@
+"""The settings each stage's output depends on, derived from the run's flags (see skeleton_ds.lineage).
+
+Only what changes a stage's result is recorded: the base model (name, revision, config hash), the task
+and a sha256 of each data file it reads, and the stage's own flags. Where outputs go (--output),
+checkpointing (--save-every, --resume), the ZeRO stage and the world size (at a fixed global batch)
+are left out, so moving a run or resuming it on more ranks is not a change.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from skeleton_ds import checkpoint, engine, lineage
+from skeleton_ds.config import Config
+from skeleton_ds.errors import UserError
+
+STAGE_FLAGS: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt_length", "prompt_init", "readout", "epochs", "max_steps", "lr", "head_lr", "warmup_steps",
+               "weight_decay", "max_length", "seed", "max_train_examples", "max_eval_examples", "quant"),
+    "attribute": ("scorer", "attr_reduce", "attr_examples", "attr_include_prompt", "seed", "max_train_examples",
+                  "quant"),
+    "localize": ("ffn_keep", "head_keep", "align", "keep_mode"),
+    "convert": ("compensate", "slice_lm_head"),
+    "retune": ("epochs", "max_steps", "lr", "head_lr", "warmup_steps", "weight_decay", "seed", "max_train_examples",
+               "max_eval_examples", "quant"),
+}
+"""Each stage's own flags (Config field names) that change its output."""
+
+USES = {"prompt": ("base", "task", "batch"), "attribute": ("base", "task", "batch"), "localize": (),
+        "convert": ("base",), "retune": ("task", "batch")}
+"""Which shared parts each stage depends on: the base model, the task and its data, the global batch
+and precision (the DeepSpeed config as resolved for this run)."""
+
+
+class RunSettings:
+    """The expected settings record of every stage for one Config, each shared part computed once."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @cached_property
+    def base(self) -> dict:
+        """The base model's identity: the name given, its revision and its config hash (no weights read)."""
+        from transformers import AutoConfig
+
+        cfg = self.cfg
+        path = engine.resolve_model_path(cfg.model)
+        try:
+            config = AutoConfig.from_pretrained(path, revision=cfg.revision)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {cfg.model}: cannot read its config ({str(e).splitlines()[0]})") from None
+        identity = engine.model_identity(cfg.model, path, config, cfg.revision)
+        return {"name": cfg.model, "revision": identity["revision"], "config_sha256": identity["config_sha256"]}
+
+    @cached_property
+    def task(self) -> dict:
+        """The task (with a generic task's template, columns and labels) and a sha256 per data file."""
+        from skeleton_ds.stages.common import generic_spec
+        from skeleton_ds.tasks import get_task, split_file
+
+        cfg = self.cfg
+        spec = generic_spec(cfg)
+        task = get_task(cfg.task, spec)
+        data = {}
+        for split in ("train", "dev"):
+            path = split_file(task, split, cfg.data_dir, spec)
+            data[split] = f"hub:{task.hub}/{task.name}" if path is None else checkpoint.sha256(Path(path))
+        return {"name": task.name, "template": task.template, "fields": list(task.fields),
+                "label_names": list(task.label_names), "verbalizer": list(task.verbalizer), "data_sha256": data,
+                **({"label_column": cfg.label_column} if spec else {})}
+
+    @cached_property
+    def batch(self) -> dict:
+        """The global batch and the training precision, as DeepSpeed will run them."""
+        cfg = self.cfg
+        ds = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
+                                      batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+        return {"global_batch": ds["train_batch_size"], "precision": str(engine.param_dtype(ds)).replace("torch.", "")}
+
+    def values(self, stage: str) -> dict:
+        own = {name: checkpoint.json_value(getattr(self.cfg, name)) for name in STAGE_FLAGS[stage]}
+        shared = {"base": self.base} if "base" in USES[stage] else {}
+        shared |= {"task": self.task} if "task" in USES[stage] else {}
+        return shared | own | (self.batch if "batch" in USES[stage] else {})
+
+    def record(self, stage: str, upstream: dict[str, str | None]) -> dict:
+        return lineage.make_record(stage, self.values(stage), upstream)
+
+    def on_disk(self, stage: str) -> dict:
+        """The record `stage` would write now, reading its inputs' records from the run directory
+        (a recipe run on its own, outside the pipeline's plan)."""
+        upstream = {u: (lineage.read_record(self.cfg.output, u) or {}).get("id") for u in lineage.UPSTREAM[stage]}
+        return self.record(stage, upstream)
+
+
+
+class RecordsSettings:
+    """A recipe that writes its settings record into its output: the one the pipeline planned, or,
+    run on its own, the one its flags and the inputs on disk give."""
+
+    stage = ""
+    cfg: Config
+    planned: dict | None = None
+
+    def settings_record(self) -> dict:
+        if self.planned is None:
+            self.planned = RunSettings(self.cfg).on_disk(self.stage)
+        return self.planned
