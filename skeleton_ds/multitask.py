@@ -10,6 +10,10 @@ a standard module tree of the compact architecture whose sliced tensors (its FFN
 kept heads) are new, and whose other tensors (embeddings, norms, attention when all heads are kept, the
 MLM head) are the base model's own tensors, by reference. Materialised tasks live in a cache bounded
 by a byte budget (only the bytes a task owns count), least recently used evicted first.
+
+`PromptTuningModel` is the baseline a prompt-tuning user runs: the one full base model and each task's
+stage-1 prompt (and head), nothing sliced. A prompt is an input, so one forward pass may hold rows of
+different tasks (`predict_mixed`); it pays the full model per pass, and owns only its prompts.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
-from skeleton_ds import checkpoint, engine
+from skeleton_ds import checkpoint, data, engine
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tensor_bytes
 from skeleton_ds.localization import Skeleton, load_skeleton
@@ -118,6 +123,75 @@ def _named(spec: str) -> tuple[str, str]:
     return (name, directory) if sep and name and "/" not in name else ("", spec)
 
 
+Entry = TypeVar("Entry")  # TaskEntry or PromptEntry
+
+
+def register(task_dirs: list[Path | str], read: Callable[[Path, str | None], Entry]) -> dict[str, Entry]:
+    """Each [NAME=]DIR read by `read(DIR, NAME or None)`, by task name; two directories answering one name
+    are refused (name them). Every directory is read before the base model's weights load."""
+    if not task_dirs:
+        raise UserError("give at least one --task-dir")
+    entries: dict[str, Entry] = {}
+    for name, directory in (_named(str(d)) for d in task_dirs):
+        entry = read(Path(directory), name or None)
+        if entry.name in entries:
+            raise UserError(f"two task directories answer {entry.name!r} ({entries[entry.name].directory} and "
+                            f"{directory}): name them, --task-dir NAME=DIR")
+        entries[entry.name] = entry
+    return entries
+
+
+def base_identity(base: str) -> dict:
+    """The base model's identity (name, config hash) from its config alone, before its weights load."""
+    from transformers import AutoConfig
+
+    path = engine.resolve_model_path(base)
+    try:
+        base_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model config for --base {base!r}: {str(e).splitlines()[0]}") from None
+    return engine.model_identity(base, path, base_config, None)
+
+
+def shared_backbone(base: str, records: list[dict], cfg: InferenceConfig) -> engine.Backbone:
+    """The one base model every task runs on: with an LM/MLM head unless every task reads a trained head."""
+    readouts = {r["readout"] for r in records}
+    backbone = engine.load_backbone(base, readout="head" if readouts == {"head"} else "verbalizer",
+                                    dtype=cfg.torch_dtype(), device=str(cfg.torch_device()), differentiable=False)
+    backbone.model.to(cfg.torch_device())
+    return backbone
+
+
+def prompted(backbone: nn.Module, adapter, record: dict, task: Task, prompt: dict[str, torch.Tensor],
+             device: torch.device, dtype: torch.dtype) -> PromptedClassifier:
+    """A task's trained prompt (and head) around `backbone`, which it holds by reference (moving it to the
+    device where the backbone already is copies nothing)."""
+    model = PromptedClassifier(backbone, adapter, record["readout"], record["prompt_length"], len(task.label_names),
+                               record["label_token_ids"])
+    model.to(device)
+    model.load_trained(prompt, dtype)
+    return model.eval()
+
+
+def owned_bytes(model: PromptedClassifier) -> int:
+    """Bytes of what a task adds to its backbone: its prompt and head."""
+    return tensor_bytes([*model.prompt.parameters(), *(model.head.parameters() if model.head is not None else [])])
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once however many tensors view it."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*module.parameters(), *module.buffers()]}
+    return sum(storages.values())
+
+
+def parse_inputs(task: Task, inputs: list) -> list[Example]:
+    """Records (dicts with the task's fields, optional label) or plain strings (single-text tasks) -> examples."""
+    if not inputs:
+        raise UserError("inputs is empty: give at least one record")
+    return [parse_record(record, task, f"input {i}") for i, record in enumerate(inputs)]
+
+
 class MultiTaskModel:
     """Thread-safe: one lock around materialisation and the forward pass (one pass at a time)."""
 
@@ -126,32 +200,13 @@ class MultiTaskModel:
         if cfg.quant != "none":
             raise UserError("serving shared weights slices the base model's tensors, which bitsandbytes "
                             "layers do not allow: serve with --quant none")
-        if not task_dirs:
-            raise UserError("give at least one --task-dir")
         if cache_bytes < 0:
             raise UserError(f"--cache-bytes must be >= 0, got {cache_bytes}")
         self.cfg, self.budget = cfg, cache_bytes
         self.device, self.dtype = cfg.torch_device(), cfg.torch_dtype()
-        self.tasks: dict[str, TaskEntry] = {}
-        specs = [_named(str(d)) for d in task_dirs]
-        from transformers import AutoConfig
-
-        path = engine.resolve_model_path(base)
-        try:
-            base_config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load model config for --base {base!r}: {str(e).splitlines()[0]}") from None
-        identity = engine.model_identity(base, path, base_config, None)
-        for name, directory in specs:  # every task is checked before the base model is loaded
-            entry = read_task_dir(Path(directory), identity, name or None)
-            if entry.name in self.tasks:
-                raise UserError(f"two task directories answer {entry.name!r} ({self.tasks[entry.name].directory} and "
-                                f"{directory}): name them, --task-dir NAME=DIR")
-            self.tasks[entry.name] = entry
-        readouts = {e.record["readout"] for e in self.tasks.values()}
-        self.backbone = engine.load_backbone(base, readout="head" if readouts == {"head"} else "verbalizer",
-                                             dtype=self.dtype, device=str(self.device), differentiable=False)
-        self.backbone.model.to(self.device)
+        identity = base_identity(base)
+        self.tasks: dict[str, TaskEntry] = register(task_dirs, lambda d, name: read_task_dir(d, identity, name))
+        self.backbone = shared_backbone(base, [e.record for e in self.tasks.values()], cfg)
         self.adapter = self.backbone.adapter
         self.geometry = self.adapter.geometry(self.backbone.model.config)
         self._cache: OrderedDict[str, tuple[Predictor, int]] = OrderedDict()
@@ -194,14 +249,10 @@ class MultiTaskModel:
 
     def _materialise(self, entry: TaskEntry) -> tuple[Predictor, int]:
         backbone, owned = self._task_backbone(entry.skeleton, entry.compensated)
-        record = entry.record
-        model = PromptedClassifier(backbone, self.adapter, record["readout"], record["prompt_length"],
-                                   len(entry.task.label_names), record["label_token_ids"])
-        model.to(self.device)  # the shared tensors are there already: moving them is a no-op, no copy
-        model.load_trained(entry.prompt, self.dtype)
-        model.eval()
-        predictor = Predictor(model, entry.task, record, self.backbone.tokenizer, self.cfg, source=f"task {entry.name}")
-        owned += tensor_bytes([*model.prompt.parameters(), *(model.head.parameters() if model.head is not None else [])])
+        model = prompted(backbone, self.adapter, entry.record, entry.task, entry.prompt, self.device, self.dtype)
+        predictor = Predictor(model, entry.task, entry.record, self.backbone.tokenizer, self.cfg,
+                              source=f"task {entry.name}")
+        owned += owned_bytes(model)
         cached = getattr(predictor.forward, "prompt_kv", [])
         return predictor, owned + tensor_bytes(t for pair in cached for t in pair)
 
@@ -238,10 +289,7 @@ class MultiTaskModel:
     def parse_inputs(self, name: str, inputs: list) -> list[Example]:
         """Records (dicts with the task's fields, optional label) or plain strings (single-text tasks) ->
         examples. Raises KeyError for an unknown task name and UserError for a bad record."""
-        task = self.tasks[name].task
-        if not inputs:
-            raise UserError("inputs is empty: give at least one record")
-        return [parse_record(record, task, f"input {i}") for i, record in enumerate(inputs)]
+        return parse_inputs(self.tasks[name].task, inputs)
 
     def predict(self, name: str, examples: list[Example]) -> list[dict]:
         """One {"label", "probabilities"} per example, from the task's (possibly freshly materialised) model."""
@@ -257,9 +305,164 @@ class MultiTaskModel:
     def memory(self) -> dict:
         """{"shared_bytes", "cache_bytes", "cache_budget", "tasks": {name: resident bytes}}; the base model's
         storage counted once, however many tasks share it."""
-        model = self.backbone.model
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in [*model.parameters(), *model.buffers()]}
         cache = dict(self._cache)  # a snapshot (one C-level copy): the worker thread may be evicting
-        return {"shared_bytes": sum(storages.values()), "cache_bytes": sum(owned for _, owned in cache.values()),
-                "cache_budget": self.budget, "tasks": {name: cache[name][1] if name in cache else 0 for name in self.tasks}}
+        return {"shared_bytes": storage_bytes(self.backbone.model),
+                "cache_bytes": sum(owned for _, owned in cache.values()), "cache_budget": self.budget,
+                "tasks": {name: cache[name][1] if name in cache else 0 for name in self.tasks}}
+
+
+# ------------------------------------------------------ plain prompt tuning
+@dataclass
+class PromptEntry:
+    """A task served by plain prompt tuning: its stage-1 prompt (and head), trained on the full base."""
+
+    name: str
+    directory: Path  # the prompt directory
+    record: dict  # its task.json
+    task: Task
+    prompt: dict[str, torch.Tensor]
+
+
+def read_prompt_dir(directory: Path, base_identity: dict, name: str | None = None) -> PromptEntry:
+    """DIR/prompt of a pipeline output, or a directory holding prompt.safetensors itself (a prompt directory,
+    or a compact checkpoint, which ships the stage-1 prompt). The prompt must be the base model's: a
+    re-tuned prompt belongs to its compact model, and is refused by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"--task-dir {directory} is not a directory")
+    prompt_dir = directory / "prompt" if (directory / "prompt" / "prompt.safetensors").is_file() else directory
+    if not (prompt_dir / "prompt.safetensors").is_file() or not (prompt_dir / "task.json").is_file():
+        raise UserError(f"--task-dir {directory} holds no stage-1 prompt (DIR/prompt/prompt.safetensors and task.json): "
+                        f"run the pipeline's prompt stage first")
+    record = checkpoint.read_json(prompt_dir / "task.json", "task record")
+    label = name or record["task"]
+    if record["base_model"].get("config_sha256") != base_identity["config_sha256"]:
+        raise UserError(f"task {label!r} ({prompt_dir}): its prompt was trained on "
+                        f"{record['base_model'].get('name_or_path')!r}, not on the base {base_identity['name_or_path']!r} "
+                        f"(a re-tuned prompt belongs to its compact model): serve DIR/prompt with the base it was tuned on")
+    return PromptEntry(label, prompt_dir, record, task_from_record(record),
+                       checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
+
+
+class PromptTuningModel:
+    """Plain prompt tuning, served: one full base model, each task's stage-1 prompt (and head) on it.
+
+    Same API as MultiTaskModel, plus `predict_mixed`: a prompt is an input, so one forward pass holds
+    rows of different tasks, each row with its own task's prompt (decoders get no prompt key/value cache,
+    which is per task). Thread-safe: one lock around the forward pass."""
+
+    mixes_tasks = True  # the server keeps one FIFO across tasks for a model that says so
+
+    def __init__(self, base: str, task_dirs: list[Path | str], *, cfg: InferenceConfig = InferenceConfig()):
+        if cfg.quant != "none":
+            raise UserError("serving plain prompt tuning runs the base model's plain tensors: serve with --quant none")
+        identity = base_identity(base)
+        self.tasks: dict[str, PromptEntry] = register(task_dirs, lambda d, name: read_prompt_dir(d, identity, name))
+        self.cfg = replace(cfg, prompt_cache=False, compile=False)
+        backbone = shared_backbone(base, [e.record for e in self.tasks.values()], cfg)
+        self.backbone, self.pad_id = backbone.model, backbone.tokenizer.pad_token_id
+        self.causal = backbone.adapter.causal
+        device, dtype = cfg.torch_device(), cfg.torch_dtype()
+        self.predictors = {  # one per task, for its encoding and its prompted model; all on the one backbone
+            name: Predictor(prompted(self.backbone, backbone.adapter, e.record, e.task, e.prompt, device, dtype), e.task,
+                            e.record, backbone.tokenizer, self.cfg, source=f"full {base} + {e.directory}")
+            for name, e in self.tasks.items()}
+        self.device = device
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ API
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def describe(self) -> list[dict]:
+        """One JSON-ready dict per task: name, task, fields, labels, directory, prompt_length, readout,
+        resident_bytes (its prompt and head; every task is always resident)."""
+        owned = self.memory()["tasks"]
+        return [{"name": name, "task": e.task.name, "fields": list(e.task.fields), "labels": list(e.task.label_names),
+                 "directory": str(e.directory), "prompt_length": e.record["prompt_length"],
+                 "readout": e.record["readout"], "cached": True, "resident_bytes": owned[name]}
+                for name, e in self.tasks.items()]
+
+    def parse_inputs(self, name: str, inputs: list) -> list[Example]:
+        """As MultiTaskModel.parse_inputs: KeyError for an unknown task, UserError for a bad record."""
+        return parse_inputs(self.tasks[name].task, inputs)
+
+    def predict(self, name: str, examples: list[Example]) -> list[dict]:
+        return self.predict_mixed([(name, e) for e in examples])
+
+    def predict_mixed(self, tagged: list[tuple[str, Example]]) -> list[dict]:
+        """One {"label", "probabilities"} per (task name, example), in order; rows of any tasks share passes."""
+        with self._lock:
+            logits = self.mixed_logits(tagged)
+        answers = []
+        for (name, _), row in zip(tagged, logits):
+            names, probs = self.tasks[name].task.label_names, row.softmax(-1)
+            answers.append({"label": names[int(probs.argmax())],
+                            "probabilities": {n: float(v) for n, v in zip(names, probs)}})
+        return answers
+
+    def cache_stats(self) -> dict[str, CacheStats]:
+        return {}  # no cache: every prompt is resident from the start
+
+    def memory(self) -> dict:
+        """As MultiTaskModel.memory; "cache_bytes" is every task's prompt and head, and there is no budget (null)."""
+        tasks = {name: owned_bytes(p.model) for name, p in self.predictors.items()}
+        return {"shared_bytes": storage_bytes(self.backbone), "cache_bytes": sum(tasks.values()), "cache_budget": None,
+                "tasks": tasks}
+
+    # --------------------------------------------------------- the forward
+    @torch.inference_mode()
+    def mixed_logits(self, tagged: list[tuple[str, Example]]) -> list[torch.Tensor]:
+        """Label logits (fp32, on the CPU) per (task name, example), in order; passes of at most
+        cfg.batch_size rows, cut from the length-sorted rows of all tasks together (as Predictor.logits)."""
+        names = [name for name, _ in tagged]
+        items: list[data.Encoded] = [None] * len(tagged)  # type: ignore[list-item]
+        for name in dict.fromkeys(names):  # each task's records encoded by its own Predictor
+            rows = [i for i, n in enumerate(names) if n == name]
+            for i, item in zip(rows, self.predictors[name].encode([tagged[i][1] for i in rows])):
+                items[i] = item
+        order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+        out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+        for start in range(0, len(order), self.cfg.batch_size):
+            chunk = order[start:start + self.cfg.batch_size]
+            batch = data.collate([items[i] for i in chunk], self.pad_id, left_pad=self.causal)
+            logits = self._forward(*(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "answer_index")),
+                                   [names[i] for i in chunk])
+            for i, row in zip(chunk, logits):
+                out[i] = row.float().cpu()
+        return out
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor,
+                 names: list[str]) -> list[torch.Tensor]:
+        """PromptedClassifier.forward with a prompt per row: each row is its task's prompt, then its text.
+
+        Prompts may differ in length (n <= n_max). A decoder's row is [prompt, masked gap of n_max - n,
+        left-padded text]: positions count real tokens only, so the text sits where it would alone.
+        An encoder's row is [prompt, text, masked tail]: the text keeps positions n.. as it would alone."""
+        groups = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
+        models = {name: self.predictors[name].model for name in groups}
+        n_max = max(m.prompt.embedding.shape[0] for m in models.values())
+        batch, width = input_ids.shape
+        tokens = self.backbone.get_input_embeddings()(input_ids)
+        embeds = tokens.new_zeros(batch, n_max + width, tokens.shape[-1])
+        mask = attention_mask.new_zeros(batch, n_max + width)
+        starts = {}
+        for name, rows in groups.items():
+            index, prompt = torch.tensor(rows, device=input_ids.device), models[name].prompt.embedding
+            n = prompt.shape[0]
+            starts[name] = at = n_max if self.causal else n
+            embeds[index, :n] = prompt.to(tokens.dtype)
+            embeds[index, at:at + width] = tokens[index]
+            mask[index, :n] = 1
+            mask[index, at:at + width] = attention_mask[index]
+        kwargs = {}
+        if self.causal:
+            kwargs = {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0), "use_cache": False}
+        states = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs).last_hidden_state
+        out: list[torch.Tensor] = [None] * batch  # type: ignore[list-item]
+        for name, rows in groups.items():
+            index, at = torch.tensor(rows, device=input_ids.device), starts[name]
+            logits = models[name].read_labels(states[index, at:at + width], attention_mask[index], answer_index[index])
+            for row, value in zip(rows, logits):
+                out[row] = value
+        return out

@@ -1,5 +1,6 @@
 """One base model, many tasks: a task materialised from the shared base equals its own compact
-checkpoint, shares every tensor it does not slice, and lives in a byte-bounded LRU cache."""
+checkpoint, shares every tensor it does not slice, and lives in a byte-bounded LRU cache. Plain prompt
+tuning (the baseline): a pass mixing tasks answers what each task's Predictor answers alone."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from conftest import run_stages
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.multitask import MultiTaskModel, PromptTuningModel
+from skeleton_ds.tasks import Example
 
 CPU = InferenceConfig(device="cpu", batch_size=8)
 TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine"]
@@ -31,8 +33,6 @@ def runs(tiny_models, sentiment_files, tmp_path_factory):
 
 
 def _logits(predictor: Predictor) -> torch.Tensor:
-    from skeleton_ds.tasks import Example
-
     return predictor.logits(predictor.encode([Example((t,), -1) for t in TEXTS]))
 
 
@@ -118,3 +118,46 @@ def test_minilm_shared_weight_task_equals_its_compact_checkpoint(tmp_path):
     memory = registry.memory()
     # The task owns its sliced FFN (6 layers x 448 of 1536 neurons) and its prompt and head; the rest is shared.
     assert memory["tasks"]["sst"] < 0.25 * memory["shared_bytes"]
+
+
+# ---------------------------------------------------------- plain prompt tuning
+FP32 = InferenceConfig(device="cpu", dtype="fp32", batch_size=4)
+MIXED_TEXTS = [*TEXTS, "a very very happy film , the story was quite nice and the actor was great", "bad"]
+
+
+@pytest.mark.parametrize("base", ["llama", "bert-mlm", "roberta-mlm"])
+def test_a_mixed_task_pass_equals_each_task_alone(base, tiny_models, sentiment_files, tmp_path):
+    """Two stage-1 prompts of different lengths and readouts (verbalizer, head) on one base; rows of both
+    tasks and of mixed lengths share passes of 4, and each row's label logits are its task's alone."""
+    model_dir = str(tiny_models[base])
+    runs = {"v": run_stages(model_dir, sentiment_files, tmp_path / "v", "--stages", "prompt", "--seed", "1"),
+            "h": run_stages(model_dir, sentiment_files, tmp_path / "h", "--stages", "prompt", "--seed", "2",
+                            "--prompt-length", "7", "--readout", "head")}
+    served = PromptTuningModel(model_dir, [f"{name}={run}" for name, run in runs.items()], cfg=FP32)
+    tagged = [("vh"[i % 3 == 0], Example((text,), -1)) for i, text in enumerate(MIXED_TEXTS * 2)]
+    mixed = served.mixed_logits(tagged)
+    for name, run in runs.items():
+        alone = Predictor.from_prompt(model_dir, run / "prompt", FP32)  # with its prompt key/value cache (decoders)
+        rows = [i for i, (n, _) in enumerate(tagged) if n == name]
+        expected = alone.logits(alone.encode([tagged[i][1] for i in rows]))
+        torch.testing.assert_close(torch.stack([mixed[i] for i in rows]), expected, rtol=0, atol=1e-5)
+        assert [a["label"] for a in served.predict(name, [tagged[i][1] for i in rows])] == [
+            alone.task.label_names[int(k)] for k in expected.argmax(-1)]
+    # One base for both tasks; each owns its prompt (and head) only.
+    assert {id(p.model.backbone) for p in served.predictors.values()} == {id(served.backbone)}
+    memory = served.memory()
+    assert 0 < memory["tasks"]["v"] < memory["tasks"]["h"] < memory["shared_bytes"]
+    assert memory["cache_bytes"] == sum(memory["tasks"].values()) and memory["cache_budget"] is None
+
+
+def test_prompt_tuning_refuses_what_it_cannot_serve(runs, tiny_models, tmp_path):
+    with pytest.raises(UserError, match="holds no stage-1 prompt"):
+        PromptTuningModel(str(tiny_models["llama"]), [tmp_path], cfg=CPU)
+    with pytest.raises(UserError, match="'generic'.*trained on"):
+        PromptTuningModel(str(tiny_models["qwen2"]), [runs["llama-a"]], cfg=CPU)
+    with pytest.raises(UserError, match="NAME=DIR"):
+        PromptTuningModel(str(tiny_models["llama"]), [runs["llama-a"], runs["llama-b"]], cfg=CPU)
+    served = PromptTuningModel(str(tiny_models["llama"]), [f"a={runs['llama-a'] / 'compact'}"], cfg=CPU)
+    assert served.task_names() == ["a"]  # a compact checkpoint ships its stage-1 prompt
+    with pytest.raises(UserError, match="no field 'text'"):
+        served.parse_inputs("a", [{"sentence": "x"}])
