@@ -63,24 +63,30 @@ def read_record(run: Path, stage: str) -> dict | None:
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted names (task.data_sha256.train), so a change names the innermost setting."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _show(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list)) else str(value)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]  # a sha256: the first 12 digits tell two files apart
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def value_changes(recorded: dict | None, expected: dict) -> list[str]:
     """Each setting whose recorded value differs from the expected one, as "name old -> new"."""
     if recorded is None:
         return ["no settings recorded (made by an older skeleton_ds)"]
-    old, new = recorded.get("values", {}), expected["values"]
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):  # name the inner keys that differ
-                inner = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
-                changes += [f"{key}.{k} {_show(old[key].get(k))} -> {_show(new[key].get(k))}" for k in inner]
-            else:
-                changes.append(f"{key} {_show(old.get(key, '(unset)'))} -> {_show(new.get(key, '(unset)'))}")
-    return changes
+    old, new = _flat(recorded.get("values", {})), _flat(expected["values"])
+    return [f"{key} {_show(old.get(key, '(unset)'))} -> {_show(new.get(key, '(unset)'))}"
+            for key in sorted(set(old) | set(new), key=list({**new, **old}).index) if old.get(key) != new.get(key)]
 
 
 def upstream_changes(recorded: dict | None, expected: dict) -> list[str]:

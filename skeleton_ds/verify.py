@@ -7,8 +7,9 @@ Reads only JSON and safetensors headers/tensors (never a pickle) and reports eve
 not just the first, each naming the file and what is wrong: manifest hashes and sizes, truncated or
 corrupt safetensors, a skeleton that does not fit the model it claims (indices out of range,
 duplicated, unsorted, sizes that disagree with the config), a prompt whose shape does not match the
-hidden size or its task record, artifacts made for another base model, unfinished stages and
-leftover temporary files from interrupted writes.
+hidden size or its task record, artifacts made for another base model, stages that disagree with
+each other (a compact model built from another skeleton than the one beside it: skeleton_ds.lineage),
+unfinished stages and leftover temporary files from interrupted writes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from skeleton_ds import checkpoint
+from skeleton_ds import checkpoint, lineage
 from skeleton_ds.adapters import Geometry, adapter_for
 from skeleton_ds.engine import directory_config_hash
 from skeleton_ds.errors import UserError
@@ -261,6 +262,24 @@ def check_run(report: _Report, run: Path) -> None:
     for name in ("metrics.json", "conversion.json", "prompt/metrics.json", "retune/metrics.json"):
         if (run / name).is_file() and report.json(run / name, name) is not None:
             report.ok(str(run / name))
+    check_lineage(report, run, done)
+
+
+def check_lineage(report: _Report, run: Path, done: list[str]) -> None:
+    """Each finished stage was built from the outputs beside it (its recorded inputs' settings ids)."""
+    problems = lineage.lineage_problems(run)
+    for subject, detail in problems:
+        report.bad(subject, detail)
+    compact_skeleton = run / "compact" / "skeleton.json"  # the skeleton conversion sliced, copied into the model
+    if compact_skeleton.is_file() and (run / "skeleton.json").is_file() and \
+            compact_skeleton.read_bytes() != (run / "skeleton.json").read_bytes():
+        report.bad(str(run / "compact"), f"was sliced with another skeleton than {run / 'skeleton.json'}: redo convert "
+                                         f"with --overwrite")
+    unrecorded = [s for s in done if lineage.read_record(run, s) is None]
+    if unrecorded:
+        report.ok("stage settings", f"not recorded for {', '.join(unrecorded)} (made by an older skeleton_ds)")
+    elif done and not problems:
+        report.ok("stage settings", "every finished stage was built from the outputs beside it")
 
 
 def verify(path: Path) -> list[Finding]:
