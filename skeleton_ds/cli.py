@@ -16,16 +16,16 @@ from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _quiet_libraries() -> None:
+    """Quiet the libraries before a command loads them, without importing DeepSpeed to do it: infer, bench
+    and serve never use it (nor should they pay seconds to import it), and from 0.17.6 its logger starts
+    at WARNING. A DeepSpeed already imported in this process (an in-process caller) is set to WARNING."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from deepspeed.utils import logger as ds_logger
-    except ImportError:  # inference, bench and serve run without DeepSpeed (e.g. on a serving GPU box)
-        return
-    ds_logger.setLevel(logging.WARNING)
+    if "deepspeed" in sys.modules:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # deepspeed.utils.logger
 
 
 def train(argv: Sequence[str] | None = None) -> int:

@@ -117,8 +117,9 @@ class Config:
             raise UserError("--train-file/--dev-file/--text-columns only go with --task generic")
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise UserError(f"--data-dir {self.data_dir} is not a directory")
-        if not self.ds_config.is_file():
-            raise UserError(f"DeepSpeed config {self.ds_config} does not exist: pass --config ds_configs/zero2.json (or zero3.json)")
+        from skeleton_ds.ds_config_files import resolve_config_path  # a path, or a packaged config's name
+
+        self.ds_config = resolve_config_path(self.ds_config)
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skeleton-ds train",
                                 description="Prompt-tune a frozen model under DeepSpeed ZeRO (skeleton_ds).")
     p.add_argument("--config", dest="ds_config", type=Path, default=d["ds_config"].default,
-                   help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)")
+                   help="DeepSpeed JSON config: a path, or a packaged config by name (zero0, zero2, zero3, "
+                        "zero3_offload); default ds_configs/zero2.json, the packaged zero2 outside a checkout")
     p.add_argument("--model", default=d["model"].default,
                    help="HF model id or local directory; 'minilm' = the packaged all-MiniLM-L6-v2")
     p.add_argument("--task", default=d["task"].default, help="sst2 rte mrpc qnli boolq cb copa wic generic")

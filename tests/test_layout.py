@@ -19,7 +19,8 @@ from conftest import REPO
 PACKAGE = REPO / "skeleton_ds"
 
 SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "adapters", "tasks", "data", "prompt", "engine",
-                                        "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage")}
+                                        "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
+                                        "ds_config_files")}
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "surgery", "interop", "inference", "bench",
                                             "multitask", "verify")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
