@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.provenance import provenance  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,22 @@ def from_json(name: str, pick: Callable[[dict], dict]) -> Callable[[argparse.Nam
 
 
 def _bench_row(contender: str, batch: int) -> Callable[[dict], dict]:
+    """The row's speed-ups over PEFT and our full path with the share of each FLOP ratio reached, and the
+    share of the roofline (null in tables measured before it was). `peft` names the PEFT contender the
+    table has: `peft` (last-position logits) or, in the H100 table of format 1, `peft-full-logits`."""
     def pick(record: dict) -> dict:
-        row = next(r for r in record["rows"] if r["contender"] == contender and r["batch"] == batch)
-        keys = ("speedup_vs_peft", "of_bound_vs_peft", "speedup_vs_full", "of_bound_vs_full")
-        return {k: row[k] for k in keys} | {"date": record["environment"]["date"]}
+        row = next(r for r in record["rows"] if r["contender"] == contender and r["batch"] == batch
+                   and r.get("lengths", "fixed") == "fixed")
+        peft = "peft" if "speedup_vs_peft" in row else "peft-full-logits"
+        return {"peft": peft, "speedup_vs_peft": row[f"speedup_vs_{peft}"],
+                "of_flop_ratio_vs_peft": row[f"of_flop_ratio_vs_{peft}"], "speedup_vs_full": row["speedup_vs_full"],
+                "of_flop_ratio_vs_full": row["of_flop_ratio_vs_full"], "of_roofline": row.get("of_roofline"),
+                "date": record["environment"]["date"]}
     return pick
+
+
+def _peft_name(figures: dict) -> str:
+    return "PEFT prompt tuning" if figures["peft"] == "peft" else "PEFT with full-vocabulary logits (old contender)"
 
 
 def _load_test(record: dict) -> dict:
@@ -150,13 +162,13 @@ ROWS = [
     Row("bench_cpu", "Compact vs full vs PEFT speed, LLaMA-160m shape, FFN keep 0.3, batch 32",
         "`python launch/bench.py --shape llama-160m` (see Benchmark)",
         from_json("bench_llama-160m_cpu", _bench_row("compact-0.3", 32)),
-        lambda f: f"**{f['speedup_vs_peft']:.2f}x** PEFT prompt tuning, **{f['speedup_vs_full']:.2f}x** our full path "
-                  f"= {f['of_bound_vs_full']:.0%} of its FLOP bound"),
+        lambda f: f"**{f['speedup_vs_peft']:.2f}x** {_peft_name(f)}, **{f['speedup_vs_full']:.2f}x** our full path "
+                  f"({f['of_flop_ratio_vs_full']:.0%} of the FLOP ratio); {f['of_roofline']:.0%} of its roofline"),
     Row("bench_gpu", "Compact vs full vs PEFT speed, LLaMA-3-8B shape, bf16, **one H100**, FFN keep 0.3, batch 32",
         "`bash docs/bench_llama3-8b_gpu.sh` (see Benchmark)",
         from_json("bench_llama3-8b_h100", _bench_row("compact-0.3", 32)),
-        lambda f: f"**{f['speedup_vs_peft']:.2f}x** PEFT, **{f['speedup_vs_full']:.2f}x** our full path "
-                  f"({f['of_bound_vs_peft']:.0%} / {f['of_bound_vs_full']:.0%} of the FLOP bounds)"),
+        lambda f: f"**{f['speedup_vs_peft']:.2f}x** {_peft_name(f)}, **{f['speedup_vs_full']:.2f}x** our full path "
+                  f"({f['of_flop_ratio_vs_peft']:.0%} / {f['of_flop_ratio_vs_full']:.0%} of the FLOP ratios)"),
     Row("serving", "MiniLM task skeletons on one base over HTTP, closed-loop clients",
         "`python launch/load_test.py ...` (see Serving)", from_json("load_test", _load_test),
         lambda f: f"{f['tasks']} tasks, {f['clients']} clients: **{f['batched']:.0f}** requests/s with dynamic "
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             row.result(figures)  # a figure the row needs but the measurement lacks fails here, before writing
             when = figures.get("date", date.today().isoformat())  # a summary row carries its table's date
             kept[row.key] = {"key": row.key, "figures": figures, "date": when, "command": command}
-            record = {"rows": [kept[k] for k in ROW_KEYS if k in kept]}
+            record = {"provenance": provenance(command), "rows": [kept[k] for k in ROW_KEYS if k in kept]}
             write_json(path, record)
             write_text(args.docs / "measured.md", markdown(record))
     print(markdown(record))

@@ -1,22 +1,30 @@
 """How much faster a compact checkpoint answers than what users run today, measured in one process.
 
-    python launch/bench.py --shape llama-160m --out runs/bench/llama-160m
+    python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data --out runs/bench/llama-160m
     python launch/bench.py --shape minilm --run-dir runs/minilm-sst2 --data-dir ../shared/data --out runs/bench/minilm
     python launch/bench.py --shape llama3-8b --device cuda --dtype bf16 --out runs/bench/llama3-8b   # GPU only
 
 Contenders, all answering the same inputs in the same process:
 - `peft`: the full model with the same prompt through `peft` prompt tuning (PeftModel over the base
-  model, full forward, label logits picked from its output): what a user would pick today;
+  model) run the fastest standard way its users have: under inference_mode, no generation cache
+  (`use_cache=False`) and, on a decoder, the vocabulary computed at the last position only
+  (`logits_to_keep=1`), the label logits picked from it; on an encoder the trained head on the mean
+  of the text states (an encoder's PEFT forward computes no vocabulary);
+- `peft-full-logits` (decoders, `--peft-full-logits`): the same PEFT call with the whole vocabulary
+  at every position, as a plain CausalLM forward computes it (the contender of earlier tables);
 - `full`: our Predictor on the full model (prompt cache, label-only logits);
 - `compact-F[-hH]`: our Predictor on compact checkpoints at FFN keep F (and KV-group keep H), made by
   the real localize + convert code (random scores for random-weight shapes: speed does not depend on
   which neurons are kept; the run's attribution scores for `minilm --run-dir`).
+Inputs (`--lengths`): `fixed`, one batch of `--text-length` random tokens per example; `sst2`, the
+token counts of real SST-2 dev sentences through the task template, cut into length-sorted batches as
+the Predictor cuts them, so padding and batching costs show.
 After a warm-up, each round times every contender once, in a rotated order, so drift and noise hit
-all of them alike; the median and quartiles over rounds are reported. The FLOP count of each
-contender's forward (linear layers, attention scores, the head, the prompt positions it computes)
-gives the arithmetic bound of each speed-up, and `of bound` says how much of it the measured
-speed-up reaches. Decoder shapes have random weights (speed does not need trained ones), so only
-`minilm` reports accuracy.
+all of them alike; the median and quartiles over rounds are reported. Each row also gets a roofline:
+max(FLOPs / peak FLOP/s, bytes read / peak bandwidth), the peaks measured in the same process (a large
+matmul in the run's dtype, a large copy), and the share of it the measured time reaches. The FLOP
+ratio of two contenders is reported beside their speed-up, as a ratio (not a bound). Decoder shapes
+have random weights (speed does not need trained ones), so only `minilm` reports accuracy.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, sync, tensor_bytes
 from skeleton_ds.localization import keep_count, select, skeleton_record
 from skeleton_ds.prompt import task_record
-from skeleton_ds.tasks import Task, compute_metrics
+from skeleton_ds.tasks import Task, compute_metrics, get_task, load_split
 
 _LLAMA = dict(model_type="llama", vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
 SHAPES: dict[str, dict] = {
@@ -56,6 +64,7 @@ SHAPES: dict[str, dict] = {
     "minilm": {},  # the real packaged all-MiniLM-L6-v2
 }
 GPU_ONLY = {"llama3-8b"}
+LENGTHS = ("fixed", "sst2")
 
 
 @dataclass
@@ -80,6 +89,9 @@ class BenchConfig:
     skip_peft: bool = False
     compile: bool = False  # also time the FFN-0.3 compact model under torch.compile
     profile: bool = False  # profile the FFN-0.3 compact model's batches (operator time vs wall time)
+    lengths: tuple[str, ...] = ("fixed",)  # input groups: fixed text_length tokens; sst2: SST-2 dev lengths
+    sst2_examples: int = 64  # sst2: examples per timed call, as whole length-sorted batches
+    peft_full_logits: bool = False  # decoders: also PEFT computing the whole vocabulary at every position
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -97,6 +109,15 @@ class BenchConfig:
         bad = [q for q in self.quant if q not in ("8bit", "4bit")]
         if bad:
             raise UserError(f"--quant takes 8bit and/or 4bit, got {', '.join(bad)}")
+        if not self.lengths or len(set(self.lengths)) < len(self.lengths) or set(self.lengths) - set(LENGTHS):
+            raise UserError(f"--lengths takes a comma list of {', '.join(LENGTHS)} (each once), got {','.join(self.lengths)}")
+        if "sst2" in self.lengths and self.data_dir is None:
+            raise UserError("--lengths sst2 reads SST-2/dev.tsv under --data-dir: pass it (e.g. ../shared/data)")
+        if self.sst2_examples < 1:
+            raise UserError("--sst2-examples must be >= 1")
+        if self.peft_full_logits and (self.shape == "minilm" or self.skip_peft):
+            raise UserError("--peft-full-logits applies to decoder shapes with PEFT timed (an encoder's PEFT forward "
+                            "computes no vocabulary)")
         InferenceConfig(device=self.device, dtype=self.dtype)  # validates device and dtype
 
 
@@ -107,33 +128,106 @@ def _note(message: str) -> None:
 
 
 # --------------------------------------------------------------------- FLOPs
+HEADS = ("labels", "vocab-last", "vocab-all")
+"""What a contender's output layer computes: label rows (or a classifier head) at one position, the
+whole vocabulary at the last position (`logits_to_keep=1`), or the whole vocabulary at every position."""
+
+
+def _layer_weights(config: dict) -> tuple[int, int]:
+    """(attention, FFN) weights of one layer: q, o and k, v; gate, up, down (LLaMA) or in, out (BERT)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads") or heads
+    gated = adapter_for(config["model_type"]).causal
+    return hidden * head_dim * (2 * heads + 2 * kv), config["intermediate_size"] * hidden * (3 if gated else 2)
+
+
+def _head_rows(config: dict, head: str, labels: int) -> int:
+    return labels if head == "labels" else config["vocab_size"]
+
+
 def flop_breakdown(config: dict, *, batch: int, text: int, prompt: int, prompt_cached: bool, head: str,
                    labels: int) -> dict[str, float]:
     """Multiply-adds x 2 of one forward, by part: `linear` (every projection over the positions
     computed: the prompt's too unless its keys and values are cached), `attention` (QK^T and AV over
-    all keys, as SDPA with a padding mask computes them) and `head`: `labels` (label rows at one
-    position, or a classifier head on one pooled state) or `vocab` (the whole vocabulary at every
-    position, as a CausalLM forward computes it)."""
+    all keys, as SDPA with a padding mask computes them) and `head` (see HEADS)."""
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads") or heads
-    gated = adapter_for(config["model_type"]).causal  # LLaMA family: gate, up, down; BERT: in, out
-    ffn = config["intermediate_size"] * hidden * (3 if gated else 2)
-    attn = hidden * head_dim * (2 * heads + 2 * kv)  # q, o and k, v
+    attn, ffn = _layer_weights(config)
     keys = prompt + text
     queries = text if prompt_cached else keys
-    out = {"labels": 2 * hidden * labels, "vocab": 2 * keys * hidden * config["vocab_size"]}[head]
+    positions = keys if head == "vocab-all" else 1
     return {"linear": float(batch * layers * 2 * queries * (attn + ffn)),
             "attention": float(batch * layers * 2 * 2 * heads * head_dim * queries * keys),
-            "head": float(batch * out)}
+            "head": float(batch * positions * 2 * hidden * _head_rows(config, head, labels))}
 
 
 def forward_flops(config: dict, **shape) -> float:
     return sum(flop_breakdown(config, **shape).values())
 
 
-# ------------------------------------------------------------ building models
+def bytes_read(config: dict, *, batch: int, text: int, head: str, labels: int, element_bytes: int) -> float:
+    """Bytes one forward must read at least: every layer's projection weights and the output rows it
+    computes, once per batch, plus the embedding rows of its input tokens. Not counted (so this stays a
+    lower bound): norms, biases, activations, the cached prompt keys and values."""
+    attn, ffn = _layer_weights(config)
+    weights = config["num_hidden_layers"] * (attn + ffn) + _head_rows(config, head, labels) * config["hidden_size"]
+    return float(element_bytes * (weights + batch * text * config["hidden_size"]))
+
+
+def roofline_seconds(flops: float, nbytes: float, peak_flop_per_s: float, peak_bytes_per_s: float) -> float:
+    """The least time a forward can take on a machine: its arithmetic at peak FLOP/s or its reads at
+    peak bandwidth, whichever is longer."""
+    return max(flops / peak_flop_per_s, nbytes / peak_bytes_per_s)
+
+
+def _best_seconds(work: Callable[[], object], device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        work()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class PeakProbe:
+    """This device's peak FLOP/s (a large square matmul in the run's dtype) and memory bandwidth (a large
+    copy, read plus written bytes as STREAM counts them): what the roofline divides by. Sampled before,
+    during (once per round) and after the timing, the best kept: on a shared machine a busy moment only
+    lowers a sample, so the best is the one nearest the machine's peak."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.size, self.copy_bytes = (8192, 2**30) if device.type == "cuda" else (2048, 2**28)
+        self.device, self.dtype = device, dtype
+        self.a, self.b = (torch.randn(self.size, self.size, device=device).to(dtype) for _ in range(2))
+        self.src = torch.ones(self.copy_bytes // 4, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.matmul_s = self.copy_s = float("inf")
+        self.samples = 0
+        self._matmul(), self._copy()  # warm-up: allocation, kernel selection
+
+    def _matmul(self) -> None:
+        torch.mm(self.a, self.b)
+
+    def _copy(self) -> None:
+        self.dst.copy_(self.src)
+
+    def sample(self, repeats: int = 1) -> None:
+        self.matmul_s = min(self.matmul_s, _best_seconds(self._matmul, self.device, repeats))
+        self.copy_s = min(self.copy_s, _best_seconds(self._copy, self.device, repeats))
+        self.samples += repeats
+
+    def record(self) -> dict:
+        dtype = str(self.dtype).replace("torch.", "")
+        return {"matmul_tflop_per_s": float(f"{2 * self.size**3 / self.matmul_s / 1e12:.4g}"),
+                "copy_gb_per_s": float(f"{2 * self.copy_bytes / self.copy_s / 1e9:.4g}"),
+                "matmul": f"[{self.size} x {self.size}] @ [{self.size} x {self.size}] {dtype}, best of {self.samples}",
+                "copy": f"{self.copy_bytes // 2**20} MiB float32 copy, read + written bytes, best of {self.samples}"}
+
+
 def _random_base(shape: str, directory: Path, dtype: torch.dtype, device: torch.device) -> Path:
     """A random-init decoder of the named shape, saved as an ordinary HF directory with a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -217,8 +311,8 @@ class Contender:
     head_keep: float = 1.0
     quant: str = "none"
     predictor: Predictor | None = None
-    seconds: dict[int, list[float]] = field(default_factory=dict)
-    peak_bytes: dict[int, int] = field(default_factory=dict)
+    seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per workload key
+    peak_bytes: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 def _weights(module: torch.nn.Module) -> tuple[int, int]:
@@ -237,10 +331,12 @@ def _ours(name: str, predictor: Predictor, **extra) -> Contender:
                      head="labels", parameters=params, weight_bytes=nbytes, predictor=predictor, **extra)
 
 
-def _peft(full: Predictor, prompt_dir: Path, adapter_dir: Path) -> Contender:
-    """PEFT prompt tuning over the same loaded base weights, used as its docs show: a full forward,
-    then the label logits picked from its output (last position for a decoder; the trained head on
-    the mean of the text states for a feature extractor, the only encoder readout benchmarked here)."""
+def _peft(full: Predictor, prompt_dir: Path, adapter_dir: Path, full_logits: bool) -> list[Contender]:
+    """PEFT prompt tuning over the same loaded base weights, run the fastest standard way: under
+    inference_mode, no generation cache, and on a decoder the vocabulary at the last position only
+    (`logits_to_keep=1`), the label logits picked from it. An encoder (a feature extractor, the only
+    encoder readout benchmarked here) computes no vocabulary: the trained head reads the mean of the
+    text states. `full_logits` adds `peft-full-logits`: the whole vocabulary at every position."""
     import peft
 
     from skeleton_ds.interop import export_peft
@@ -251,18 +347,26 @@ def _peft(full: Predictor, prompt_dir: Path, adapter_dir: Path) -> Contender:
     n, device, causal = model.prompt.embedding.shape[0], full.device, full.causal
     pad = full.tokenizer.pad_token_id
 
-    @torch.inference_mode()
-    def run(items: list[data.Encoded]) -> torch.Tensor:
-        batch = data.collate(items, pad, left_pad=causal)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        output = wrapped(input_ids=ids, attention_mask=mask)
-        if causal:
-            return output.logits[:, -1, model.label_token_ids].float()
-        return model.read_labels(output.last_hidden_state[:, n:], mask, batch["answer_index"].to(device))
+    def runner(keep: int) -> Callable[[list[data.Encoded]], torch.Tensor]:
+        @torch.inference_mode()
+        def run(items: list[data.Encoded]) -> torch.Tensor:
+            batch = data.collate(items, pad, left_pad=causal)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            if causal:
+                output = wrapped(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+                return output.logits[:, -1, model.label_token_ids].float()
+            output = wrapped(input_ids=ids, attention_mask=mask)
+            return model.read_labels(output.last_hidden_state[:, n:], mask, batch["answer_index"].to(device))
+        return run
 
     params, nbytes = _weights(model.backbone)
-    return Contender("peft", run, model.backbone.config.to_dict(), prompt_cached=False,
-                     head="vocab" if causal else "labels", parameters=params, weight_bytes=nbytes)
+    config = model.backbone.config.to_dict()
+    out = [Contender("peft", runner(1), config, prompt_cached=False, head="vocab-last" if causal else "labels",
+                     parameters=params, weight_bytes=nbytes)]
+    if full_logits and causal:  # logits_to_keep=0 keeps every position
+        out.append(Contender("peft-full-logits", runner(0), config, prompt_cached=False, head="vocab-all",
+                             parameters=params, weight_bytes=nbytes))
+    return out
 
 
 def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Task | None]:
@@ -285,7 +389,7 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     start = time.perf_counter()
     full = Predictor.from_prompt(str(base), prompt_dir, infer)
     _note(f"full model loaded in {time.perf_counter() - start:.1f} s")
-    contenders = [] if cfg.skip_peft else [_peft(full, prompt_dir, work / "peft")]
+    contenders = [] if cfg.skip_peft else _peft(full, prompt_dir, work / "peft", cfg.peft_full_logits)
     contenders.append(_ours("full", full))
     decoder = full.causal
     plans = [(k, 1.0) for k in cfg.ffn_keeps]
@@ -325,16 +429,95 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     return contenders, task
 
 
-# ------------------------------------------------------------------ timing
+# ------------------------------------------------------------------ inputs
+@dataclass
+class Workload:
+    """What one timed call answers: `batches` of encoded inputs, each one forward (one batch for
+    `fixed`; length-sorted SST-2 batches for `sst2`)."""
+    lengths: str
+    batch: int
+    batches: list[list[data.Encoded]]
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.lengths, self.batch
+
+    @property
+    def examples(self) -> int:
+        return sum(map(len, self.batches))
+
+    def widths(self) -> list[int]:
+        """Each batch's padded length (collate pads to its longest input)."""
+        return [max(len(e.input_ids) for e in b) for b in self.batches]
+
+    def record(self) -> dict:
+        tokens = [len(e.input_ids) for b in self.batches for e in b]
+        padded = sum(w * len(b) for w, b in zip(self.widths(), self.batches))
+        return {"lengths": self.lengths, "batch": self.batch, "examples": self.examples, "batches": len(self.batches),
+                "tokens_mean": round(statistics.mean(tokens), 1), "tokens_min": min(tokens), "tokens_max": max(tokens),
+                "padding_share": round(1 - sum(tokens) / padded, 4)}
+
+
+def _random_items(lengths: list[int], vocab: int, g: torch.Generator) -> list[data.Encoded]:
+    """Random token ids of the given lengths (speed does not depend on which tokens), read at the last one."""
+    return [data.Encoded(torch.randint(3, vocab, (n,), generator=g).tolist(), n - 1, 0) for n in lengths]
+
+
 def _inputs(batch: int, length: int, vocab: int, seed: int) -> list[data.Encoded]:
+    return _random_items([length] * batch, vocab, torch.Generator().manual_seed(seed))
+
+
+def sst2_lengths(data_dir: Path, tokenizer, readout: str) -> list[int]:
+    """Token counts of the SST-2 dev sentences through the sst2 task template, as the pipeline encodes
+    them for this readout, sorted (the order the Predictor batches them in)."""
+    task = get_task("sst2")
+    items = data.encode(task, load_split(task, "dev", data_dir), tokenizer, max_length=512, readout=readout)
+    return sorted(len(e.input_ids) for e in items)
+
+
+def sst2_workload(lengths: list[int], batch: int, examples: int, vocab: int, seed: int) -> Workload:
+    """About `examples` inputs as whole batches of the length-sorted dev set, taken at evenly spaced
+    quantiles (each batch pads as the Predictor's batch over the whole dev set would)."""
+    cuts = [lengths[i:i + batch] for i in range(0, len(lengths), batch)]
+    n = min(len(cuts), max(1, round(examples / batch)))
+    picked = [cuts[int((i + 0.5) * len(cuts) / n)] for i in range(n)]
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, length), generator=g).tolist()
-    return [data.Encoded(row, length - 1, 0) for row in ids]
+    return Workload("sst2", batch, [_random_items(b, vocab, g) for b in picked])
 
 
-def time_contenders(contenders: list[Contender], cfg: BenchConfig, device: torch.device, vocab: int) -> None:
-    for batch in cfg.batch_sizes:
-        items = _inputs(batch, cfg.text_length, vocab, cfg.seed)
+def _length_tokenizer(cfg: BenchConfig, full: Predictor) -> tuple[object, str]:
+    """The tokenizer that gives SST-2 lengths: the base's for minilm; a random-weight shape has only a
+    word-level stand-in, so the packaged MiniLM's WordPiece tokenizer counts for it."""
+    if cfg.shape == "minilm":
+        return full.tokenizer, "the base model's (all-MiniLM-L6-v2 WordPiece)"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(engine.resolve_model_path("minilm"))
+    return tokenizer, ("all-MiniLM-L6-v2 WordPiece (this random-weight shape has no real tokenizer here), "
+                       "through the decoder template: a start token, no end token")
+
+
+def build_workloads(cfg: BenchConfig, full: Predictor, vocab: int) -> tuple[list[Workload], str | None]:
+    """Every (lengths, batch size) the run times, and which tokenizer gave the SST-2 lengths."""
+    workloads = [Workload("fixed", b, [_inputs(b, cfg.text_length, vocab, cfg.seed)])
+                 for b in cfg.batch_sizes] if "fixed" in cfg.lengths else []
+    if "sst2" not in cfg.lengths:
+        return workloads, None
+    tokenizer, described = _length_tokenizer(cfg, full)
+    lengths = sst2_lengths(cfg.data_dir, tokenizer, full.model.readout)
+    workloads += [sst2_workload(lengths, b, cfg.sst2_examples, vocab, cfg.seed) for b in cfg.batch_sizes]
+    return workloads, described
+
+
+# ------------------------------------------------------------------ timing
+def _run(c: Contender, w: Workload) -> None:
+    for items in w.batches:
+        c.run(items)
+
+
+def time_contenders(contenders: list[Contender], workloads: list[Workload], cfg: BenchConfig,
+                    device: torch.device, probe: PeakProbe) -> None:
+    for w in workloads:
         for c in contenders:
             gc.collect()
             if device.type == "cuda":
@@ -342,19 +525,20 @@ def time_contenders(contenders: list[Contender], cfg: BenchConfig, device: torch
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
             for _ in range(max(1, cfg.warmup)):
-                c.run(items)
+                _run(c, w)
             sync(device)
             if device.type == "cuda":
-                c.peak_bytes[batch] = c.weight_bytes + torch.cuda.max_memory_allocated(device) - before
-            c.seconds[batch] = []
+                c.peak_bytes[w.key] = c.weight_bytes + torch.cuda.max_memory_allocated(device) - before
+            c.seconds[w.key] = []
         for r in range(cfg.rounds):
+            probe.sample()
             shift = r % len(contenders)
             for c in contenders[shift:] + contenders[:shift]:
                 sync(device)
                 start = time.perf_counter()
-                c.run(items)
+                _run(c, w)
                 sync(device)
-                c.seconds[batch].append(time.perf_counter() - start)
+                c.seconds[w.key].append(time.perf_counter() - start)
 
 
 def profile_contender(contender: Contender, items: list[data.Encoded], device: torch.device, repeats: int = 3) -> dict:
@@ -386,27 +570,62 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def summarize(contenders: list[Contender], cfg: BenchConfig, accuracy: dict[str, dict]) -> list[dict]:
-    """One row per contender and batch size: latency, throughput, FLOPs, speed-ups and their bounds."""
+REFERENCES = ("peft", "full")
+"""The contenders every row's speed-up is measured against (the fair PEFT contender and our full path)."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the cost model needs about the run: element size of the weights and the measured peaks."""
+    element_bytes: int
+    peak_flop_per_s: float
+    peak_bytes_per_s: float
+
+
+def workload_cost(c: Contender, w: Workload, cfg: BenchConfig, machine: Machine) -> tuple[float, float | None, str | None]:
+    """(FLOPs, roofline seconds, what limits it) of one call on the workload, summed over its batches.
+    No roofline for bitsandbytes weights: their kernels compute in a precision whose peak is not measured."""
+    flops = roofline = compute = memory = 0.0
+    for items, width in zip(w.batches, w.widths()):
+        shape = dict(batch=len(items), text=width, head=c.head, labels=2)
+        f = forward_flops(c.config, prompt=cfg.prompt_length, prompt_cached=c.prompt_cached, **shape)
+        nbytes = bytes_read(c.config, element_bytes=machine.element_bytes, **shape)
+        flops += f
+        roofline += roofline_seconds(f, nbytes, machine.peak_flop_per_s, machine.peak_bytes_per_s)
+        compute += f / machine.peak_flop_per_s
+        memory += nbytes / machine.peak_bytes_per_s
+    if c.quant != "none":
+        return flops, None, None
+    return flops, roofline, "FLOPs" if compute >= memory else "bytes"
+
+
+def summarize(contenders: list[Contender], workloads: list[Workload], cfg: BenchConfig, machine: Machine,
+              accuracy: dict[str, dict]) -> list[dict]:
+    """One row per contender and workload: latency per batch, throughput, FLOPs, the roofline and the
+    share of it reached, speed-ups and the FLOP ratios beside them."""
     rows = []
-    by_name = {c.name: c for c in contenders}
-    for batch in cfg.batch_sizes:
-        flops = {c.name: forward_flops(c.config, batch=batch, text=cfg.text_length, prompt=cfg.prompt_length,
-                                       prompt_cached=c.prompt_cached, head=c.head, labels=2) for c in contenders}
-        median = {c.name: _quartiles(c.seconds[batch])[1] for c in contenders}
+    for w in workloads:
+        cost = {c.name: workload_cost(c, w, cfg, machine) for c in contenders}
+        median = {c.name: _quartiles(c.seconds[w.key])[1] for c in contenders}
+        per_batch = len(w.batches)
         for c in contenders:
-            q1, q2, q3 = _quartiles(c.seconds[batch])
-            row = {"contender": c.name, "batch": batch, "ffn_keep": c.ffn_keep, "head_keep": c.head_keep,
-                   "quant": c.quant, "parameters": c.parameters, "weight_mib": round(c.weight_bytes / 2**20, 1),
-                   "peak_mib": round(c.peak_bytes[batch] / 2**20, 1) if batch in c.peak_bytes else None,
-                   "ms_median": round(q2 * 1e3, 3), "ms_q1": round(q1 * 1e3, 3), "ms_q3": round(q3 * 1e3, 3),
-                   "examples_per_s": round(batch / q2, 2), "gflop": round(flops[c.name] / 1e9, 3),
-                   "tflop_per_s": float(f"{flops[c.name] / q2 / 1e12:.4g}")}
-            for ref in ("peft", "full"):
-                if ref in by_name:
-                    speedup, bound = median[ref] / q2, flops[ref] / flops[c.name]
-                    row |= {f"speedup_vs_{ref}": round(speedup, 3), f"bound_vs_{ref}": round(bound, 3),
-                            f"of_bound_vs_{ref}": round(speedup / bound, 3)}
+            q1, q2, q3 = _quartiles(c.seconds[w.key])
+            flops, roofline, limit = cost[c.name]
+            peak = c.peak_bytes.get(w.key)
+            row = {"contender": c.name, "lengths": w.lengths, "batch": w.batch, "examples": w.examples,
+                   "batches": per_batch, "ffn_keep": c.ffn_keep, "head_keep": c.head_keep, "quant": c.quant,
+                   "parameters": c.parameters, "weight_mib": round(c.weight_bytes / 2**20, 1),
+                   "peak_mib": None if peak is None else round(peak / 2**20, 1),
+                   "ms_median": round(q2 / per_batch * 1e3, 3), "ms_q1": round(q1 / per_batch * 1e3, 3),
+                   "ms_q3": round(q3 / per_batch * 1e3, 3), "examples_per_s": round(w.examples / q2, 2),
+                   "gflop": float(f"{flops / per_batch / 1e9:.4g}"), "tflop_per_s": float(f"{flops / q2 / 1e12:.4g}"),
+                   "roofline_ms": None if roofline is None else round(roofline / per_batch * 1e3, 3),
+                   "roofline_limit": limit, "of_roofline": None if roofline is None else round(roofline / q2, 4)}
+            for ref in REFERENCES:
+                if ref in cost:
+                    speedup, ratio = median[ref] / q2, cost[ref][0] / flops
+                    row |= {f"speedup_vs_{ref}": round(speedup, 3), f"flop_ratio_vs_{ref}": round(ratio, 3),
+                            f"of_flop_ratio_vs_{ref}": round(speedup / ratio, 3)}
             rows.append(row | ({"accuracy": accuracy[c.name]} if c.name in accuracy else {}))
     return rows
 
@@ -424,8 +643,13 @@ def _accuracy(contenders: list[Contender], task: Task, data_dir: Path | None, ba
     return out
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    device = InferenceConfig(device=cfg.device).torch_device()
+def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
+    """Build, time and summarize every contender; write OUT/bench.{json,md,png}. `command` is what the
+    provenance record says was run (default: this process's command line)."""
+    from skeleton_ds.provenance import provenance
+
+    infer = InferenceConfig(device=cfg.device, dtype=cfg.dtype)
+    device, dtype = infer.torch_device(), infer.torch_dtype()
     began = time.perf_counter()
     seconds = {}
     with tempfile.TemporaryDirectory(prefix="skeleton-bench-") as tmp:
@@ -434,26 +658,35 @@ def run_bench(cfg: BenchConfig) -> dict:
         seconds["build"] = round(time.perf_counter() - began, 1)
         resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         vocab = contenders[0].config["vocab_size"]
+        full = next(c.predictor for c in contenders if c.name == "full")
+        workloads, length_tokenizer = build_workloads(cfg, full, vocab)
         accuracy = _accuracy(contenders, task, cfg.data_dir, max(cfg.batch_sizes)) if task is not None else {}
         start = time.perf_counter()
-        _note(f"{len(contenders)} contenders built in {seconds['build']:.1f} s; timing {cfg.rounds} rounds")
-        time_contenders(contenders, cfg, device, vocab)
+        probe = PeakProbe(device, dtype)
+        probe.sample(repeats=3)
+        _note(f"{len(contenders)} contenders built in {seconds['build']:.1f} s; timing {cfg.rounds} rounds of "
+              f"{len(workloads)} workloads")
+        time_contenders(contenders, workloads, cfg, device, probe)
+        probe.sample(repeats=3)
+        peaks = probe.record()
+        del probe
         seconds["timing"] = round(time.perf_counter() - start, 1)
         profiles = [profile_contender(c, _inputs(b, cfg.text_length, vocab, cfg.seed), device)
                     for c in contenders if cfg.profile and c.name == "compact-0.3" for b in cfg.batch_sizes]
     seconds["total"] = round(time.perf_counter() - began, 1)
-    rows = summarize(contenders, cfg, accuracy)
+    machine = Machine(torch.tensor([], dtype=dtype).element_size(), peaks["matmul_tflop_per_s"] * 1e12,
+                      peaks["copy_gb_per_s"] * 1e9)
+    rows = summarize(contenders, workloads, cfg, machine, accuracy)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "dtype": str(InferenceConfig(device=cfg.device, dtype=cfg.dtype).torch_dtype()).replace("torch.", ""),
-           "date": time.strftime("%Y-%m-%d")} | _versions()
+           "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+           "date": time.strftime("%Y-%m-%d")}
     if device.type == "cuda":
-        env |= {"cuda": torch.version.cuda,
-                "gpu_memory_mib": round(torch.cuda.get_device_properties(device).total_memory / 2**20),
+        env |= {"gpu_memory_mib": round(torch.cuda.get_device_properties(device).total_memory / 2**20),
                 "all_contenders_resident_mib": round(resident / 2**20)}  # every contender's weights at once
-    result = {"format": "skeleton_ds.bench/1", "shape": cfg.shape, "environment": env,
-              "settings": checkpoint.json_record(cfg), "rows": rows,
-              "profiles": profiles, "seconds": seconds}
+    result = {"format": "skeleton_ds.bench/2", "shape": cfg.shape, "provenance": provenance(command),
+              "environment": env, "settings": checkpoint.json_record(cfg), "peaks": peaks,
+              "cost_model": COST_MODEL, "workloads": [w.record() for w in workloads],
+              "length_tokenizer": length_tokenizer, "rows": rows, "profiles": profiles, "seconds": seconds}
     cfg.out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(cfg.out / "bench.json", result)
     (cfg.out / "bench.md").write_text(markdown_table(result))
@@ -463,47 +696,69 @@ def run_bench(cfg: BenchConfig) -> dict:
     return result
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+COST_MODEL = ("FLOPs: every projection over the positions computed (the prompt's too without the prompt cache), "
+              "attention scores and values over all keys, the output rows computed; bytes read: every layer's "
+              "projection weights and the output rows computed, once per batch, and the input tokens' embedding "
+              "rows (norms, biases, activations and cached prompt keys/values not counted: a lower bound); "
+              "roofline = max(FLOPs / peak matmul FLOP/s, bytes / peak copy bandwidth), per batch")
 
-    out = {}
-    for name in ("transformers", "peft"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+
+def _inputs_cell(result: dict, row: dict) -> str:
+    return f"fixed {result['settings']['text_length']}" if row["lengths"] == "fixed" else "SST-2 dev"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 def _table(result: dict) -> tuple[list[str], list[list[str]]]:
     rows = result["rows"]
-    refs = [r for r in ("peft", "full") if f"speedup_vs_{r}" in rows[0]]
-    header = ["contender", "batch", "params (M)", "weights MiB", "peak MiB", "GFLOP", "ms/batch median (q1-q3)",
-              "examples/s"] + [f"x {r} (bound, % of it)" for r in refs] + (["accuracy"] if "accuracy" in rows[0] else [])
+    refs = [r for r in ("peft", "peft-full-logits", "full") if f"speedup_vs_{r}" in rows[0]]  # (the
+    # H100 table of format 1 was measured against peft-full-logits)
+    header = ["contender", "inputs", "batch", "params (M)", "weights MiB", "peak MiB", "GFLOP/batch",
+              "ms/batch median (q1-q3)", "examples/s", "roofline ms/batch (limit)", "of roofline"]
+    header += [f"x {r} (FLOP ratio, % of it)" for r in refs] + (["accuracy"] if "accuracy" in rows[0] else [])
     table = []
     for r in rows:
-        cells = [r["contender"], str(r["batch"]), f"{r['parameters'] / 1e6:.1f}", f"{r['weight_mib']:.0f}",
-                 "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", f"{r['gflop']:.1f}",
-                 f"{r['ms_median']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f})", f"{r['examples_per_s']:.1f}"]
-        cells += [f"{r[f'speedup_vs_{ref}']:.2f} ({r[f'bound_vs_{ref}']:.2f}, {100 * r[f'of_bound_vs_{ref}']:.0f}%)"
-                  for ref in refs]
+        roofline = "-" if r.get("roofline_ms") is None else f"{r['roofline_ms']:.1f} ({r['roofline_limit']})"
+        cells = [r["contender"], _inputs_cell(result, r), str(r["batch"]), f"{r['parameters'] / 1e6:.1f}",
+                 f"{r['weight_mib']:.0f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", f"{r['gflop']:.1f}",
+                 f"{r['ms_median']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f})", f"{r['examples_per_s']:.1f}",
+                 roofline, _percent(r.get("of_roofline"))]
+        cells += [f"{r[f'speedup_vs_{ref}']:.2f} ({r[f'flop_ratio_vs_{ref}']:.2f}, "
+                  f"{_percent(r[f'of_flop_ratio_vs_{ref}'])})" for ref in refs]
         if "accuracy" in rows[0]:
             cells.append(f"{r['accuracy']['accuracy']:.4f}" if "accuracy" in r else "-")
         table.append(cells)
     return header, table
 
 
+def _markdown_rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown_table(result: dict) -> str:
-    """The table as Markdown (bench.md), for READMEs and reports."""
-    header, table = _table(result)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table]
+    """The tables as Markdown (bench.md), for READMEs and reports: the rows; when recorded, each
+    workload's inputs and the measured peaks with the code version; the profile (--profile)."""
+    lines = _markdown_rows(*_table(result))
+    if result.get("workloads"):
+        lines += [""] + _markdown_rows(
+            ["inputs", "batch", "examples per call", "batches", "tokens per example, mean (min-max)", "padding"],
+            [[_inputs_cell(result, w), str(w["batch"]), str(w["examples"]), str(w["batches"]),
+              f"{w['tokens_mean']:.1f} ({w['tokens_min']}-{w['tokens_max']})", f"{w['padding_share']:.1%}"]
+             for w in result["workloads"]])
+    if result.get("peaks"):
+        p, made = result["peaks"], result["provenance"]
+        lines += [""] + _markdown_rows(
+            ["peak matmul TFLOP/s", "peak copy GB/s", "code", "load average (1 min)", "date"],
+            [[f"{p['matmul_tflop_per_s']:.3g} ({p['matmul']})", f"{p['copy_gb_per_s']:.3g} ({p['copy']})",
+              made["code_version"], str(made["device"].get("load_average_1min", "-")), made["date"]]])
     if result["profiles"]:  # --profile: where one batch's time goes
-        lines += ["", "| profiled | batch | ms wall | ms in PyTorch operators | outside operators | top operators (ms) |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {p['contender']} | {p['batch']} | {p['wall_ms']:.1f} | {p['aten_self_ms']:.1f} | "
-                  f"{p['outside_ops_share']:.1%} | " + ", ".join(f"{o['op']} {o['ms']:.1f}" for o in p["top_ops"]) + " |"
-                  for p in result["profiles"]]
+        lines += [""] + _markdown_rows(
+            ["profiled", "batch", "ms wall", "ms in PyTorch operators", "outside operators", "top operators (ms)"],
+            [[p["contender"], str(p["batch"]), f"{p['wall_ms']:.1f}", f"{p['aten_self_ms']:.1f}",
+              f"{p['outside_ops_share']:.1%}", ", ".join(f"{o['op']} {o['ms']:.1f}" for o in p["top_ops"])]
+             for p in result["profiles"]])
     return "\n".join(lines) + "\n"
 
 
@@ -515,6 +770,9 @@ def print_summary(result: dict, out: Path) -> None:
     env = result["environment"]
     print_table(f"{result['shape']}: {env['device']}, {env['dtype']}, {env['threads']} threads, {env['date']}",
                 header, table, caption=f"{out / 'bench.json'}, {out / 'bench.png'}")
+    peaks = result["peaks"]
+    print(f"roofline peaks: {peaks['matmul_tflop_per_s']:.3g} TFLOP/s ({peaks['matmul']}), "
+          f"{peaks['copy_gb_per_s']:.3g} GB/s ({peaks['copy']})")
     for prof in result["profiles"]:
         ops = ", ".join(f"{o['op']} {o['ms']:.1f}" for o in prof["top_ops"])
         print(f"profile {prof['contender']} batch {prof['batch']}: {prof['wall_ms']:.1f} ms wall, "

@@ -175,9 +175,10 @@ def infer(argv: Sequence[str] | None = None) -> int:
 def bench(argv: Sequence[str] | None = None) -> int:
     """Time compact checkpoints against the full model and PEFT prompt tuning, in one process."""
     import argparse
+    import shlex
     from pathlib import Path
 
-    from skeleton_ds.bench import SHAPES, BenchConfig
+    from skeleton_ds.bench import LENGTHS, SHAPES, BenchConfig
 
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="skeleton-ds bench", description=bench.__doc__)
@@ -186,28 +187,38 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=d.device, help="auto | cuda | cpu")
     p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma list (default 32,1)")
-    p.add_argument("--text-length", type=int, default=d.text_length, help="input tokens per example (default 128)")
+    p.add_argument("--text-length", type=int, default=d.text_length, help="fixed inputs: tokens per example (default 128)")
+    p.add_argument("--lengths", type=lambda v: tuple(x for x in v.split(",") if x), default=d.lengths,
+                   help=f"input groups, comma list of {', '.join(LENGTHS)}: fixed = --text-length random tokens; sst2 "
+                        "= SST-2 dev lengths through the task template, length-sorted batches (needs --data-dir)")
+    p.add_argument("--sst2-examples", type=int, default=d.sst2_examples,
+                   help=f"sst2: examples per timed call, as whole length-sorted batches (default {d.sst2_examples})")
     p.add_argument("--prompt-length", type=int, default=d.prompt_length, help="soft prompt tokens (default 20)")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 1.0,0.5,0.3,0.2)")
     p.add_argument("--head-keep", type=float, default=d.head_keep, help="decoders: also compacts with this KV-group keep")
     p.add_argument("--run-dir", type=Path, default=None, help="minilm: pipeline output whose prompt and scores to use")
-    p.add_argument("--data-dir", type=Path, default=None, help="minilm with --run-dir: data for dev accuracy")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for minilm with --run-dir")
     p.add_argument("--quant", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                    help="also time the FFN-0.3 compact in these bitsandbytes modes: 8bit,4bit")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")
     p.add_argument("--skip-peft", action="store_true", help="leave out the PEFT contender")
+    p.add_argument("--peft-full-logits", action="store_true",
+                   help="decoders: also time PEFT computing the whole vocabulary at every position (a plain "
+                        "CausalLM forward)")
     p.add_argument("--compile", action="store_true", help="also time the FFN-0.3 compact model under torch.compile")
     p.add_argument("--profile", action="store_true",
                    help="profile the FFN-0.3 compact model: operator time against wall time, top operators")
-    args = vars(p.parse_args(list(argv) if argv is not None else None))
-    args["out"] = args["out"] or Path("runs/bench") / args["shape"]
-    cfg = BenchConfig(**args)
+    args = list(argv) if argv is not None else sys.argv[1:]
+    parsed = vars(p.parse_args(args))
+    parsed["out"] = parsed["out"] or Path("runs/bench") / parsed["shape"]
+    cfg = BenchConfig(**parsed)
     _quiet_libraries()
     from skeleton_ds.bench import print_summary, run_bench
 
-    print_summary(run_bench(cfg), cfg.out)
+    print_summary(run_bench(cfg, command=shlex.join(["skeleton-ds", "bench", *args])), cfg.out)
     return 0
 
 

@@ -128,23 +128,25 @@ def plot_results(table: list[dict], variants: list[str], png: Path, title: str =
 
 def plot_bench(rows: list[dict], png: Path, title: str = "") -> None:
     """Speed-up of the compact models over the PEFT contender (and over our full-model path) against
-    the FFN keep ratio, one panel per batch size, with each FLOP bound drawn as a dashed line."""
+    the FFN keep ratio, one panel per input group and batch size, with each FLOP ratio dashed (a
+    ratio of work, which a speed-up may pass: see the roofline columns for what bounds the time)."""
     plt = _pyplot()
-    batches = list(dict.fromkeys(r["batch"] for r in rows))
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        mine = sorted((r for r in rows if r["batch"] == batch and r["contender"].startswith("compact")
-                       and r["head_keep"] == 1.0 and r["quant"] == "none"), key=lambda r: r["ffn_keep"])
+    panels = list(dict.fromkeys((r.get("lengths", "fixed"), r["batch"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (lengths, batch) in zip(axes[0], panels):
+        mine = sorted((r for r in rows if (r.get("lengths", "fixed"), r["batch"]) == (lengths, batch)
+                       and r["contender"].startswith("compact") and r["head_keep"] == 1.0 and r["quant"] == "none"),
+                      key=lambda r: r["ffn_keep"])
         keeps = [r["ffn_keep"] for r in mine]
-        for ref, color in (("peft", "tab:red"), ("full", "tab:blue")):
+        for ref, color in (("peft", "tab:red"), ("peft-full-logits", "tab:orange"), ("full", "tab:blue")):
             if mine and f"speedup_vs_{ref}" in mine[0]:
                 ax.plot(keeps, [r[f"speedup_vs_{ref}"] for r in mine], "o-", color=color, label=f"measured vs {ref}")
-                ax.plot(keeps, [r[f"bound_vs_{ref}"] for r in mine], "--", color=color, alpha=0.6,
-                        label=f"FLOP bound vs {ref}")
+                ax.plot(keeps, [r[f"flop_ratio_vs_{ref}"] for r in mine], "--", color=color, alpha=0.6,
+                        label=f"FLOP ratio vs {ref}")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("FFN keep ratio")
         ax.set_ylabel("speed-up (x)")
-        ax.set_title(f"batch {batch}")
+        ax.set_title(f"{'SST-2 dev lengths' if lengths == 'sst2' else 'fixed length'}, batch {batch}")
         ax.invert_xaxis()
         ax.legend(fontsize=8)
     fig.suptitle(title)
