@@ -1,6 +1,6 @@
 """`skeleton-ds reproduce` end to end on the real MiniLM and the real CB files, in its quick mode (tiny
-subsets, one seed, one ratio): every variant is built, re-tuned and tabulated, and a second run reads the
-finished runs back instead of redoing them."""
+subsets, one seed, one ratio): every variant is built, re-tuned and tabulated, a second run reuses the
+finished runs instead of redoing them, and a run whose plan changed since is refused, naming the change."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from skeleton_ds.cli import reproduce, run_command
 from skeleton_ds.config import config_from_args
 from skeleton_ds.stages.common import generic_spec
 from skeleton_ds.tasks import get_task, load_split
-from skeleton_ds.stages.reproduce import PLAN, VARIANTS, ReproduceConfig, markdown, stage_flags
+from skeleton_ds.provenance import missing_fields
+from skeleton_ds.stages.reproduce import PLAN, QUICK, VARIANTS, ReproduceConfig, markdown, stage_flags
 
 
 @pytest.mark.realdata
-def test_reproduce_quick_builds_every_variant(tmp_path, capsys):
+def test_reproduce_quick_builds_every_variant(tmp_path, capsys, monkeypatch):
     out = tmp_path / "reproduce"
     argv = ["--data-dir", str(SHARED_DATA), "--tasks", "cb", "--seeds", "1", "--ffn-keeps", "0.5", "--quick",
             "--no-docs", "--output", str(out)]
@@ -39,6 +40,15 @@ def test_reproduce_quick_builds_every_variant(tmp_path, capsys):
     assert run_command(reproduce, argv) == 0  # resumes: every run is complete, nothing is redone
     assert {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")} == finished
     assert json.loads((out / "reproduce.json").read_text())["table"] == table
+    assert missing_fields(record) == []
+
+    # The plan changed since the runs were made: the finished runs are not read back as if they were new.
+    monkeypatch.setitem(QUICK, "train", 48)
+    capsys.readouterr()
+    assert run_command(reproduce, argv) == 2
+    err = capsys.readouterr().err
+    assert "prompt: max_train_examples 64 -> 48" in err and str(out / "cb" / "seed0" / "full") in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")} == finished
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -14,7 +14,8 @@ the parameter counts, and the majority-class baseline (did the full model learn 
 Small tasks run several seeds (mean and standard deviation); large training sets are subsampled (the
 table says how many examples each task used). The compact MiniLM's speed-up over the full model comes
 from the benchmark (skeleton_ds.bench, one process). Every run is an ordinary pipeline output directory,
-so an interrupted table resumes: finished runs are read back, not redone.
+so an interrupted table resumes: a finished stage is reused only when its recorded settings are the
+plan's, and a run made with other settings stops the table with the pipeline's error naming them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.config import config_from_args
 from skeleton_ds.errors import UserError
+from skeleton_ds.lineage import read_record
 from skeleton_ds.plots import plot_results
+from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.pipeline import run_pipeline
 
 VARIANTS = {  # name -> (scorer, compensate)
@@ -124,11 +127,20 @@ def stage_flags(task: str, seed: int, cfg: ReproduceConfig) -> list[str]:
             *_task_flags(task, cfg.data_dir)]
 
 
+def _check_shared(run: Path, full: Path, stage: str) -> None:
+    """A skeleton run's copy of the shared prompt (or scores) must be the full run's current one."""
+    copied, shared = read_record(run, stage), read_record(full, stage)
+    if copied is not None and shared is not None and copied["id"] != shared["id"]:
+        raise UserError(f"{run} was built from another {stage} output than {full}: remove {run} (or choose another "
+                        f"--output) to rebuild it from the current one")
+
+
 def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
+    """Every run goes through the pipeline, which reuses a finished stage only when its recorded
+    settings are these flags' (and refuses a changed one), so a table never reads back a stale run."""
     base = cfg.output / task / f"seed{seed}"
     common = stage_flags(task, seed, cfg)
-    if not (base / "full" / "attribution.safetensors").is_file():
-        _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
+    _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
     full = json.loads((base / "full" / "prompt" / "metrics.json").read_text())
     full_seconds = _seconds(base / "full") / len(cfg.ffn_keeps) / len(VARIANTS)  # shared by every skeleton
     rows = []
@@ -137,11 +149,13 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
             run = base / f"keep{keep:g}-{variant}"
             if not (run / "prompt").exists():  # every skeleton starts from the same stage-1 prompt
                 _copy_atomically(base / "full" / "prompt", run / "prompt")
-            if scorer == "attribution" and not (run / "attribution.safetensors").exists():
-                _copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
-            if not (run / "retune" / "metrics.json").is_file():
-                _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
-                                 "--scorer", scorer, "--ffn-keep", str(keep), "--compensate", compensate])
+            _check_shared(run, base / "full", "prompt")
+            if scorer == "attribution":
+                if not (run / "attribution.safetensors").exists():
+                    _copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
+                _check_shared(run, base / "full", "attribute")
+            _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
+                             "--scorer", scorer, "--ffn-keep", str(keep), "--compensate", compensate])
             retune = json.loads((run / "retune" / "metrics.json").read_text())
             conversion = json.loads((run / "conversion.json").read_text())
             rows.append({"task": task, "seed": seed, "ffn_keep": keep, "variant": variant,
@@ -270,7 +284,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     for task in sorted(cfg.tasks, key=list(PLAN).index, reverse=True):  # the small tasks first
         for seed in range(cfg.seeds or cfg.plan(task)["seeds"]):
             rows += run_task(task, seed, cfg)
-    record = {"command": cfg.command, "date": date.today().isoformat(), "model": cfg.model,
+    record = {"provenance": provenance(cfg.command or None), "command": cfg.command,
+              "date": date.today().isoformat(), "model": cfg.model,
               "plan": {t: cfg.plan(t) for t in cfg.tasks}, "quick": cfg.quick, "rows": rows,
               "table": aggregate(rows), "speedups": measured, "wall_seconds": round(time.perf_counter() - start, 1),
               "seconds": round(sum(r["seconds"] for r in rows), 1)}
