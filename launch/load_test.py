@@ -1,10 +1,12 @@
-"""Load the HTTP server with a bounded closed loop, batching on and off, and compare the memory of
-serving N tasks on shared weights with N compact checkpoints and N copies of the base model.
+"""Load the HTTP server with a bounded closed loop: the task skeletons with batching on and off, and
+plain prompt tuning (the baseline: the full base and each task's stage-1 prompt, tasks mixed in a pass);
+compare the memory of each way of serving N tasks.
 
     python launch/load_test.py --base minilm --task-dir sst2=runs/minilm-sst2 \
         --task-dir k05=runs/serve/minilm-sst2-k0.5 --requests 400 --clients 8 --inputs-per-request 1
 
-For each mode (dynamic batching, then `--no-batching`) it starts `launch/serve.py` on 127.0.0.1 with a
+For each server (skeletons with dynamic batching, skeletons with `--no-batching`, then
+`--mode prompt-tuning` with its mixed-task batching) it starts `launch/serve.py` on 127.0.0.1 with a
 free port, waits for /healthz, sends one warm-up request per task (materialising every task, so the
 timed loop measures serving, not loading), then `--clients` threads each send their next request as
 soon as the previous one is answered, `--requests` in all, tasks taken in turn. Reported: requests/s
@@ -12,12 +14,15 @@ and examples/s over the loop's wall time, p50/p99 latency as the client sees it,
 size (examples per forward pass, from /metrics before and after the loop).
 
 Memory, in bytes of parameters and buffers at the serving dtype:
-- shared: what the server holds after the loop (/v1/tasks memory): the base model once, plus what each
-  cached task owns (its sliced FFN/attention tensors, prompt, head, prompt key/value cache);
+- skeletons: what the skeleton server holds after the loop (/v1/tasks memory): the base model once,
+  plus what each cached task owns (its sliced FFN/attention tensors, prompt, head, prompt key/value cache);
+- plain prompt tuning: what the prompt-tuning server holds: the base model once, plus each task's
+  prompt and head. This is what a prompt-tuning user runs, and the fair comparison;
 - N compact checkpoints: the tensors in each task's compact `model*.safetensors` (numel from the
   headers x the serving dtype's element size), summed: N separate processes each loading its own;
-- N base copies: N x the base checkpoint's tensors, counted the same way: N full prompt-tuned models.
-Writes JSON (`--out`), the README's tables next to it (`.md`), and prints rich tables.
+- N separate full models: N x the base checkpoint's tensors, counted the same way (a process per task;
+  not how prompt tuning is served, shown beside the compact checkpoints it mirrors).
+Writes JSON (`--out`, with its provenance), the README's tables next to it (`.md`), and prints rich tables.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import http.client
 import itertools
 import json
+import os
 import shlex
 import statistics
 import struct
@@ -40,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.provenance import provenance  # noqa: E402
 
 SAMPLES = ["a gripping, funny film", "the plot was thin and the acting worse", "quite a nice story",
            "an awful, boring two hours", "the actor was great", "a sad and ugly scene", "very happy ending",
@@ -47,15 +54,22 @@ SAMPLES = ["a gripping, funny film", "the plot was thin and the acting worse", "
 
 
 # ------------------------------------------------------------------ the server
+SKELETON, PROMPT_TUNING = "skeleton", "prompt tuning"
+PLAN = [(SKELETON, "batching"), (PROMPT_TUNING, "mixed-task batching"), (SKELETON, "no batching")]
+"""The servers loaded, in the tables' order: (what serves, its batching). Each (clients, mode) names one row."""
+
+
 class Server:
     """`launch/serve.py` in a subprocess on a free port of 127.0.0.1; stopped on exit."""
 
-    def __init__(self, args: argparse.Namespace, batching: bool):
+    def __init__(self, args: argparse.Namespace, server: str, batching: bool):
+        skeleton = server == SKELETON
         command = [sys.executable, str(REPO / "launch" / "serve.py"), "--base", args.base, "--port", "0",
                    "--host", "127.0.0.1", "--device", args.device, "--dtype", args.dtype,
+                   "--mode", "skeleton" if skeleton else "prompt-tuning",
                    "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                    "--max-inputs", str(max(256, args.inputs_per_request)),
-                   *(["--cache-bytes", str(args.cache_bytes)] if args.cache_bytes is not None else []),
+                   *(["--cache-bytes", str(args.cache_bytes)] if skeleton and args.cache_bytes is not None else []),
                    *itertools.chain.from_iterable(("--task-dir", d) for d in args.task_dir),
                    *([] if batching else ["--no-batching"])]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -169,12 +183,14 @@ def closed_loop(server: Server, work: list[tuple[str, bytes]], requests: int, cl
     wall = time.perf_counter() - start
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     return {"wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 2), "p50_ms": round(cuts[49] * 1e3, 2),
-            "p99_ms": round(cuts[98] * 1e3, 2), "failures": len(failures), "first_failures": failures[:3]}
+            "p99_ms": round(cuts[98] * 1e3, 2), "failures": len(failures), "first_failures": failures[:3],
+            "load_1min": round(os.getloadavg()[0], 2)}  # was the machine busy with other work too?
 
 
-def run_mode(args: argparse.Namespace, batching: bool) -> tuple[list[dict], dict]:
-    """The load figures of one mode per client count, and the server's /v1/tasks answer after the loops."""
-    with Server(args, batching) as server:
+def run_mode(args: argparse.Namespace, served_as: str, mode: str) -> tuple[list[dict], dict]:
+    """The load figures of one server and batching mode per client count, and the server's /v1/tasks
+    answer after the loops."""
+    with Server(args, served_as, batching=mode != "no batching") as server:
         tasks = json.loads(get(server, "/v1/tasks")[1])
         work = bodies(tasks["tasks"], args.inputs_per_request)
         conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
@@ -189,7 +205,7 @@ def run_mode(args: argparse.Namespace, batching: bool) -> tuple[list[dict], dict
             result = closed_loop(server, work, args.requests, clients)
             after = batch_totals(server)
             passes, examples, seconds = (after[k] - before[k] for k in ("passes", "examples", "seconds"))
-            results.append({"clients": clients, "mode": "batching" if batching else "no batching"} | result
+            results.append({"clients": clients, "server": served_as, "mode": mode} | result
                            | {"passes": int(passes),
                               "examples_per_s": round(args.requests * args.inputs_per_request / result["wall_s"], 2),
                               "mean_batch": round(examples / passes, 2) if passes else 0.0,
@@ -218,7 +234,9 @@ def _prod(shape: list[int]) -> int:
     return n
 
 
-def memory_figures(args: argparse.Namespace, served: dict) -> dict:
+def memory_figures(args: argparse.Namespace, served: dict, prompt_tuning: dict) -> dict:
+    """Bytes of each way of serving the tasks; `served` and `prompt_tuning` are the /v1/tasks answers of
+    the skeleton and prompt-tuning servers."""
     from skeleton_ds import engine
     from skeleton_ds.inference import InferenceConfig
 
@@ -233,13 +251,15 @@ def memory_figures(args: argparse.Namespace, served: dict) -> dict:
     base_dir = Path(engine.resolve_model_path(args.base))
     base_files = sorted(base_dir.glob("model*.safetensors")) if base_dir.is_dir() else []
     base_params = tensor_count(base_files) if base_files else None
-    memory = served["memory"]
-    shared = memory["shared_bytes"] + sum(memory["tasks"].values())
+    memory, plain = served["memory"], prompt_tuning["memory"]
     return {"tasks": n, "bytes_per_parameter": element,
-            "shared_bytes": shared, "shared_base_bytes": memory["shared_bytes"], "task_owned_bytes": memory["tasks"],
+            "shared_bytes": memory["shared_bytes"] + sum(memory["tasks"].values()),
+            "shared_base_bytes": memory["shared_bytes"], "task_owned_bytes": memory["tasks"],
             "tasks_resident": sum(1 for v in memory["tasks"].values() if v),
+            "prompt_tuning_bytes": plain["shared_bytes"] + sum(plain["tasks"].values()),
+            "prompt_tuning_base_bytes": plain["shared_bytes"], "prompt_tuning_task_bytes": plain["tasks"],
             "compact_checkpoints_bytes": None if None in compact_params else sum(compact_params) * element,
-            "base_copies_bytes": None if base_params is None else n * base_params * element}
+            "separate_full_models_bytes": None if base_params is None else n * base_params * element}
 
 
 # ---------------------------------------------------------------------- main
@@ -266,17 +286,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs, served = [], None
-    for batching in (True, False):
-        results, tasks = run_mode(args, batching)
+    command = shlex.join(["python", "launch/load_test.py", *(sys.argv[1:] if argv is None else argv)])
+    runs, served = [], {}
+    for served_as, mode in PLAN:
+        results, tasks = run_mode(args, served_as, mode)
         runs += results
-        served = served or tasks
-    runs.sort(key=lambda r: (-r["clients"], r["mode"] != "batching"))
-    report = {"command": shlex.join(["python", "launch/load_test.py", *(sys.argv[1:] if argv is None else argv)]),
+        served.setdefault(served_as, tasks)
+    runs.sort(key=lambda r: (-r["clients"], PLAN.index((r["server"], r["mode"]))))
+    report = {"command": command, "provenance": provenance(command),
               "date": date.today().isoformat(), "base": args.base, "task_dirs": args.task_dir,
               "requests": args.requests, "clients": args.clients, "inputs_per_request": args.inputs_per_request,
               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "runs": runs,
-              "memory": memory_figures(args, served)}
+              "memory": memory_figures(args, served[SKELETON], served[PROMPT_TUNING])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     write_text(args.out.with_suffix(".md"), markdown(report))
@@ -285,24 +306,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict) -> str:
-    """The README's tables: throughput and latency per client count and mode, then memory."""
+    """The README's tables: throughput and latency per client count, server and batching, then memory."""
     m = report["memory"]
     lines = [f"{len(report['task_dirs'])} tasks on {report['base']}, {report['requests']} requests of "
              f"{report['inputs_per_request']} input(s) per loop ({report['date']}): `{report['command']}`", "",
-             "| clients | mode | requests/s | p50 ms | p99 ms | mean batch | forward passes | ms per pass |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['clients']} | {r['mode']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['mean_batch']:.2f} | {r['passes']} | {r['mean_pass_ms']:.1f} |" for r in report["runs"]]
+             "| clients | server | batching | requests/s | p50 ms | p99 ms | mean batch | forward passes | ms per pass "
+             "| machine load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['clients']} | {_served_as(r['server'])} | {r['mode']} | {r['requests_per_s']:.1f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {r['passes']} | {r['mean_pass_ms']:.1f} | "
+              f"{r['load_1min']:.1f} |" for r in report["runs"]]
     owned = sorted(v for v in m["task_owned_bytes"].values() if v)
-    lines += ["", f"Memory for the {m['tasks']} tasks ({m['bytes_per_parameter']} bytes per parameter; parameter and "
+    prompts = sorted(m["prompt_tuning_task_bytes"].values())
+    cores = report["provenance"]["device"]["cpu_cores"]
+    lines += ["", f"Machine load: the 1-minute load average as each loop ended, on {cores} cores (the client threads "
+                  "and the server share them).",
+              "", f"Memory for the {m['tasks']} tasks ({m['bytes_per_parameter']} bytes per parameter; parameter and "
                   "buffer bytes):", "", "| how the tasks are served | MiB |", "|---|---|",
-              f"| one shared base ({_mib(m['shared_base_bytes'])}) + what each task owns "
+              f"| plain prompt tuning: one base ({_mib(m['prompt_tuning_base_bytes'])}) + each task's prompt and head "
+              f"({', '.join(_mib(v) for v in prompts)}) | {_mib(m['prompt_tuning_bytes'])} |",
+              f"| skeletons: one shared base ({_mib(m['shared_base_bytes'])}) + what each task owns "
               f"({', '.join(_mib(v) for v in owned)}: its sliced FFN, prompt, head) | {_mib(m['shared_bytes'])} |",
-              f"| {m['tasks']} separate compact checkpoints (each with its own embeddings, attention, norms) | "
-              f"{_mib(m['compact_checkpoints_bytes'])} |",
-              f"| {m['tasks']} copies of the base model ({m['tasks']} prompt-tuned full models) | "
-              f"{_mib(m['base_copies_bytes'])} |"]
+              f"| {m['tasks']} separate compact checkpoints (a process each, each with its own embeddings, attention, "
+              f"norms) | {_mib(m['compact_checkpoints_bytes'])} |",
+              f"| {m['tasks']} separate full models (a process each; not how prompt tuning is served) | "
+              f"{_mib(m['separate_full_models_bytes'])} |"]
     return "\n".join(lines) + "\n"
+
+
+def _served_as(server: str) -> str:
+    return {SKELETON: "skeletons", PROMPT_TUNING: "plain prompt tuning"}[server]
 
 
 def print_report(report: dict, out: Path) -> None:
@@ -311,23 +343,25 @@ def print_report(report: dict, out: Path) -> None:
 
     table = Table(title=f"{len(report['task_dirs'])} tasks on {report['base']}: {report['requests']} requests, "
                         f"{','.join(map(str, report['clients']))} clients, {report['inputs_per_request']} inputs each")
-    for column in ("clients", "mode", "requests/s", "examples/s", "p50 ms", "p99 ms", "mean batch", "passes", "ms/pass",
-                   "worker busy", "failures"):
-        table.add_column(column, justify="left" if column == "mode" else "right")
+    for column in ("clients", "server", "batching", "requests/s", "examples/s", "p50 ms", "p99 ms", "mean batch",
+                   "passes", "ms/pass", "worker busy", "failures"):
+        table.add_column(column, justify="left" if column in ("server", "batching") else "right")
     for r in report["runs"]:
-        table.add_row(str(r["clients"]), r["mode"], f"{r['requests_per_s']:.1f}", f"{r['examples_per_s']:.1f}", f"{r['p50_ms']:.1f}",
+        table.add_row(str(r["clients"]), _served_as(r["server"]), r["mode"], f"{r['requests_per_s']:.1f}",
+                      f"{r['examples_per_s']:.1f}", f"{r['p50_ms']:.1f}",
                       f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}", str(r["passes"]), f"{r['mean_pass_ms']:.1f}",
                       f"{r['worker_busy']:.0%}", str(r["failures"]))
     m = report["memory"]
     memory = Table(title=f"memory for {m['tasks']} tasks ({m['bytes_per_parameter']} bytes per parameter)")
     memory.add_column("how")
     memory.add_column("MiB", justify="right")
-    memory.add_row(f"shared base + task-owned tensors ({m['tasks_resident']} resident)", _mib(m["shared_bytes"]))
+    memory.add_row("plain prompt tuning: one base + each task's prompt and head", _mib(m["prompt_tuning_bytes"]))
+    memory.add_row(f"skeletons: shared base + task-owned tensors ({m['tasks_resident']} resident)", _mib(m["shared_bytes"]))
     memory.add_row(f"{m['tasks']} separate compact checkpoints", _mib(m["compact_checkpoints_bytes"]))
-    memory.add_row(f"{m['tasks']} copies of the base model", _mib(m["base_copies_bytes"]))
+    memory.add_row(f"{m['tasks']} separate full models", _mib(m["separate_full_models_bytes"]))
     console = Console()
     if not console.is_terminal:  # a log file: wide enough for the columns, not rich's 80
-        console = Console(width=120)
+        console = Console(width=140)
     console.print(table)
     console.print(memory)
     console.print(f"load_test: {out}")

@@ -262,10 +262,15 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--task-dir", action="append", default=[], metavar="[NAME=]DIR",
                    help="a pipeline output directory or a compact checkpoint, served as NAME (default: its task "
                         "name); repeat for each task")
+    p.add_argument("--mode", choices=("skeleton", "prompt-tuning"), default="skeleton",
+                   help="skeleton: each task on its skeleton of the shared base; prompt-tuning: the baseline, the full "
+                        "base with each task's stage-1 prompt (DIR/prompt), tasks mixed in one pass")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the address is printed)")
-    p.add_argument("--cache-bytes", type=int, default=1 << 30, help="bytes of task-owned weights kept (LRU)")
-    p.add_argument("--max-batch", type=int, default=32, help="most examples of one task merged into one pass")
+    p.add_argument("--cache-bytes", type=int, default=None,
+                   help="bytes of task-owned weights kept (LRU; default 1 GiB); skeleton mode only")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="most examples merged into one pass (of one task; of any tasks in prompt-tuning mode)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to merge with")
     p.add_argument("--no-batching", action="store_true", help="every request is its own pass (for comparison)")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (more: 413)")
@@ -279,6 +284,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     if not args.task_dir:
         raise UserError("give at least one task: --task-dir [NAME=]DIR (a pipeline output or a compact checkpoint), "
                         "repeatable")
+    if args.mode == "prompt-tuning" and args.cache_bytes is not None:
+        raise UserError("--cache-bytes is for --mode skeleton: --mode prompt-tuning holds every prompt, it caches nothing")
     try:
         from skeleton_ds import server
     except ImportError as e:
@@ -292,12 +299,18 @@ def serve(argv: Sequence[str] | None = None) -> int:
     sock = server.bind(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
         _quiet_libraries()
-        from skeleton_ds.multitask import MultiTaskModel
+        from skeleton_ds.multitask import MultiTaskModel, PromptTuningModel
 
-        model = MultiTaskModel(args.base, args.task_dir, cache_bytes=args.cache_bytes, cfg=cfg)  # checks the dirs
+        if args.mode == "prompt-tuning":
+            model = PromptTuningModel(args.base, args.task_dir, cfg=cfg)  # checks the dirs
+        else:
+            cache_bytes = 1 << 30 if args.cache_bytes is None else args.cache_bytes
+            model = MultiTaskModel(args.base, args.task_dir, cache_bytes=cache_bytes, cfg=cfg)  # checks the dirs
         app = server.create_app(model, settings)
         policy = (f"batching up to {settings.max_batch} examples, {settings.max_wait_ms:g} ms" if settings.batching
                   else "no batching")
+        if args.mode == "prompt-tuning":
+            policy = f"plain prompt tuning, tasks mixed in a pass; {policy}"
         print(f"skeleton_ds: serving {len(model.task_names())} tasks ({', '.join(model.task_names())}) on "
               f"{server.address(sock)} ({policy})", flush=True)
         server.run(app, sock, log_level=args.log_level)

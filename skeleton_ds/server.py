@@ -15,6 +15,10 @@ so a burst on one task delays another by at most one pass per busy task.** A tas
 has `max_batch` examples waiting or its oldest request has waited `max_wait_ms`. Requests for
 different tasks never share a pass; a request is never split, and one larger than `max_batch` runs
 alone (the model cuts it into passes of `max_batch`).
+
+`--mode prompt-tuning` serves plain prompt tuning instead (`PromptTuningModel`: the full base, each
+task's stage-1 prompt), the baseline the skeletons are measured against. A prompt is an input, so its
+passes may mix tasks: all requests join one FIFO (the queue `*`), up to `max_batch` examples a pass.
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ from starlette.exceptions import HTTPException
 from skeleton_ds.errors import UserError
 
 if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTTP layer do not need it
-    from skeleton_ds.multitask import MultiTaskModel
+    from skeleton_ds.multitask import MultiTaskModel, PromptTuningModel
     from skeleton_ds.tasks import Example
+
+    ServedModel = MultiTaskModel | PromptTuningModel
 
 Predict = Callable[[str, "list[Example]"], "list[dict]"]
 UNKNOWN_TASK = "-"  # the metrics label of requests that name no registered task (bounded label values)
+MIXED = "*"  # the one queue (and batch metrics label) of a model whose passes mix tasks
 
 
 # -------------------------------------------------------------------- batching
@@ -177,7 +184,7 @@ class Metrics:
     """Prometheus metrics in a registry of their own (never the process-global one), so two servers
     in one process, or a test, each count only their own requests."""
 
-    def __init__(self, model: MultiTaskModel):
+    def __init__(self, model: ServedModel):
         self.registry = CollectorRegistry()
         self.requests = Counter("skeleton_requests", "Classify requests by task and HTTP status",
                                 ["task", "status"], registry=self.registry)
@@ -206,7 +213,7 @@ class Metrics:
 class _CacheCollector:
     """The model's cache counters and memory, read at scrape time (the model owns them)."""
 
-    def __init__(self, model: MultiTaskModel):
+    def __init__(self, model: ServedModel):
         self.model = model
 
     def collect(self) -> Iterator:
@@ -222,8 +229,9 @@ class _CacheCollector:
         resident.add_metric(["shared"], memory["shared_bytes"])
         resident.add_metric(["cache"], memory["cache_bytes"])
         yield resident
-        yield GaugeMetricFamily("skeleton_cache_budget_bytes", "The cache's byte budget (--cache-bytes)",
-                                value=memory["cache_budget"])
+        if memory["cache_budget"] is not None:  # plain prompt tuning has no cache: every prompt is resident
+            yield GaugeMetricFamily("skeleton_cache_budget_bytes", "The cache's byte budget (--cache-bytes)",
+                                    value=memory["cache_budget"])
         per_task = GaugeMetricFamily("skeleton_task_resident_bytes", "Bytes a cached task owns", labels=["task"])
         for task, size in memory["tasks"].items():
             per_task.add_metric([task], size)
@@ -255,10 +263,23 @@ class ApiError(Exception):
         self.status, self.task = status, task
 
 
-def create_app(model: MultiTaskModel, settings: ServeSettings = ServeSettings()) -> FastAPI:
+def _queues(model: ServedModel) -> tuple[Predict, Callable[[str, list], tuple[str, list]]]:
+    """What runs one pass, and which queue a request joins with what: a queue per task, its examples;
+    or, for a model whose passes mix tasks (plain prompt tuning), one queue of (task, example) pairs."""
+    if not getattr(model, "mixes_tasks", False):
+        return model.predict, lambda task, examples: (task, examples)
+
+    def predict(_queue: str, tagged: list) -> list[dict]:
+        return model.predict_mixed(tagged)
+
+    return predict, lambda task, examples: (MIXED, [(task, e) for e in examples])
+
+
+def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The FastAPI app; its batcher (app.state.batcher) starts now and stops when the app shuts down."""
     metrics = Metrics(model)
-    batcher = Batcher(model.predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+    predict, enqueue = _queues(model)
+    batcher = Batcher(predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                       batching=settings.batching, on_batch=metrics.observe_batch)
     names = list(model.task_names())
 
@@ -284,7 +305,7 @@ def create_app(model: MultiTaskModel, settings: ServeSettings = ServeSettings())
         try:
             task, inputs = _parse_request(await _read_body(request, settings.max_body_bytes), names, settings)
             examples = _examples(model, task, inputs)  # pure Python, no lock, at most --max-inputs records
-            status, payload = 200, {"predictions": await asyncio.wrap_future(batcher.submit(task, examples))}
+            status, payload = 200, {"predictions": await asyncio.wrap_future(batcher.submit(*enqueue(task, examples)))}
         except ApiError as e:
             task, status, payload = e.task, e.status, {"error": str(e)}
         except Exception as e:  # noqa: BLE001 - inside the forward pass: this request fails, the server serves on
@@ -351,7 +372,7 @@ def _parse_request(body: bytes, names: list[str], settings: ServeSettings) -> tu
     return task, inputs
 
 
-def _examples(model: MultiTaskModel, task: str, inputs: list) -> list[Example]:
+def _examples(model: ServedModel, task: str, inputs: list) -> list[Example]:
     try:
         return model.parse_inputs(task, inputs)
     except UserError as e:

@@ -2,7 +2,9 @@
 real MultiTaskModel with two tiny-LLaMA task skeletons, asked over real HTTP. Concurrent mixed-task
 requests answer what sequential ones do, and really are merged; every bad request gets its 4xx and a
 JSON error while the server goes on serving; /metrics, /v1/tasks and /healthz answer. The batcher's
-policy (merging, round-robin between tasks, no batching, failures) is tested on its own, without HTTP."""
+policy (merging, round-robin between tasks, no batching, failures) is tested on its own, without HTTP.
+Plain prompt tuning (`--mode prompt-tuning`), the baseline, is served the same way: its passes mix the
+two tasks and answer what each task's requests answer alone; a load-test smoke run records both."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, run_stages
 from skeleton_ds.cli import run_command, serve
 from skeleton_ds.inference import InferenceConfig
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.multitask import MultiTaskModel, PromptTuningModel
+from skeleton_ds.provenance import missing_fields
 from skeleton_ds.server import Batcher, ServeSettings, address, bind, create_app
 from skeleton_ds.tasks import Example
 
@@ -240,6 +243,92 @@ def test_an_error_inside_the_forward_pass_fails_that_request_only(url):
     assert _classify(url, "first", ["a good movie"])[0]["label"] in ("neg", "pos")
 
 
+# ------------------------------------------------------ plain prompt tuning
+class _Recording:
+    """The real prompt-tuning model, recording which tasks each forward pass held."""
+
+    def __init__(self, model: PromptTuningModel):
+        self.model, self.passes = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def predict_mixed(self, tagged: list) -> list[dict]:
+        self.passes.append({task for task, _ in tagged})
+        return self.model.predict_mixed(tagged)
+
+
+@pytest.fixture(scope="module")
+def prompt_tuning(tiny_models, task_dirs):
+    """`--mode prompt-tuning` on a real uvicorn: the full tiny LLaMA with both tasks' stage-1 prompts."""
+    cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=SETTINGS.max_batch)
+    model = _Recording(PromptTuningModel(str(tiny_models["llama"]), task_dirs, cfg=cfg))
+    server = ServerThread(create_app(model, SETTINGS))
+    yield server.url, model
+    server.stop()
+
+
+def test_prompt_tuning_mode_mixes_tasks_in_a_pass_and_answers_as_alone(prompt_tuning):
+    url, model = prompt_tuning
+    jobs = [("first" if i % 2 else "second", TEXTS[i % len(TEXTS)]) for i in range(24)]
+    alone = {job: model.model.predict(job[0], [Example((job[1],), -1)])[0] for job in set(jobs)}  # no HTTP, no batcher
+    before, model.passes[:] = _metrics(url), []
+    start = threading.Barrier(8)
+
+    def send(i: int) -> dict:
+        if i < 8:
+            start.wait(timeout=TIMEOUT)
+        task, text = jobs[i]
+        return _classify(url, task, [text])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(len(jobs))))
+    _assert_same_predictions(answers, [alone[job] for job in jobs])
+    assert any(len(tasks) == 2 for tasks in model.passes), f"no pass mixed the tasks: {model.passes}"
+    after = _metrics(url)
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    assert _total(delta, "skeleton_batch_size_sum", task="*") == len(jobs)  # one queue across tasks
+    assert _total(delta, "skeleton_batch_size_count", task="*") < len(jobs)
+    for task in ("first", "second"):
+        assert _total(delta, "skeleton_requests_total", task=task, status="200") == len(jobs) / 2
+    status, described = _call(url, "/v1/tasks")
+    assert status == 200 and [t["name"] for t in described["tasks"]] == ["first", "second"]
+    memory = described["memory"]
+    assert memory["cache_budget"] is None and 0 < memory["cache_bytes"] == sum(memory["tasks"].values())
+    assert memory["cache_bytes"] < memory["shared_bytes"]  # the prompts are small beside the one base
+
+
+def test_prompt_tuning_mode_refuses_bad_requests_and_serves_on(prompt_tuning):
+    url, _ = prompt_tuning
+    for body, expected in ((BAD_REQUESTS["unknown-task"][0], 404), (BAD_REQUESTS["record-missing-field"][0], 422),
+                           (BAD_REQUESTS["too-many-inputs"][0], 413)):
+        status, answer = _call(url, "/v1/classify", body)
+        assert status == expected and set(answer) == {"error"}, (status, answer)
+    assert _call(url, "/healthz") == (200, {"status": "ok", "tasks": 2})
+    assert len(_classify(url, "second", ["a good movie", "an awful plot"])) == 2
+
+
+def test_load_test_smoke_run_measures_both_servers_with_provenance(tiny_models, task_dirs, tmp_path):
+    """launch/load_test.py end to end, bounded (a dozen requests per server): skeletons with batching on and
+    off, plain prompt tuning; its JSON carries the provenance and both memory figures."""
+    out = tmp_path / "load_test.json"
+    command = [sys.executable, "launch/load_test.py", "--base", str(tiny_models["llama"]), "--requests", "12",
+               "--clients", "3", "--device", "cpu", "--dtype", "fp32", "--out", str(out),
+               *(arg for d in task_dirs for arg in ("--task-dir", d))]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert missing_fields(record) == []
+    assert [(r["server"], r["mode"]) for r in record["runs"]] == [("skeleton", "batching"),
+                                                                  ("prompt tuning", "mixed-task batching"),
+                                                                  ("skeleton", "no batching")]
+    assert all(r["failures"] == 0 and r["requests_per_s"] > 0 for r in record["runs"])
+    m = record["memory"]
+    assert m["prompt_tuning_base_bytes"] == m["shared_base_bytes"]  # the same one base in both servers
+    assert m["shared_base_bytes"] < m["prompt_tuning_bytes"] < m["shared_bytes"] < m["separate_full_models_bytes"]
+    assert "plain prompt tuning" in out.with_suffix(".md").read_text()
+
+
 # -------------------------------------------------------------- the batcher
 class _Recorder:
     """A stand-in predict that records each call and can hold the worker until released."""
@@ -341,6 +430,8 @@ def test_cli_bad_input_is_one_error_line(tiny_models, task_dirs, tmp_path, capsy
                           capsys.readouterr().err, "cannot listen", port)
     _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--max-batch", "0"]),
                       capsys.readouterr().err, "--max-batch")
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--mode", "prompt-tuning",
+                                          "--cache-bytes", "100"]), capsys.readouterr().err, "--cache-bytes")
 
 
 def test_launch_script_serves_until_stopped(tiny_models, task_dirs):
