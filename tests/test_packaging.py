@@ -125,9 +125,11 @@ def test_the_wheel_carries_every_module_and_config(wheel):
 
 
 def test_the_installed_requirements_are_satisfied(venv, tmp_path):
-    """Every requirement the wheel declares (extras included) is met by what the venv can import."""
+    """Every requirement the wheel declares (extras included) is met by what the venv can import, and
+    the configs it finds are its own."""
     script = (
         "import json, skeleton_ds\n"
+        "from skeleton_ds.ds_config_files import packaged_dir, packaged_names\n"
         "from importlib.metadata import distribution, version, PackageNotFoundError\n"
         "from packaging.requirements import Requirement\n"
         "dist, unmet = distribution('skeleton-ds'), []\n"
@@ -140,12 +142,15 @@ def test_the_installed_requirements_are_satisfied(venv, tmp_path):
         "        found = None\n"
         "    if found is None or not req.specifier.contains(found, prereleases=True):\n"
         "        unmet.append(f'{req} (installed: {found})')\n"
-        "print(json.dumps({'unmet': unmet, 'file': skeleton_ds.__file__,\n"
+        "print(json.dumps({'unmet': unmet, 'file': skeleton_ds.__file__, 'configs': str(packaged_dir()),\n"
+        "                  'names': packaged_names(),\n"
         "                  'metadata': str(dist.locate_file('')), 'extras': dist.metadata.get_all('Provides-Extra')}))\n")
     found = json.loads(_run([str(_bin(venv, "python")), "-c", script], cwd=tmp_path).stdout)
     assert found["unmet"] == []
     _assert_from(venv, found["file"])
     _assert_from(venv, found["metadata"])
+    _assert_from(venv, found["configs"])
+    assert found["names"] == sorted(p.stem for p in DS_CONFIGS.glob("*.json"))
     assert set(found["extras"]) == {"serve", "bench", "test"}
 
 
