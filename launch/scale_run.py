@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import read_header  # noqa: E402
+from skeleton_ds.provenance import provenance  # noqa: E402
 
 STAGES = ("prompt", "attribute", "localize", "convert", "retune")
 ROWS = ("load", *STAGES)  # "load": a launch that only loads the backbone as the stages do (the load probe)
@@ -610,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{info['system_memory_mib'] / 1024:.0f} GiB RAM, "
                                        + ("CUDA" if _has_cuda() else "no GPU (CPU ranks over gloo)"),
                             "torch": torch.__version__, "python": platform.python_version(), **_versions()}}
+    meta["provenance"] = provenance(meta["command"])
     runs: dict[str, dict] = {}
     for run in args.runs:
         runs[run] = measure(run, args, base, files, flags)

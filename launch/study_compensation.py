@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.provenance import provenance  # noqa: E402
 from skeleton_ds.cli import run_command, train  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             retune = json.loads((run / "retune" / "metrics.json").read_text())
             rows.append({"ffn_keep": keep, "compensate": mode, "before_retune": retune["before_retune"],
                          "after_retune": retune["metrics"], "run": str(run)})
-    record = {"command": "python launch/study_compensation.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    command = "python launch/study_compensation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    record = {"provenance": provenance(command), "command": command,
               "date": date.today().isoformat(), "task": args.task, "model": args.model,
               "max_train_examples": args.max_train_examples, "seed": args.seed, "full_prompt_tuned": full,
               "rows": rows, "seconds": round(time.perf_counter() - start, 1)}

@@ -24,6 +24,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.provenance import provenance  # noqa: E402
 from skeleton_ds.cli import run_command  # noqa: E402
 from skeleton_ds.errors import UserError  # noqa: E402
 
@@ -185,7 +186,8 @@ def study(argv: Sequence[str] | None = None) -> int:
                  "prompt": {k: getattr(next(iter(configs.values())), k)
                             for k in ("prompt_length", "lr", "head_lr", "max_length", "readout", "batch_size")},
                  "geometry": {"layers": geometry.layers, "ffn_size": geometry.ffn_size, "kv_heads": geometry.kv_heads}}
-    record = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "argv": sys.argv, "cwd": os.getcwd(),
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    record = {"provenance": provenance(command), "command": command, "argv": sys.argv, "cwd": os.getcwd(),
               "settings": settings, "tasks": per_task, "results": results, "summary": summary,
               "seconds": round(time.perf_counter() - t_start, 1)}
     write_json(args.output / "study.json", record)  # atomic, like every artifact

@@ -162,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none | 8bit | 4bit: load the frozen backbone in bitsandbytes 8-bit or NF4 weights (stages "
                         "prompt, attribute, retune; one device per rank, not with ZeRO-3)")
     t.add_argument("--revision", default=None, help="Hub revision of --model")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    t.add_argument("--overwrite", action="store_true", help="replace finished outputs in --output")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted stage from its latest checkpoint in --output (same settings only)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="redo from the first finished stage whose recorded settings differ from these flags (none "
+                        "differ: every requested stage); without it a changed stage stops the run")
     a = p.add_argument_group("attribution and localization (stages attribute, localize)")
     a.add_argument("--scorer", default="attribution", help="attribution | random | weight-magnitude | activation-magnitude")
     a.add_argument("--attr-reduce", default="abs-sum", help="abs-sum (|sum_t h*g|) | mean-abs (mean_t |h*g|) | signed")

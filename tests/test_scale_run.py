@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import DS_CONFIGS, REPO
+from skeleton_ds.provenance import missing_fields
 
 STAGES = ("load", "prompt", "attribute", "localize", "convert", "retune")  # load: the backbone load alone
 
@@ -27,6 +28,7 @@ def test_scale_run_small_reports_every_stage_and_rank(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(report.read_text())
     assert result["shape"] == "small" and result["base"]["parameters"] > 1e6
+    assert missing_fields(result) == []
     for run, ranks in (("zero0", 1), ("zero3", 2)):
         stages = result["runs"][run]["stages"]
         assert tuple(stages) == STAGES

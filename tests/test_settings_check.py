@@ -17,6 +17,7 @@ from conftest import DS_CONFIGS, generic_flags
 from skeleton_ds import lineage
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.cli import verify as verify_command
+from skeleton_ds.provenance import missing_fields
 
 
 def _argv(model, files, out, *extra):
@@ -99,6 +100,7 @@ def test_overwrite_redoes_the_changed_stage_and_what_follows(tiny_models, sentim
     assert summary["skeleton_after_retune"] != old_retune["metrics"] or \
         summary["skeleton_before_retune"] != old_retune["before_retune"]
     assert summary["settings_ids"]["localize"] == skeleton["settings"]["id"]
+    assert missing_fields(summary) == [] and missing_fields(json.loads((run / "retune" / "metrics.json").read_text())) == []
     # The same flags again: everything is reused.
     assert run_command(train, _argv(tiny_models["llama"], sentiment_files, run, "--ffn-keep", "0.25")) == 0
     assert capsys.readouterr().out.count("skipping") == 5
