@@ -5,13 +5,15 @@ compare the memory of each way of serving N tasks.
     python launch/load_test.py --base minilm --task-dir sst2=runs/minilm-sst2 \
         --task-dir k05=runs/serve/minilm-sst2-k0.5 --requests 400 --clients 8 --inputs-per-request 1
 
-For each server (skeletons with dynamic batching, skeletons with `--no-batching`, then
-`--mode prompt-tuning` with its mixed-task batching) it starts `launch/serve.py` on 127.0.0.1 with a
-free port, waits for /healthz, sends one warm-up request per task (materialising every task, so the
-timed loop measures serving, not loading), then `--clients` threads each send their next request as
-soon as the previous one is answered, `--requests` in all, tasks taken in turn. Reported: requests/s
-and examples/s over the loop's wall time, p50/p99 latency as the client sees it, and the mean batch
-size (examples per forward pass, from /metrics before and after the loop).
+It starts three servers, each `launch/serve.py` on 127.0.0.1 with a free port: the skeletons with
+dynamic batching, plain prompt tuning (`--mode prompt-tuning`, its passes mixing tasks), the skeletons
+with `--no-batching`. It waits for each /healthz and sends one warm-up request per task (materialising
+every task, so the timed loops measure serving, not loading). Then, for each client count, it loads
+the servers in turn (the idle ones only wait, so all three see the same machine): `--clients` threads
+each send their next request as soon as the previous one is answered, `--requests` in all, tasks taken
+in turn. Reported: requests/s and examples/s over the loop's wall time, p50/p99 latency as the client
+sees it, the mean batch size (examples per forward pass, from /metrics before and after the loop), and
+the machine's 1-minute load average as the loop ended.
 
 Memory, in bytes of parameters and buffers at the serving dtype:
 - skeletons: what the skeleton server holds after the loop (/v1/tasks memory): the base model once,
@@ -28,6 +30,7 @@ Writes JSON (`--out`, with its provenance), the README's tables next to it (`.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import itertools
 import json
@@ -56,7 +59,7 @@ SAMPLES = ["a gripping, funny film", "the plot was thin and the acting worse", "
 # ------------------------------------------------------------------ the server
 SKELETON, PROMPT_TUNING = "skeleton", "prompt tuning"
 PLAN = [(SKELETON, "batching"), (PROMPT_TUNING, "mixed-task batching"), (SKELETON, "no batching")]
-"""The servers loaded, in the tables' order: (what serves, its batching). Each (clients, mode) names one row."""
+"""The servers, in the order they are loaded and tabled: (what serves, its batching). (clients, mode) names a row."""
 
 
 class Server:
@@ -82,6 +85,7 @@ class Server:
         deadline = time.monotonic() + args.start_timeout
         while get(self, "/healthz")[0] != 200:
             if time.monotonic() > deadline:
+                self.stop()
                 raise SystemExit("load_test: /healthz never answered 200")
             time.sleep(0.1)
 
@@ -187,31 +191,44 @@ def closed_loop(server: Server, work: list[tuple[str, bytes]], requests: int, cl
             "load_1min": round(os.getloadavg()[0], 2)}  # was the machine busy with other work too?
 
 
-def run_mode(args: argparse.Namespace, served_as: str, mode: str) -> tuple[list[dict], dict]:
-    """The load figures of one server and batching mode per client count, and the server's /v1/tasks
-    answer after the loops."""
-    with Server(args, served_as, batching=mode != "no batching") as server:
-        tasks = json.loads(get(server, "/v1/tasks")[1])
-        work = bodies(tasks["tasks"], args.inputs_per_request)
-        conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
-        for task, body in work:  # warm-up: every task materialised before the clock starts
-            status, answer = request(conn, "POST", "/v1/classify", body)
-            if status != 200:
-                raise SystemExit(f"load_test: warm-up request for {task} failed: {status} {answer[:300]!r}")
-        conn.close()
-        results = []
-        for clients in args.clients:
-            before = batch_totals(server)
-            result = closed_loop(server, work, args.requests, clients)
-            after = batch_totals(server)
-            passes, examples, seconds = (after[k] - before[k] for k in ("passes", "examples", "seconds"))
-            results.append({"clients": clients, "server": served_as, "mode": mode} | result
-                           | {"passes": int(passes),
-                              "examples_per_s": round(args.requests * args.inputs_per_request / result["wall_s"], 2),
-                              "mean_batch": round(examples / passes, 2) if passes else 0.0,
-                              "mean_pass_ms": round(seconds / passes * 1e3, 2) if passes else 0.0,
-                              "worker_busy": round(seconds / result["wall_s"], 3)})
-        return results, json.loads(get(server, "/v1/tasks")[1])
+def warm_up(server: Server, args: argparse.Namespace) -> list[tuple[str, bytes]]:
+    """One request per task, so every task is materialised before a clock starts; the loop's bodies."""
+    work = bodies(json.loads(get(server, "/v1/tasks")[1])["tasks"], args.inputs_per_request)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+    for task, body in work:
+        status, answer = request(conn, "POST", "/v1/classify", body)
+        if status != 200:
+            raise SystemExit(f"load_test: warm-up request for {task} failed: {status} {answer[:300]!r}")
+    conn.close()
+    return work
+
+
+def measure(server: Server, work: list[tuple[str, bytes]], args: argparse.Namespace, clients: int) -> dict:
+    """One closed loop against one server, with its forward passes from /metrics before and after."""
+    before = batch_totals(server)
+    result = closed_loop(server, work, args.requests, clients)
+    after = batch_totals(server)
+    passes, examples, seconds = (after[k] - before[k] for k in ("passes", "examples", "seconds"))
+    return {"clients": clients} | result | {
+        "passes": int(passes), "examples_per_s": round(args.requests * args.inputs_per_request / result["wall_s"], 2),
+        "mean_batch": round(examples / passes, 2) if passes else 0.0,
+        "mean_pass_ms": round(seconds / passes * 1e3, 2) if passes else 0.0,
+        "worker_busy": round(seconds / result["wall_s"], 3)}
+
+
+def run_plan(args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
+    """Every server of PLAN up at once (an idle one only waits), loaded in turn at each client count, so
+    all see the same machine; the rows, and each kind of server's /v1/tasks answer after its loops."""
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(Server(args, served_as, batching=mode != "no batching"))
+                   for served_as, mode in PLAN]
+        works = [warm_up(server, args) for server in servers]
+        runs = [{"server": served_as, "mode": mode} | measure(server, work, args, clients)
+                for clients in args.clients for (served_as, mode), server, work in zip(PLAN, servers, works)]
+        served = {}
+        for (served_as, _), server in zip(PLAN, servers):
+            served.setdefault(served_as, json.loads(get(server, "/v1/tasks")[1]))
+        return runs, served
 
 
 # -------------------------------------------------------------------- memory
@@ -287,12 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "launch/load_test.py", *(sys.argv[1:] if argv is None else argv)])
-    runs, served = [], {}
-    for served_as, mode in PLAN:
-        results, tasks = run_mode(args, served_as, mode)
-        runs += results
-        served.setdefault(served_as, tasks)
-    runs.sort(key=lambda r: (-r["clients"], PLAN.index((r["server"], r["mode"]))))
+    runs, served = run_plan(args)
     report = {"command": command, "provenance": provenance(command),
               "date": date.today().isoformat(), "base": args.base, "task_dirs": args.task_dir,
               "requests": args.requests, "clients": args.clients, "inputs_per_request": args.inputs_per_request,
