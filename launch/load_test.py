@@ -75,7 +75,8 @@ class Server:
                    *(["--cache-bytes", str(args.cache_bytes)] if skeleton and args.cache_bytes is not None else []),
                    *itertools.chain.from_iterable(("--task-dir", d) for d in args.task_dir),
                    *([] if batching else ["--no-batching"])]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        env = os.environ | ({"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else {})
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
         line = _first_line(self.process, args.start_timeout)
         if " on http://" not in line:
             self.stop()
@@ -295,9 +296,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server to answer")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="the servers' torch threads (OMP_NUM_THREADS; default torch's own). On a machine other jobs "
+                        "share, 1 avoids OpenMP threads spin-waiting for each other, which can make a pass 10x slower")
     args = p.parse_args(argv)
     if not args.clients or min(args.requests, *args.clients, args.inputs_per_request) < 1:
         p.error("--requests, --clients and --inputs-per-request must be positive")
+    if args.server_threads is not None and args.server_threads < 1:
+        p.error("--server-threads must be positive")
     return args
 
 
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command, "provenance": provenance(command),
               "date": date.today().isoformat(), "base": args.base, "task_dirs": args.task_dir,
               "requests": args.requests, "clients": args.clients, "inputs_per_request": args.inputs_per_request,
-              "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "runs": runs,
+              "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "server_threads": args.server_threads,
+              "runs": runs,
               "memory": memory_figures(args, served[SKELETON], served[PROMPT_TUNING])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
@@ -330,8 +337,9 @@ def markdown(report: dict) -> str:
     owned = sorted(v for v in m["task_owned_bytes"].values() if v)
     prompts = sorted(m["prompt_tuning_task_bytes"].values())
     cores = report["provenance"]["device"]["cpu_cores"]
+    threads = f"; the servers ran {report['server_threads']} torch thread(s) each" if report.get("server_threads") else ""
     lines += ["", f"Machine load: the 1-minute load average as each loop ended, on {cores} cores (the client threads "
-                  "and the server share them).",
+                  f"and the servers share them{threads}).",
               "", f"Memory for the {m['tasks']} tasks ({m['bytes_per_parameter']} bytes per parameter; parameter and "
                   "buffer bytes):", "", "| how the tasks are served | MiB |", "|---|---|",
               f"| plain prompt tuning: one base ({_mib(m['prompt_tuning_base_bytes'])}) + each task's prompt and head "
