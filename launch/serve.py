@@ -2,6 +2,7 @@
 
     python launch/serve.py --base minilm --task-dir runs/minilm-sst2 --task-dir runs/minilm-rte --port 8000
     curl -s localhost:8000/v1/classify -d '{"task": "sst2", "inputs": ["a gripping, funny film"]}'
+    python launch/serve.py --mode prompt-tuning --base minilm --task-dir runs/minilm-sst2 ...   # the baseline
 
 Same as `skeleton-ds serve`; `--help` lists the flags (--cache-bytes, --max-batch, --max-wait-ms, ...).
 Needs the serve extra: pip install 'skeleton-ds[serve]'.

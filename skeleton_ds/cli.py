@@ -254,7 +254,7 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(argv: Sequence[str] | None = None) -> int:
-    """Serve many task skeletons on one shared base model over HTTP, with dynamic batching."""
+    """Serve many tasks on one shared base model over HTTP, batched: as skeletons, or as plain prompt tuning (--mode)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="skeleton-ds serve", description=serve.__doc__)
