@@ -141,7 +141,7 @@ def register(task_dirs: list[Path | str], read: Callable[[Path, str | None], Ent
     return entries
 
 
-def base_identity(base: str) -> dict:
+def base_model_identity(base: str) -> dict:
     """The base model's identity (name, config hash) from its config alone, before its weights load."""
     from transformers import AutoConfig
 
@@ -204,7 +204,7 @@ class MultiTaskModel:
             raise UserError(f"--cache-bytes must be >= 0, got {cache_bytes}")
         self.cfg, self.budget = cfg, cache_bytes
         self.device, self.dtype = cfg.torch_device(), cfg.torch_dtype()
-        identity = base_identity(base)
+        identity = base_model_identity(base)
         self.tasks: dict[str, TaskEntry] = register(task_dirs, lambda d, name: read_task_dir(d, identity, name))
         self.backbone = shared_backbone(base, [e.record for e in self.tasks.values()], cfg)
         self.adapter = self.backbone.adapter
@@ -323,22 +323,24 @@ class PromptEntry:
     prompt: dict[str, torch.Tensor]
 
 
-def read_prompt_dir(directory: Path, base_identity: dict, name: str | None = None) -> PromptEntry:
+def read_prompt_dir(directory: Path, identity: dict, name: str | None = None) -> PromptEntry:
     """DIR/prompt of a pipeline output, or a directory holding prompt.safetensors itself (a prompt directory,
     or a compact checkpoint, which ships the stage-1 prompt). The prompt must be the base model's: a
     re-tuned prompt belongs to its compact model, and is refused by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"--task-dir {directory} is not a directory")
+    if (directory / "manifest.json").is_file():  # a compact checkpoint: its prompt is checked with the rest
+        checkpoint.verify_manifest(directory)
     prompt_dir = directory / "prompt" if (directory / "prompt" / "prompt.safetensors").is_file() else directory
     if not (prompt_dir / "prompt.safetensors").is_file() or not (prompt_dir / "task.json").is_file():
         raise UserError(f"--task-dir {directory} holds no stage-1 prompt (DIR/prompt/prompt.safetensors and task.json): "
                         f"run the pipeline's prompt stage first")
     record = checkpoint.read_json(prompt_dir / "task.json", "task record")
     label = name or record["task"]
-    if record["base_model"].get("config_sha256") != base_identity["config_sha256"]:
+    if record["base_model"].get("config_sha256") != identity["config_sha256"]:
         raise UserError(f"task {label!r} ({prompt_dir}): its prompt was trained on "
-                        f"{record['base_model'].get('name_or_path')!r}, not on the base {base_identity['name_or_path']!r} "
+                        f"{record['base_model'].get('name_or_path')!r}, not on the base {identity['name_or_path']!r} "
                         f"(a re-tuned prompt belongs to its compact model): serve DIR/prompt with the base it was tuned on")
     return PromptEntry(label, prompt_dir, record, task_from_record(record),
                        checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
@@ -356,7 +358,7 @@ class PromptTuningModel:
     def __init__(self, base: str, task_dirs: list[Path | str], *, cfg: InferenceConfig = InferenceConfig()):
         if cfg.quant != "none":
             raise UserError("serving plain prompt tuning runs the base model's plain tensors: serve with --quant none")
-        identity = base_identity(base)
+        identity = base_model_identity(base)
         self.tasks: dict[str, PromptEntry] = register(task_dirs, lambda d, name: read_prompt_dir(d, identity, name))
         self.cfg = replace(cfg, prompt_cache=False, compile=False)
         backbone = shared_backbone(base, [e.record for e in self.tasks.values()], cfg)

@@ -157,6 +157,11 @@ def test_prompt_tuning_refuses_what_it_cannot_serve(runs, tiny_models, tmp_path)
         PromptTuningModel(str(tiny_models["qwen2"]), [runs["llama-a"]], cfg=CPU)
     with pytest.raises(UserError, match="NAME=DIR"):
         PromptTuningModel(str(tiny_models["llama"]), [runs["llama-a"], runs["llama-b"]], cfg=CPU)
+    tampered = tmp_path / "compact"
+    shutil.copytree(runs["llama-a"] / "compact", tampered)
+    (tampered / "skeleton.json").write_text(json.dumps({"tampered": True}))
+    with pytest.raises(UserError, match="skeleton.json does not match"):  # its manifest is checked
+        PromptTuningModel(str(tiny_models["llama"]), [tampered], cfg=CPU)
     served = PromptTuningModel(str(tiny_models["llama"]), [f"a={runs['llama-a'] / 'compact'}"], cfg=CPU)
     assert served.task_names() == ["a"]  # a compact checkpoint ships its stage-1 prompt
     with pytest.raises(UserError, match="no field 'text'"):
