@@ -163,7 +163,8 @@ ROWS = [
         "`python launch/bench.py --shape llama-160m` (see Benchmark)",
         from_json("bench_llama-160m_cpu", _bench_row("compact-0.3", 32)),
         lambda f: f"**{f['speedup_vs_peft']:.2f}x** {_peft_name(f)}, **{f['speedup_vs_full']:.2f}x** our full path "
-                  f"({f['of_flop_ratio_vs_full']:.0%} of the FLOP ratio); {f['of_roofline']:.0%} of its roofline"),
+                  f"({f['of_flop_ratio_vs_full']:.0%} of the FLOP ratio)"
+                  + ("" if f["of_roofline"] is None else f"; {f['of_roofline']:.0%} of its roofline")),
     Row("bench_gpu", "Compact vs full vs PEFT speed, LLaMA-3-8B shape, bf16, **one H100**, FFN keep 0.3, batch 32",
         "`bash docs/bench_llama3-8b_gpu.sh` (see Benchmark)",
         from_json("bench_llama3-8b_h100", _bench_row("compact-0.3", 32)),
