@@ -30,6 +30,7 @@ have random weights (speed does not need trained ones), so only `minilm` reports
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import shutil
 import statistics
@@ -118,6 +119,8 @@ class BenchConfig:
         if self.peft_full_logits and (self.shape == "minilm" or self.skip_peft):
             raise UserError("--peft-full-logits applies to decoder shapes with PEFT timed (an encoder's PEFT forward "
                             "computes no vocabulary)")
+        if not self.skip_peft and importlib.util.find_spec("peft") is None:
+            raise UserError("the PEFT contender needs peft: pip install 'skeleton-ds[bench]' (or pass --skip-peft)")
         InferenceConfig(device=self.device, dtype=self.dtype)  # validates device and dtype
 
 

@@ -145,3 +145,13 @@ def test_profile_accounts_for_the_batch(tmp_path):
     assert prof["contender"] == "compact-0.3" and prof["batch"] == 2
     assert 0 < prof["aten_self_ms"] <= prof["wall_ms"] and 0 <= prof["outside_ops_share"] < 1
     assert any("mm" in op["op"] or "linear" in op["op"] for op in prof["top_ops"])
+
+
+def test_bench_without_peft_says_which_extra_to_install(monkeypatch, capsys):
+    """A wheel installed without the bench extra: one error naming it, not a traceback."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    assert run_command(bench, ["--device", "cpu", "--shape", "tiny"]) == 2
+    assert "skeleton-ds[bench]" in capsys.readouterr().err
