@@ -222,9 +222,15 @@ def _assert_from(venv: Path, path: str) -> None:
     assert not resolved.is_relative_to(REPO.resolve())
 
 
+_NOT_INHERITED = {"PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+"""In-process tests earlier in the suite join a process group and leave its variables (and port) in
+os.environ: a user's fresh shell has none of them."""
+
+
 def _run(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """Run outside the checkout: no PYTHONPATH, no Hub; a failure shows the command's own output."""
-    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"} | env
+    """Run outside the checkout, as from a fresh shell: no PYTHONPATH or process-group variables, no Hub;
+    a failure shows the command's own output."""
+    environ = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED} | {"HF_HUB_OFFLINE": "1"} | env
     result = subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{argv[:3]} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
