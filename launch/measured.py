@@ -109,9 +109,12 @@ def _load_test(record: dict) -> dict:
     runs = {(r["clients"], r["mode"]): r["requests_per_s"] for r in record["runs"]}
     clients = max(c for c, _ in runs)
     m = record["memory"]
-    return {"clients": clients, "tasks": m["tasks"], "batched": runs[(clients, "batching")],
-            "unbatched": runs[(clients, "no batching")], "shared_mib": m["shared_bytes"] / 2**20,
-            "compact_mib": m["compact_checkpoints_bytes"] / 2**20, "date": record["date"]}
+    out = {"clients": clients, "tasks": m["tasks"], "batched": runs[(clients, "batching")],
+           "unbatched": runs[(clients, "no batching")], "shared_mib": m["shared_bytes"] / 2**20,
+           "compact_mib": m["compact_checkpoints_bytes"] / 2**20, "date": record["date"]}
+    if (clients, "mixed-task batching") in runs:  # the plain prompt-tuning server (one base, mixed passes)
+        out |= {"prompt_tuning": runs[(clients, "mixed-task batching")], "prompt_tuning_mib": m["prompt_tuning_bytes"] / 2**20}
+    return out
 
 
 ROWS = [
@@ -160,7 +163,8 @@ ROWS = [
         lambda f: f"one `error:` line each, exit 2, nothing complete-looking left; `verify` names each problem "
                   f"(exit 1); {f['passed']} passed in {f['seconds']:.0f} s"),
     Row("bench_cpu", "Compact vs full vs PEFT speed, LLaMA-160m shape, FFN keep 0.3, batch 32",
-        "`python launch/bench.py --shape llama-160m` (see Benchmark)",
+        "`python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data --peft-full-logits "
+        "--rounds 5` (see Benchmark)",
         from_json("bench_llama-160m_cpu", _bench_row("compact-0.3", 32)),
         lambda f: f"**{f['speedup_vs_peft']:.2f}x** {_peft_name(f)}, **{f['speedup_vs_full']:.2f}x** our full path "
                   f"({f['of_flop_ratio_vs_full']:.0%} of the FLOP ratio)"
@@ -174,7 +178,9 @@ ROWS = [
         "`python launch/load_test.py ...` (see Serving)", from_json("load_test", _load_test),
         lambda f: f"{f['tasks']} tasks, {f['clients']} clients: **{f['batched']:.0f}** requests/s with dynamic "
                   f"batching vs {f['unbatched']:.0f} without; {f['shared_mib']:.1f} MiB for the {f['tasks']} tasks vs "
-                  f"{f['compact_mib']:.1f} MiB as separate compact checkpoints"),
+                  f"{f['compact_mib']:.1f} MiB as separate compact checkpoints"
+                  + ("" if "prompt_tuning" not in f else f"; plain prompt tuning (one base + {f['tasks']} prompts, "
+                     f"mixed-task passes): {f['prompt_tuning']:.0f} requests/s in {f['prompt_tuning_mib']:.1f} MiB")),
 ]
 ROW_KEYS = [r.key for r in ROWS]
 
