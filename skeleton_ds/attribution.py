@@ -115,21 +115,46 @@ def random_scores(geometry: Geometry, seed: int) -> dict[str, torch.Tensor]:
 
 
 def zero_sums(geometry: Geometry) -> dict[str, torch.Tensor]:
-    """Float64 accumulators for score_batch: per layer the unit scores (`ffn.i`, `heads.i`) and the FFN
-    activation sums (`act.i`) over `tokens` counted positions, which give bias compensation its means."""
+    """Float64 accumulators for score_batch: per layer the unit scores (`ffn.i`, `heads.i`), the FFN
+    activation sums (`act.i`) over `tokens` counted positions, which give bias compensation its means,
+    and each FFN neuron's largest |activation| at any position (`peak.i`, prompt included: a running
+    maximum, merged with `merge_sums`)."""
     layers = range(geometry.layers)
     return ({f"ffn.{i}": torch.zeros(geometry.ffn_size, dtype=torch.float64) for i in layers}
             | {f"heads.{i}": torch.zeros(geometry.kv_heads, dtype=torch.float64) for i in layers}
             | {f"act.{i}": torch.zeros(geometry.ffn_size, dtype=torch.float64) for i in layers}
+            | {f"peak.{i}": torch.zeros(geometry.ffn_size, dtype=torch.float64) for i in layers}
             | {"tokens": torch.zeros((), dtype=torch.float64)})
 
 
+def is_peak(key: str) -> bool:
+    """Accumulators that combine by maximum rather than by sum (across batches, ranks and resumes)."""
+    return key.startswith("peak.")
+
+
+def merge_sums(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+    for key, value in part.items():
+        if is_peak(key):
+            torch.maximum(total[key], value, out=total[key])
+        else:
+            total[key] += value
+
+
+def all_reduce_sums(sums: dict[str, torch.Tensor]) -> None:
+    """Combine every rank's accumulators in place (a collective)."""
+    for key, value in sums.items():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX if is_peak(key) else
+                                     torch.distributed.ReduceOp.SUM)
+
+
 def finish_scores(sums: dict[str, torch.Tensor], examples: float) -> dict[str, torch.Tensor]:
-    """All-reduced sums -> the scores file's tensors: unit scores averaged over examples, and each FFN
-    neuron's mean activation over the counted positions (`ffn_mean.i`)."""
+    """All-reduced sums -> the scores file's tensors: unit scores averaged over examples, each FFN
+    neuron's mean activation over the counted positions (`ffn_mean.i`) and its peak |activation|
+    (`ffn_peak.i`: massive activations, see localization.protect_outliers)."""
     scores = {k: (v / examples).float() for k, v in sums.items() if k.startswith(("ffn.", "heads."))}
     tokens = sums["tokens"].clamp(min=1)
-    return scores | {f"ffn_mean.{k[4:]}": (v / tokens).float() for k, v in sums.items() if k.startswith("act.")}
+    means = {f"ffn_mean.{k[4:]}": (v / tokens).float() for k, v in sums.items() if k.startswith("act.")}
+    return scores | means | {f"ffn_peak.{k[5:]}": v.float() for k, v in sums.items() if is_peak(k)}
 
 
 def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch.Tensor, recorder: UnitRecorder, *,
@@ -161,6 +186,10 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch
     for i in range(layers):
         ffn, heads = recorder.ffn[i].float(), recorder.heads[i].float()
         sums[f"act.{i}"] += (ffn.detach() * counted).sum((0, 1)).double().cpu()
+        real = weights[:, None, None] * torch.cat([positions.new_ones(len(weights), prompt_length),
+                                                   batch["attention_mask"].bool()], 1).unsqueeze(-1)
+        peak = (ffn.detach().abs() * real).amax((0, 1)).double().cpu()
+        torch.maximum(sums[f"peak.{i}"], peak, out=sums[f"peak.{i}"])
         if scorer == "attribution":
             ffn_c, head_c = ffn * grads[i].float(), group_heads(heads * grads[layers + i].float(), groups)
             ffn_s, head_s = per_example(ffn_c, positions, reduce), per_example(head_c, positions, reduce)

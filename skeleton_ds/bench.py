@@ -15,7 +15,7 @@ Contenders, all answering the same inputs in the same process:
 - `full`: our Predictor on the full model (prompt cache, label-only logits);
 - `compact-F[-hH]`: our Predictor on compact checkpoints at FFN keep F (and KV-group keep H), made by
   the real localize + convert code (random scores for random-weight shapes: speed does not depend on
-  which neurons are kept; the run's attribution scores for `minilm --run-dir`).
+  which neurons are kept; the run's attribution scores for `minilm` or `smollm2-135m` with `--run-dir`).
 Inputs (`--lengths`): `fixed`, one batch of `--text-length` random tokens per example; `sst2`, the
 token counts of real SST-2 dev sentences through the task template, cut into length-sorted batches as
 the Predictor cuts them, so padding and batching costs show.
@@ -23,8 +23,9 @@ After a warm-up, each round times every contender once, in a rotated order, so d
 all of them alike; the median and quartiles over rounds are reported. Each row also gets a roofline:
 max(FLOPs / peak FLOP/s, bytes read / peak bandwidth), the peaks measured in the same process (a large
 matmul in the run's dtype, a large copy), and the share of it the measured time reaches. The FLOP
-ratio of two contenders is reported beside their speed-up, as a ratio (not a bound). Decoder shapes
-have random weights (speed does not need trained ones), so only `minilm` reports accuracy.
+ratio of two contenders is reported beside their speed-up, as a ratio (not a bound). The other decoder
+shapes have random weights (speed does not need trained ones), so only the packaged models (`minilm`,
+`smollm2-135m`) report accuracy.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ SHAPES: dict[str, dict] = {
     "llama3-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "minilm": {},  # the real packaged all-MiniLM-L6-v2
+    "smollm2-135m": {},  # the real packaged SmolLM2-135M-Instruct (its GGUF converted once)
 }
+PACKAGED_READOUT = {"minilm": "head", "smollm2-135m": "lm"}
+"""Shapes with real weights (packaged models) and the readout of a synthetic prompt on them."""
 GPU_ONLY = {"llama3-8b"}
 LENGTHS = ("fixed", "sst2")
 
@@ -82,7 +86,7 @@ class BenchConfig:
     ffn_keeps: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2)
     head_keep: float = 0.75  # decoders: also compact models with this KV-group keep (1.0: none)
     align: int = 64
-    run_dir: Path | None = None  # minilm: a pipeline output (prompt + attribution scores) for real accuracy
+    run_dir: Path | None = None  # packaged models: a pipeline output (prompt + attribution scores) for real accuracy
     data_dir: Path | None = None
     quant: tuple[str, ...] = ()  # extra contenders: the FFN-0.3 compact model in these bitsandbytes modes
     work_dir: Path | None = None  # where base and compact checkpoints are built (default: a temporary dir)
@@ -103,8 +107,9 @@ class BenchConfig:
             raise UserError("--batch-sizes must be positive, --rounds >= 1 and --warmup >= 0")
         if any(not 0 < k <= 1 for k in (*self.ffn_keeps, self.head_keep)):
             raise UserError("keep ratios must be in (0, 1]")
-        if self.run_dir is not None and self.shape != "minilm":
-            raise UserError("--run-dir applies to --shape minilm (a pipeline output on the packaged MiniLM)")
+        if self.run_dir is not None and self.shape not in PACKAGED_READOUT:
+            raise UserError(f"--run-dir applies to the packaged models ({', '.join(PACKAGED_READOUT)}): a pipeline "
+                            f"output on that model")
         if self.run_dir is not None and not (self.run_dir / "prompt" / "prompt.safetensors").is_file():
             raise UserError(f"--run-dir {self.run_dir} has no prompt/prompt.safetensors: run the pipeline there first")
         bad = [q for q in self.quant if q not in ("8bit", "4bit")]
@@ -376,14 +381,14 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     infer = InferenceConfig(device=cfg.device, dtype=cfg.dtype, batch_size=max(cfg.batch_sizes))
     device, dtype = infer.torch_device(), infer.torch_dtype()
     scores = None
-    if cfg.shape == "minilm":
-        base = Path(engine.resolve_model_path("minilm"))
+    if cfg.shape in PACKAGED_READOUT:
+        base = Path(engine.resolve_model_path(cfg.shape))
         if cfg.run_dir is not None:
             prompt_dir = cfg.run_dir / "prompt"
             if (cfg.run_dir / "attribution.safetensors").is_file():
                 scores, _ = read_attribution(cfg.run_dir / "attribution.safetensors")
         else:
-            prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, "head")
+            prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, PACKAGED_READOUT[cfg.shape])
     else:
         start = time.perf_counter()
         base = _random_base(cfg.shape, work / "base", dtype, device)
@@ -428,7 +433,7 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
                                slice_lm_head=decoder)
         predictor = Predictor.from_checkpoint(out, replace(infer, **override))
         contenders.append(_ours(name, predictor, ffn_keep=0.3, quant=override.get("quant", "none")))
-    task = full.task if cfg.shape == "minilm" and cfg.run_dir is not None else None
+    task = full.task if cfg.shape in PACKAGED_READOUT and cfg.run_dir is not None else None
     return contenders, task
 
 
@@ -473,7 +478,7 @@ def _inputs(batch: int, length: int, vocab: int, seed: int) -> list[data.Encoded
 def sst2_lengths(data_dir: Path, tokenizer, readout: str) -> list[int]:
     """Token counts of the SST-2 dev sentences through the sst2 task template, as the pipeline encodes
     them for this readout, sorted (the order the Predictor batches them in)."""
-    task = get_task("sst2")
+    task = get_task("sst2", decoder=readout == "lm")
     items = data.encode(task, load_split(task, "dev", data_dir), tokenizer, max_length=512, readout=readout)
     return sorted(len(e.input_ids) for e in items)
 
@@ -489,10 +494,10 @@ def sst2_workload(lengths: list[int], batch: int, examples: int, vocab: int, see
 
 
 def _length_tokenizer(cfg: BenchConfig, full: Predictor) -> tuple[object, str]:
-    """The tokenizer that gives SST-2 lengths: the base's for minilm; a random-weight shape has only a
-    word-level stand-in, so the packaged MiniLM's WordPiece tokenizer counts for it."""
-    if cfg.shape == "minilm":
-        return full.tokenizer, "the base model's (all-MiniLM-L6-v2 WordPiece)"
+    """The tokenizer that gives SST-2 lengths: the base's for a packaged model; a random-weight shape has
+    only a word-level stand-in, so the packaged MiniLM's WordPiece tokenizer counts for it."""
+    if cfg.shape in PACKAGED_READOUT:
+        return full.tokenizer, f"the base model's ({cfg.shape})"
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(engine.resolve_model_path("minilm"))

@@ -57,7 +57,7 @@ def convert(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
     p = argparse.ArgumentParser(prog="skeleton-ds convert", description=convert.__doc__)
-    p.add_argument("--base", required=True, help="base model: local directory, Hub id, or 'minilm'")
+    p.add_argument("--base", required=True, help="base model: local directory, Hub id, 'minilm' or 'smollm2-135m'")
     p.add_argument("--skeleton", required=True, type=Path, help="skeleton.json from the localize stage")
     p.add_argument("--prompt", type=Path, default=None, help="stage-1 prompt directory to ship with the model")
     p.add_argument("--out", required=True, type=Path, help="output directory (created atomically)")
@@ -107,7 +107,7 @@ def infer(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="skeleton-ds infer", description=infer.__doc__)
     m = p.add_argument_group("model: --checkpoint, or --base with --prompt")
     m.add_argument("--checkpoint", type=Path, help="compact checkpoint directory (DIR/compact); its manifest is verified")
-    m.add_argument("--base", help="full base model (local directory, Hub id, or 'minilm')")
+    m.add_argument("--base", help="full base model (local directory, Hub id, 'minilm' or 'smollm2-135m')")
     m.add_argument("--prompt", type=Path, help="stage-1 (or retune) prompt directory for --base")
     m.add_argument("--revision", default=None, help="Hub revision of --base")
     i = p.add_argument_group("what to answer: --input, or a task split")
@@ -198,7 +198,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 1.0,0.5,0.3,0.2)")
     p.add_argument("--head-keep", type=float, default=d.head_keep, help="decoders: also compacts with this KV-group keep")
-    p.add_argument("--run-dir", type=Path, default=None, help="minilm: pipeline output whose prompt and scores to use")
+    p.add_argument("--run-dir", type=Path, default=None, help="minilm, smollm2-135m: pipeline output whose prompt and scores to use")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for minilm with --run-dir")
     p.add_argument("--quant", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
@@ -258,7 +258,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="skeleton-ds serve", description=serve.__doc__)
-    p.add_argument("--base", help="the shared base model: local directory, Hub id, or 'minilm'")
+    p.add_argument("--base", help="the shared base model: local directory, Hub id, 'minilm' or 'smollm2-135m'")
     p.add_argument("--task-dir", action="append", default=[], metavar="[NAME=]DIR",
                    help="a pipeline output directory or a compact checkpoint, served as NAME (default: its task "
                         "name); repeat for each task")
@@ -280,7 +280,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(list(argv) if argv is not None else None)
     if not args.base:
-        raise UserError("give the shared base model: --base M (a local directory, Hub id, or 'minilm')")
+        raise UserError("give the shared base model: --base M (a local directory, Hub id, 'minilm' or 'smollm2-135m')")
     if not args.task_dir:
         raise UserError("give at least one task: --task-dir [NAME=]DIR (a pipeline output or a compact checkpoint), "
                         "repeatable")

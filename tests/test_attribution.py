@@ -94,7 +94,7 @@ def test_scores_are_exactly_activation_times_gradient(arch, stage, trained, tiny
     single, _ = rec.score()
     rec.cfg.attr_reduce = "signed"
     signed_single, _ = rec.score()
-    for key in (k for k in single if not k.startswith("ffn_mean.")):
+    for key in (k for k in single if not k.startswith(("ffn_mean.", "ffn_peak."))):
         torch.testing.assert_close(single[key], signed_single[key].abs())
 
     # ffn_mean.i (bias compensation's input): the mean FFN activation over the counted positions (prompt
@@ -110,6 +110,9 @@ def test_scores_are_exactly_activation_times_gradient(arch, stage, trained, tiny
         torch.testing.assert_close(single[f"ffn_mean.{layer}"], expected, rtol=1e-5, atol=1e-6)
         text = recorder.ffn[layer][0, rec.prompt_length:].float().mean(0)  # by default: the text positions only
         torch.testing.assert_close(text_only[f"ffn_mean.{layer}"], text, rtol=1e-5, atol=1e-6)
+        # ffn_peak.i (outlier protection's input): the largest |activation| at any real position, prompt included
+        peak = recorder.ffn[layer][0].float().abs().amax(0)
+        torch.testing.assert_close(text_only[f"ffn_peak.{layer}"], peak, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert-head"])
@@ -144,7 +147,8 @@ def test_full_stages_write_attribution_skeleton_and_pictures(trained, tiny_model
                  "--head-keep", "0.5")
     assert run_command(train, argv) == 0
     scores, meta = read_attribution(out / "attribution.safetensors")
-    assert sorted(scores) == ["ffn.0", "ffn.1", "ffn_mean.0", "ffn_mean.1", "heads.0", "heads.1"]
+    assert sorted(scores) == ["ffn.0", "ffn.1", "ffn_mean.0", "ffn_mean.1", "ffn_peak.0", "ffn_peak.1", "heads.0",
+                              "heads.1"]
     assert scores["ffn.0"].dtype == torch.float32 and scores["heads.0"].shape == (2,)  # 2 KV groups (GQA)
     assert meta["task"] == "generic" and meta["examples"] == 96 and meta["reduce"] == "abs-sum"
     import json

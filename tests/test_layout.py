@@ -20,7 +20,7 @@ PACKAGE = REPO / "skeleton_ds"
 
 SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "adapters", "tasks", "data", "prompt", "engine",
                                         "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
-                                        "ds_config_files")}
+                                        "ds_config_files", "packaged_models", "widths")}
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "surgery", "interop", "inference", "bench",
                                             "multitask", "verify")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*

@@ -73,3 +73,23 @@ def test_global_selection_uses_one_threshold_so_sizes_differ():
 def test_head_keep_that_leaves_no_head_is_refused():
     with pytest.raises(UserError, match="keeps no attention head group"):
         select(_scores(), GEOMETRY, ffn_keep=0.3, head_keep=0.1, align=64, mode="uniform")
+
+
+def test_protected_outliers_are_kept_at_any_ratio_without_changing_counts():
+    scores = _scores()
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        scores[f"ffn_peak.{i}"] = torch.rand(256, generator=g) + 1.0
+    scores["ffn_peak.0"][17] = 3000.0  # a massive activation on a neuron that scores lowest
+    scores["ffn.0"][17] = -1.0
+    plain = select(scores, GEOMETRY, ffn_keep=0.3, head_keep=1.0, align=64, mode="uniform")
+    protected = select(scores, GEOMETRY, ffn_keep=0.3, head_keep=1.0, align=64, mode="uniform", protect=100)
+    assert 17 not in plain.ffn[0] and 17 in protected.ffn[0]
+    assert protected.ffn_sizes() == plain.ffn_sizes()
+    assert protected.ffn[1] == plain.ffn[1]  # no outlier there
+    assert len(set(protected.ffn[0]) - set(plain.ffn[0])) == 1  # only the lowest-scored of the rest gave way
+
+
+def test_protection_without_peaks_is_refused():
+    with pytest.raises(UserError, match="redo --stages attribute"):
+        select(_scores(), GEOMETRY, ffn_keep=0.3, head_keep=1.0, align=64, mode="uniform", protect=100)

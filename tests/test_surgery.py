@@ -224,3 +224,32 @@ def test_uniform_head_keep_rounds_to_a_loadable_count():
     assert groups(4096, 32, 8, 0.5) == 4  # LLaMA-3-8B
     assert groups(32, 4, 4, 0.75) == 4
     assert groups(48, 4, 2, 0.5) == 1  # hidden_size 48 is a multiple of 2 query heads
+
+
+@pytest.mark.parametrize(("arch", "head_keep"), [("llama", 0.5), ("qwen2", 1.0), ("bert-mlm", 1.0)])
+def test_our_loader_runs_each_layer_at_its_own_width(arch, head_keep, tiny_models, tmp_path):
+    """A global skeleton keeps different widths per layer: the checkpoint is padded (plain transformers
+    loads it), and skeleton_ds's loader cuts every layer back to its own width with the same outputs."""
+    base = tiny_models[arch]
+    skeleton, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=0.4, head_keep=head_keep,
+                                        mode="global")
+    assert len(set(skeleton.ffn_sizes())) > 1
+    convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "compact")
+    padded = MODEL_CLASS[arch].from_pretrained(tmp_path / "compact").eval()
+    readout = "head" if arch == "bert-head" else "verbalizer"
+    fitted = engine.load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32)
+    adapter = fitted.adapter
+    for layer, width, groups in zip(adapter.layer_modules(fitted.model), skeleton.ffn_sizes(), skeleton.heads):
+        assert layer.get_submodule(adapter.ffn_out).in_features == width
+        if adapter.causal:
+            assert layer.get_submodule(adapter.kv_proj[0]).out_features == len(groups) * geometry.head_dim
+    padded_count = sum(p.numel() for p in padded.parameters())
+    assert sum(p.numel() for p in fitted.model.parameters()) < padded_count
+    ids = torch.randint(5, 25, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(fitted.model(input_ids=ids, attention_mask=mask)[0],
+                                   padded(input_ids=ids, attention_mask=mask)[0], rtol=0, atol=1e-5)
+    unfitted = engine.load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32, layer_widths=False)
+    assert sum(p.numel() for p in unfitted.model.parameters()) == padded_count

@@ -24,8 +24,8 @@ import time
 import torch
 
 from skeleton_ds import checkpoint, data, engine, preemption
-from skeleton_ds.attribution import (UnitRecorder, finish_scores, random_scores, score_batch, weight_magnitude,
-                                     write_scores, zero_sums)
+from skeleton_ds.attribution import (UnitRecorder, all_reduce_sums, finish_scores, merge_sums, random_scores,
+                                     score_batch, weight_magnitude, write_scores, zero_sums)
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record, subset
@@ -112,8 +112,8 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
                         f"attribute stopped on {preemption.signal_name()} after batch {b + 1}/{len(starts)}; partial "
                         f"scores in {self.partial_file}: run the same command with --resume")
         examples = torch.tensor(float(real), dtype=torch.float64)
-        for value in list(sums.values()) + [examples]:
-            torch.distributed.all_reduce(value)
+        all_reduce_sums(sums)
+        torch.distributed.all_reduce(examples)
         return finish_scores(sums, examples), int(examples.item())
 
     # ------------------------------------------------------- partial sums
@@ -128,8 +128,7 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
     def _save_partial(self, sums: dict[str, torch.Tensor], batches: int, signature: str) -> None:
         """All ranks' sums so far, added up, written by rank 0 (a collective)."""
         total = {k: v.clone() for k, v in sums.items()}
-        for value in total.values():
-            torch.distributed.all_reduce(value)
+        all_reduce_sums(total)
         if self.dist.is_main:
             self.partial_file.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.save_tensors_atomic(self.partial_file, total, {
@@ -149,8 +148,7 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
                 raise UserError(f"{self.partial_file} comes from an attribution with other settings (or another world "
                                 f"size): use the same flags and ranks to resume, or pass --overwrite to start over")
             if self.dist.is_main:
-                for key in sums:
-                    sums[key] += f.get_tensor(key)
+                merge_sums(sums, {key: f.get_tensor(key) for key in sums if key in f.keys()})
         batches = int(meta["batches"])
         self.report.note(f"resumed attribution from {self.partial_file} at batch {batches}")
         return batches

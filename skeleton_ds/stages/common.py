@@ -67,6 +67,7 @@ class TaskModelRun:
             backbone = engine.load_backbone(name, ds_config, readout=readout, revision=self.cfg.revision,
                                             quant=self.cfg.quant, device=str(engine.device()))
         self.backbone = backbone
+        self.task = get_task(self.cfg.task, self.generic, decoder=backbone.adapter.causal)
         self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
         self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
             else ("lm" if backbone.adapter.causal else "mlm")

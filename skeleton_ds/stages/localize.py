@@ -47,11 +47,12 @@ class LocalizeRecipe(RecordsSettings):
         geometry = Geometry(**meta["geometry"])
         check_scores(scores, geometry, str(self.source))
         skeleton = select(scores, geometry, ffn_keep=cfg.ffn_keep, head_keep=cfg.head_keep, align=cfg.align,
-                          mode=cfg.keep_mode)
+                          mode=cfg.keep_mode, protect=cfg.protect_outliers)
         if os.environ.get("RANK", "0") == "0":
             plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png", cfg.output / "skeleton_heads.png")
             record = skeleton_record(skeleton, meta, keep_mode=cfg.keep_mode, ffn_keep=cfg.ffn_keep,
-                                     head_keep=cfg.head_keep, align=cfg.align) | {"settings": self.settings_record()}
+                                     head_keep=cfg.head_keep, align=cfg.align, protect_outliers=cfg.protect_outliers)
+            record["settings"] = self.settings_record()
             checkpoint.write_json(self.out_file, record)  # last: marks done
             print(f"skeleton_ds: skeleton (FFN {skeleton.ffn_sizes()[0]}/{geometry.ffn_size} per layer"
                   f"{'' if skeleton.is_uniform() else ', sizes vary'}) -> {self.out_file}")

