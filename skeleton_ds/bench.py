@@ -97,6 +97,8 @@ class BenchConfig:
     lengths: tuple[str, ...] = ("fixed",)  # input groups: fixed text_length tokens; sst2: SST-2 dev lengths
     sst2_examples: int = 64  # sst2: examples per timed call, as whole length-sorted batches
     peft_full_logits: bool = False  # decoders: also PEFT computing the whole vocabulary at every position
+    keep_mode: str = "uniform"  # uniform | global: per-layer widths (real scores, --run-dir), cut by our loader
+    protect_outliers: float = 0.0  # as the localize flag (needs scores with activation peaks)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -119,6 +121,8 @@ class BenchConfig:
             raise UserError(f"--lengths takes a comma list of {', '.join(LENGTHS)} (each once), got {','.join(self.lengths)}")
         if "sst2" in self.lengths and self.data_dir is None:
             raise UserError("--lengths sst2 reads SST-2/dev.tsv under --data-dir: pass it (e.g. ../shared/data)")
+        if self.keep_mode not in ("uniform", "global") or (self.protect_outliers and self.protect_outliers <= 1):
+            raise UserError("--keep-mode takes uniform or global, and --protect-outliers a factor > 1 (or 0)")
         if self.sst2_examples < 1:
             raise UserError("--sst2-examples must be >= 1")
         if self.peft_full_logits and (self.shape == "minilm" or self.skip_peft):
@@ -141,13 +145,19 @@ HEADS = ("labels", "vocab-last", "vocab-all")
 whole vocabulary at the last position (`logits_to_keep=1`), or the whole vocabulary at every position."""
 
 
-def _layer_weights(config: dict) -> tuple[int, int]:
-    """(attention, FFN) weights of one layer: q, o and k, v; gate, up, down (LLaMA) or in, out (BERT)."""
+def _layers(config: dict) -> list[tuple[int, int, int]]:
+    """Per layer: (attention weights, FFN weights, query heads). Attention: q, o and k, v; FFN: gate, up,
+    down (LLaMA) or in, out (BERT). A per-layer-width compact model (skeleton_ds.widths) records its
+    layers' own sizes under `layer_widths`; otherwise every layer has the config's."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv = config.get("num_key_value_heads") or heads
     gated = adapter_for(config["model_type"]).causal
-    return hidden * head_dim * (2 * heads + 2 * kv), config["intermediate_size"] * hidden * (3 if gated else 2)
+    widths = config.get("layer_widths") or {"ffn": [config["intermediate_size"]] * config["num_hidden_layers"],
+                                            "kv_heads": [kv] * config["num_hidden_layers"]}
+    per_group = heads // kv
+    return [(hidden * head_dim * 2 * (g * per_group + g), f * hidden * (3 if gated else 2), g * per_group)
+            for f, g in zip(widths["ffn"], widths["kv_heads"])]
 
 
 def _head_rows(config: dict, head: str, labels: int) -> int:
@@ -159,15 +169,14 @@ def flop_breakdown(config: dict, *, batch: int, text: int, prompt: int, prompt_c
     """Multiply-adds x 2 of one forward, by part: `linear` (every projection over the positions
     computed: the prompt's too unless its keys and values are cached), `attention` (QK^T and AV over
     all keys, as SDPA with a padding mask computes them) and `head` (see HEADS)."""
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    attn, ffn = _layer_weights(config)
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    layers = _layers(config)
     keys = prompt + text
     queries = text if prompt_cached else keys
     positions = keys if head == "vocab-all" else 1
-    return {"linear": float(batch * layers * 2 * queries * (attn + ffn)),
-            "attention": float(batch * layers * 2 * 2 * heads * head_dim * queries * keys),
+    return {"linear": float(batch * 2 * queries * sum(attn + ffn for attn, ffn, _ in layers)),
+            "attention": float(batch * 2 * 2 * head_dim * queries * keys * sum(q for _, _, q in layers)),
             "head": float(batch * positions * 2 * hidden * _head_rows(config, head, labels))}
 
 
@@ -179,8 +188,7 @@ def bytes_read(config: dict, *, batch: int, text: int, head: str, labels: int, e
     """Bytes one forward must read at least: every layer's projection weights and the output rows it
     computes, once per batch, plus the embedding rows of its input tokens. Not counted (so this stays a
     lower bound): norms, biases, activations, the cached prompt keys and values."""
-    attn, ffn = _layer_weights(config)
-    weights = config["num_hidden_layers"] * (attn + ffn) + _head_rows(config, head, labels) * config["hidden_size"]
+    weights = sum(attn + ffn for attn, ffn, _ in _layers(config)) + _head_rows(config, head, labels) * config["hidden_size"]
     return float(element_bytes * (weights + batch * text * config["hidden_size"]))
 
 
@@ -284,7 +292,8 @@ def synthetic_prompt_dir(base: Path, out: Path, prompt_length: int, readout: str
 
 
 def compact_checkpoint(base: Path, prompt_dir: Path, scores: dict | None, out: Path, *, ffn_keep: float,
-                       head_keep: float, align: int, slice_lm_head: bool) -> Path:
+                       head_keep: float, align: int, slice_lm_head: bool, mode: str = "uniform",
+                       protect: float = 0.0) -> Path:
     """The real localize + convert code on given (or seeded random) scores."""
     from transformers import AutoConfig
 
@@ -293,13 +302,14 @@ def compact_checkpoint(base: Path, prompt_dir: Path, scores: dict | None, out: P
     config = AutoConfig.from_pretrained(base)
     geometry = adapter_for(config.model_type).geometry(config)
     scores = scores or random_scores(geometry, seed=0)
-    skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode="uniform")
+    skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode=mode,
+                      protect=protect if scores.get("ffn_peak.0") is not None else 0.0)
     identity = json.loads((prompt_dir / "task.json").read_text())["base_model"]
     meta = {"task": "bench", "base_model": identity, "geometry": asdict(geometry), "scorer": "given",
             "reduce": "abs-sum", "include_prompt": False, "examples": 0}
     skeleton_file = out.with_suffix(".skeleton.json")
-    checkpoint.write_json(skeleton_file, skeleton_record(skeleton, meta, keep_mode="uniform", ffn_keep=ffn_keep,
-                                                         head_keep=head_keep, align=align))
+    checkpoint.write_json(skeleton_file, skeleton_record(skeleton, meta, keep_mode=mode, ffn_keep=ffn_keep,
+                                                         head_keep=head_keep, align=align, protect_outliers=protect))
     convert(identity["name_or_path"], skeleton_file, prompt_dir, out, overwrite=True, slice_lm_head=slice_lm_head)
     return out
 
@@ -332,9 +342,25 @@ def _weights(module: torch.nn.Module) -> tuple[int, int]:
     return logical, tensor_bytes(tensors)
 
 
+def layer_widths(model: torch.nn.Module, adapter, config: dict) -> dict | None:
+    """The FFN width and KV-head count each layer of `model` computes with, when they are not the
+    config's (a per-layer-width compact model whose layers our loader cut; skeleton_ds.widths)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    layers = adapter.layer_modules(model)
+    ffn = [layer.get_submodule(adapter.ffn_out).in_features for layer in layers]
+    kv = [layer.get_submodule(adapter.kv_proj[0]).out_features // head_dim for layer in layers]
+    uniform = (set(ffn) == {config["intermediate_size"]}
+               and set(kv) == {config.get("num_key_value_heads") or heads})
+    return None if uniform else {"ffn": ffn, "kv_heads": kv}
+
+
 def _ours(name: str, predictor: Predictor, **extra) -> Contender:
     params, nbytes = _weights(predictor.model)
     config = predictor.model.backbone.config.to_dict()
+    widths = layer_widths(predictor.model.backbone, predictor.model.adapter, config)
+    if widths is not None:
+        config["layer_widths"] = widths
     return Contender(name, predictor.logits, config, prompt_cached=predictor.causal and predictor.cfg.prompt_cache,
                      head="labels", parameters=params, weight_bytes=nbytes, predictor=predictor, **extra)
 
@@ -411,7 +437,8 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     for ffn_keep, head_keep in plans:
         start = time.perf_counter()
         out = compact_checkpoint(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}",
-                                 ffn_keep=ffn_keep, head_keep=head_keep, align=cfg.align, slice_lm_head=decoder)
+                                 ffn_keep=ffn_keep, head_keep=head_keep, align=cfg.align, slice_lm_head=decoder,
+                                 mode=cfg.keep_mode, protect=cfg.protect_outliers)
         built = time.perf_counter() - start
         compact = Predictor.from_checkpoint(out, infer)
         _note(f"compact ffn {ffn_keep:g} kv {head_keep:g}: built in {built:.1f} s, loaded in "
@@ -430,7 +457,7 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         out = work / "compact-0.3-1.0"
         if not out.is_dir():
             compact_checkpoint(base, prompt_dir, scores, out, ffn_keep=0.3, head_keep=1.0, align=cfg.align,
-                               slice_lm_head=decoder)
+                               slice_lm_head=decoder, mode=cfg.keep_mode, protect=cfg.protect_outliers)
         predictor = Predictor.from_checkpoint(out, replace(infer, **override))
         contenders.append(_ours(name, predictor, ffn_keep=0.3, quant=override.get("quant", "none")))
     task = full.task if cfg.shape in PACKAGED_READOUT and cfg.run_dir is not None else None

@@ -198,9 +198,14 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 1.0,0.5,0.3,0.2)")
     p.add_argument("--head-keep", type=float, default=d.head_keep, help="decoders: also compacts with this KV-group keep")
+    p.add_argument("--keep-mode", default=d.keep_mode,
+                   help="uniform | global: compacts with per-layer widths (from --run-dir's scores), timed as our "
+                        "loaders run them, each layer at its own width")
+    p.add_argument("--protect-outliers", type=float, default=d.protect_outliers, metavar="FACTOR",
+                   help="as the localize flag: keep FFN neurons with peak |activation| >= FACTOR x the layer median")
     p.add_argument("--run-dir", type=Path, default=None, help="minilm, smollm2-135m: pipeline output whose prompt and scores to use")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for minilm with --run-dir")
+                   help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for a packaged model with --run-dir")
     p.add_argument("--quant", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                    help="also time the FFN-0.3 compact in these bitsandbytes modes: 8bit,4bit")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")

@@ -28,7 +28,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from skeleton_ds import checkpoint, data, engine
+from skeleton_ds import checkpoint, data, engine, widths
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tensor_bytes
 from skeleton_ds.localization import Skeleton, load_skeleton
@@ -245,6 +245,9 @@ class MultiTaskModel:
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"materialising a task left tensors without data: {left[:3]}")
+        if widths.fit_layer_widths(model, self.adapter, skeleton.ffn_sizes(), [len(h) for h in skeleton.heads]):
+            shared = {t.data_ptr() for t in base.state_dict().values()}  # a cut layer owns smaller copies
+            owned = tensor_bytes(t for t in model.state_dict().values() if t.data_ptr() not in shared)
         return model.requires_grad_(False).eval(), owned
 
     def _materialise(self, entry: TaskEntry) -> tuple[Predictor, int]:

@@ -49,6 +49,12 @@ def test_shared_weight_task_equals_its_compact_checkpoint(base, run, runs, tiny_
     assert embed.data_ptr() == registry.backbone.model.get_input_embeddings().weight.data_ptr()
     memory = registry.memory()
     assert 0 < memory["tasks"]["t"] == memory["cache_bytes"] < memory["shared_bytes"]
+    # Each layer runs at its own width, in the shared task and in the compact checkpoint alike.
+    sizes = json.loads((runs[run] / "skeleton.json").read_text())["ffn_sizes"]
+    for predictor in (shared, compact):
+        adapter = predictor.model.adapter
+        assert [layer.get_submodule(adapter.ffn_out).in_features
+                for layer in adapter.layer_modules(predictor.model.backbone)] == sizes
 
 
 def test_a_compact_checkpoint_directory_is_a_task_too(runs, tiny_models):
