@@ -253,3 +253,15 @@ def test_our_loader_runs_each_layer_at_its_own_width(arch, head_keep, tiny_model
                                    padded(input_ids=ids, attention_mask=mask)[0], rtol=0, atol=1e-5)
     unfitted = engine.load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32, layer_widths=False)
     assert sum(p.numel() for p in unfitted.model.parameters()) == padded_count
+    if adapter.causal:  # the benchmark's FLOP model reads each layer's own width off the model
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from skeleton_ds.bench import flop_breakdown, layer_widths
+
+        config = fitted.model.config.to_dict()
+        config["layer_widths"] = layer_widths(fitted.model, adapter, config)
+        assert config["layer_widths"]["ffn"] == skeleton.ffn_sizes()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fitted.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        parts = flop_breakdown(config, batch=3, text=11, prompt=0, prompt_cached=False, head="vocab-all", labels=2)
+        assert counter.get_total_flops() == pytest.approx(parts["linear"] + parts["head"], rel=0.01)
