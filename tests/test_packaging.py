@@ -151,7 +151,7 @@ def test_the_installed_requirements_are_satisfied(venv, tmp_path):
     _assert_from(venv, found["metadata"])
     _assert_from(venv, found["configs"])
     assert found["names"] == sorted(p.stem for p in DS_CONFIGS.glob("*.json"))
-    assert set(found["extras"]) == {"serve", "bench", "test"}
+    assert set(found["extras"]) == {"serve", "bench", "smollm2", "test"}
 
 
 def test_the_installed_pipeline_runs_with_the_packaged_default_config(venv, installed_run):
