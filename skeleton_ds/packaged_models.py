@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -27,6 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from skeleton_ds import checkpoint
 from skeleton_ds.errors import UserError
 
 SOURCE_FILE = "skeleton_ds_source.json"
@@ -93,13 +93,8 @@ def _plain_model_dir(spec: PackagedModel, folder: Path) -> Path:
     return configs[0].parent
 
 
-@functools.lru_cache(maxsize=None)
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_gguf_sha256 = functools.lru_cache(maxsize=None)(checkpoint.sha256)
+"""Hashed once per process: every stage resolves the alias again."""
 
 
 def converted_dir(spec: PackagedModel, gguf: Path, root: Path) -> Path:
@@ -108,7 +103,7 @@ def converted_dir(spec: PackagedModel, gguf: Path, root: Path) -> Path:
     by one rename, complete, so an interrupted conversion leaves nothing that looks usable."""
     if not gguf.is_file():
         raise UserError(f"the package {spec.distribution} has no {gguf.name}: reinstall it ({spec.install})")
-    sha = file_sha256(gguf)
+    sha = _gguf_sha256(gguf)
     target = root / "models" / f"{spec.alias}-{sha[:12]}"
     if (target / SOURCE_FILE).is_file():
         return target
