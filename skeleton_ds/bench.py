@@ -302,8 +302,7 @@ def compact_checkpoint(base: Path, prompt_dir: Path, scores: dict | None, out: P
     config = AutoConfig.from_pretrained(base)
     geometry = adapter_for(config.model_type).geometry(config)
     scores = scores or random_scores(geometry, seed=0)
-    skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode=mode,
-                      protect=protect if scores.get("ffn_peak.0") is not None else 0.0)
+    skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode=mode, protect=protect)
     identity = json.loads((prompt_dir / "task.json").read_text())["base_model"]
     meta = {"task": "bench", "base_model": identity, "geometry": asdict(geometry), "scorer": "given",
             "reduce": "abs-sum", "include_prompt": False, "examples": 0}
