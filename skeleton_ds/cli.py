@@ -71,13 +71,12 @@ def convert(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scores", type=Path, default=None,
                    help="attribution.safetensors with the mean activations (default: beside --skeleton)")
     args = p.parse_args(list(argv) if argv is not None else None)
-    from skeleton_ds.surgery import convert as run_convert
+    from skeleton_ds.surgery import convert as run_convert, summary_line
 
     summary = run_convert(args.base, args.skeleton, args.prompt, args.out, revision=args.revision,
                           allow_pickle=args.allow_pickle, overwrite=args.overwrite, slice_lm_head=args.slice_lm_head,
                           compensate=args.compensate, scores=args.scores)
-    print(f"skeleton_ds: compact model ({summary['parameters_compact']:,} of {summary['parameters_full']:,} "
-          f"parameters) -> {args.out}")
+    print(summary_line(summary, args.out))
     return 0
 
 
@@ -228,26 +227,35 @@ def bench(argv: Sequence[str] | None = None) -> int:
 
 
 def reproduce(argv: Sequence[str] | None = None) -> int:
-    """Reproduce the results table: the real MiniLM on real tasks, Skeleton against random and magnitude controls."""
+    """Reproduce a results table: a real model on real tasks, Skeleton against random and magnitude controls."""
     import argparse
     import shlex
     from pathlib import Path
 
-    from skeleton_ds.stages.reproduce import PLAN, ReproduceConfig
+    from skeleton_ds.stages.reproduce import PLANS, ReproduceConfig
 
-    d = ReproduceConfig(data_dir=Path("."))
+    def names(value: str) -> tuple[str, ...]:
+        return tuple(t for t in value.split(",") if t)
+
     p = argparse.ArgumentParser(prog="skeleton-ds reproduce", description=reproduce.__doc__)
     p.add_argument("--data-dir", type=Path, required=True, help="GLUE/SuperGLUE files (../shared/data)")
-    p.add_argument("--output", type=Path, default=d.output, help="where the pipeline runs go (default runs/reproduce)")
-    p.add_argument("--model", default=d.model, help="base model (default: the packaged MiniLM)")
-    p.add_argument("--tasks", type=lambda v: tuple(t for t in v.split(",") if t), default=d.tasks,
-                   help="comma list of " + ", ".join(PLAN))
-    p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 0.2,0.3,0.5)")
-    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per task (default 0: 3 for small tasks, else 1)")
+    p.add_argument("--output", type=Path, default=Path("runs/reproduce"),
+                   help="where the pipeline runs go (default runs/reproduce)")
+    p.add_argument("--model", default="minilm", help="base model (default: the packaged MiniLM; a decoder such as "
+                                                     "smollm2-135m gets the decoder plan)")
+    p.add_argument("--tasks", type=names, default=(), help="comma list; default: the plan's ("
+                   + "; ".join(f"{kind}: {','.join(plan.tasks)}" for kind, plan in PLANS.items()) + ")")
+    p.add_argument("--ffn-keeps", type=_floats, default=(), help="comma list; default: the plan's ("
+                   + "; ".join(f"{kind}: {','.join(map(str, plan.ffn_keeps))}" for kind, plan in PLANS.items()) + ")")
+    p.add_argument("--variants", type=names, default=(), help="comma list of the plan's skeletons; default: all ("
+                   + "; ".join(f"{kind}: {','.join(plan.variants)}" for kind, plan in PLANS.items()) + ")")
+    p.add_argument("--seeds", type=int, default=0, help="seeds per task (default 0: 3 for small tasks, else 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny subsets, one epoch, no benchmark")
-    p.add_argument("--docs", type=Path, default=d.docs, help="where reproduce.{json,md,png} go (default docs)")
+    p.add_argument("--docs", type=Path, default=Path("docs"),
+                   help="where reproduce[_MODEL].{json,md,png} go (default docs)")
     p.add_argument("--no-docs", dest="docs", action="store_const", const=None, help="write only OUTPUT/reproduce.json")
-    p.add_argument("--config", default=d.config, help="DeepSpeed config for the stages (default ds_configs/zero2.json)")
+    p.add_argument("--config", default="ds_configs/zero2.json",
+                   help="DeepSpeed config for the stages (default ds_configs/zero2.json)")
     args = list(argv) if argv is not None else sys.argv[1:]
     cfg = ReproduceConfig(**vars(p.parse_args(args)), command=shlex.join(["skeleton-ds", "reproduce", *args]))
     _quiet_libraries()

@@ -113,7 +113,8 @@ class Predictor:
         self.source = source
         self.device = next(model.backbone.parameters()).device
         self.causal = model.adapter.causal
-        self.forward = PromptCachedDecoder(model) if self.causal and cfg.prompt_cache else model
+        cached = self.causal and cfg.prompt_cache and model.prompt.embedding.shape[0] > 0  # (zero-shot: no prompt)
+        self.forward = PromptCachedDecoder(model) if cached else model
         if cfg.compile:
             self.forward = torch.compile(self.forward, dynamic=True)
 
@@ -135,18 +136,25 @@ class Predictor:
 
     @classmethod
     def from_prompt(cls, base: str, prompt_dir: Path, cfg: InferenceConfig = InferenceConfig(),
-                    revision: str | None = None) -> "Predictor":
-        """The full base model with a stage-1 (or re-tuned) prompt, through the same code as a compact one."""
+                    revision: str | None = None, zero_shot: bool = False) -> "Predictor":
+        """The full base model with a stage-1 (or re-tuned) prompt, through the same code as a compact one.
+        `zero_shot`: the same template and verbalizer without the soft prompt (the floor prompt tuning lifts)."""
         prompt_dir = Path(prompt_dir)
         if not (prompt_dir / "prompt.safetensors").is_file():
             raise UserError(f"{prompt_dir} has no prompt.safetensors: pass a stage-1 prompt directory (DIR/prompt)")
-        return cls._build(base, prompt_dir, cfg, source=f"full {base} + {prompt_dir}", compact=False, revision=revision)
+        source = f"zero-shot {base}" if zero_shot else f"full {base} + {prompt_dir}"
+        return cls._build(base, prompt_dir, cfg, source=source, compact=False, revision=revision, zero_shot=zero_shot)
 
     @classmethod
     def _build(cls, model_name: str, prompt_dir: Path, cfg: InferenceConfig, *, source: str, compact: bool,
-               revision: str | None = None) -> "Predictor":
+               revision: str | None = None, zero_shot: bool = False) -> "Predictor":
         record = checkpoint.read_json(prompt_dir / "task.json", "task record")
         tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
+        if zero_shot:
+            if record["readout"] == "head":
+                raise UserError(f"{prompt_dir} reads labels with a trained head: without it there is no zero-shot "
+                                f"model (only a verbalizer readout has one)")
+            record, tensors = record | {"prompt_length": 0}, {}
         device, dtype = cfg.torch_device(), cfg.torch_dtype()
         if cfg.quant == "8bit":  # said once per layer and call on CPU; it is how LLM.int8() works there
             warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

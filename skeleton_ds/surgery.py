@@ -75,6 +75,13 @@ class Slice:
             tensor = picked.masked_fill(pad, 0) if bool((idx < 0).any()) else picked
         return tensor
 
+    def padding(self, shape: list[int]) -> int:
+        """Zero-filled elements in an output of `shape` (padding that per-layer widths cut off again)."""
+        rows = self.rows.count(-1) if self.rows is not None else 0
+        cols = self.cols.count(-1) if self.cols is not None else 0
+        inner = _numel(shape[2:])
+        return (rows * (shape[1] if len(shape) > 1 else 1) + cols * shape[0] - rows * cols) * inner
+
     def shape(self, shape: list[int]) -> list[int]:
         out = list(shape)
         if self.rows is not None:
@@ -199,6 +206,14 @@ def plan_tensors(files: list[Path], adapter: ArchAdapter, slices: list[dict[str,
     return plan
 
 
+def _padding(files: list[Path], adapter: ArchAdapter, slices: list[dict[str, Slice]], drop: frozenset[str],
+             produced: dict) -> int:
+    """Zero-filled elements the compact checkpoint will hold (produced tensors replace the base's)."""
+    cuts = {name: (cut, shape) for name, _, cut, _, shape in plan_tensors(files, adapter, slices)}
+    cuts |= {name: (slice_for(name, adapter, slices), shape) for name, (_, shape, _) in produced.items()}
+    return sum(cut.padding(shape) for name, (cut, shape) in cuts.items() if cut is not None and name not in drop)
+
+
 def _header(file: Path) -> dict:
     """name -> {"dtype", "shape"} without reading tensor data."""
     if file.suffix == ".bin":
@@ -290,6 +305,13 @@ def convert_weights(base: Path, out: Path, adapter: ArchAdapter, geometry: Geome
     return weight_map
 
 
+def summary_line(counts: dict, out: Path) -> str:
+    """One line for the user: parameters kept (each layer at its width) and, when it differs, stored."""
+    kept, stored = counts.get("parameters_kept", counts["parameters_compact"]), counts["parameters_compact"]
+    padded = "" if kept == stored else f"; stored padded to the widest layer: {stored:,}"
+    return f"skeleton_ds: compact model ({kept:,} of {counts['parameters_full']:,} parameters{padded}) -> {out}"
+
+
 def compensation_means(scores: Path, geometry: Geometry, base_model: dict) -> list[torch.Tensor]:
     """Per layer, each FFN neuron's mean activation, from the attribution pass's scores file."""
     from skeleton_ds.attribution import read_attribution
@@ -338,7 +360,8 @@ def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None
 def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, *, revision: str | None = None,
             allow_pickle: bool = False, overwrite: bool = False, slice_lm_head: bool = False,
             compensate: str = "none", scores: Path | None = None, settings: dict | None = None) -> dict:
-    """Build the compact model directory `out` (atomically); returns parameter counts.
+    """Build the compact model directory `out` (atomically); returns parameter counts: full, compact
+    (stored, padded to the widest layer) and kept (each layer at its own width).
 
     `slice_lm_head` (classification-only decoders): the vocabulary projection is replaced by its
     verbalizer rows in label_head.safetensors and the model is saved as its base class (e.g.
@@ -373,6 +396,7 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
         produced, flag = compensation_tensors(files, adapter, skeleton, means)
     elif compensate != "none":
         raise UserError(f"--compensate must be mean or none, got {compensate!r}")
+    padding = _padding(files, adapter, layer_slices(adapter, geometry, skeleton), drop, produced)
     with checkpoint.atomic_dir(out, overwrite=overwrite) as staging:
         convert_weights(base_dir, staging, adapter, geometry, skeleton, allow_pickle=allow_pickle, drop=drop,
                         produced=produced)
@@ -398,4 +422,5 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
     full = sum(_numel(info["shape"]) for f in files for info in _header(f).values())
     compact = sum(_numel(info["shape"]) for f in checkpoint_files(out) for info in _header(f).values())
     compact += label_head.numel() if label_head is not None else 0
-    return {"parameters_full": full, "parameters_compact": compact}
+    # kept: what runs once each layer is cut to its own width (skeleton_ds.widths); compact: what is stored
+    return {"parameters_full": full, "parameters_compact": compact, "parameters_kept": compact - padding}

@@ -131,3 +131,24 @@ def test_compact_equals_masked_full_model_and_prompt_cache_equals_plain_path(smo
     got = compact.logits(items)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_zero_shot_floor_is_the_base_model_reading_the_verbalizer_without_a_prompt(smollm2, short_run):
+    """The reproduce table's floor: the same template and verbalizer, no soft prompt, computed by hand
+    from the base model's LM logits at the last real token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    zero = Predictor.from_prompt(str(smollm2), short_run / "prompt", InferenceConfig(device="cpu", dtype="fp32"),
+                                 zero_shot=True)
+    assert zero.model.prompt.embedding.shape[0] == 0 and zero.source.startswith("zero-shot")
+    examples = _dev_examples(8, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    ids = verbalizer_token_ids(tokenizer, zero.task.verbalizer)
+    expected = []
+    for item in zero.encode(examples):
+        assert item.answer_index == len(item.input_ids) - 1  # the decoder reads the label after the template
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([item.input_ids])).logits[0, -1]
+        expected.append(logits[ids])
+    torch.testing.assert_close(zero.logits(zero.encode(examples)), torch.stack(expected), rtol=1e-4, atol=1e-4)

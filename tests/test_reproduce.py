@@ -14,7 +14,8 @@ from skeleton_ds.config import config_from_args
 from skeleton_ds.stages.common import generic_spec
 from skeleton_ds.tasks import get_task, load_split
 from skeleton_ds.provenance import missing_fields
-from skeleton_ds.stages.reproduce import PLAN, QUICK, VARIANTS, ReproduceConfig, markdown, stage_flags
+from skeleton_ds.stages.reproduce import (ENCODER, PLANS, QUICK, ReproduceConfig, markdown, readme_table,
+                                          stage_flags)
 
 
 @pytest.mark.realdata
@@ -26,7 +27,7 @@ def test_reproduce_quick_builds_every_variant(tmp_path, capsys, monkeypatch):
     record = json.loads((out / "reproduce.json").read_text())
     assert record["command"].startswith("skeleton-ds reproduce --data-dir") and record["quick"] is True
     table = record["table"]
-    assert [r["variant"] for r in table] == list(VARIANTS)
+    assert [r["variant"] for r in table] == list(ENCODER.variants)
     for row in table:
         assert row["task"] == "cb" and row["ffn_keep"] == 0.5 and row["seeds"] == 1
         assert all(0 <= row[k] <= 1 for k in ("full_mean", "before_mean", "after_mean", "majority"))
@@ -68,11 +69,51 @@ def test_reproduce_refuses_a_missing_data_dir(tmp_path, capsys):
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("task", sorted(PLAN))
-def test_every_planned_task_gives_a_valid_stage_command(task, tmp_path):
-    """Each task's flags pass the pipeline's own validation (a bad template would stop the table hours in)."""
-    cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path)
+@pytest.mark.parametrize(("kind", "task"), [(kind, task) for kind, plan in PLANS.items() for task in plan.tasks])
+def test_every_planned_skeleton_gives_a_valid_stage_command(kind, task, tmp_path):
+    """Each task's and variant's flags pass the pipeline's own validation (a bad template or flag would stop
+    the table hours in)."""
+    cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, kind=kind)
     config = config_from_args(stage_flags(task, 0, cfg) + ["--output", str(tmp_path / "run")])
-    assert config.resume is True and config.max_train_examples == PLAN[task]["train"]
+    assert config.resume is True and config.max_train_examples == PLANS[kind].tasks[task]["train"]
     spec = get_task(config.task, generic_spec(config))  # checks the template against the fields
     assert load_split(spec, "dev", config.data_dir)
+    for keep, head, name in cfg.skeletons():
+        variant = PLANS[kind].variants[name]
+        config = config_from_args(stage_flags(task, 0, cfg) + ["--output", str(tmp_path / "run"), "--ffn-keep",
+                                                               str(keep), "--head-keep", str(head), *variant.flags()])
+        assert (config.scorer, config.compensate, config.ffn_keep) == (variant.scorer, variant.compensate, keep)
+
+
+def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
+    """The decoder plan: every variant at every keep, activation-magnitude where planned, the head-pruned
+    row; the tables show the zero-shot floor, the head row and its own speed-up."""
+    cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, model="smollm2-135m", kind="decoder")
+    runs = cfg.skeletons()
+    assert (0.3, 1.0, "activation-magnitude") in runs and (0.5, 1.0, "activation-magnitude") not in runs
+    assert [(k, h) for k, h, _ in runs if h != 1.0] == [(0.3, 0.67)] * 3
+    assert len(runs) == len(set(runs)) == 2 * 5 + 1 + 3
+    assert ReproduceConfig(data_dir=SHARED_DATA, kind="decoder", variants=("random",)).skeletons() == [
+        (0.3, 1.0, "random"), (0.5, 1.0, "random"), (0.3, 0.67, "random")]
+    rows = [dict(task="cb", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
+                 zero_shot=0.4, parameters_full=134_500_000, parameters_compact=90_000_000, train_examples=250,
+                 dev_examples=56, majority=0.5) for s in range(3) for k, h, v in runs]
+    from skeleton_ds.stages.reproduce import aggregate
+
+    variants = list(cfg.variants)
+    record = {"model": cfg.model, "date": "2026-12-02", "seconds": 60.0, "command": "c", "plan": {"cb": cfg.plan("cb")},
+              "task_order": list(PLANS["decoder"].tasks), "variants": variants, "note": PLANS["decoder"].note,
+              "table": aggregate(rows, PLANS["decoder"].tasks, variants), "speedups": {"0.3": 1.5, "0.3/0.67": 1.7}}
+    assert [r["head_keep"] for r in record["table"]][-3:] == [0.67] * 3
+    assert record["table"][0]["full_std"] == pytest.approx(0.01)
+    table = readme_table(record)
+    assert "| zero-shot |" in table and "| 0.400 |" in table and "0.3, heads 0.67" in table and "1.70x" in table
+    assert table.count("\n") == 2 + 3  # header, rule, one row per (keep, head keep)
+    text = markdown(record)
+    assert text.count("| 0.3, heads 0.67 |") == 3 and "--keep-mode global --protect-outliers 20" in text
+
+
+def test_reproduce_refuses_an_unknown_variant(tmp_path, capsys):
+    assert run_command(reproduce, ["--data-dir", str(tmp_path), "--output", str(tmp_path / "out"),
+                                   "--variants", "attribution,activation-magnitude"]) == 2
+    assert "--variants takes a comma list of attribution, attribution+comp, random" in capsys.readouterr().err

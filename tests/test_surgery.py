@@ -234,7 +234,7 @@ def test_our_loader_runs_each_layer_at_its_own_width(arch, head_keep, tiny_model
     skeleton, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=0.4, head_keep=head_keep,
                                         mode="global")
     assert len(set(skeleton.ffn_sizes())) > 1
-    convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "compact")
+    counts = convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "compact")
     padded = MODEL_CLASS[arch].from_pretrained(tmp_path / "compact").eval()
     readout = "head" if arch == "bert-head" else "verbalizer"
     fitted = engine.load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32)
@@ -244,7 +244,9 @@ def test_our_loader_runs_each_layer_at_its_own_width(arch, head_keep, tiny_model
         if adapter.causal:
             assert layer.get_submodule(adapter.kv_proj[0]).out_features == len(groups) * geometry.head_dim
     padded_count = sum(p.numel() for p in padded.parameters())
-    assert sum(p.numel() for p in fitted.model.parameters()) < padded_count
+    fitted_count = sum(p.numel() for p in fitted.model.parameters())
+    assert fitted_count < padded_count
+    assert counts["parameters_compact"] - counts["parameters_kept"] == padded_count - fitted_count  # the padding
     ids = torch.randint(5, 25, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0

@@ -15,7 +15,7 @@ from skeleton_ds import checkpoint, engine
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.stages.settings import RecordsSettings
-from skeleton_ds.surgery import convert
+from skeleton_ds.surgery import convert, summary_line
 
 
 class ConvertRecipe(RecordsSettings):
@@ -53,6 +53,5 @@ class ConvertRecipe(RecordsSettings):
         if failure[0]:
             raise UserError(failure[0])
         if dist.is_main:
-            print(f"skeleton_ds: compact model ({summary['parameters_compact']:,} of {summary['parameters_full']:,} "
-                  f"parameters) -> {self.out}")
+            print(summary_line(summary, self.out))
         return summary

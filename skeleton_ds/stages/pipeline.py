@@ -145,6 +145,7 @@ def summarize(cfg: Config, stage_seconds: dict) -> dict:
         "ffn_keep": skeleton.get("ffn_keep"), "head_keep": skeleton.get("head_keep"),
         "ffn_sizes": skeleton.get("ffn_sizes"),
         "parameters_full": conversion.get("parameters_full"), "parameters_compact": conversion.get("parameters_compact"),
+        "parameters_kept": conversion.get("parameters_kept", conversion.get("parameters_compact")),
         "stage_seconds": stage_seconds,
         "settings_ids": {s: (lineage.read_record(cfg.output, s) or {}).get("id") for s in STAGES},
     }
@@ -159,5 +160,7 @@ def _table_rows(summary: dict) -> dict[str, float]:
     if summary.get("parameters_full"):
         rows["parameters full (M)"] = summary["parameters_full"] / 1e6
         rows["parameters compact (M)"] = summary["parameters_compact"] / 1e6
+        if summary["parameters_kept"] != summary["parameters_compact"]:
+            rows["parameters kept, per-layer widths (M)"] = summary["parameters_kept"] / 1e6
     rows |= {f"{stage} seconds": s for stage, s in summary["stage_seconds"].items()}
     return rows
