@@ -79,10 +79,20 @@ class ArchAdapter:
     """Where bias compensation puts its fold: "native" (the FFN output projection has a bias), the
     name of a standard config flag that gives it one (LLaMA's `mlp_bias`, which also adds biases to
     `ffn_in`, written as zeros), or None: the architecture cannot carry one and still load."""
+    keep_mode: str = "uniform"
+    protect_outliers: float = 0.0
+    """Localization defaults (--keep-mode auto, --protect-outliers unset). Decoders: one threshold across
+    layers and the massive-activation neurons protected, which keep the task on SmolLM2 where the
+    paper's uniform allocation loses it (docs/study_decoder.md); encoders keep the uniform default."""
 
     @property
     def padding_side(self) -> str:
         return "left" if self.causal else "right"
+
+    def localization(self, keep_mode: str, protect_outliers: float | None) -> tuple[str, float]:
+        """The flags as given, with `auto` / unset replaced by this architecture's defaults."""
+        return (self.keep_mode if keep_mode == "auto" else keep_mode,
+                self.protect_outliers if protect_outliers is None else protect_outliers)
 
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
         return list(model.base_model.get_submodule(self.layers))
@@ -105,7 +115,7 @@ def _roberta_mlm_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tens
 
 
 _DECODER = ArchAdapter(
-    family="llama", causal=True, layers="layers", ffn_out_bias="mlp_bias",
+    family="llama", causal=True, layers="layers", ffn_out_bias="mlp_bias", keep_mode="global", protect_outliers=20.0,
     ffn_site="mlp.down_proj", ffn_site_reads_input=True, ffn_in=("mlp.gate_proj", "mlp.up_proj"),
     ffn_out="mlp.down_proj",
     attn_out="self_attn.o_proj", q_proj="self_attn.q_proj", kv_proj=("self_attn.k_proj", "self_attn.v_proj"),

@@ -40,6 +40,8 @@ class Config:
     head_lr: float = 1e-2
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    retune_epochs: float = 0.0  # re-tuning (stage 5) budget; 0: --epochs
+    retune_lr: float = 0.0  # 0: --lr
     batch_size: int = 0  # global batch; 0: take train_batch_size from the DeepSpeed config
     max_length: int = 128
     seed: int = 42
@@ -61,8 +63,9 @@ class Config:
     ffn_keep: float = 0.3
     head_keep: float = 1.0
     align: int = 64
-    keep_mode: str = "uniform"  # uniform (same count per layer) | global (one threshold across layers)
-    protect_outliers: float = 0.0  # keep FFN neurons whose peak |activation| >= this x the layer median (0: off)
+    # auto: the architecture's (adapters.ArchAdapter: decoders global + 20, encoders uniform + off)
+    keep_mode: str = "auto"  # uniform (same count per layer) | global (one threshold across layers)
+    protect_outliers: float | None = None  # keep FFN neurons whose peak |activation| >= this x the layer median (0: off)
     # conversion (stage 4)
     allow_pickle: bool = False
     slice_lm_head: bool = False
@@ -82,14 +85,15 @@ class Config:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
         non_negative = {"max_steps": self.max_steps, "batch_size": self.batch_size, "warmup_steps": self.warmup_steps,
                         "max_train_examples": self.max_train_examples, "max_eval_examples": self.max_eval_examples,
-                        "weight_decay": self.weight_decay}
+                        "weight_decay": self.weight_decay, "retune_epochs": self.retune_epochs,
+                        "retune_lr": self.retune_lr}
         for name, value in non_negative.items():
             if value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if not self.epochs > 0 and not self.max_steps:
             raise UserError("--epochs must be positive (or give --max-steps)")
         choices = {"scorer": ("attribution", "random", "weight-magnitude", "activation-magnitude"),
-                   "attr_reduce": ("abs-sum", "mean-abs", "signed"), "keep_mode": ("uniform", "global"),
+                   "attr_reduce": ("abs-sum", "mean-abs", "signed"), "keep_mode": ("auto", "uniform", "global"),
                    "compensate": ("none", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -97,7 +101,7 @@ class Config:
         for name in ("ffn_keep", "head_keep"):
             if not 0 < getattr(self, name) <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
-        if self.protect_outliers and self.protect_outliers <= 1:
+        if self.protect_outliers is not None and self.protect_outliers and self.protect_outliers <= 1:
             raise UserError(f"--protect-outliers is a factor over the layer's median peak activation, > 1 "
                             f"(e.g. 100), or 0 for off; got {self.protect_outliers}")
         if self.align < 1 or self.attr_examples < 0:
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "keep_checkpoints"):
         default = d[name].default
         t.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    t.add_argument("--retune-epochs", type=float, default=0.0, help="epochs of re-tuning (stage 5); 0: --epochs")
+    t.add_argument("--retune-lr", type=float, default=0.0, help="learning rate of re-tuning; 0: --lr")
     t.add_argument("--prompt-init", default="vocab", help="'vocab' or 'text:<init words>'")
     t.add_argument("--readout", default="auto", help="auto | verbalizer (LM/MLM head) | head (trained classifier)")
     t.add_argument("--precision", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16")
@@ -177,10 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ffn-keep", type=float, default=0.3, help="fraction of FFN neurons kept per layer")
     a.add_argument("--head-keep", type=float, default=1.0, help="fraction of attention KV groups kept per layer")
     a.add_argument("--align", type=int, default=64, help="kept FFN count is a multiple of this")
-    a.add_argument("--keep-mode", default="uniform", help="uniform (same count every layer) | global (one threshold)")
-    a.add_argument("--protect-outliers", type=float, default=0.0, metavar="FACTOR",
+    a.add_argument("--keep-mode", default="auto", help="uniform (same count every layer) | global (one threshold "
+                   "across layers) | auto (default: global for decoders, uniform for encoders)")
+    a.add_argument("--protect-outliers", type=float, default=None, metavar="FACTOR",
                    help="always keep FFN neurons whose peak |activation| is at least FACTOR x their layer's median "
-                        "peak (the massive activations of trained decoders); 0: off")
+                        "peak (the massive activations of trained decoders); 0: off; default: 20 for decoders, "
+                        "off for encoders")
     p.add_argument("--allow-pickle", action="store_true",
                    help="convert a base checkpoint stored as pickle (.bin); refused by default: loading a pickle can run code")
     p.add_argument("--slice-lm-head", action="store_true",

@@ -154,7 +154,9 @@ def test_full_stages_write_attribution_skeleton_and_pictures(trained, tiny_model
     import json
 
     record = json.loads((out / "skeleton.json").read_text())
-    assert record["ffn_sizes"] == [32, 32] and record["head_counts"] == [1, 1] and record["align"] == 8
+    # the decoder defaults: one threshold across layers, outliers protected; half of all units overall
+    assert (record["keep_mode"], record["protect_outliers"], record["align"]) == ("global", 20.0, 8)
+    assert abs(sum(record["ffn_sizes"]) - 64) <= 16 and 2 <= sum(record["head_counts"]) < 4  # (rounded per layer)
     assert record["base_model"]["config_sha256"] == meta["base_model"]["config_sha256"]
     for png in ("skeleton_ffn.png", "skeleton_heads.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -103,11 +103,15 @@ def _dev_examples(n: int, seed: int = 42):
 
 
 def test_short_pipeline_predictor_scores_what_the_retune_stage_measured(short_run):
-    config = json.loads((short_run / "compact" / "config.json").read_text())
-    assert (config["num_key_value_heads"], config["num_attention_heads"]) == (2, 6)
-    assert config["intermediate_size"] < 1536 * 0.35
+    skeleton = json.loads((short_run / "skeleton.json").read_text())
+    assert (skeleton["keep_mode"], skeleton["protect_outliers"]) == ("global", 20.0)  # the decoder defaults
+    assert abs(sum(skeleton["ffn_sizes"]) - 0.3 * 30 * 1536) <= 30 * 64  # FFN 0.3 overall, each layer its own
+    assert max(skeleton["head_counts"]) <= 3 and abs(sum(skeleton["head_counts"]) - 2 * 30) <= 30  # ~2 of 3 groups
     retune = json.loads((short_run / "retune" / "metrics.json").read_text())
     predictor = Predictor.from_checkpoint(short_run / "compact", InferenceConfig(device="cpu", dtype="fp32"))
+    adapter = predictor.model.adapter
+    layers = adapter.layer_modules(predictor.model.backbone)
+    assert [layer.get_submodule(adapter.ffn_out).in_features for layer in layers] == skeleton["ffn_sizes"]
     assert predictor.task.template.startswith("Review:")  # the decoder phrasing travels with the prompt
     result = predictor.evaluate(_dev_examples(48))
     assert result["examples"] == 48
@@ -115,8 +119,9 @@ def test_short_pipeline_predictor_scores_what_the_retune_stage_measured(short_ru
 
 
 def test_compact_equals_masked_full_model_and_prompt_cache_equals_plain_path(smollm2, short_run, tmp_path):
-    """fp32, real SST-2 inputs, the stage-1 prompt: the compact model (FFN 0.3, 2 of 3 KV groups) answers
-    as the full model with the pruned units masked; the prompt KV cache changes nothing."""
+    """fp32, real SST-2 inputs, the stage-1 prompt: the compact model (FFN 0.3 and 2 of 3 KV groups overall,
+    each layer at its own width) answers as the full model with the pruned units masked; the prompt KV cache
+    changes nothing."""
     convert(str(smollm2), short_run / "skeleton.json", short_run / "prompt", tmp_path / "compact")
     cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=8)
     compact = Predictor.from_checkpoint(tmp_path / "compact", cfg)

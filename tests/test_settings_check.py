@@ -53,6 +53,9 @@ def run(finished, tmp_path):
     (["--lr", "0.05", "--stages", "retune"], ["retune: lr 0.1 -> 0.05"]),
     (["--lr", "0.05"], ["prompt: lr 0.1 -> 0.05", "retune: lr 0.1 -> 0.05"]),
     (["--compensate", "mean", "--head-keep", "0.5"], ["localize: head_keep 1.0 -> 0.5", "convert: compensate none -> mean"]),
+    (["--retune-lr", "0.05"], ["retune: lr 0.1 -> 0.05"]),  # re-tuning's own budget: stage 1 unchanged
+    (["--keep-mode", "uniform"], ["localize: keep_mode global -> uniform"]),  # the decoder default, as recorded
+    (["--protect-outliers", "0"], ["localize: protect_outliers 20.0 -> 0.0"]),
 ])
 def test_changed_settings_are_refused_before_any_work(flags, needles, tiny_models, sentiment_files, run, capsys):
     before = _mtimes(run)
@@ -94,7 +97,8 @@ def test_overwrite_redoes_the_changed_stage_and_what_follows(tiny_models, sentim
     assert after["attribution.safetensors"] == before["attribution.safetensors"]
     assert all(after[k] != before[k] for k in ("skeleton.json", "compact/manifest.json", "retune/prompt.safetensors"))
     skeleton = json.loads((run / "skeleton.json").read_text())
-    assert skeleton["ffn_keep"] == 0.25 and set(skeleton["ffn_sizes"]) == {16}  # 0.25 of 64 neurons, align 8
+    sizes = skeleton["ffn_sizes"]  # 0.25 of 64 neurons per layer overall (decoder default: global), align 8
+    assert skeleton["ffn_keep"] == 0.25 and abs(sum(sizes) - 16 * len(sizes)) <= 8 * len(sizes)
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["ffn_keep"] == 0.25 and summary["ffn_sizes"] == skeleton["ffn_sizes"]
     assert summary["skeleton_after_retune"] != old_retune["metrics"] or \
@@ -113,6 +117,19 @@ def test_overwrite_retune_lr_takes_effect(tiny_models, sentiment_files, run):
     assert retune["config"]["lr"] == 0.05 and retune["settings"]["values"]["lr"] == 0.05
     prompt = json.loads((run / "prompt" / "metrics.json").read_text())
     assert prompt["settings"]["values"]["lr"] == 0.1  # stage 1 was not asked for: kept as it was
+
+
+def test_retune_budget_is_its_own(tiny_models, sentiment_files, tmp_path):
+    """--retune-epochs / --retune-lr set re-tuning's budget apart from stage 1's (0: the same)."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_models["llama"], sentiment_files, out, "--max-steps", "0", "--epochs", "1",
+                 "--retune-epochs", "2", "--retune-lr", "0.02")
+    assert run_command(train, argv) == 0
+    prompt = json.loads((out / "prompt" / "metrics.json").read_text())
+    retune = json.loads((out / "retune" / "metrics.json").read_text())
+    assert retune["steps"] == 2 * prompt["steps"] > 0
+    assert (prompt["settings"]["values"]["epochs"], prompt["settings"]["values"]["lr"]) == (1.0, 0.1)
+    assert (retune["settings"]["values"]["epochs"], retune["settings"]["values"]["lr"]) == (2.0, 0.02)
 
 
 def test_redoing_a_stage_removes_unrequested_outputs_made_from_it(tiny_models, sentiment_files, run, capsys):

@@ -15,7 +15,7 @@ import os
 import torch
 
 from skeleton_ds import checkpoint, engine
-from skeleton_ds.adapters import Geometry
+from skeleton_ds.adapters import Geometry, adapter_for
 from skeleton_ds.attribution import read_attribution
 from skeleton_ds.config import Config
 from skeleton_ds.localization import Skeleton, check_scores, select, skeleton_record
@@ -46,12 +46,13 @@ class LocalizeRecipe(RecordsSettings):
                               str(self.source))
         geometry = Geometry(**meta["geometry"])
         check_scores(scores, geometry, str(self.source))
+        keep_mode, protect = adapter_for(model_config.model_type).localization(cfg.keep_mode, cfg.protect_outliers)
         skeleton = select(scores, geometry, ffn_keep=cfg.ffn_keep, head_keep=cfg.head_keep, align=cfg.align,
-                          mode=cfg.keep_mode, protect=cfg.protect_outliers)
+                          mode=keep_mode, protect=protect)
         if os.environ.get("RANK", "0") == "0":
             plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png", cfg.output / "skeleton_heads.png")
-            record = skeleton_record(skeleton, meta, keep_mode=cfg.keep_mode, ffn_keep=cfg.ffn_keep,
-                                     head_keep=cfg.head_keep, align=cfg.align, protect_outliers=cfg.protect_outliers)
+            record = skeleton_record(skeleton, meta, keep_mode=keep_mode, ffn_keep=cfg.ffn_keep,
+                                     head_keep=cfg.head_keep, align=cfg.align, protect_outliers=protect)
             record["settings"] = self.settings_record()
             checkpoint.write_json(self.out_file, record)  # last: marks done
             print(f"skeleton_ds: skeleton (FFN {skeleton.ffn_sizes()[0]}/{geometry.ffn_size} per layer"

@@ -65,12 +65,18 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
             init |= {"head.weight": model.head.weight.data, "head.bias": model.head.bias.data}
         return init
 
+    def budget(self) -> tuple[float, float]:
+        """(epochs, learning rate) of this stage, as its settings record has them (re-tuning's own, if set)."""
+        values = self.settings_record()["values"]
+        return values["epochs"], values["lr"]
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         # Everything a user can get wrong is checked before the process group or any file exists.
+        epochs, lr = self.budget()
         ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
-                                             batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+                                             batch_size=cfg.batch_size, lr=lr, precision=cfg.precision)
         spec = self.model_spec()
         train, dev = self.load_examples()
         self._check_output_dir()
@@ -84,8 +90,8 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         if self.steps_per_epoch == 0:
             raise UserError(f"the training split has {len(self.train_set)} examples, fewer than one global batch of "
                             f"{self.global_batch}: lower --batch-size or use more examples")
-        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
-        groups = [{"params": [model.prompt.embedding], "lr": cfg.lr}]
+        self.total_steps = cfg.max_steps or math.ceil(epochs * self.steps_per_epoch)
+        groups = [{"params": [model.prompt.embedding], "lr": lr}]
         if model.head is not None:
             groups.append({"params": list(model.head.parameters()), "lr": cfg.head_lr})
 

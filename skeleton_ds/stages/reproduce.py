@@ -94,7 +94,7 @@ DECODER = ModelPlan(
            "rte": dict(seeds=1, train=1000, attr=300, dev=0, epochs=1.0)},
     variants={"attribution": Variant("attribution", localize=DECODER_LOCALIZE),
               "attribution+comp": Variant("attribution", "mean", DECODER_LOCALIZE),
-              "attribution-uniform": Variant("attribution"),
+              "attribution-uniform": Variant("attribution", localize=("--keep-mode", "uniform", "--protect-outliers", "0")),
               "random": Variant("random", localize=DECODER_LOCALIZE),
               "weight-magnitude": Variant("weight-magnitude", localize=DECODER_LOCALIZE),
               "activation-magnitude": Variant("activation-magnitude", localize=DECODER_LOCALIZE, keeps=(0.3, 0.2))},
@@ -202,7 +202,7 @@ def _seconds(run: Path) -> float:
     return sum(json.loads((run / "metrics.json").read_text()).get("stage_seconds", {}).values())
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
+def copy_atomically(source: Path, target: Path) -> None:
     """A copy that is complete or absent, so an interrupted table never resumes from half a prompt."""
     partial = target.with_name(f".{target.name}.partial")
     if partial.is_dir():  # left by an interrupted copy
@@ -274,11 +274,11 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
         variant = cfg.model_plan.variants[name]
         run = base / _run_name(keep, head, name)
         if not (run / "prompt").exists():  # every skeleton starts from the same stage-1 prompt
-            _copy_atomically(base / "full" / "prompt", run / "prompt")
+            copy_atomically(base / "full" / "prompt", run / "prompt")
         _check_shared(run, base / "full", "prompt")
         if variant.scorer == "attribution":
             if not (run / "attribution.safetensors").exists():
-                _copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
+                copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
             _check_shared(run, base / "full", "attribute")
         head_flags = ["--head-keep", str(head)] if head != 1.0 else []
         _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",

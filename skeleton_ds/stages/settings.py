@@ -28,6 +28,9 @@ STAGE_FLAGS: dict[str, tuple[str, ...]] = {
 }
 """Each stage's own flags (Config field names) that change its output."""
 
+STAGE_OVERRIDES: dict[str, dict[str, str]] = {"retune": {"epochs": "retune_epochs", "lr": "retune_lr"}}
+"""Flags a stage takes from its own option when that is set (non-zero): re-tuning's budget."""
+
 USES = {"prompt": ("base", "task", "batch"), "attribute": ("base", "task", "batch"), "localize": (),
         "convert": ("base",), "retune": ("task", "batch")}
 """Which shared parts each stage depends on: the base model, the task and its data, the global batch
@@ -85,8 +88,23 @@ class RunSettings:
                                       batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
         return {"global_batch": ds["train_batch_size"], "precision": str(engine.param_dtype(ds)).replace("torch.", "")}
 
+    @cached_property
+    def resolved(self) -> dict:
+        """Flags whose default depends on the architecture, as this model resolves them (a run with
+        the default and one naming the same value explicitly are the same run)."""
+        keep_mode, protect = adapter_for(self._model_config[1].model_type).localization(
+            self.cfg.keep_mode, self.cfg.protect_outliers)
+        return {"keep_mode": keep_mode, "protect_outliers": protect}
+
+    def value(self, stage: str, name: str):
+        """A flag as `stage` uses it: resolved for this architecture, or the stage's own override."""
+        if name in self.resolved:
+            return self.resolved[name]
+        override = STAGE_OVERRIDES.get(stage, {}).get(name)
+        return (override and getattr(self.cfg, override)) or getattr(self.cfg, name)
+
     def values(self, stage: str) -> dict:
-        own = {name: checkpoint.json_value(getattr(self.cfg, name)) for name in STAGE_FLAGS[stage]}
+        own = {name: checkpoint.json_value(self.value(stage, name)) for name in STAGE_FLAGS[stage]}
         shared = {"base": self.base} if "base" in USES[stage] else {}
         shared |= {"task": self.task} if "task" in USES[stage] else {}
         return shared | own | (self.batch if "batch" in USES[stage] else {})
