@@ -66,6 +66,7 @@ TABLES = {
     "study_compensation": _same(lambda r: _script("study_compensation").markdown(r)),
     "study_localization": _same(lambda r: _script("study_localization").markdown(r)),
     "study_decoder": _same(lambda r: _script("study_decoder").markdown(r)),
+    "study_retune": _same(lambda r: _script("study_retune").markdown(r)),
     "scale_run": _scale_run,
     "reproduce": _reproduce,
     "load_test": _same(lambda r: _script("load_test").markdown(r)),

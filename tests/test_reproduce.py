@@ -92,7 +92,8 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     runs = cfg.skeletons()
     assert (0.3, 1.0, "activation-magnitude") in runs and (0.5, 1.0, "activation-magnitude") not in runs
     assert [(k, h) for k, h, _ in runs if h != 1.0] == [(0.3, 0.67)] * 3
-    assert len(runs) == len(set(runs)) == 2 * 5 + 1 + 3
+    assert (0.3, 1.0, "attribution-retune3") in runs
+    assert len(runs) == len(set(runs)) == 2 * 5 + 2 + 3
     assert ReproduceConfig(data_dir=SHARED_DATA, kind="decoder", variants=("random",)).skeletons() == [
         (0.3, 1.0, "random"), (0.5, 1.0, "random"), (0.3, 0.67, "random")]
     rows = [dict(task="cb", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
