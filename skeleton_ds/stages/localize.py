@@ -15,7 +15,7 @@ import os
 import torch
 
 from skeleton_ds import checkpoint, engine
-from skeleton_ds.adapters import Geometry, adapter_for
+from skeleton_ds.adapters import Geometry
 from skeleton_ds.attribution import read_attribution
 from skeleton_ds.config import Config
 from skeleton_ds.localization import Skeleton, check_scores, select, skeleton_record
@@ -46,7 +46,8 @@ class LocalizeRecipe(RecordsSettings):
                               str(self.source))
         geometry = Geometry(**meta["geometry"])
         check_scores(scores, geometry, str(self.source))
-        keep_mode, protect = adapter_for(model_config.model_type).localization(cfg.keep_mode, cfg.protect_outliers)
+        values = self.settings_record()["values"]  # the architecture's defaults resolved once, in the record
+        keep_mode, protect = values["keep_mode"], values["protect_outliers"]
         skeleton = select(scores, geometry, ffn_keep=cfg.ffn_keep, head_keep=cfg.head_keep, align=cfg.align,
                           mode=keep_mode, protect=protect)
         if os.environ.get("RANK", "0") == "0":
