@@ -85,9 +85,10 @@ ENCODER = ModelPlan(
 # The decoder plan (SmolLM2-135M: 10x MiniLM's non-embedding parameters). The method is the decoder's
 # localization (docs/study_decoder.md): a global threshold across layers and the massive-activation
 # neurons protected. Every control uses the same localization and differs only in its scores; the
-# paper's uniform allocation is kept as an ablation. Measured 2026-12-02 on 2 cores: prompt tuning
-# about 3 SST-2 examples/s on the full model, 5/s re-tuning a keep-0.3 skeleton, so one SST-2 skeleton
-# (2,000 examples, the full dev set before and after) takes about 10 min (three re-tuning epochs: 25) and the whole plan about 7 h.
+# paper's uniform allocation is kept as an ablation. Measured 2026-12-02 on 2 cores (run logs of
+# launch/study_retune.py): a forward and backward pass of the full model 2.8 SST-2 examples/s (attribution),
+# re-tuning 5/s on a keep-0.3 skeleton and 4/s on keep 0.5. Estimated from these: one SST-2 skeleton
+# (2,000 examples, the full dev set before and after) about 10 min (three re-tuning epochs: 25), the plan about 7 h.
 DECODER_LOCALIZE = ("--keep-mode", "global", "--protect-outliers", "20")
 DECODER = ModelPlan(
     tasks={"sst2": dict(seeds=1, train=2000, attr=300, dev=0, epochs=1.0),
