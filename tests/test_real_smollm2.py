@@ -157,3 +157,41 @@ def test_zero_shot_floor_is_the_base_model_reading_the_verbalizer_without_a_prom
             logits = model(input_ids=torch.tensor([item.input_ids])).logits[0, -1]
         expected.append(logits[ids])
     torch.testing.assert_close(zero.logits(zero.encode(examples)), torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_several_decoder_tasks_are_served_on_one_shared_base(smollm2, short_run, tmp_path):
+    """Three SmolLM2 skeletons on one base: the re-tuned SST-2 run (FFN 0.3, 2 of 3 KV groups), the same
+    prompt on a keep-0.5 uniform skeleton, and a random prompt on a keep-0.2 global one (seeded random
+    scores: each layer its own width). Each answers as its own compact checkpoint, owns only its slices
+    and prompt, and comes back identical after eviction."""
+    from skeleton_ds.bench import compact_checkpoint, synthetic_prompt_dir
+    from skeleton_ds.multitask import MultiTaskModel
+
+    cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=8)
+    half = compact_checkpoint(smollm2, short_run / "prompt", None, tmp_path / "half", ffn_keep=0.5, head_keep=1.0,
+                              align=64, slice_lm_head=False)
+    other = synthetic_prompt_dir(smollm2, tmp_path / "other-prompt", 8, "lm")
+    fifth = compact_checkpoint(smollm2, other, None, tmp_path / "fifth", ffn_keep=0.2, head_keep=1.0, align=64,
+                               slice_lm_head=False, mode="global")
+    compacts = {"sst2": short_run / "compact", "half": half, "fifth": fifth}
+    registry = MultiTaskModel(str(smollm2), [f"sst2={short_run}", f"half={half}", f"fifth={fifth}"], cfg=cfg)
+    texts = [e.texts[0] for e in _dev_examples(6, seed=5)]
+    answers = {}
+    for name, compact in compacts.items():
+        examples = registry.parse_inputs(name, texts)
+        alone = Predictor.from_checkpoint(compact, cfg)
+        torch.testing.assert_close(registry._predictor(name).logits(alone.encode(examples)),
+                                   alone.logits(alone.encode(examples)), rtol=1e-4, atol=1e-4)
+        answers[name] = registry.predict(name, examples)
+        assert [a["label"] for a in answers[name]] == [a["label"] for a in alone.predict(examples)]
+    shared = registry.backbone.model.get_input_embeddings().weight.data_ptr()
+    assert all(registry._predictor(n).model.backbone.get_input_embeddings().weight.data_ptr() == shared
+               for n in compacts)
+    memory = registry.memory()
+    assert all(0 < memory["tasks"][n] < 0.5 * memory["shared_bytes"] for n in compacts)
+    smallest = MultiTaskModel(str(smollm2), [f"sst2={short_run}", f"fifth={fifth}"], cfg=cfg,
+                              cache_bytes=max(memory["tasks"]["sst2"], memory["tasks"]["fifth"]))  # one at a time
+    for name in ("sst2", "fifth", "sst2"):
+        got = smallest.predict(name, smallest.parse_inputs(name, texts))
+        assert [a["label"] for a in got] == [a["label"] for a in answers[name]]
+    assert sum(s.evictions for s in smallest.cache_stats().values()) >= 2
