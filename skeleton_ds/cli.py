@@ -259,10 +259,13 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
     args = list(argv) if argv is not None else sys.argv[1:]
     cfg = ReproduceConfig(**vars(p.parse_args(args)), command=shlex.join(["skeleton-ds", "reproduce", *args]))
     _quiet_libraries()
+    from skeleton_ds.preemption import stop_on_signals
     from skeleton_ds.stages.reproduce import markdown
     from skeleton_ds.stages.reproduce import reproduce as run_reproduce
 
-    print(markdown(run_reproduce(cfg)))
+    with stop_on_signals():  # SIGUSR1/SIGTERM: the running stage checkpoints; the same command resumes the table
+        record = run_reproduce(cfg)
+    print(markdown(record))
     return 0
 
 

@@ -5,6 +5,8 @@ finished runs instead of redoing them, and a run whose plan changed since is ref
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -52,6 +54,39 @@ def test_reproduce_quick_builds_every_variant(tmp_path, capsys, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")} == finished
 
 
+@pytest.mark.realdata
+def test_a_stop_signal_to_the_table_checkpoints_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    """What a batch scheduler sends (SIGTERM) reaches the table between two pipeline runs: the table stops
+    with the preemption exit code, keeps what finished, and the same command completes it."""
+    from skeleton_ds import preemption
+    from skeleton_ds.stages import reproduce as module
+
+    out = tmp_path / "reproduce"
+    argv = ["--data-dir", str(SHARED_DATA), "--tasks", "cb", "--seeds", "1", "--ffn-keeps", "0.5", "--variants",
+            "attribution", "--quick", "--no-docs", "--output", str(out)]
+    real_stage, calls = module._stage, []
+
+    def stage_then_signal(stage_argv):
+        real_stage(stage_argv)
+        calls.append(stage_argv)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the command, or it ends this test process
+
+    monkeypatch.setattr(module, "_stage", stage_then_signal)
+    try:
+        assert run_command(reproduce, argv) == preemption.PREEMPTED_EXIT_CODE
+    finally:
+        preemption.reset()
+    assert "preempted: stopped on SIGTERM" in capsys.readouterr().err
+    assert (out / "cb" / "seed0" / "full" / "prompt" / "metrics.json").is_file()
+    assert not (out / "reproduce.json").exists()
+    full = (out / "cb" / "seed0" / "full" / "prompt" / "prompt.safetensors").stat().st_mtime_ns
+    assert run_command(reproduce, argv) == 0
+    assert (out / "cb" / "seed0" / "full" / "prompt" / "prompt.safetensors").stat().st_mtime_ns == full  # reused
+    assert [r["variant"] for r in json.loads((out / "reproduce.json").read_text())["table"]] == ["attribution"]
+
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--tasks", "mnli"], "--tasks takes a comma list of"),
     (["--ffn-keeps", "0.3,1.5"], "--ffn-keeps takes ratios in (0, 1)"),
@@ -78,10 +113,13 @@ def test_every_planned_skeleton_gives_a_valid_stage_command(kind, task, tmp_path
     assert config.resume is True and config.max_train_examples == PLANS[kind].tasks[task]["train"]
     spec = get_task(config.task, generic_spec(config))  # checks the template against the fields
     assert load_split(spec, "dev", config.data_dir)
-    for keep, head, name in cfg.skeletons():
+    retune = PLANS[kind].tasks[task].get("retune_epochs")
+    for keep, head, name in cfg.skeletons(task):
         variant = PLANS[kind].variants[name]
         config = config_from_args(stage_flags(task, 0, cfg) + ["--output", str(tmp_path / "run"), "--ffn-keep",
-                                                               str(keep), "--head-keep", str(head), *variant.flags()])
+                                                               str(keep), "--head-keep", str(head),
+                                                               *(["--retune-epochs", str(retune)] if retune else []),
+                                                               *variant.flags()])
         assert (config.scorer, config.compensate, config.ffn_keep) == (variant.scorer, variant.compensate, keep)
 
 
@@ -89,20 +127,24 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     """The decoder plan: every variant at every keep, activation-magnitude where planned, the head-pruned
     row; the tables show the zero-shot floor, the head row and its own speed-up."""
     cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, model="smollm2-135m", kind="decoder")
-    runs = cfg.skeletons()
+    runs = cfg.skeletons("sst2")
     assert (0.3, 1.0, "activation-magnitude") in runs and (0.5, 1.0, "activation-magnitude") not in runs
     assert [(k, h) for k, h, _ in runs if h != 1.0] == [(0.3, 0.67)] * 3
     assert (0.3, 1.0, "attribution-retune3") in runs
     assert len(runs) == len(set(runs)) == 2 * 5 + 2 + 3
-    assert ReproduceConfig(data_dir=SHARED_DATA, kind="decoder", variants=("random",)).skeletons() == [
+    # CB (three seeds): the method and its controls only; the ablations and the head row are SST-2's
+    cb = cfg.skeletons("cb")
+    assert len(cb) == 2 * 4 + 1 and {v for _, _, v in cb} == {"attribution", "attribution+comp", "random",
+                                                                "weight-magnitude", "activation-magnitude"}
+    assert ReproduceConfig(data_dir=SHARED_DATA, kind="decoder", variants=("random",)).skeletons("sst2") == [
         (0.3, 1.0, "random"), (0.5, 1.0, "random"), (0.3, 0.67, "random")]
-    rows = [dict(task="cb", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
-                 zero_shot=0.4, parameters_full=134_500_000, parameters_compact=90_000_000, train_examples=250,
-                 dev_examples=56, majority=0.5) for s in range(3) for k, h, v in runs]
+    rows = [dict(task="sst2", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
+                 zero_shot=0.4, parameters_full=134_500_000, parameters_compact=90_000_000, train_examples=2000,
+                 dev_examples=872, majority=0.5) for s in range(3) for k, h, v in runs]
     from skeleton_ds.stages.reproduce import aggregate
 
     variants = list(cfg.variants)
-    record = {"model": cfg.model, "date": "2026-12-02", "seconds": 60.0, "command": "c", "plan": {"cb": cfg.plan("cb")},
+    record = {"model": cfg.model, "date": "2026-12-02", "seconds": 60.0, "command": "c", "plan": {"sst2": cfg.plan("sst2")},
               "task_order": list(PLANS["decoder"].tasks), "variants": variants, "note": PLANS["decoder"].note,
               "table": aggregate(rows, PLANS["decoder"].tasks, variants), "speedups": {"0.3": 1.5, "0.3/0.67": 1.7}}
     assert [r["head_keep"] for r in record["table"]][-3:] == [0.67] * 3
@@ -112,6 +154,8 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     assert table.count("\n") == 2 + 3  # header, rule, one row per (keep, head keep)
     text = markdown(record)
     assert text.count("| 0.3, heads 0.67 |") == 3 and "--keep-mode global --protect-outliers 20" in text
+    assert "cb 3 seed(s), all training examples, all scored, 4 epoch(s) (2 re-tuning)" in markdown(
+        record | {"plan": {"sst2": cfg.plan("sst2"), "cb": cfg.plan("cb")}})
 
 
 def test_reproduce_refuses_an_unknown_variant(tmp_path, capsys):

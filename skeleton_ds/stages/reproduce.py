@@ -51,19 +51,30 @@ class Variant:
     compensate: str = "none"
     localize: tuple[str, ...] = ()  # extra localize flags (allocation, outlier protection)
     keeps: tuple[float, ...] | None = None  # only at these FFN keep ratios (None: at every one)
+    tasks: tuple[str, ...] | None = None  # only on these tasks (None: on every one)
 
     def flags(self) -> list[str]:
         return ["--scorer", self.scorer, "--compensate", self.compensate, *self.localize]
 
 
 @dataclass(frozen=True)
+class HeadRow:
+    """Skeletons that also prune attention heads, at one FFN keep: the variants run, on which tasks."""
+
+    ffn_keep: float
+    head_keep: float
+    variants: tuple[str, ...]
+    tasks: tuple[str, ...] | None = None  # None: every task
+
+
+@dataclass(frozen=True)
 class ModelPlan:
     """What the table runs for one kind of model (tasks, skeleton variants, head-pruned rows), and why."""
 
-    tasks: dict[str, dict]  # task -> seeds, train, attr, dev (examples; 0: all), epochs
+    tasks: dict[str, dict]  # task -> seeds, train, attr, dev (examples; 0: all), epochs[, retune_epochs]
     variants: dict[str, Variant]
     ffn_keeps: tuple[float, ...]
-    head_rows: tuple[tuple[float, float, tuple[str, ...]], ...] = ()  # (FFN keep, head keep, variants) also run
+    head_rows: tuple[HeadRow, ...] = ()
     zero_shot: bool = False  # a verbalizer readout has a floor: the base model with the template, no prompt
     note: str = ""
 
@@ -84,29 +95,34 @@ ENCODER = ModelPlan(
 
 # The decoder plan (SmolLM2-135M: 10x MiniLM's non-embedding parameters). The method is the decoder's
 # localization (docs/study_decoder.md): a global threshold across layers and the massive-activation
-# neurons protected. Every control uses the same localization and differs only in its scores; the
-# paper's uniform allocation is kept as an ablation. Measured 2026-12-02 on 2 cores (run logs of
-# launch/study_retune.py): a forward and backward pass of the full model 2.8 SST-2 examples/s (attribution),
-# re-tuning 5/s on a keep-0.3 skeleton and 4/s on keep 0.5. Estimated from these: one SST-2 skeleton
-# (2,000 examples, the full dev set before and after) about 10 min (three re-tuning epochs: 25), the plan about 7 h.
+# neurons protected. Every control uses the same localization and differs only in its scores. SST-2 also
+# runs the ablations (the paper's uniform allocation, three re-tuning epochs at keep 0.3) and the
+# head-pruned row. Measured on 2 cores (run logs of launch/study_retune.py and of this table): a forward
+# and backward pass of the full model 2.8 SST-2 examples/s (23 tokens) and 0.9 CB examples/s (100 tokens);
+# re-tuning 5/s on a keep-0.3 SST-2 skeleton and 4/s at keep 0.5. Estimated from these: one SST-2 skeleton
+# (2,000 examples, the full dev set before and after) about 10 min, SST-2 about 3 h; a CB seed (4 prompt
+# epochs, nine skeletons re-tuned for 2 epochs of its 250 examples) about 70 min. The plan: about 6.5 h.
 DECODER_LOCALIZE = ("--keep-mode", "global", "--protect-outliers", "20")
+SST2_ONLY = ("sst2",)
 DECODER = ModelPlan(
     tasks={"sst2": dict(seeds=1, train=2000, attr=300, dev=0, epochs=1.0),
-           "cb": dict(seeds=3, train=0, attr=0, dev=0, epochs=4.0),
+           "cb": dict(seeds=3, train=0, attr=0, dev=0, epochs=4.0, retune_epochs=2.0),
            "rte": dict(seeds=1, train=1000, attr=300, dev=0, epochs=1.0)},
     variants={"attribution": Variant("attribution", localize=DECODER_LOCALIZE),
               "attribution+comp": Variant("attribution", "mean", DECODER_LOCALIZE),
-              "attribution-uniform": Variant("attribution", localize=("--keep-mode", "uniform", "--protect-outliers", "0")),
+              "attribution-uniform": Variant("attribution", localize=("--keep-mode", "uniform", "--protect-outliers", "0"),
+                                             tasks=SST2_ONLY),
               "random": Variant("random", localize=DECODER_LOCALIZE),
               "weight-magnitude": Variant("weight-magnitude", localize=DECODER_LOCALIZE),
               "activation-magnitude": Variant("activation-magnitude", localize=DECODER_LOCALIZE, keeps=(0.3, 0.2)),
               # the re-tuning budget decides at keep 0.3 (docs/study_retune.md)
               "attribution-retune3": Variant("attribution", localize=(*DECODER_LOCALIZE, "--retune-epochs", "3"),
-                                             keeps=(0.3, 0.2))},
+                                             keeps=(0.3, 0.2), tasks=SST2_ONLY)},
     ffn_keeps=(0.3, 0.5),
-    head_rows=((0.3, 0.67, ("attribution", "attribution+comp", "random")),),
+    head_rows=(HeadRow(0.3, 0.67, ("attribution", "attribution+comp", "random"), tasks=SST2_ONLY),),
     zero_shot=True,
-    note="localization for every variant but attribution-uniform: --keep-mode global --protect-outliers 20")
+    note="localization for every variant but attribution-uniform: --keep-mode global --protect-outliers 20; "
+         "attribution-uniform, attribution-retune3 and the head-pruned row on SST-2 only")
 PLANS = {"encoder": ENCODER, "decoder": DECODER}
 QUICK = dict(train=64, attr=32, dev=64, epochs=1.0)
 GENERIC_QNLI = ["--task", "generic", "--text-columns", "text_a,text_b", "--label-column", "label",
@@ -181,13 +197,19 @@ class ReproduceConfig:
     def plan(self, task: str) -> dict:
         return self.model_plan.tasks[task] | (QUICK if self.quick else {})
 
-    def skeletons(self) -> list[tuple[float, float, str]]:
-        """(FFN keep, head keep, variant) of every skeleton a task and seed builds, in table order."""
+    def skeletons(self, task: str) -> list[tuple[float, float, str]]:
+        """(FFN keep, head keep, variant) of every skeleton a seed of `task` builds, in table order."""
         plan = self.model_plan
+
+        def planned(variant: Variant, keep: float) -> bool:
+            return ((variant.keeps is None or keep in variant.keeps)
+                    and (variant.tasks is None or task in variant.tasks))
+
         runs = [(keep, 1.0, name) for keep in self.ffn_keeps for name in self.variants
-                if plan.variants[name].keeps is None or keep in plan.variants[name].keeps]
-        runs += [(keep, head, name) for keep, head, names in plan.head_rows if keep in self.ffn_keeps
-                 for name in names if name in self.variants]
+                if planned(plan.variants[name], keep)]
+        runs += [(row.ffn_keep, row.head_keep, name) for row in plan.head_rows
+                 if row.ffn_keep in self.ffn_keeps and (row.tasks is None or task in row.tasks)
+                 for name in row.variants if name in self.variants]
         return runs
 
 
@@ -272,7 +294,9 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
     _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
     full = json.loads((base / "full" / "prompt" / "metrics.json").read_text())
     floor = zero_shot(base / "full", cfg, task, seed) if cfg.model_plan.zero_shot else None
-    skeletons = cfg.skeletons()
+    skeletons = cfg.skeletons(task)
+    retune = cfg.plan(task).get("retune_epochs")
+    retune_flags = ["--retune-epochs", str(retune)] if retune else []
     full_seconds = _seconds(base / "full") / len(skeletons)  # shared by every skeleton
     rows = []
     for keep, head, name in skeletons:
@@ -287,7 +311,7 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
             _check_shared(run, base / "full", "attribute")
         head_flags = ["--head-keep", str(head)] if head != 1.0 else []
         _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
-                         "--ffn-keep", str(keep), *head_flags, *variant.flags()])
+                         "--ffn-keep", str(keep), *head_flags, *retune_flags, *variant.flags()])
         retune = json.loads((run / "retune" / "metrics.json").read_text())
         conversion = json.loads((run / "conversion.json").read_text())
         rows.append({"task": task, "seed": seed, "ffn_keep": keep, "head_keep": head, "variant": name,
@@ -337,7 +361,7 @@ def speedups(cfg: ReproduceConfig, work: Path) -> dict[str, float]:
     so each layer runs at the width the table's skeletons keep. Keys: "0.3", or "0.3/0.67" with head pruning."""
     from skeleton_ds.bench import SHAPES, BenchConfig, run_bench
 
-    heads = sorted({head for keep, head, _ in cfg.skeletons() if head != 1.0})
+    heads = sorted({head for task in cfg.tasks for _, head, _ in cfg.skeletons(task) if head != 1.0})
     if cfg.kind == "decoder":
         if Path(cfg.model).name not in SHAPES:  # the benchmark builds only the shapes it knows
             return {}
@@ -378,7 +402,8 @@ def _plan_note(record: dict) -> str:
     plan = sorted(record["plan"].items(), key=lambda kv: order.index(kv[0]))  # JSON sorts the keys
     note = "Plan (0: all): " + "; ".join(
         f"{task} {p['seeds']} seed(s), {p['train'] or 'all'} training examples, {p['attr'] or 'all'} scored, "
-        f"{p['epochs']:g} epoch(s)" for task, p in plan) + "."
+        f"{p['epochs']:g} epoch(s)" + (f" ({p['retune_epochs']:g} re-tuning)" if p.get("retune_epochs") else "")
+        for task, p in plan) + "."
     return note + (f" Skeletons: {record['note']}." if record.get("note") else "")
 
 
