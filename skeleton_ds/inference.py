@@ -30,6 +30,7 @@ from torch import nn
 from skeleton_ds import checkpoint, data, engine
 from skeleton_ds.errors import UserError
 from skeleton_ds.prompt import PromptedClassifier
+from skeleton_ds.static_shapes import Buckets, StaticPromptDecoder, prompt_key_values
 from skeleton_ds.tasks import Example, Task, compute_metrics, task_from_record
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,6 +44,12 @@ class InferenceConfig:
     batch_size: int = 32
     prompt_cache: bool = True
     compile: bool = False
+    static: str = "auto"  # decoders with a prompt cache: on | off | auto (on for CUDA); see static_shapes
+
+    def static_shapes(self) -> bool:
+        """Whether decoders run at bucketed static shapes: it removes per-batch host work and lets CUDA graphs
+        capture the pass; eager CPU gains nothing from it (the padding to a bucket costs compute there)."""
+        return self.static == "on" or (self.static == "auto" and self.torch_device().type == "cuda")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -51,6 +58,8 @@ class InferenceConfig:
             raise UserError(f"--quant must be one of {', '.join(engine.QUANT_MODES)}, got {self.quant!r}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.static not in ("auto", "on", "off"):
+            raise UserError(f"--static must be auto, on or off, got {self.static!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
         if self.device != "auto" and not self.device.startswith(("cuda", "cpu")):
@@ -80,15 +89,8 @@ class PromptCachedDecoder(nn.Module):
         if not model.adapter.causal:
             raise ValueError("only decoders (causal attention) can reuse the prompt's keys and values")
         self.model = model
-        base = model.backbone.base_model
-        n = model.prompt.embedding.shape[0]
-        self.prompt_length = n
-        embeds = model.prompt(1).to(model.backbone.get_input_embeddings().weight.dtype)
-        with torch.inference_mode():
-            out = base(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long, device=embeds.device),
-                       position_ids=torch.arange(n, device=embeds.device)[None], use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        self.prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.prompt_length = model.prompt.embedding.shape[0]
+        self.prompt_kv = prompt_key_values(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
@@ -103,6 +105,10 @@ class PromptCachedDecoder(nn.Module):
                                                 cache=cache, use_cache=True).last_hidden_state
         return self.model.read_labels(states, attention_mask, answer_index)
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """What this path holds beyond the model (a server counts it against its cache budget)."""
+        return [t for pair in self.prompt_kv for t in pair]
+
 
 class Predictor:
     """A prompted model ready to answer its task: records in, label probabilities out."""
@@ -114,9 +120,13 @@ class Predictor:
         self.device = next(model.backbone.parameters()).device
         self.causal = model.adapter.causal
         cached = self.causal and cfg.prompt_cache and model.prompt.embedding.shape[0] > 0  # (zero-shot: no prompt)
-        self.forward = PromptCachedDecoder(model) if cached else model
-        if cfg.compile:
-            self.forward = torch.compile(self.forward, dynamic=True)
+        if cached and cfg.static_shapes():
+            self.forward = StaticPromptDecoder(model, Buckets.up_to(cfg.batch_size, record["max_length"]),
+                                               tokenizer.pad_token_id, compile=cfg.compile)
+        else:
+            self.forward = PromptCachedDecoder(model) if cached else model
+            if cfg.compile:
+                self.forward = torch.compile(self.forward, dynamic=True)
 
     # ---------------------------------------------------------------- loading
     @classmethod

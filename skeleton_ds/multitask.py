@@ -256,8 +256,8 @@ class MultiTaskModel:
         predictor = Predictor(model, entry.task, entry.record, self.backbone.tokenizer, self.cfg,
                               source=f"task {entry.name}")
         owned += owned_bytes(model)
-        cached = getattr(predictor.forward, "prompt_kv", [])
-        return predictor, owned + tensor_bytes(t for pair in cached for t in pair)
+        held = getattr(predictor.forward, "held_tensors", list)()  # a decoder's prompt cache
+        return predictor, owned + tensor_bytes(held)
 
     def _predictor(self, name: str) -> Predictor:
         entry = self.tasks[name]

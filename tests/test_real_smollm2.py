@@ -136,6 +136,8 @@ def test_compact_equals_masked_full_model_and_prompt_cache_equals_plain_path(smo
     got = compact.logits(items)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    static = Predictor.from_checkpoint(tmp_path / "compact", replace(cfg, static="on"))  # bucketed static shapes
+    torch.testing.assert_close(static.logits(items), got, rtol=1e-4, atol=1e-4)
 
 
 def test_zero_shot_floor_is_the_base_model_reading_the_verbalizer_without_a_prompt(smollm2, short_run):
