@@ -193,14 +193,18 @@ class Predictor:
     def logits(self, items: Sequence[data.Encoded]) -> torch.Tensor:
         """Label logits [len(items), labels] in input order; batches are cut from length-sorted items."""
         order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-        out = torch.empty(len(items), len(self.task.label_names))
-        pad_id = self.tokenizer.pad_token_id
+        pad_id, cuda = self.tokenizer.pad_token_id, self.device.type == "cuda"
+        results = []
         for start in range(0, len(order), self.cfg.batch_size):
-            chunk = order[start:start + self.cfg.batch_size]
-            batch = data.collate([items[i] for i in chunk], pad_id, left_pad=self.causal)
-            logits = self.forward(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                  batch["answer_index"].to(self.device))
-            out[chunk] = logits.float().cpu()
+            batch = data.collate([items[i] for i in order[start:start + self.cfg.batch_size]], pad_id,
+                                 left_pad=self.causal)
+            # CUDA: pinned host memory, copies that do not wait, and no read-back until every batch is queued
+            ids, mask, answer = (batch[k].pin_memory().to(self.device, non_blocking=True) if cuda
+                                 else batch[k].to(self.device) for k in ("input_ids", "attention_mask", "answer_index"))
+            results.append(self.forward(ids, mask, answer).float())
+        out = torch.empty(len(items), len(self.task.label_names))
+        if results:
+            out[order] = torch.cat(results).cpu()
         return out
 
     def predict(self, examples: Sequence[Example]) -> list[dict]:

@@ -143,4 +143,5 @@ class StaticPromptDecoder(nn.Module):
         slot.ids[:batch, L - length:].copy_(input_ids, non_blocking=True)
         slot.mask[:batch, n + L - length:].copy_(attention_mask, non_blocking=True)
         slot.answer[:batch].copy_(answer_index + (L - length), non_blocking=True)
-        return self._step(slot.ids, slot.mask, slot.answer, slot.cache)[:batch]
+        # a copy: a captured graph writes its next replay into the same output memory
+        return self._step(slot.ids, slot.mask, slot.answer, slot.cache)[:batch].clone()
