@@ -92,7 +92,8 @@ class BenchConfig:
     work_dir: Path | None = None  # where base and compact checkpoints are built (default: a temporary dir)
     seed: int = 0
     skip_peft: bool = False
-    compile: bool = False  # also time the FFN-0.3 compact model under torch.compile
+    compile: bool = False  # also time the FFN-0.3 compact model under torch.compile (dynamic shapes)
+    graphs: bool = False  # decoders: also time full and FFN-0.3 compact at static shapes (CUDA: captured graphs)
     profile: bool = False  # profile the FFN-0.3 compact model's batches (operator time vs wall time)
     lengths: tuple[str, ...] = ("fixed",)  # input groups: fixed text_length tokens; sst2: SST-2 dev lengths
     sst2_examples: int = 64  # sst2: examples per timed call, as whole length-sorted batches
@@ -403,7 +404,8 @@ def _peft(full: Predictor, prompt_dir: Path, adapter_dir: Path, full_logits: boo
 
 
 def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Task | None]:
-    infer = InferenceConfig(device=cfg.device, dtype=cfg.dtype, batch_size=max(cfg.batch_sizes))
+    # today's eager path for every contender; --graphs adds the static-shape rows (the CUDA default of infer/serve)
+    infer = InferenceConfig(device=cfg.device, dtype=cfg.dtype, batch_size=max(cfg.batch_sizes), static="off")
     device, dtype = infer.torch_device(), infer.torch_dtype()
     scores = None
     if cfg.shape in PACKAGED_READOUT:
@@ -432,7 +434,8 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1]
     elif decoder and cfg.head_keep < 1:  # (LLaMA-3-8B and TinyLlama at 0.75: the head count rounds to all)
         _note(f"--head-keep {cfg.head_keep:g} rounds to all {base_groups} KV groups of {cfg.shape}: no head-pruned rows")
-    reused = work / "compact-0.3-1.0" if cfg.quant or cfg.compile else None  # the variants below load it again
+    graphs = cfg.graphs and decoder  # static shapes (CUDA: a captured graph per bucket)
+    reused = work / "compact-0.3-1.0" if cfg.quant or cfg.compile or graphs else None  # variants below reload it
     for ffn_keep, head_keep in plans:
         start = time.perf_counter()
         out = compact_checkpoint(base, prompt_dir, scores, work / f"compact-{ffn_keep}-{head_keep}",
@@ -452,6 +455,9 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         contenders.append(_ours(name, compact, ffn_keep=ffn_keep, head_keep=round(kept, 4)))
     variants = [(f"compact-0.3-{q}", {"quant": q}) for q in cfg.quant]
     variants += [("compact-0.3-compiled", {"compile": True})] if cfg.compile else []
+    if graphs:
+        variants.append(("compact-0.3-graphs", {"static": "on"}))
+        contenders.append(_ours("full-graphs", Predictor.from_prompt(str(base), prompt_dir, replace(infer, static="on"))))
     for name, override in variants:  # the FFN-0.3 compact model served differently
         out = work / "compact-0.3-1.0"
         if not out.is_dir():

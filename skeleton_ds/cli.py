@@ -125,7 +125,7 @@ def infer(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--compile", action="store_true", help="torch.compile the forward")
     r.add_argument("--static", choices=("auto", "on", "off"), default="auto",
                    help="decoders: run at bucketed static shapes (lengths in steps of 32, batches in powers of 2), "
-                        "which CUDA graphs capture with --compile; auto: on for CUDA, off on CPU")
+                        "on CUDA as a captured CUDA graph per bucket; auto: on for CUDA, off on CPU")
     args = p.parse_args(list(argv) if argv is not None else None)
     if bool(args.checkpoint) == bool(args.base or args.prompt) or (args.base and not args.prompt) \
             or (args.prompt and not args.base):
@@ -216,6 +216,9 @@ def bench(argv: Sequence[str] | None = None) -> int:
                    help="decoders: also time PEFT computing the whole vocabulary at every position (a plain "
                         "CausalLM forward)")
     p.add_argument("--compile", action="store_true", help="also time the FFN-0.3 compact model under torch.compile")
+    p.add_argument("--graphs", action="store_true",
+                   help="decoders: also time full and FFN-0.3 compact at static shapes, a captured CUDA graph per "
+                        "bucket on a GPU (infer --static on, the CUDA default); the other rows run --static off")
     p.add_argument("--profile", action="store_true",
                    help="profile the FFN-0.3 compact model: operator time against wall time, top operators")
     args = list(argv) if argv is not None else sys.argv[1:]

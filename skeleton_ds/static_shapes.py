@@ -6,9 +6,12 @@ A batch of b inputs of at most l tokens runs as a bucket (B, L): B the smallest 
   layer sized for the largest bucket, [B_max, kv heads, prompt + L_max, head dim]; a bucket's cache is a
   view of it, [:B, :, :prompt + L], whose text positions each pass overwrites (a transformers StaticCache);
 - per bucket: token ids, the attention mask (its prompt columns set to 1 once) and answer indices.
-The forward is then one function of fixed-shape tensors, which `torch.compile(mode="reduce-overhead")`
-captures as a CUDA graph per bucket. Rows and columns added to reach the bucket are padding that the mask
-hides; positions count real tokens only (as the plain path), so padding never shifts them.
+The forward is then one function of fixed-shape tensors. On CUDA it is captured as a CUDA graph per bucket
+(torch.cuda.CUDAGraph, on first use; every bucket's graph shares one memory pool), and a pass is one graph
+replay instead of ~1,000 kernel launches; with `compile`, torch.compile (mode="reduce-overhead": inductor's
+kernels, captured by inductor) replaces the explicit capture. Rows and columns added to reach the bucket are
+padding that the mask hides; positions count real tokens only (as the plain path), so padding never shifts
+them.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class _Slot:
     mask: torch.Tensor  # [B, prompt + L]; prompt columns are 1
     answer: torch.Tensor  # [B]
     cache: object  # transformers StaticCache over views [:B, :, :prompt + L]
+    graph: object = None  # CUDA: the captured pass, replayed on these very tensors
+    out: torch.Tensor | None = None  # its output (overwritten by every replay)
 
 
 class StaticPromptDecoder(nn.Module):
@@ -94,8 +99,11 @@ class StaticPromptDecoder(nn.Module):
             v[:, :, :self.prompt_length] = values
             self._prompt_cache.append((k, v))
         self._slots: dict[tuple[int, int], _Slot] = {}
+        cuda = self.device.type == "cuda"
+        self.capture = cuda and not compile  # explicit CUDA graphs (torch.compile captures its own)
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._step = torch.compile(self._run, fullgraph=True, dynamic=False,
-                                   mode="reduce-overhead" if self.device.type == "cuda" else None) if compile else self._run
+                                   mode="reduce-overhead" if cuda else None) if compile else self._run
 
     def held_tensors(self) -> list[torch.Tensor]:
         """What this path holds beyond the model: the prompt-cache buffers (every bucket's cache is a view)."""
@@ -122,6 +130,23 @@ class StaticPromptDecoder(nn.Module):
             self._slots[(batch, length)] = slot
         return slot
 
+    def _replay(self, slot: _Slot) -> torch.Tensor:
+        """The bucket's pass as a CUDA graph: captured on first use (after two warm-up passes on a side
+        stream, as CUDA graphs require), replayed after."""
+        if slot.graph is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(slot.ids, slot.mask, slot.answer, slot.cache)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                slot.out = self._run(slot.ids, slot.mask, slot.answer, slot.cache)
+            slot.graph = graph
+        slot.graph.replay()
+        return slot.out
+
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor, cache) -> torch.Tensor:
         n = self.prompt_length
         for layer in cache.layers:  # the text positions of the last pass are overwritten from the prompt's end
@@ -143,5 +168,5 @@ class StaticPromptDecoder(nn.Module):
         slot.ids[:batch, L - length:].copy_(input_ids, non_blocking=True)
         slot.mask[:batch, n + L - length:].copy_(attention_mask, non_blocking=True)
         slot.answer[:batch].copy_(answer_index + (L - length), non_blocking=True)
-        # a copy: a captured graph writes its next replay into the same output memory
-        return self._step(slot.ids, slot.mask, slot.answer, slot.cache)[:batch].clone()
+        out = self._replay(slot) if self.capture else self._step(slot.ids, slot.mask, slot.answer, slot.cache)
+        return out[:batch].clone()  # a copy: a captured graph writes its next replay into the same memory

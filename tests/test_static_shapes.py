@@ -117,3 +117,15 @@ def test_a_served_task_runs_static_and_counts_its_prompt_cache(runs, tiny_models
     assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-5 for a, b in zip(on, off) for k in a["probabilities"])
     # the static path holds its prompt cache sized for the largest bucket: counted against the cache budget
     assert served["on"].memory()["tasks"]["t"] > served["off"].memory()["tasks"]["t"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_cuda_graphs_answer_as_the_eager_path(runs):
+    cfg = InferenceConfig(device="cuda", dtype="fp32", batch_size=8)
+    eager = Predictor.from_checkpoint(runs["llama"] / "compact", replace(cfg, static="off"))
+    graphs = Predictor.from_checkpoint(runs["llama"] / "compact", replace(cfg, static="on"))
+    assert graphs.forward.capture
+    items = graphs.encode(_examples(43))
+    for rows in (items, items[:5], items):  # captured, then replayed on other inputs
+        torch.testing.assert_close(graphs.logits(rows), eager.logits(rows), rtol=1e-4, atol=1e-4)
+    assert all(slot.graph is not None for slot in graphs.forward._slots.values())
