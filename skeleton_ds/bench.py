@@ -85,11 +85,13 @@ class BenchConfig:
     warmup: int = 2
     ffn_keeps: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2)
     head_keep: float = 0.75  # decoders: also compact models with this KV-group keep (1.0: none)
+    head_ffn_keeps: tuple[float, ...] = ()  # the FFN keeps those head-pruned models have (empty: every one < 1)
     align: int = 64
     run_dir: Path | None = None  # packaged models: a pipeline output (prompt + attribution scores) for real accuracy
     data_dir: Path | None = None
     quant: tuple[str, ...] = ()  # extra contenders: the FFN-0.3 compact model in these bitsandbytes modes
     work_dir: Path | None = None  # where base and compact checkpoints are built (default: a temporary dir)
+    base_dir: Path | None = None  # random shapes: a base random_base saved earlier (several benches, one build)
     seed: int = 0
     skip_peft: bool = False
     compile: bool = False  # also time the FFN-0.3 compact model under torch.compile (dynamic shapes)
@@ -124,6 +126,18 @@ class BenchConfig:
             raise UserError("--lengths sst2 reads SST-2/dev.tsv under --data-dir: pass it (e.g. ../shared/data)")
         if self.keep_mode not in ("uniform", "global") or (self.protect_outliers and self.protect_outliers <= 1):
             raise UserError("--keep-mode takes uniform or global, and --protect-outliers a factor > 1 (or 0)")
+        if self.base_dir is not None:
+            if self.shape in PACKAGED_READOUT or not (self.base_dir / "config.json").is_file():
+                raise UserError(f"--base-dir applies to the random shapes and needs a saved model: {self.base_dir}")
+            saved = json.loads((self.base_dir / "config.json").read_text())
+            sizes = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size")
+            wrong = [k for k in sizes if saved.get(k) != SHAPES[self.shape].get(k)]
+            if wrong:
+                raise UserError(f"--base-dir {self.base_dir} is not the {self.shape} shape (it differs in "
+                                f"{', '.join(wrong)}): build it with --shape {self.shape}")
+        if set(self.head_ffn_keeps) - set(self.ffn_keeps):
+            raise UserError("--head-ffn-keeps must be among --ffn-keeps")
         if self.sst2_examples < 1:
             raise UserError("--sst2-examples must be >= 1")
         if self.peft_full_logits and (self.shape == "minilm" or self.skip_peft):
@@ -245,7 +259,7 @@ class PeakProbe:
                 "copy": f"{self.copy_bytes // 2**20} MiB float32 copy, read + written bytes, best of {self.samples}"}
 
 
-def _random_base(shape: str, directory: Path, dtype: torch.dtype, device: torch.device) -> Path:
+def random_base(shape: str, directory: Path, dtype: torch.dtype, device: torch.device) -> Path:
     """A random-init decoder of the named shape, saved as an ordinary HF directory with a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -417,10 +431,12 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         else:
             prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, PACKAGED_READOUT[cfg.shape])
     else:
-        start = time.perf_counter()
-        base = _random_base(cfg.shape, work / "base", dtype, device)
+        base = cfg.base_dir
+        if base is None:
+            start = time.perf_counter()
+            base = random_base(cfg.shape, work / "base", dtype, device)
+            _note(f"random {cfg.shape} base saved in {time.perf_counter() - start:.1f} s")
         prompt_dir = synthetic_prompt_dir(base, work / "prompt", cfg.prompt_length, "lm")
-        _note(f"random {cfg.shape} base saved in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     full = Predictor.from_prompt(str(base), prompt_dir, infer)
     _note(f"full model loaded in {time.perf_counter() - start:.1f} s")
@@ -431,7 +447,7 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     base_groups = full.model.backbone.config.num_key_value_heads if decoder else 1
     geometry = full.model.adapter.geometry(full.model.backbone.config)
     if decoder and cfg.head_keep < 1 and geometry.loadable_groups(keep_count(base_groups, cfg.head_keep)) < base_groups:
-        plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1]
+        plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1 and (not cfg.head_ffn_keeps or k in cfg.head_ffn_keeps)]
     elif decoder and cfg.head_keep < 1:  # (LLaMA-3-8B and TinyLlama at 0.75: the head count rounds to all)
         _note(f"--head-keep {cfg.head_keep:g} rounds to all {base_groups} KV groups of {cfg.shape}: no head-pruned rows")
     graphs = cfg.graphs and decoder  # static shapes (CUDA: a captured graph per bucket)

@@ -211,6 +211,11 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quant", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                    help="also time the FFN-0.3 compact in these bitsandbytes modes: 8bit,4bit")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")
+    p.add_argument("--base-dir", type=Path, default=None,
+                   help="random shapes: time this saved base of the shape (e.g. WORK_DIR/base of an earlier run) "
+                        "instead of building one")
+    p.add_argument("--head-ffn-keeps", type=_floats, default=(),
+                   help="the FFN keeps that also get a head-pruned compact (default: every one below 1)")
     p.add_argument("--skip-peft", action="store_true", help="leave out the PEFT contender")
     p.add_argument("--peft-full-logits", action="store_true",
                    help="decoders: also time PEFT computing the whole vocabulary at every position (a plain "

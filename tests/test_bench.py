@@ -130,10 +130,22 @@ def test_sst2_batches_are_length_sorted_whole_batches_at_spread_quantiles():
     (["--lengths", "fixed,zipf"], "--lengths takes"),
     (["--lengths", "sst2"], "--data-dir"),
     (["--shape", "minilm", "--peft-full-logits"], "decoder shapes"),
+    (["--base-dir", "/nonexistent"], "--base-dir applies to the random shapes and needs a saved model"),
+    (["--ffn-keeps", "0.5", "--head-ffn-keeps", "0.3"], "--head-ffn-keeps must be among --ffn-keeps"),
 ])
 def test_bad_bench_flags_are_one_error_line(flags, message, capsys):
     assert run_command(bench, ["--device", "cpu", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_saved_base_of_another_shape_is_refused(tmp_path, capsys):
+    import json
+
+    from skeleton_ds.bench import SHAPES
+
+    (tmp_path / "config.json").write_text(json.dumps(SHAPES["tiny"]))
+    assert run_command(bench, ["--device", "cpu", "--shape", "llama-160m", "--base-dir", str(tmp_path)]) == 2
+    assert "is not the llama-160m shape (it differs in hidden_size" in capsys.readouterr().err
 
 
 def test_profile_accounts_for_the_batch(tmp_path):
