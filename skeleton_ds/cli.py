@@ -126,6 +126,8 @@ def infer(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--static", choices=("auto", "on", "off"), default="auto",
                    help="decoders: run at bucketed static shapes (lengths in steps of 32, batches in powers of 2), "
                         "on CUDA as a captured CUDA graph per bucket; auto: on for CUDA, off on CPU")
+    r.add_argument("--warmup-buckets", action="store_true",
+                   help="with static shapes: build (capture, compile) every bucket at load instead of on first use")
     args = p.parse_args(list(argv) if argv is not None else None)
     if bool(args.checkpoint) == bool(args.base or args.prompt) or (args.base and not args.prompt) \
             or (args.prompt and not args.base):
@@ -135,7 +137,8 @@ def infer(argv: Sequence[str] | None = None) -> int:
     from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, label_accuracy, read_records
 
     cfg = InferenceConfig(device=args.device, dtype=args.dtype, quant=args.quant, batch_size=args.batch_size,
-                          prompt_cache=not args.no_prompt_cache, compile=args.compile, static=args.static)
+                          prompt_cache=not args.no_prompt_cache, compile=args.compile, static=args.static,
+                          warmup_buckets=args.warmup_buckets)
     lines = None
     if args.input:  # read before loading the model: bad input fails fast
         source = "standard input" if args.input == "-" else args.input
@@ -301,6 +304,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to merge with")
     p.add_argument("--static", choices=("auto", "on", "off"), default="auto",
                    help="skeleton mode, decoders: passes at bucketed static shapes (see infer --static); auto: on for CUDA")
+    p.add_argument("--warmup-buckets", action="store_true",
+                   help="with static shapes: build every bucket of a task when it is loaded, not on a request")
     p.add_argument("--no-batching", action="store_true", help="every request is its own pass (for comparison)")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (larger: 413)")
@@ -324,7 +329,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     settings = server.ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
                                     max_body_bytes=args.max_body_bytes, batching=not args.no_batching)
     # One merged request is one forward pass: the model's batch size is the batcher's.
-    cfg = InferenceConfig(device=args.device, dtype=args.dtype, batch_size=args.max_batch, static=args.static)
+    cfg = InferenceConfig(device=args.device, dtype=args.dtype, batch_size=args.max_batch, static=args.static,
+                          warmup_buckets=args.warmup_buckets)
     sock = server.bind(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
         _quiet_libraries()

@@ -45,6 +45,7 @@ class InferenceConfig:
     prompt_cache: bool = True
     compile: bool = False
     static: str = "auto"  # decoders with a prompt cache: on | off | auto (on for CUDA); see static_shapes
+    warmup_buckets: bool = False  # static: build (capture, compile) every bucket at load, not on first use
 
     def static_shapes(self) -> bool:
         """Whether decoders run at bucketed static shapes: it removes per-batch host work and lets CUDA graphs
@@ -123,6 +124,9 @@ class Predictor:
         if cached and cfg.static_shapes():
             self.forward = StaticPromptDecoder(model, Buckets.up_to(cfg.batch_size, record["max_length"]),
                                                tokenizer.pad_token_id, compile=cfg.compile)
+            if cfg.warmup_buckets:
+                with torch.inference_mode():
+                    self.forward.warm_up()
         else:
             self.forward = PromptCachedDecoder(model) if cached else model
             if cfg.compile:

@@ -105,6 +105,15 @@ class StaticPromptDecoder(nn.Module):
         self._step = torch.compile(self._run, fullgraph=True, dynamic=False,
                                    mode="reduce-overhead" if cuda else None) if compile else self._run
 
+    def warm_up(self) -> int:
+        """Build (CUDA: capture; with compile: compile) every bucket now, so no request pays for it; returns
+        how many. A server that must answer in bounded time starts with this (--warmup-buckets)."""
+        for batch in self.buckets.batches:
+            for length in self.buckets.lengths:
+                ids = torch.full((batch, length), self.pad_id, dtype=torch.long, device=self.device)
+                self(ids, torch.ones_like(ids), torch.full((batch,), length - 1, dtype=torch.long, device=self.device))
+        return len(self.buckets.batches) * len(self.buckets.lengths)
+
     def held_tensors(self) -> list[torch.Tensor]:
         """What this path holds beyond the model: the prompt-cache buffers (every bucket's cache is a view)."""
         return [t for pair in self._prompt_cache for t in pair]

@@ -105,6 +105,21 @@ def test_compiled_static_path_compiles_a_bucket_once(runs):
     torch.testing.assert_close(first, eager.logits(items), rtol=1e-4, atol=1e-4)
 
 
+def test_warm_up_builds_every_bucket_at_load_and_nothing_compiles_after(runs):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    cfg = replace(STATIC, compile=True, batch_size=2, warmup_buckets=True)
+    warmed = Predictor.from_checkpoint(runs["llama"] / "compact", cfg)
+    buckets = warmed.forward.buckets
+    assert set(warmed.forward._slots) == {(b, n) for b in buckets.batches for n in buckets.lengths}  # 2 x 3
+    frames = counters["stats"]["unique_graphs"]
+    items = warmed.encode(_examples(9))
+    eager = Predictor.from_checkpoint(runs["llama"] / "compact", replace(EAGER, batch_size=2))
+    torch.testing.assert_close(warmed.logits(items), eager.logits(items), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == frames
+
+
 def test_a_served_task_runs_static_and_counts_its_prompt_cache(runs, tiny_models):
     from skeleton_ds.multitask import MultiTaskModel
 
