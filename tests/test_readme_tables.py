@@ -63,6 +63,7 @@ TABLES = {
     "bench_tinyllama-1.1b_cpu": _bench,
     "bench_minilm_cpu": _bench,
     "bench_llama-160m_profile": _profile,
+    "bench_static_cpu": _bench,
     "study_compensation": _same(lambda r: _script("study_compensation").markdown(r)),
     "study_localization": _same(lambda r: _script("study_localization").markdown(r)),
     "study_decoder": _same(lambda r: _script("study_decoder").markdown(r)),
