@@ -11,7 +11,7 @@ The forward is then one function of fixed-shape tensors. On CUDA it is captured 
 replay instead of ~1,000 kernel launches; with `compile`, torch.compile (mode="reduce-overhead": inductor's
 kernels, captured by inductor) replaces the explicit capture. Rows and columns added to reach the bucket are
 padding that the mask hides; positions count real tokens only (as the plain path), so padding never shifts
-them.
+them: fed the same bucket-padded batch, the eager path gives the same bits.
 """
 
 from __future__ import annotations

@@ -63,6 +63,28 @@ def test_static_path_answers_as_the_eager_path_in_every_bucket(arch, runs):
     torch.testing.assert_close(again, eager.logits(items[:5]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_path_is_bit_identical_to_eager_on_the_same_padded_batch(arch, runs):
+    """The only numeric difference from today's path is the padding a bucket adds: fed the same bucket-padded
+    batch (left-padded columns, all-pad rows), the eager prompt-cached path gives the very same bits."""
+    from skeleton_ds import data
+
+    eager = Predictor.from_checkpoint(runs[arch] / "compact", EAGER)
+    static = Predictor.from_checkpoint(runs[arch] / "compact", STATIC)
+    batch = data.collate(static.encode(_examples(6)[:6]), static.tokenizer.pad_token_id, left_pad=True)
+    rows, width = batch["input_ids"].shape
+    B, L = static.forward.buckets.shape(rows, width)
+    assert (B, L) != (rows, width)
+    ids = torch.full((B, L), static.tokenizer.pad_token_id)
+    mask, answer = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    ids[:rows, L - width:], mask[:rows, L - width:] = batch["input_ids"], batch["attention_mask"]
+    answer[:rows] = batch["answer_index"] + (L - width)
+    with torch.inference_mode():
+        expected = eager.forward(ids, mask, answer)[:rows]
+        got = static.forward(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+    assert torch.equal(got, expected)
+
+
 def test_static_path_equals_the_plain_full_model_with_the_prompt(runs, tiny_models):
     """No prompt cache on the reference side: the full model runs the prompt's positions itself."""
     plain = Predictor.from_prompt(str(tiny_models["llama"]), runs["llama"] / "prompt", replace(EAGER, prompt_cache=False))
