@@ -11,7 +11,8 @@ every candidate at every keep ratio:
 - the scorers (attribution abs-sum and mean-abs, activation-magnitude, weight-magnitude, random),
   uniform count per layer;
 - attribution with the massive-activation neurons protected (--protect-outliers F for each F);
-- allocation across layers: one global threshold (per-layer widths), with and without protection;
+- allocation across layers: one global threshold (per-layer widths), with and without protection, and
+  with a floor per layer (each layer keeps at least --floors F of its FFN; the threshold shares the rest);
 - bias compensation (removed neurons output their mean instead of zero), on the protected skeleton;
 - per layer: the peak |activation| outliers found and whether each candidate keeps them.
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="sst2")
     p.add_argument("--keeps", default="0.5,0.3", help="comma list of FFN keep ratios")
     p.add_argument("--factors", default="20,100", help="comma list of --protect-outliers factors to try")
+    p.add_argument("--floors", default="0.05,0.1",
+                   help="comma list of per-layer FFN floors for global allocation (with the first factor)")
     p.add_argument("--max-train-examples", type=int, default=1600)
     p.add_argument("--max-eval-examples", type=int, default=300)
     p.add_argument("--attr-examples", type=int, default=300)
@@ -75,8 +78,9 @@ def study(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     keeps = sorted(set(_numbers(args.keeps, "--keeps")), reverse=True)
     factors = _numbers(args.factors, "--factors")
-    if any(not 0 < k <= 1 for k in keeps) or any(f <= 1 for f in factors):
-        raise UserError("--keeps must lie in (0, 1] and --factors above 1")
+    floors = _numbers(args.floors, "--floors")
+    if any(not 0 < k <= 1 for k in keeps) or any(f <= 1 for f in factors) or any(not 0 < f < 1 for f in floors):
+        raise UserError("--keeps must lie in (0, 1], --factors above 1 and --floors in (0, 1)")
 
     from skeleton_ds.config import Config
 
@@ -132,6 +136,8 @@ def study(argv: Sequence[str] | None = None) -> int:
     candidates += [("attribution, global", "attribution", dict(mode="global"), False),
                    (f"attribution, global + protect {factors[0]:g}", "attribution",
                     dict(mode="global", protect=factors[0]), False),
+                   *((f"attribution, global + protect {factors[0]:g} + floor {f:g}", "attribution",
+                      dict(mode="global", protect=factors[0], ffn_floor=f), False) for f in floors),
                    (f"activation-magnitude + protect {factors[0]:g}", "activation-magnitude",
                     dict(mode="uniform", protect=factors[0]), False),
                    (f"attribution + protect {factors[0]:g} + compensation", "attribution",
@@ -156,7 +162,7 @@ def study(argv: Sequence[str] | None = None) -> int:
         return 0
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "local_rank"}
-    settings |= {"keeps": keeps, "factors": factors, "head_keep": 1.0, "retuned": False,
+    settings |= {"keeps": keeps, "factors": factors, "floors": floors, "head_keep": 1.0, "retuned": False,
                  "geometry": {"layers": geometry.layers, "ffn_size": geometry.ffn_size, "kv_heads": geometry.kv_heads}}
     record = {"provenance": provenance(command), "settings": settings,
               "unpruned": {"accuracy": unpruned["accuracy"], "loss": unpruned["loss"], "dev_examples": len(rec.dev_set)},

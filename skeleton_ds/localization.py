@@ -37,12 +37,15 @@ def top_units(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(order[:count])
 
 
-def _global_counts(layer_scores: list[torch.Tensor], ratio: float) -> list[int]:
-    """Per-layer counts under one threshold across all layers (the top ratio of all units)."""
-    ranked = sorted(((-float(s), layer, i) for layer, t in enumerate(layer_scores) for i, s in enumerate(t)))
-    total = round(ratio * len(ranked))
-    counts = [0] * len(layer_scores)
-    for _, layer, _ in ranked[:total]:
+def _global_counts(layer_scores: list[torch.Tensor], ratio: float, floor: float = 0.0) -> list[int]:
+    """Per-layer counts under one threshold across all layers (the top ratio of all units). With `floor`,
+    each layer first keeps its top round(floor x size) units, and the threshold shares out the rest of
+    the same total: global allocation that never starves a layer."""
+    counts = [min(round(floor * len(t)), len(t)) for t in layer_scores]
+    total = round(ratio * sum(len(t) for t in layer_scores))
+    rest = sorted((-float(s), layer, i) for layer, t in enumerate(layer_scores)
+                  for i, s in enumerate(sorted(t.tolist(), reverse=True)[counts[layer]:]))
+    for _, layer, _ in rest[:max(0, total - sum(counts))]:
         counts[layer] += 1
     return counts
 
@@ -86,7 +89,9 @@ def protect_outliers(scores: dict[str, torch.Tensor], geometry: Geometry, factor
 
 
 def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: float, head_keep: float, align: int,
-           mode: str, protect: float = 0.0) -> Skeleton:
+           mode: str, protect: float = 0.0, ffn_floor: float = 0.0) -> Skeleton:
+    """The skeleton: per layer, the top units; `ffn_floor` (global mode) is the share of each layer's FFN
+    kept whatever the threshold."""
     layers = range(geometry.layers)
     scores = protect_outliers(scores, geometry, protect)
     ffn_scores = [scores[f"ffn.{i}"] for i in layers]
@@ -98,7 +103,8 @@ def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: flo
         ffn_counts = [keep_count(geometry.ffn_size, ffn_keep, align)] * geometry.layers
         head_counts = [geometry.loadable_groups(keep_count(geometry.kv_heads, head_keep))] * geometry.layers
     else:
-        ffn_counts = [keep_count(geometry.ffn_size, c / geometry.ffn_size, align) for c in _global_counts(ffn_scores, ffn_keep)]
+        ffn_counts = [keep_count(geometry.ffn_size, c / geometry.ffn_size, align)
+                      for c in _global_counts(ffn_scores, ffn_keep, min(ffn_floor, ffn_keep))]
         head_counts = [keep_count(geometry.kv_heads, c / geometry.kv_heads) for c in _global_counts(head_scores, head_keep)]
     return Skeleton(ffn=[top_units(s, c) for s, c in zip(ffn_scores, ffn_counts)],
                     heads=[top_units(s, c) for s, c in zip(head_scores, head_counts)])

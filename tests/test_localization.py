@@ -70,6 +70,19 @@ def test_global_selection_uses_one_threshold_so_sizes_differ():
     assert not sk.is_uniform()
 
 
+def test_a_layer_floor_keeps_every_layer_above_it_at_the_same_total():
+    scores = _scores()
+    scores["ffn.0"] = scores["ffn.0"] + 1.0  # layer 0 dominates: without a floor layer 1 keeps one unit
+    sk = select(scores, GEOMETRY, ffn_keep=0.5, head_keep=1.0, align=8, mode="global", ffn_floor=0.25)
+    assert sk.ffn_sizes() == [192, 64]  # 64 of 256 guaranteed, the rest of the 256 to the threshold
+    assert sk.ffn[1] == top_units(scores["ffn.1"], 64)  # the floor keeps a layer's own best units
+    assert select(scores, GEOMETRY, ffn_keep=0.5, head_keep=1.0, align=8, mode="global", ffn_floor=0.0) == select(
+        scores, GEOMETRY, ffn_keep=0.5, head_keep=1.0, align=8, mode="global")
+    # a floor at the keep ratio is uniform allocation
+    assert select(scores, GEOMETRY, ffn_keep=0.5, head_keep=1.0, align=8, mode="global", ffn_floor=0.5).ffn_sizes() == [
+        128, 128]
+
+
 def test_head_keep_that_leaves_no_head_is_refused():
     with pytest.raises(UserError, match="keeps no attention head group"):
         select(_scores(), GEOMETRY, ffn_keep=0.3, head_keep=0.1, align=64, mode="uniform")
