@@ -195,8 +195,9 @@ def train_one(args: argparse.Namespace) -> None:
 
 
 def train_phase(args: argparse.Namespace, record: dict) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+    from skeleton_ds.engine import without_rendezvous
+
+    env = without_rendezvous(os.environ)
     for zero in (int(z) for z in args.zero.split(",")):
         argv = [sys.executable, __file__, "--train-one", str(zero), "--device", args.device, "--out", str(args.out),
                 "--work", str(args.work), "--data-dir", str(args.data_dir), "--train-shape", args.train_shape, "--examples", str(args.examples)]

@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import read_header  # noqa: E402
+from skeleton_ds.engine import without_rendezvous  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
 STAGES = ("prompt", "attribute", "localize", "convert", "retune")
@@ -303,12 +304,9 @@ def stage_flags(shape: str, steps: int, batch: int) -> list[str]:
             "--seed", "0", "--ffn-keep", "0.3", "--head-keep", "0.5", "--align", align]
 
 
-_RENDEZVOUS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-
-
 def run_stage(cmd: list[str], log: Path, *, direct: bool, interval: float, watch: list[Path] | None,
               extra_env: dict[str, str]) -> tuple[int, float, TreeSampler]:
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS} | extra_env
+    env = without_rendezvous(os.environ) | extra_env
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -48,6 +48,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+RENDEZVOUS_ENV = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+"""The variables that place a process in a process group (a launcher's, or the world of one set below). A
+child that must form its own world is started without them, or it tries to rejoin this (bound) address."""
+
+
+def without_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in RENDEZVOUS_ENV}
 
 
 def init_distributed() -> Dist:

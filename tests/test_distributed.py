@@ -15,12 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DS_CONFIGS, REPO, generic_flags, max_abs, max_abs_diff
+from skeleton_ds.engine import without_rendezvous
 from skeleton_ds.stages.prompt_tuning import KILL_AFTER_STEP_ENV
 
 pytestmark = pytest.mark.multirank
-
-
-_RENDEZVOUS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def _free_port() -> int:
@@ -38,7 +36,7 @@ def launch(ranks: int, argv: list[str], env: dict[str, str] | None = None) -> su
         cmd = [sys.executable, "launch/train.py", *argv]
     # In-process tests of this session joined a world of one and exported its rendezvous variables;
     # a child must not inherit them, or it would try to rejoin that (already bound) address.
-    inherited = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    inherited = without_rendezvous(os.environ)
     return subprocess.run(cmd, cwd=REPO, env=inherited | (env or {}), capture_output=True, text=True, timeout=600)
 
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA
+from skeleton_ds.engine import without_rendezvous
 from skeleton_ds.provenance import missing_fields
 
 
@@ -18,8 +19,7 @@ from skeleton_ds.provenance import missing_fields
 @pytest.mark.multirank
 def test_gpu_check_dry_run_on_cpu_writes_every_phase(tmp_path):
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+    env = without_rendezvous(os.environ)
     done = subprocess.run([sys.executable, "launch/gpu_check.py", "--device", "cpu", "--bench-shape", "tiny",
                            "--train-shape", "tiny", "--data-dir", str(SHARED_DATA), "--out", str(out), "--work",
                            str(tmp_path / "work"), "--examples", "32", "--rounds", "1", "--batch-sizes", "1,2",

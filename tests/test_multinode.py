@@ -21,7 +21,8 @@ import torch
 
 from conftest import REPO
 from skeleton_ds.cluster import write_hostfile
-from test_distributed import _RENDEZVOUS, _argv, _free_port, _ok, _prompt, launch
+from skeleton_ds.engine import without_rendezvous
+from test_distributed import _argv, _free_port, _ok, _prompt, launch
 
 pytestmark = pytest.mark.multirank
 
@@ -36,7 +37,7 @@ def node_command(hostfile: Path, node_rank: int, port: int, argv: list[str]) -> 
 def run_nodes(commands: list[list[str]], logs: list[Path], timeout: float = 600) -> list[subprocess.Popen]:
     """Start every node's launcher (each in its own process group, with its ranks); when one fails, or
     the time is up, kill every group still running. Returns the finished processes."""
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env = without_rendezvous(os.environ)
     procs = []
     try:
         for cmd, log in zip(commands, logs):

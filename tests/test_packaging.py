@@ -25,6 +25,7 @@ from conftest import DS_CONFIGS, REPO, generic_flags
 
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import Config
+from skeleton_ds.engine import RENDEZVOUS_ENV
 from skeleton_ds.ds_config_files import packaged_dir, packaged_names, resolve_config_path
 from skeleton_ds.errors import UserError
 
@@ -222,7 +223,7 @@ def _assert_from(venv: Path, path: str) -> None:
     assert not resolved.is_relative_to(REPO.resolve())
 
 
-_NOT_INHERITED = {"PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+_NOT_INHERITED = {"PYTHONPATH", *RENDEZVOUS_ENV}
 """In-process tests earlier in the suite join a process group and leave its variables (and port) in
 os.environ: a user's fresh shell has none of them."""
 

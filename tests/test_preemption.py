@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, max_abs, max_abs_diff
+from skeleton_ds.engine import without_rendezvous
 from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, STEP_DELAY_ENV
-from test_distributed import _RENDEZVOUS, _argv, _free_port, _ok, _prompt, launch
+from test_distributed import _argv, _free_port, _ok, _prompt, launch
 
 pytestmark = pytest.mark.multirank
 
@@ -31,7 +32,7 @@ def start(ranks: int, argv: list[str], delay: float) -> subprocess.Popen:
                "--master_port", str(_free_port()), "launch/train.py", *argv]
     else:
         cmd = [sys.executable, "launch/train.py", *argv]
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS} | {STEP_DELAY_ENV: str(delay)}
+    env = without_rendezvous(os.environ) | {STEP_DELAY_ENV: str(delay)}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import DS_CONFIGS, REPO
+from skeleton_ds.engine import without_rendezvous
 from skeleton_ds.provenance import missing_fields
 
 STAGES = ("load", "prompt", "attribute", "localize", "convert", "retune")  # load: the backbone load alone
@@ -20,8 +21,7 @@ STAGES = ("load", "prompt", "attribute", "localize", "convert", "retune")  # loa
 def test_scale_run_small_reports_every_stage_and_rank(tmp_path):
     """2 ZeRO-3 ranks and 1 ZeRO-0 rank (the offload run is the same code path as ZeRO-3 and only slower)."""
     report, md = tmp_path / "scale_run.json", tmp_path / "scale_run.md"
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+    env = without_rendezvous(os.environ)
     done = subprocess.run([sys.executable, "launch/scale_run.py", "--shape", "small", "--runs", "zero0,zero3",
                            "--steps", "2", "--work", str(tmp_path / "work"), "--json", str(report), "--md", str(md)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -1,7 +1,7 @@
 """The results table: a real model on real tasks, Skeleton against honest controls.
 
     skeleton-ds reproduce --data-dir ../shared/data                        # MiniLM, five tasks (about 2 h, 2 cores)
-    skeleton-ds reproduce --data-dir ../shared/data --model smollm2-135m   # the decoder (about 7 h; resumes)
+    skeleton-ds reproduce --data-dir ../shared/data --model smollm2-135m   # the decoder (about 6.5 h; resumes)
     skeleton-ds reproduce --data-dir ../shared/data --tasks cb --seeds 1 --ffn-keeps 0.5 --quick   # minutes
 
 The plan follows the model's architecture (ModelPlan: ENCODER, DECODER). Per task and seed: prompt-tune
