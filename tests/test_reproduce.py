@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 from skeleton_ds.cli import reproduce, run_command
 from skeleton_ds.config import config_from_args
 from skeleton_ds.stages.common import generic_spec
@@ -44,6 +46,20 @@ def test_reproduce_quick_builds_every_variant(tmp_path, capsys, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")} == finished
     assert json.loads((out / "reproduce.json").read_text())["table"] == table
     assert missing_fields(record) == []
+
+    # Only the runs' light files travel to another machine (launch/table_state.sh), no compact model and no
+    # checkpoint; the table resumes from them and redoes nothing.
+    retuned = {p.relative_to(out): p.read_text() for p in out.rglob("retune/metrics.json")}
+    archive = tmp_path / "state" / "table.tar.gz"
+    subprocess.run(["bash", str(REPO / "launch" / "table_state.sh"), "save", str(out), str(archive)], check=True)
+    shutil.rmtree(out)
+    subprocess.run(["bash", str(REPO / "launch" / "table_state.sh"), "load", str(archive), str(out)], check=True)
+    assert not list(out.rglob("compact")) and list(out.rglob("prompt.safetensors"))
+    assert run_command(reproduce, argv) == 0
+    assert {p.relative_to(out): p.read_text() for p in out.rglob("retune/metrics.json")} == retuned
+    assert not list(out.rglob("compact"))  # no stage ran
+    assert json.loads((out / "reproduce.json").read_text())["table"] == table
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")}
 
     # The plan changed since the runs were made: the finished runs are not read back as if they were new.
     monkeypatch.setitem(QUICK, "train", 48)

@@ -41,7 +41,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.lineage import read_record
 from skeleton_ds.plots import plot_results
 from skeleton_ds.provenance import provenance
-from skeleton_ds.stages.pipeline import run_pipeline
+from skeleton_ds.stages.pipeline import plan_stages, run_pipeline
 
 @dataclass(frozen=True)
 class Variant:
@@ -260,6 +260,16 @@ def _check_shared(run: Path, full: Path, stage: str) -> None:
                         f"--output) to rebuild it from the current one")
 
 
+def retuned(argv: list[str]) -> bool:
+    """Is this skeleton's last stage finished with exactly these flags' settings? Then its row is read from its
+    records alone, and its compact model need not be on disk: a table resumes from the light files of its runs
+    (records, prompts, scores; launch/table_state.sh), e.g. on another machine or after scratch was purged.
+    A finished stage made with other settings is refused here, as the pipeline would."""
+    cfg = config_from_args(argv)
+    recorded = read_record(cfg.output, "retune")
+    return recorded is not None and recorded["id"] == plan_stages(cfg).records["retune"]["id"]
+
+
 def _run_name(keep: float, head: float, variant: str) -> str:
     return f"keep{keep:g}-{variant}" if head == 1.0 else f"keep{keep:g}-heads{head:g}-{variant}"
 
@@ -310,8 +320,10 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
                 copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
             _check_shared(run, base / "full", "attribute")
         head_flags = ["--head-keep", str(head)] if head != 1.0 else []
-        _stage(common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
-                         "--ffn-keep", str(keep), *head_flags, *retune_flags, *variant.flags()])
+        argv = common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
+                         "--ffn-keep", str(keep), *head_flags, *retune_flags, *variant.flags()]
+        if not retuned(argv):
+            _stage(argv)
         retune = json.loads((run / "retune" / "metrics.json").read_text())
         conversion = json.loads((run / "conversion.json").read_text())
         rows.append({"task": task, "seed": seed, "ffn_keep": keep, "head_keep": head, "variant": name,
