@@ -28,7 +28,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from skeleton_ds import checkpoint, data, engine, widths
+from skeleton_ds import checkpoint, cross_task, data, engine, widths
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tensor_bytes
 from skeleton_ds.localization import Skeleton, load_skeleton
@@ -42,6 +42,15 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+
+
+@dataclass
+class Resident:
+    """A materialised task in the cache: its predictor, the bytes it owns, its routed projections' weights."""
+
+    predictor: Predictor
+    owned: int
+    projections: dict[str, cross_task.Weights] = field(default_factory=dict)  # cross-task passes only
 
 
 @dataclass
@@ -193,23 +202,30 @@ def parse_inputs(task: Task, inputs: list) -> list[Example]:
 
 
 class MultiTaskModel:
-    """Thread-safe: one lock around materialisation and the forward pass (one pass at a time)."""
+    """Thread-safe: one lock around materialisation and the forward pass (one pass at a time).
+
+    `mix_tasks=True`: passes may mix tasks (`predict_mixed`, skeleton_ds.cross_task): the shared modules run
+    once over the whole batch and each task's sliced projections on its own rows. A pass holds the weights of
+    every task in it until it ends, so a pass with more tasks than the cache holds briefly exceeds the budget.
+    Mixed passes run at eager shapes (no static buckets)."""
 
     def __init__(self, base: str, task_dirs: list[Path | str], *, cache_bytes: int = 1 << 30,
-                 cfg: InferenceConfig = InferenceConfig()):
+                 cfg: InferenceConfig = InferenceConfig(), mix_tasks: bool = False):
         if cfg.quant != "none":
             raise UserError("serving shared weights slices the base model's tensors, which bitsandbytes "
                             "layers do not allow: serve with --quant none")
         if cache_bytes < 0:
             raise UserError(f"--cache-bytes must be >= 0, got {cache_bytes}")
-        self.cfg, self.budget = cfg, cache_bytes
+        self.mixes_tasks = mix_tasks  # the server keeps one FIFO across tasks for a model that says so
+        self.cfg, self.budget = replace(cfg, static="off") if mix_tasks else cfg, cache_bytes
         self.device, self.dtype = cfg.torch_device(), cfg.torch_dtype()
         identity = base_model_identity(base)
         self.tasks: dict[str, TaskEntry] = register(task_dirs, lambda d, name: read_task_dir(d, identity, name))
         self.backbone = shared_backbone(base, [e.record for e in self.tasks.values()], cfg)
         self.adapter = self.backbone.adapter
         self.geometry = self.adapter.geometry(self.backbone.model.config)
-        self._cache: OrderedDict[str, tuple[Predictor, int]] = OrderedDict()
+        self._cache: OrderedDict[str, Resident] = OrderedDict()
+        self._routed = cross_task.RoutedBackbone(self.backbone.model, self.adapter) if mix_tasks else None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ materialise
@@ -250,30 +266,31 @@ class MultiTaskModel:
             owned = tensor_bytes(t for t in model.state_dict().values() if t.data_ptr() not in shared)
         return model.requires_grad_(False).eval(), owned
 
-    def _materialise(self, entry: TaskEntry) -> tuple[Predictor, int]:
+    def _materialise(self, entry: TaskEntry) -> Resident:
         backbone, owned = self._task_backbone(entry.skeleton, entry.compensated)
         model = prompted(backbone, self.adapter, entry.record, entry.task, entry.prompt, self.device, self.dtype)
         predictor = Predictor(model, entry.task, entry.record, self.backbone.tokenizer, self.cfg,
                               source=f"task {entry.name}")
         owned += owned_bytes(model)
         held = getattr(predictor.forward, "held_tensors", list)()  # a decoder's prompt cache
-        return predictor, owned + tensor_bytes(held)
+        routes = cross_task.projections(backbone, self.adapter) if self._routed is not None else {}
+        return Resident(predictor, owned + tensor_bytes(held), routes)
 
-    def _predictor(self, name: str) -> Predictor:
+    def _resident(self, name: str) -> Resident:
         entry = self.tasks[name]
         if name in self._cache:
             entry.stats.hits += 1
             self._cache.move_to_end(name)
-            return self._cache[name][0]
+            return self._cache[name]
         entry.stats.misses += 1
-        predictor, owned = self._materialise(entry)
-        if owned > self.budget:
-            return predictor  # larger than the whole cache: answer, never keep (the budget is never exceeded)
-        while self._cache and self.cache_bytes() + owned > self.budget:
+        resident = self._materialise(entry)
+        if resident.owned > self.budget:
+            return resident  # larger than the whole cache: answer, never keep (the budget is never exceeded)
+        while self._cache and self.cache_bytes() + resident.owned > self.budget:
             evicted, _ = self._cache.popitem(last=False)
             self.tasks[evicted].stats.evictions += 1
-        self._cache[name] = (predictor, owned)
-        return predictor
+        self._cache[name] = resident
+        return resident
 
     # ------------------------------------------------------------------ API
     def task_names(self) -> list[str]:
@@ -297,21 +314,56 @@ class MultiTaskModel:
     def predict(self, name: str, examples: list[Example]) -> list[dict]:
         """One {"label", "probabilities"} per example, from the task's (possibly freshly materialised) model."""
         with self._lock:
-            return self._predictor(name).predict(examples)
+            return self._resident(name).predictor.predict(examples)
+
+    def predict_mixed(self, tagged: list[tuple[str, Example]]) -> list[dict]:
+        """One {"label", "probabilities"} per (task name, example), in order; rows of any tasks share passes
+        (needs mix_tasks=True)."""
+        if self._routed is None:
+            raise RuntimeError("mixed passes need MultiTaskModel(..., mix_tasks=True)")
+        with self._lock:
+            logits = self.mixed_logits(tagged)
+        return cross_task.answers(tagged, logits, lambda name: self.tasks[name].task.label_names)
+
+    @torch.inference_mode()
+    def mixed_logits(self, tagged: list[tuple[str, Example]]) -> list[torch.Tensor]:
+        """Label logits (fp32, on the CPU) per (task name, example), in order (cross_task.mixed_logits)."""
+        def encode(name: str, examples: list[Example]) -> list:
+            entry = self.tasks[name]
+            return data.encode(entry.task, examples, self.backbone.tokenizer, max_length=entry.record["max_length"],
+                               readout=entry.record["readout"])
+
+        return cross_task.mixed_logits(tagged, encode, self._mixed_pass, batch_size=self.cfg.batch_size,
+                                       pad_id=self.backbone.tokenizer.pad_token_id, causal=self.adapter.causal,
+                                       device=self.device)
+
+    def _mixed_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor,
+                    names: list[str]) -> list[torch.Tensor]:
+        residents = {name: self._resident(name) for name in dict.fromkeys(names)}
+        groups = cross_task.row_groups(names, input_ids.device)
+        self._routed.route([(groups[name], r.projections) for name, r in residents.items()])
+        models = {name: r.predictor.model for name, r in residents.items()}
+        caches = {name: r.predictor.forward.prompt_kv for name, r in residents.items()
+                  if hasattr(r.predictor.forward, "prompt_kv")}
+        try:
+            return cross_task.mixed_forward(self._routed.model, models, names, input_ids, attention_mask, answer_index,
+                                            caches if len(caches) == len(models) else None)
+        finally:
+            self._routed.clear()
 
     def cache_stats(self) -> dict[str, CacheStats]:
         return {name: CacheStats(**vars(e.stats)) for name, e in self.tasks.items()}
 
     def cache_bytes(self) -> int:
-        return sum(owned for _, owned in dict(self._cache).values())
+        return sum(r.owned for r in dict(self._cache).values())
 
     def memory(self) -> dict:
         """{"shared_bytes", "cache_bytes", "cache_budget", "tasks": {name: resident bytes}}; the base model's
         storage counted once, however many tasks share it."""
         cache = dict(self._cache)  # a snapshot (one C-level copy): the worker thread may be evicting
         return {"shared_bytes": storage_bytes(self.backbone.model),
-                "cache_bytes": sum(owned for _, owned in cache.values()), "cache_budget": self.budget,
-                "tasks": {name: cache[name][1] if name in cache else 0 for name in self.tasks}}
+                "cache_bytes": sum(r.owned for r in cache.values()), "cache_budget": self.budget,
+                "tasks": {name: cache[name].owned if name in cache else 0 for name in self.tasks}}
 
 
 # ------------------------------------------------------ plain prompt tuning
@@ -399,12 +451,7 @@ class PromptTuningModel:
         """One {"label", "probabilities"} per (task name, example), in order; rows of any tasks share passes."""
         with self._lock:
             logits = self.mixed_logits(tagged)
-        answers = []
-        for (name, _), row in zip(tagged, logits):
-            names, probs = self.tasks[name].task.label_names, row.softmax(-1)
-            answers.append({"label": names[int(probs.argmax())],
-                            "probabilities": {n: float(v) for n, v in zip(names, probs)}})
-        return answers
+        return cross_task.answers(tagged, logits, lambda name: self.tasks[name].task.label_names)
 
     def cache_stats(self) -> dict[str, CacheStats]:
         return {}  # no cache: every prompt is resident from the start
@@ -418,56 +465,13 @@ class PromptTuningModel:
     # --------------------------------------------------------- the forward
     @torch.inference_mode()
     def mixed_logits(self, tagged: list[tuple[str, Example]]) -> list[torch.Tensor]:
-        """Label logits (fp32, on the CPU) per (task name, example), in order; passes of at most
-        cfg.batch_size rows, cut from the length-sorted rows of all tasks together (as Predictor.logits)."""
-        names = [name for name, _ in tagged]
-        items: list[data.Encoded] = [None] * len(tagged)  # type: ignore[list-item]
-        for name in dict.fromkeys(names):  # each task's records encoded by its own Predictor
-            rows = [i for i, n in enumerate(names) if n == name]
-            for i, item in zip(rows, self.predictors[name].encode([tagged[i][1] for i in rows])):
-                items[i] = item
-        order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-        out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
-        for start in range(0, len(order), self.cfg.batch_size):
-            chunk = order[start:start + self.cfg.batch_size]
-            batch = data.collate([items[i] for i in chunk], self.pad_id, left_pad=self.causal)
-            logits = self._forward(*(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "answer_index")),
-                                   [names[i] for i in chunk])
-            for i, row in zip(chunk, logits):
-                out[i] = row.float().cpu()
-        return out
+        """Label logits (fp32, on the CPU) per (task name, example), in order (cross_task.mixed_logits)."""
+        return cross_task.mixed_logits(tagged, lambda name, examples: self.predictors[name].encode(examples),
+                                       self._forward, batch_size=self.cfg.batch_size, pad_id=self.pad_id,
+                                       causal=self.causal, device=self.device)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor,
                  names: list[str]) -> list[torch.Tensor]:
-        """PromptedClassifier.forward with a prompt per row: each row is its task's prompt, then its text.
-
-        Prompts may differ in length (n <= n_max). A decoder's row is [prompt, masked gap of n_max - n,
-        left-padded text]: positions count real tokens only, so the text sits where it would alone.
-        An encoder's row is [prompt, text, masked tail]: the text keeps positions n.. as it would alone."""
-        groups = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
-        models = {name: self.predictors[name].model for name in groups}
-        n_max = max(m.prompt.embedding.shape[0] for m in models.values())
-        batch, width = input_ids.shape
-        tokens = self.backbone.get_input_embeddings()(input_ids)
-        embeds = tokens.new_zeros(batch, n_max + width, tokens.shape[-1])
-        mask = attention_mask.new_zeros(batch, n_max + width)
-        starts = {}
-        for name, rows in groups.items():
-            index, prompt = torch.tensor(rows, device=input_ids.device), models[name].prompt.embedding
-            n = prompt.shape[0]
-            starts[name] = at = n_max if self.causal else n
-            embeds[index, :n] = prompt.to(tokens.dtype)
-            embeds[index, at:at + width] = tokens[index]
-            mask[index, :n] = 1
-            mask[index, at:at + width] = attention_mask[index]
-        kwargs = {}
-        if self.causal:
-            kwargs = {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0), "use_cache": False}
-        states = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs).last_hidden_state
-        out: list[torch.Tensor] = [None] * batch  # type: ignore[list-item]
-        for name, rows in groups.items():
-            index, at = torch.tensor(rows, device=input_ids.device), starts[name]
-            logits = models[name].read_labels(states[index, at:at + width], attention_mask[index], answer_index[index])
-            for row, value in zip(rows, logits):
-                out[row] = value
-        return out
+        """The full base model once over rows of many tasks, each row with its own prompt (no prompt cache)."""
+        models = {name: self.predictors[name].model for name in dict.fromkeys(names)}
+        return cross_task.mixed_forward(self.backbone, models, names, input_ids, attention_mask, answer_index)

@@ -133,4 +133,4 @@ def test_compensated_task_on_shared_weights_equals_its_compact(arch, compensated
     cpu = InferenceConfig(device="cpu", batch_size=8)
     registry = MultiTaskModel(str(tiny_models[arch]), [f"t={compensated_runs[arch]}"], cfg=cpu)
     compact = Predictor.from_checkpoint(compensated_runs[arch] / "compact", cpu)
-    torch.testing.assert_close(_logits(registry._predictor("t")), _logits(compact), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(registry._resident("t").predictor), _logits(compact), rtol=1e-4, atol=1e-5)

@@ -39,7 +39,7 @@ def _logits(predictor: Predictor) -> torch.Tensor:
 @pytest.mark.parametrize(("base", "run"), [("llama", "llama-a"), ("llama", "llama-b"), ("bert-head", "bert")])
 def test_shared_weight_task_equals_its_compact_checkpoint(base, run, runs, tiny_models):
     registry = MultiTaskModel(str(tiny_models[base]), [f"t={runs[run]}"], cfg=CPU)
-    shared = registry._predictor("t")
+    shared = registry._resident("t").predictor
     compact = Predictor.from_checkpoint(runs[run] / "compact", CPU)
     torch.testing.assert_close(_logits(shared), _logits(compact), rtol=1e-4, atol=1e-5)
     # The same through the public API, and the task's unsliced tensors are the base model's own.
@@ -119,7 +119,7 @@ def test_minilm_shared_weight_task_equals_its_compact_checkpoint(tmp_path):
     compact = compact_checkpoint(base, prompt, None, tmp_path / "compact", ffn_keep=0.3, head_keep=1.0, align=64,
                                  slice_lm_head=False)
     registry = MultiTaskModel("minilm", [f"sst={compact}"], cfg=CPU)
-    torch.testing.assert_close(_logits(registry._predictor("sst")), _logits(Predictor.from_checkpoint(compact, CPU)),
+    torch.testing.assert_close(_logits(registry._resident("sst").predictor), _logits(Predictor.from_checkpoint(compact, CPU)),
                                rtol=1e-4, atol=1e-5)
     memory = registry.memory()
     # The task owns its sliced FFN (6 layers x 448 of 1536 neurons) and its prompt and head; the rest is shared.

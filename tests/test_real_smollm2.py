@@ -182,12 +182,12 @@ def test_several_decoder_tasks_are_served_on_one_shared_base(smollm2, short_run,
     for name, compact in compacts.items():
         examples = registry.parse_inputs(name, texts)
         alone = Predictor.from_checkpoint(compact, cfg)
-        torch.testing.assert_close(registry._predictor(name).logits(alone.encode(examples)),
+        torch.testing.assert_close(registry._resident(name).predictor.logits(alone.encode(examples)),
                                    alone.logits(alone.encode(examples)), rtol=1e-4, atol=1e-4)
         answers[name] = registry.predict(name, examples)
         assert [a["label"] for a in answers[name]] == [a["label"] for a in alone.predict(examples)]
     shared = registry.backbone.model.get_input_embeddings().weight.data_ptr()
-    assert all(registry._predictor(n).model.backbone.get_input_embeddings().weight.data_ptr() == shared
+    assert all(registry._resident(n).predictor.model.backbone.get_input_embeddings().weight.data_ptr() == shared
                for n in compacts)
     memory = registry.memory()
     assert all(0 < memory["tasks"][n] < 0.5 * memory["shared_bytes"] for n in compacts)

@@ -148,7 +148,7 @@ def test_a_served_task_runs_static_and_counts_its_prompt_cache(runs, tiny_models
     served = {cfg.static: MultiTaskModel(str(tiny_models["llama"]), [f"t={runs['llama']}"], cfg=cfg)
               for cfg in (EAGER, STATIC)}
     examples = served["on"].parse_inputs("t", [e.texts[0] for e in _examples(9)])
-    assert isinstance(served["on"]._predictor("t").forward, StaticPromptDecoder)
+    assert isinstance(served["on"]._resident("t").predictor.forward, StaticPromptDecoder)
     on, off = (served[k].predict("t", examples) for k in ("on", "off"))
     assert [a["label"] for a in on] == [a["label"] for a in off]
     assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-5 for a, b in zip(on, off) for k in a["probabilities"])

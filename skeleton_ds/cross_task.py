@@ -1,0 +1,236 @@
+"""Many tasks in one forward pass over shared weights.
+
+Skeleton's tasks share every tensor their skeletons do not slice: embeddings, norms, the vocabulary head,
+and attention wherever all heads are kept. `RoutedBackbone` runs those once over a batch whose rows belong
+to different tasks. Each projection a skeleton may slice (the FFN's input and output projections; q, k, v
+and the attention output) becomes a `RoutedLinear`, which runs one matrix product per group of rows that
+share its weights: every row of every task that keeps all heads of a layer shares one product there.
+A loop over groups, not a grouped-GEMM kernel: on CPU the loop is what such a kernel would do, and on a
+GPU the groups of a long-tail load are small enough that launch cost, not the loop, decides.
+
+It stays exact, and free of architecture code, by keeping the base model's shapes between projections.
+A projection whose outputs a task narrowed (its FFN neurons, its kept heads) writes the task's values into
+the first columns and zeros after them, so activations, the head reshape and rotary embeddings all see base
+widths. The projection that reads them back (FFN down, attention output) reads only the task's own first
+columns, so the padding never reaches a result: a padded head attends to zero values, outputs zeros, and
+is never read. A decoder's prompt keys and values stay per task (each computed once on the task's own
+compact model) and are placed into each row's slots of the pass's cache, padded the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skeleton_ds import data
+from skeleton_ds.adapters import ArchAdapter
+from skeleton_ds.prompt import PromptedClassifier
+
+Weights = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's weight and bias
+
+
+@dataclass
+class Group:
+    rows: torch.Tensor | None  # indices into the pass's batch; None: every row
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class RoutedLinear(nn.Module):
+    """A base projection whose rows run on their own task's weights, one product per group of rows.
+
+    `narrowed` says which side a skeleton slices: "out" (FFN input projections, q/k/v: the task keeps some
+    outputs; narrower results are zero-padded to the base width) or "in" (FFN output and attention output
+    projections: the task reads only its first columns of the padded input)."""
+
+    def __init__(self, base: nn.Linear, narrowed: str):
+        super().__init__()
+        if narrowed not in ("in", "out"):
+            raise ValueError(f"narrowed must be 'in' or 'out', got {narrowed!r}")
+        self.in_features, self.out_features, self.narrowed = base.in_features, base.out_features, narrowed
+        self.groups: list[Group] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.groups:
+            raise RuntimeError("a routed projection ran outside a routed pass (RoutedBackbone.route)")
+        if len(self.groups) == 1 and self.groups[0].rows is None:
+            return self._product(x, self.groups[0])
+        shape = (*x.shape[:-1], self.out_features)
+        out = x.new_zeros(shape) if self.narrowed == "out" else x.new_empty(shape)
+        for group in self.groups:
+            y = self._product(x[group.rows], group, pad=False)
+            if self.narrowed == "out":
+                out[group.rows, ..., :y.shape[-1]] = y
+            else:
+                out[group.rows] = y
+        return out
+
+    def _product(self, x: torch.Tensor, group: Group, pad: bool = True) -> torch.Tensor:
+        if self.narrowed == "in":
+            return F.linear(x[..., :group.weight.shape[1]], group.weight, group.bias)
+        y = F.linear(x, group.weight, group.bias)
+        return F.pad(y, (0, self.out_features - y.shape[-1])) if pad and y.shape[-1] < self.out_features else y
+
+
+def routed_paths(adapter: ArchAdapter) -> dict[str, str]:
+    """The projections inside one layer that a skeleton may slice, and which side: path -> "in" | "out"."""
+    return {**{p: "out" for p in (*adapter.ffn_in, adapter.q_proj, *adapter.kv_proj)},
+            adapter.ffn_out: "in", adapter.attn_out: "in"}
+
+
+def projections(backbone: nn.Module, adapter: ArchAdapter) -> dict[str, Weights]:
+    """A task's (compact) model's weights at every routed projection, keyed "layer.path"."""
+    out = {}
+    for index, layer in enumerate(adapter.layer_modules(backbone)):
+        for path in routed_paths(adapter):
+            module = layer.get_submodule(path)
+            out[f"{index}.{path}"] = (module.weight, module.bias)
+    return out
+
+
+class RoutedBackbone:
+    """The base model with every routed projection replaced; all other tensors are the base's own (shared
+    by reference, never copied). `route` tells every projection, before a pass, whose weights each row runs."""
+
+    def __init__(self, base: nn.Module, adapter: ArchAdapter):
+        shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+        self.model = copy.deepcopy(base, memo=shared)  # new modules, the base's tensors
+        self.routed: dict[str, RoutedLinear] = {}
+        for index, layer in enumerate(adapter.layer_modules(self.model)):
+            for path, narrowed in routed_paths(adapter).items():
+                owner, _, leaf = path.rpartition(".")
+                parent = layer.get_submodule(owner) if owner else layer
+                self.routed[f"{index}.{path}"] = routed = RoutedLinear(getattr(parent, leaf), narrowed)
+                setattr(parent, leaf, routed)
+
+    def route(self, groups: Sequence[tuple[torch.Tensor, dict[str, Weights]]]) -> None:
+        """groups: (row indices, that task's `projections`). Rows whose tasks share a projection's tensors
+        (a layer where they keep every head) share one product there."""
+        for key, module in self.routed.items():
+            merged: dict[tuple, tuple[list[torch.Tensor], Weights]] = {}
+            for rows, weights in groups:
+                weight, bias = weights[key]
+                merged.setdefault((_identity(weight), _identity(bias)), ([], (weight, bias)))[0].append(rows)
+            module.groups = [Group(None if len(merged) == 1 else torch.cat(rows), weight, bias)
+                             for rows, (weight, bias) in merged.values()]
+
+    def clear(self) -> None:
+        """Forget the last pass's routes, so no task's weights outlive its eviction through them."""
+        for module in self.routed.values():
+            module.groups = []
+
+
+def _identity(tensor: torch.Tensor | None) -> tuple | None:
+    """Two tasks' tensors are the same when they view the same memory the same way (each task's module tree
+    wraps the base's shared tensors in parameters of its own)."""
+    return None if tensor is None else (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+
+
+def row_groups(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each task's row indices in a pass, tasks in order of first appearance."""
+    return {name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
+            for name in dict.fromkeys(names)}
+
+
+def mixed_forward(backbone: nn.Module, models: dict[str, PromptedClassifier], names: list[str],
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor,
+                  prompt_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> list[torch.Tensor]:
+    """Label logits per row, each row with its own task's prompt and readout, in one pass of `backbone`
+    (the shared base, or a routed one already routed for these rows).
+
+    Prompts may differ in length (n <= n_max). With `prompt_kv` (decoders: each task's cached prompt keys and
+    values) a row's cache is [its prompt, masked gap to n_max] and the pass runs the text only. Without, the
+    prompt is an input: a decoder's row is [prompt, masked gap, left-padded text], an encoder's [prompt, text,
+    masked tail]. Positions count real tokens only, so every text sits where it would alone."""
+    groups = row_groups(names, input_ids.device)
+    causal = next(iter(models.values())).adapter.causal
+    lengths = {name: models[name].prompt.embedding.shape[0] for name in groups}
+    n_max = max(lengths.values())
+    batch, width = input_ids.shape
+    prompt_mask = attention_mask.new_zeros(batch, n_max)
+    for name, rows in groups.items():
+        prompt_mask[rows, :lengths[name]] = 1
+    kwargs: dict = {}
+    if prompt_kv is not None:
+        from transformers import DynamicCache
+
+        cache, first = DynamicCache(), next(iter(prompt_kv.values()))
+        config = backbone.config  # the base's key/value heads (a task's cache may hold fewer: its kept groups)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        for layer in range(len(first)):
+            keys = first[layer][0].new_zeros(batch, kv_heads, n_max, first[layer][0].shape[-1])
+            values = torch.zeros_like(keys)
+            for name, rows in groups.items():
+                k, v = prompt_kv[name][layer]
+                keys[rows, :k.shape[1], :k.shape[2]] = k
+                values[rows, :v.shape[1], :v.shape[2]] = v
+            cache.update(keys, values, layer)
+        starts = {name: 0 for name in groups}
+        offset = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        for name, rows in groups.items():
+            offset[rows] = lengths[name]
+        kwargs = {"input_ids": input_ids, "cache": cache, "use_cache": True,
+                  "position_ids": offset[:, None] + attention_mask.long().cumsum(-1) - 1}
+        mask = torch.cat([prompt_mask, attention_mask], dim=1)
+    else:
+        tokens = backbone.get_input_embeddings()(input_ids)
+        embeds = tokens.new_zeros(batch, n_max + width, tokens.shape[-1])
+        mask = attention_mask.new_zeros(batch, n_max + width)
+        starts = {}
+        for name, rows in groups.items():
+            n = lengths[name]
+            starts[name] = at = n_max if causal else n
+            embeds[rows, :n] = models[name].prompt.embedding.to(tokens.dtype)
+            embeds[rows, at:at + width] = tokens[rows]
+            mask[rows, :n] = 1
+            mask[rows, at:at + width] = attention_mask[rows]
+        kwargs = {"inputs_embeds": embeds}
+        if causal:
+            kwargs |= {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0), "use_cache": False}
+    states = backbone.base_model(attention_mask=mask, **kwargs).last_hidden_state
+    out: list[torch.Tensor] = [None] * batch  # type: ignore[list-item]
+    for name, rows in groups.items():
+        at = starts[name]
+        logits = models[name].read_labels(states[rows, at:at + width], attention_mask[rows], answer_index[rows])
+        for row, value in zip(rows.tolist(), logits):
+            out[row] = value
+    return out
+
+
+def mixed_logits(tagged: Sequence[tuple[str, object]], encode: Callable[[str, list], list[data.Encoded]],
+                 forward: Callable[..., list[torch.Tensor]], *, batch_size: int, pad_id: int, causal: bool,
+                 device: torch.device) -> list[torch.Tensor]:
+    """Label logits (fp32, on the CPU) per (task name, example), in order: each task's records encoded its own
+    way, then passes of at most `batch_size` rows cut from the length-sorted rows of all tasks together (as
+    Predictor.logits cuts one task's). `forward(ids, mask, answer, names)` runs one pass."""
+    names = [name for name, _ in tagged]
+    items: list[data.Encoded] = [None] * len(tagged)  # type: ignore[list-item]
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        for i, item in zip(rows, encode(name, [tagged[i][1] for i in rows])):
+            items[i] = item
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = data.collate([items[i] for i in chunk], pad_id, left_pad=causal)
+        logits = forward(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "answer_index")),
+                         [names[i] for i in chunk])
+        for i, row in zip(chunk, logits):
+            out[i] = row.float().cpu()
+    return out
+
+
+def answers(tagged: Sequence[tuple[str, object]], logits: Sequence[torch.Tensor],
+            label_names: Callable[[str], Sequence[str]]) -> list[dict]:
+    """One {"label", "probabilities"} per (task name, example), from its label logits."""
+    out = []
+    for (name, _), row in zip(tagged, logits):
+        names, probs = label_names(name), row.softmax(-1)
+        out.append({"label": names[int(probs.argmax())], "probabilities": {n: float(v) for n, v in zip(names, probs)}})
+    return out

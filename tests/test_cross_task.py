@@ -1,0 +1,101 @@
+"""Cross-task passes: rows of tasks with different skeletons share one forward pass over the shared base,
+each row on its own task's sliced projections, and every row's label logits equal its task's own compact
+checkpoint run alone (fp32). Tasks differ in FFN keep, head keep, per-layer widths, prompt length,
+readout and compensation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_stages
+from skeleton_ds.inference import InferenceConfig, Predictor
+from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.tasks import Example
+
+FP32 = InferenceConfig(device="cpu", dtype="fp32", batch_size=4)
+TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine",
+         "a very very happy film , the story was quite nice and the actor was great", "bad"]
+TASKS = {  # name -> flags: each skeleton slices differently
+    "heads": ("--ffn-keep", "0.5", "--head-keep", "0.5", "--seed", "1"),
+    "global": ("--ffn-keep", "0.25", "--keep-mode", "global", "--prompt-length", "6", "--seed", "2"),
+    "comp": ("--ffn-keep", "0.5", "--compensate", "mean", "--seed", "3"),
+    "head-readout": ("--ffn-keep", "0.75", "--readout", "head", "--seed", "4"),
+}
+
+
+@pytest.fixture(scope="module")
+def task_runs(tiny_models, sentiment_files, tmp_path_factory):
+    """Per base: the tasks this architecture can build (Qwen2 has no FFN bias to compensate with; a BERT
+    checkpoint cannot drop heads, and this one reads a trained head already)."""
+    root = tmp_path_factory.mktemp("cross-task")
+    unbuildable = {"qwen2": {"comp"}, "bert-head": {"heads", "head-readout"}}
+    runs = {}
+    for base in ("llama", "qwen2", "bert-head"):
+        for name, flags in TASKS.items():
+            if name in unbuildable.get(base, ()):
+                continue
+            runs.setdefault(base, {})[name] = run_stages(tiny_models[base], sentiment_files, root / base / name, *flags)
+    return runs
+
+
+def _tagged(names: list[str]) -> list[tuple[str, Example]]:
+    return [(names[i % len(names)], Example((text,), -1)) for i, text in enumerate(TEXTS * 3)]
+
+
+@pytest.mark.parametrize("prompt_cache", [True, False], ids=["prompt-cache", "prompt-as-input"])
+@pytest.mark.parametrize("base", ["llama", "qwen2", "bert-head"])
+def test_a_mixed_pass_equals_each_task_alone(base, prompt_cache, task_runs, tiny_models):
+    if base == "bert-head" and not prompt_cache:
+        pytest.skip("an encoder has no prompt cache: one path")
+    cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=4, prompt_cache=prompt_cache)
+    runs = task_runs[base]
+    served = MultiTaskModel(str(tiny_models[base]), [f"{n}={d}" for n, d in runs.items()], cfg=cfg, mix_tasks=True)
+    tagged = _tagged(list(runs))
+    mixed = served.mixed_logits(tagged)
+    for name, run in runs.items():
+        alone = Predictor.from_checkpoint(run / "compact", cfg)
+        rows = [i for i, (n, _) in enumerate(tagged) if n == name]
+        expected = alone.logits(alone.encode([tagged[i][1] for i in rows]))
+        torch.testing.assert_close(torch.stack([mixed[i] for i in rows]), expected, rtol=0, atol=1e-5)
+    answers = served.predict_mixed(tagged)
+    assert [a["label"] for a in answers] == [served.tasks[n].task.label_names[int(m.argmax())]
+                                             for (n, _), m in zip(tagged, mixed)]
+
+
+def test_a_pass_routes_shared_projections_once(task_runs, tiny_models):
+    """Where tasks keep every head of a layer, their rows share one product there; the FFN is per task."""
+    runs = task_runs["llama"]
+    served = MultiTaskModel(str(tiny_models["llama"]), [f"{n}={runs[n]}" for n in ("global", "comp")], cfg=FP32,
+                            mix_tasks=True)
+    seen = {}
+
+    def count_groups(key):
+        def hook(module, args, out):
+            seen.setdefault(key, len(module.groups))
+        return hook
+
+    for key, module in served._routed.routed.items():
+        module.register_forward_hook(count_groups(key))
+    served.mixed_logits(_tagged(["global", "comp"]))
+    layer = "0.self_attn.q_proj"
+    assert seen[layer] == 1 and seen["0.mlp.down_proj"] == 2
+    assert all(not m.groups for m in served._routed.routed.values())  # no weights kept past the pass
+
+
+def test_mixed_passes_evict_and_still_answer_alone(task_runs, tiny_models):
+    """A cache that holds one task: every pass re-materialises, and answers do not change."""
+    runs = task_runs["llama"]
+    dirs = [f"{n}={d}" for n, d in runs.items()]
+    small = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=FP32, mix_tasks=True, cache_bytes=1)
+    roomy = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=FP32, mix_tasks=True)
+    tagged = _tagged(list(runs))
+    assert [a["label"] for a in small.predict_mixed(tagged)] == [a["label"] for a in roomy.predict_mixed(tagged)]
+    assert small.memory()["cache_bytes"] == 0 and sum(s.misses for s in small.cache_stats().values()) >= len(runs)
+
+
+def test_mixed_passes_need_the_cross_task_model(task_runs, tiny_models):
+    served = MultiTaskModel(str(tiny_models["llama"]), [f"a={task_runs['llama']['heads']}"], cfg=FP32)
+    assert not served.mixes_tasks
+    with pytest.raises(RuntimeError, match="mix_tasks=True"):
+        served.predict_mixed(_tagged(["a"]))
