@@ -298,15 +298,23 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the address is printed)")
     p.add_argument("--cache-bytes", type=int, default=None,
-                   help="bytes of task-owned weights kept (LRU; default 1 GiB); skeleton mode only")
-    p.add_argument("--max-batch", type=int, default=32,
-                   help="most examples merged into one pass (of one task; of any tasks in prompt-tuning mode)")
+                   help="bytes of task-owned weights kept (LRU; default: half the device memory free once the base "
+                        "is loaded); a task larger than this is refused at start; skeleton mode only")
+    p.add_argument("--batching", choices=("cross-task", "per-task", "off"), default="cross-task",
+                   help="cross-task: a pass mixes tasks, shared modules once, each task's slices on its rows; "
+                        "per-task: one task per pass, tasks in turn; off: every request alone (comparisons)")
+    p.add_argument("--max-batch", type=int, default=32, help="most examples in one pass, all its tasks together")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to merge with")
+    p.add_argument("--max-queue", type=int, default=4096,
+                   help="most examples waiting, all tasks; a request beyond gets 503 with Retry-After (0: no bound)")
+    p.add_argument("--timeout-ms", type=float, default=30_000,
+                   help="a request not answered by then gets 504 and is withdrawn")
+    p.add_argument("--stall-s", type=float, default=60.0, help="/healthz fails while one pass has run longer")
     p.add_argument("--static", choices=("auto", "on", "off"), default="auto",
                    help="skeleton mode, decoders: passes at bucketed static shapes (see infer --static); auto: on for CUDA")
     p.add_argument("--warmup-buckets", action="store_true",
                    help="with static shapes: build every bucket of a task when it is loaded, not on a request")
-    p.add_argument("--no-batching", action="store_true", help="every request is its own pass (for comparison)")
+    p.add_argument("--no-batching", action="store_true", help="the same as --batching off (deprecated)")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (larger: 413)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
@@ -327,7 +335,9 @@ def serve(argv: Sequence[str] | None = None) -> int:
     from skeleton_ds.inference import InferenceConfig
 
     settings = server.ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
-                                    max_body_bytes=args.max_body_bytes, batching=not args.no_batching)
+                                    max_body_bytes=args.max_body_bytes,
+                                    batching="off" if args.no_batching else args.batching, max_queue=args.max_queue,
+                                    timeout_ms=args.timeout_ms, stall_s=args.stall_s)
     # One merged request is one forward pass: the model's batch size is the batcher's.
     cfg = InferenceConfig(device=args.device, dtype=args.dtype, batch_size=args.max_batch, static=args.static,
                           warmup_buckets=args.warmup_buckets)
@@ -339,13 +349,15 @@ def serve(argv: Sequence[str] | None = None) -> int:
         if args.mode == "prompt-tuning":
             model = PromptTuningModel(args.base, args.task_dir, cfg=cfg)  # checks the dirs
         else:
-            cache_bytes = 1 << 30 if args.cache_bytes is None else args.cache_bytes
-            model = MultiTaskModel(args.base, args.task_dir, cache_bytes=cache_bytes, cfg=cfg)  # checks the dirs
+            model = MultiTaskModel(args.base, args.task_dir, cache_bytes=args.cache_bytes, cfg=cfg,
+                                   mix_tasks=settings.batching == "cross-task")  # checks the dirs and sizes
         app = server.create_app(model, settings)
-        policy = (f"batching up to {settings.max_batch} examples, {settings.max_wait_ms:g} ms" if settings.batching
-                  else "no batching")
+        policy = ("no batching" if settings.batching == "off" else
+                  f"{settings.batching} batching up to {settings.max_batch} examples, {settings.max_wait_ms:g} ms")
         if args.mode == "prompt-tuning":
-            policy = f"plain prompt tuning, tasks mixed in a pass; {policy}"
+            policy = f"plain prompt tuning; {policy}"
+        else:
+            policy += f"; cache {model.budget / 2**20:.0f} MiB"
         print(f"skeleton_ds: serving {len(model.task_names())} tasks ({', '.join(model.task_names())}) on "
               f"{server.address(sock)} ({policy})", flush=True)
         server.run(app, sock, log_level=args.log_level)

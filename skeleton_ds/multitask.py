@@ -194,6 +194,20 @@ def storage_bytes(module: nn.Module) -> int:
     return sum(storages.values())
 
 
+def default_cache_bytes(device: torch.device) -> int:
+    """Half the memory free on `device` now (CUDA: free device memory; CPU: the kernel's MemAvailable), so
+    the cache leaves as much again for activations and everything else."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 1 << 30  # no way to ask: 1 GiB
+    return available // 2
+
+
 def parse_inputs(task: Task, inputs: list) -> list[Example]:
     """Records (dicts with the task's fields, optional label) or plain strings (single-text tasks) -> examples."""
     if not inputs:
@@ -204,29 +218,41 @@ def parse_inputs(task: Task, inputs: list) -> list[Example]:
 class MultiTaskModel:
     """Thread-safe: one lock around materialisation and the forward pass (one pass at a time).
 
+    The cache's byte budget (`cache_bytes`) defaults to half the device memory free once the base is loaded
+    (`default_cache_bytes`). Every task is materialised once at start to measure what it owns, and a task
+    larger than the whole budget is refused then, with the numbers, rather than re-materialised on every
+    request later.
+
     `mix_tasks=True`: passes may mix tasks (`predict_mixed`, skeleton_ds.cross_task): the shared modules run
     once over the whole batch and each task's sliced projections on its own rows. A pass holds the weights of
     every task in it until it ends, so a pass with more tasks than the cache holds briefly exceeds the budget.
     Mixed passes run at eager shapes (no static buckets)."""
 
-    def __init__(self, base: str, task_dirs: list[Path | str], *, cache_bytes: int = 1 << 30,
+    def __init__(self, base: str, task_dirs: list[Path | str], *, cache_bytes: int | None = None,
                  cfg: InferenceConfig = InferenceConfig(), mix_tasks: bool = False):
         if cfg.quant != "none":
             raise UserError("serving shared weights slices the base model's tensors, which bitsandbytes "
                             "layers do not allow: serve with --quant none")
-        if cache_bytes < 0:
+        if cache_bytes is not None and cache_bytes < 0:
             raise UserError(f"--cache-bytes must be >= 0, got {cache_bytes}")
-        self.mixes_tasks = mix_tasks  # the server keeps one FIFO across tasks for a model that says so
-        self.cfg, self.budget = replace(cfg, static="off") if mix_tasks else cfg, cache_bytes
+        self.mixes_tasks = mix_tasks  # the server mixes tasks in a pass for a model that says so
+        self.cfg = replace(cfg, static="off") if mix_tasks else cfg
         self.device, self.dtype = cfg.torch_device(), cfg.torch_dtype()
         identity = base_model_identity(base)
         self.tasks: dict[str, TaskEntry] = register(task_dirs, lambda d, name: read_task_dir(d, identity, name))
         self.backbone = shared_backbone(base, [e.record for e in self.tasks.values()], cfg)
         self.adapter = self.backbone.adapter
         self.geometry = self.adapter.geometry(self.backbone.model.config)
+        self.budget = default_cache_bytes(self.device) if cache_bytes is None else cache_bytes
         self._cache: OrderedDict[str, Resident] = OrderedDict()
         self._routed = cross_task.RoutedBackbone(self.backbone.model, self.adapter) if mix_tasks else None
         self._lock = threading.Lock()
+        self.task_bytes = {name: self._materialise(entry).owned for name, entry in self.tasks.items()}
+        too_large = [f"{name} owns {size / 2**20:.1f} MiB" for name, size in self.task_bytes.items() if size > self.budget]
+        if too_large:
+            raise UserError(f"{len(too_large)} task(s) larger than the whole cache budget of {self.budget / 2**20:.1f} "
+                            f"MiB ({'; '.join(too_large)}), which would be re-built on every request: raise "
+                            f"--cache-bytes, or serve them on a device with more memory")
 
     # ------------------------------------------------------------ materialise
     def _task_backbone(self, skeleton: Skeleton, compensated: dict[str, torch.Tensor]) -> tuple[nn.Module, int]:
@@ -283,9 +309,7 @@ class MultiTaskModel:
             self._cache.move_to_end(name)
             return self._cache[name]
         entry.stats.misses += 1
-        resident = self._materialise(entry)
-        if resident.owned > self.budget:
-            return resident  # larger than the whole cache: answer, never keep (the budget is never exceeded)
+        resident = self._materialise(entry)  # no larger than the budget: checked at start
         while self._cache and self.cache_bytes() + resident.owned > self.budget:
             evicted, _ = self._cache.popitem(last=False)
             self.tasks[evicted].stats.evictions += 1
@@ -298,13 +322,14 @@ class MultiTaskModel:
         return list(self.tasks)
 
     def describe(self) -> list[dict]:
-        """One JSON-ready dict per task: name, task, fields, labels, directory, cached, resident_bytes.
-        Reads a snapshot of the cache, so it never waits for a forward pass."""
+        """One JSON-ready dict per task: name, task, fields, labels, directory, cached, resident_bytes (now),
+        owned_bytes (when materialised). Reads a snapshot of the cache, so it never waits for a forward pass."""
         resident = self.memory()["tasks"]
         return [{"name": name, "task": e.task.name, "fields": list(e.task.fields), "labels": list(e.task.label_names),
                  "directory": str(e.directory), "ffn_sizes": e.skeleton.ffn_sizes(),
                  "head_groups": [len(h) for h in e.skeleton.heads], "cached": resident[name] > 0,
-                 "resident_bytes": resident[name]} for name, e in self.tasks.items()]
+                 "resident_bytes": resident[name], "owned_bytes": self.task_bytes[name]}
+                for name, e in self.tasks.items()]
 
     def parse_inputs(self, name: str, inputs: list) -> list[Example]:
         """Records (dicts with the task's fields, optional label) or plain strings (single-text tasks) ->

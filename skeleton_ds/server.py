@@ -8,26 +8,35 @@ Endpoints: `POST /v1/classify` ({"task", "inputs"} -> {"predictions": [{"label",
 A bad request gets a 4xx and `{"error": "..."}`, and the server goes on serving.
 
 Why a batcher: a forward pass over 32 examples costs far less than 32 passes over one, so concurrent
-requests for the same task are merged into one pass. The policy (`Batcher`) in README words:
-**one worker thread runs every forward pass; each task has a FIFO queue, and the worker serves the
-tasks that are ready in round-robin order, taking at most `max_batch` examples of one task per turn,
-so a burst on one task delays another by at most one pass per busy task.** A task is ready when it
-has `max_batch` examples waiting or its oldest request has waited `max_wait_ms`. Requests for
-different tasks never share a pass; a request is never split, and one larger than `max_batch` runs
-alone (the model cuts it into passes of `max_batch`).
+requests are merged into one pass. With many tasks and a long-tail load, one task's queue rarely holds
+more than one request, so by default (`--batching cross-task`) a pass mixes tasks: the shared modules run
+once over all its rows and each task's sliced projections on its own rows (skeleton_ds.cross_task). The
+policy (`Batcher`) in README words: **one worker thread runs every forward pass; each task has a FIFO
+queue; a pass takes whole requests round-robin across the waiting tasks, one request per task per round,
+up to `--max-batch` examples in all, so every waiting task gets a share of each pass.** A pass starts when
+`--max-batch` examples wait or the oldest request has waited `--max-wait-ms`; a request is never split,
+and one larger than `--max-batch` runs alone. `--batching per-task` keeps one task per pass (tasks take
+turns), `--batching off` runs every request alone: the comparisons.
+
+Under overload the server refuses rather than queueing without bound: at most `--max-queue` examples
+wait (a request beyond gets 503 with Retry-After), and a request not answered within `--timeout-ms` gets
+504 and is withdrawn. `/healthz` fails (503) when the worker has stopped or one pass has run longer than
+`--stall-s`. A failure inside a pass answers 500 with an incident id; the details go to the server log.
 
 `--mode prompt-tuning` serves plain prompt tuning instead (`PromptTuningModel`: the full base, each
-task's stage-1 prompt), the baseline the skeletons are measured against. A prompt is an input, so its
-passes may mix tasks: all requests join one FIFO (the queue `*`), up to `max_batch` examples a pass.
+task's stage-1 prompt), the baseline the skeletons are measured against; its passes mix tasks the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
@@ -51,12 +60,25 @@ if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTT
 
 Predict = Callable[[str, "list[Example]"], "list[dict]"]
 UNKNOWN_TASK = "-"  # the metrics label of requests that name no registered task (bounded label values)
-MIXED = "*"  # the one queue (and batch metrics label) of a model whose passes mix tasks
+MIXED = "*"  # the batch metrics label of a pass that mixes tasks
+LOG = logging.getLogger("skeleton_ds.server")
 
 
 # -------------------------------------------------------------------- batching
+POLICIES = ("cross-task", "per-task", "off")
+
+
+class Overloaded(Exception):
+    """The queue is full: the request is refused at once (503), with when to retry."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass
 class _Request:
+    task: str
     examples: list[Example]
     future: Future
     enqueued: float  # time.monotonic()
@@ -69,43 +91,69 @@ class _Queue:
 
 
 class Batcher:
-    """Merges concurrent requests for one task into one `predict` call, from one worker thread.
+    """Merges concurrent requests into passes of at most `max_batch` examples, from one worker thread.
 
-    Policy: per-task FIFO queues; the worker serves the ready tasks round-robin, at most `max_batch`
-    examples of one task per turn (whole requests; a larger request alone). A task is ready when it
-    has `max_batch` examples waiting or its oldest request is `max_wait_s` old, so a lone request
-    waits at most `max_wait_s` and a burst on one task cannot starve another. With `batching=False`
-    every request is its own call and is ready at once (the comparison baseline).
+    Each task has a FIFO queue. Policies:
+    - "cross-task": a pass takes whole requests round-robin across the tasks that have any, one request per
+      task per round, until `max_batch` examples; `predict(MIXED, [(task, example), ...])` runs it. Every
+      waiting task gets a share of each pass, so a burst on one task delays another by at most one pass.
+    - "per-task": a pass holds one task's requests; the ready tasks take turns (round-robin), so a burst on
+      one task delays another by at most one pass per busy task. `predict(task, examples)`.
+    - "off": every request is its own pass, at once (the comparison baseline).
+    A pass starts when `max_batch` examples are waiting (for its task, per-task) or the oldest request has
+    waited `max_wait_s`, so a lone request waits at most that. A request larger than `max_batch` runs alone.
 
-    `predict` is only ever called from the worker thread. An exception there fails that call's
-    requests only; the worker goes on. `on_batch(task, examples, seconds)` is told about every call.
+    Overload: at most `max_queue` examples wait (0: no bound); `submit` refuses more with `Overloaded`, whose
+    retry hint is the time the queue takes to drain at the measured rate. A caller that stops waiting cancels
+    its future, and the worker drops it unrun. `predict` is only ever called from the worker thread; an
+    exception there fails that pass's requests only, and the worker goes on. `on_batch(task, examples,
+    seconds)` is told about every pass.
     """
 
-    def __init__(self, predict: Predict, *, max_batch: int = 32, max_wait_s: float = 0.005, batching: bool = True,
-                 on_batch: Callable[[str, int, float], None] | None = None):
+    def __init__(self, predict: Predict, *, max_batch: int = 32, max_wait_s: float = 0.005, policy: str = "per-task",
+                 max_queue: int = 0, on_batch: Callable[[str, int, float], None] | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._predict, self._on_batch = predict, on_batch
-        self.max_batch, self.max_wait_s, self.batching = max_batch, max_wait_s, batching
+        self.max_batch, self.max_wait_s, self.policy, self.max_queue = max_batch, max_wait_s, policy, max_queue
         self._queues: dict[str, _Queue] = {}  # insertion order is the round-robin order
         self._turn = 0  # index in the round-robin order where the next search starts
+        self._waiting = 0  # examples queued, all tasks
+        self._seconds_per_example = 0.0  # a running mean over passes, for the retry hint
+        self._busy_since: float | None = None  # when the pass now running started
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="skeleton-ds-batcher", daemon=True)
         self._worker.start()
 
     def submit(self, task: str, examples: Sequence[Example]) -> Future:
-        """Queue one request; the future gets its predictions, in order, or the exception of its pass."""
+        """Queue one request; the future gets its predictions, in order, or the exception of its pass.
+        Raises Overloaded when the queue is full."""
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
+            if self.max_queue and self._waiting + len(examples) > self.max_queue:
+                retry = max(1, math.ceil(self._waiting * self._seconds_per_example))
+                raise Overloaded(f"the server is at capacity ({self._waiting} examples queued, at most "
+                                 f"{self.max_queue}): retry after {retry} s", retry)
             queue = self._queues.setdefault(task, _Queue())
-            queue.requests.append(_Request(list(examples), future, time.monotonic()))
+            queue.requests.append(_Request(task, list(examples), future, time.monotonic()))
             queue.examples += len(examples)
+            self._waiting += len(examples)
             self._cond.notify()
         return future
 
     def alive(self) -> bool:
         return self._worker.is_alive()
+
+    def busy_seconds(self) -> float:
+        """How long the pass now running has run (0 when idle): a stalled worker shows here."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def waiting(self) -> int:
+        return self._waiting
 
     def close(self) -> None:
         """Stop the worker after its current pass; requests still queued fail."""
@@ -122,8 +170,9 @@ class Batcher:
     def _run(self) -> None:
         while (turn := self._next_turn()) is not None:
             task, requests = turn
-            examples = [e for r in requests for e in r.examples]
-            start = time.perf_counter()
+            mixed = self.policy == "cross-task"
+            examples = [(r.task, e) if mixed else e for r in requests for e in r.examples]
+            start = self._busy_since = time.monotonic()
             try:
                 predictions = self._predict(task, examples)
                 if len(predictions) != len(examples):
@@ -133,49 +182,91 @@ class Batcher:
                     r.future.set_exception(e)
                 continue
             finally:
+                seconds, self._busy_since = time.monotonic() - start, None
+                self._seconds_per_example = 0.8 * self._seconds_per_example + 0.2 * seconds / max(1, len(examples))
                 if self._on_batch is not None:
-                    self._on_batch(task, len(examples), time.perf_counter() - start)
+                    self._on_batch(task, len(examples), seconds)
             offset = 0
             for r in requests:
                 r.future.set_result(predictions[offset:offset + len(r.examples)])
                 offset += len(r.examples)
 
     def _next_turn(self) -> tuple[str, list[_Request]] | None:
-        """Wait until a task is ready; take its turn. None once closed."""
+        """Wait until a pass is ready; take it. None once closed."""
         with self._cond:
             while not self._closed:
-                now, wake = time.monotonic(), None
-                names = list(self._queues)
-                for k in range(len(names)):
-                    index = (self._turn + k) % len(names)
-                    queue = self._queues[names[index]]
-                    if not queue.requests:
-                        continue
-                    deadline = queue.requests[0].enqueued + self.max_wait_s
-                    if not self.batching or queue.examples >= self.max_batch or now >= deadline:
-                        self._turn = index + 1
-                        requests = self._take(queue)
-                        if requests:
-                            return names[index], requests
-                        continue  # all were cancelled
-                    wake = deadline if wake is None else min(wake, deadline)
-                self._cond.wait(None if wake is None else wake - now)
+                turn, wake = self._ready(time.monotonic())
+                if turn is not None:
+                    return turn
+                self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
         return None
 
-    def _take(self, queue: _Queue) -> list[_Request]:
-        """Whole requests from the head, up to max_batch examples (at least one request; one when not batching).
-        Requests whose caller has gone (cancelled futures) are dropped."""
+    def _ready(self, now: float) -> tuple[tuple[str, list[_Request]] | None, float | None]:
+        """The pass to run now, if one is ready; else when to look again (None: when a request arrives)."""
+        names = [n for n in self._queues if self._queues[n].requests]
+        if not names:
+            return None, None
+        if self.policy == "cross-task":
+            oldest = min(self._queues[n].requests[0].enqueued for n in names)
+            if self._waiting < self.max_batch and now < oldest + self.max_wait_s:
+                return None, oldest + self.max_wait_s
+            requests = self._take_round_robin()
+            return ((MIXED, requests) if requests else None), None
+        order = list(self._queues)
+        wake = None
+        for k in range(len(order)):
+            index = (self._turn + k) % len(order)
+            queue = self._queues[order[index]]
+            if not queue.requests:
+                continue
+            deadline = queue.requests[0].enqueued + self.max_wait_s
+            if self.policy == "off" or queue.examples >= self.max_batch or now >= deadline:
+                self._turn = index + 1
+                requests = self._take(queue, self.max_batch if self.policy == "per-task" else 0)
+                if requests:
+                    return (order[index], requests), None
+                continue  # all were cancelled
+            wake = deadline if wake is None else min(wake, deadline)
+        return None, wake
+
+    def _pop(self, queue: _Queue) -> _Request | None:
+        """The head request, or None when its caller has gone (a cancelled future): dropped unrun."""
+        head = queue.requests.popleft()
+        queue.examples -= len(head.examples)
+        self._waiting -= len(head.examples)
+        return head if head.future.set_running_or_notify_cancel() else None
+
+    def _take(self, queue: _Queue, limit: int) -> list[_Request]:
+        """Whole requests from one queue's head, up to `limit` examples (at least one request; 0: exactly one)."""
         taken: list[_Request] = []
         size = 0
         while queue.requests:
-            head = queue.requests[0]
-            if taken and (not self.batching or size + len(head.examples) > self.max_batch):
+            if taken and (not limit or size + len(queue.requests[0].examples) > limit):
                 break
-            queue.requests.popleft()
-            queue.examples -= len(head.examples)
-            if head.future.set_running_or_notify_cancel():
+            if (head := self._pop(queue)) is not None:
                 taken.append(head)
                 size += len(head.examples)
+        return taken
+
+    def _take_round_robin(self) -> list[_Request]:
+        """One request per task per round, tasks in turn from where the last pass stopped, up to max_batch."""
+        order, start = list(self._queues), self._turn
+        taken: list[_Request] = []
+        size, progress = 0, True
+        while progress:
+            progress = False
+            for k in range(len(order)):
+                index = (start + k) % len(order)
+                queue = self._queues[order[index]]
+                while queue.requests and queue.requests[0].future.cancelled():
+                    self._pop(queue)  # the caller has gone
+                if not queue.requests or (taken and size + len(queue.requests[0].examples) > self.max_batch):
+                    continue
+                if (head := self._pop(queue)) is not None:
+                    taken.append(head)
+                    size += len(head.examples)
+                    progress = True
+                    self._turn = index + 1
         return taken
 
 
@@ -245,42 +336,56 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     max_inputs: int = 256
     max_body_bytes: int = 1 << 20
-    batching: bool = True
+    batching: str = "cross-task"  # a Batcher policy: cross-task | per-task | off
+    max_queue: int = 4096  # examples waiting, all tasks; more: 503 (0: no bound)
+    timeout_ms: float = 30_000  # a request not answered by then: 504
+    stall_s: float = 60.0  # /healthz fails while one pass has run longer
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_inputs", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise UserError(f"--max-wait-ms must be zero or positive, got {self.max_wait_ms}")
+        for name in ("max_wait_ms", "max_queue"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(self, name)}")
+        for name in ("timeout_ms", "stall_s"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batching not in POLICIES:
+            raise UserError(f"--batching takes {', '.join(POLICIES)}, got {self.batching!r}")
+        if self.max_queue and self.max_queue < self.max_inputs:
+            raise UserError(f"--max-queue {self.max_queue} is below --max-inputs {self.max_inputs}: a request the "
+                            f"server accepts must fit in its queue")
 
 
 class ApiError(Exception):
-    """A request the server refuses: its HTTP status and the message the client reads."""
+    """A request the server refuses: its HTTP status, the message the client reads, and any headers."""
 
-    def __init__(self, status: int, message: str, task: str = UNKNOWN_TASK):
+    def __init__(self, status: int, message: str, task: str = UNKNOWN_TASK, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.task = status, task
+        self.status, self.task, self.headers = status, task, headers
 
 
-def _queues(model: ServedModel) -> tuple[Predict, Callable[[str, list], tuple[str, list]]]:
-    """What runs one pass, and which queue a request joins with what: a queue per task, its examples;
-    or, for a model whose passes mix tasks (plain prompt tuning), one queue of (task, example) pairs."""
+def _predict(model: ServedModel, policy: str) -> Predict:
+    """What runs one pass: the model's mixed pass for cross-task batching, else its one-task pass."""
+    if policy != "cross-task":
+        return model.predict
     if not getattr(model, "mixes_tasks", False):
-        return model.predict, lambda task, examples: (task, examples)
+        raise UserError("this model cannot mix tasks in one pass: build it with MultiTaskModel(..., mix_tasks=True), "
+                        "or serve with --batching per-task")
 
     def predict(_queue: str, tagged: list) -> list[dict]:
         return model.predict_mixed(tagged)
 
-    return predict, lambda task, examples: (MIXED, [(task, e) for e in examples])
+    return predict
 
 
 def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The FastAPI app; its batcher (app.state.batcher) starts now and stops when the app shuts down."""
     metrics = Metrics(model)
-    predict, enqueue = _queues(model)
-    batcher = Batcher(predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
-                      batching=settings.batching, on_batch=metrics.observe_batch)
+    batcher = Batcher(_predict(model, settings.batching), max_batch=settings.max_batch,
+                      max_wait_s=settings.max_wait_ms / 1000, policy=settings.batching, max_queue=settings.max_queue,
+                      on_batch=metrics.observe_batch)
     names = list(model.task_names())
 
     @asynccontextmanager
@@ -301,17 +406,19 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) ->
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> JSONResponse:
-        start, task = time.perf_counter(), UNKNOWN_TASK
+        start, task, headers = time.perf_counter(), UNKNOWN_TASK, None
         try:
             task, inputs = _parse_request(await _read_body(request, settings.max_body_bytes), names, settings)
             examples = _examples(model, task, inputs)  # pure Python, no lock, at most --max-inputs records
-            status, payload = 200, {"predictions": await asyncio.wrap_future(batcher.submit(*enqueue(task, examples)))}
+            status, payload = 200, {"predictions": await _answer(batcher, task, examples, settings.timeout_ms)}
         except ApiError as e:
-            task, status, payload = e.task, e.status, {"error": str(e)}
-        except Exception as e:  # noqa: BLE001 - inside the forward pass: this request fails, the server serves on
-            status, payload = 500, {"error": f"prediction failed: {type(e).__name__}: {e}"}
+            task, status, payload, headers = e.task, e.status, {"error": str(e)}, e.headers
+        except Exception:  # noqa: BLE001 - inside the forward pass: this request fails, the server serves on
+            incident = uuid.uuid4().hex[:12]
+            LOG.exception("prediction failed (incident %s, task %s)", incident, task)
+            status, payload = 500, {"error": f"prediction failed (incident {incident}, in the server log)"}
         metrics.observe_request(task, status, time.perf_counter() - start)
-        return JSONResponse(payload, status_code=status)
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.get("/v1/tasks")
     def tasks() -> dict:  # a plain def: FastAPI runs it in a thread, off the event loop
@@ -319,15 +426,36 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) ->
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        ok = batcher.alive()
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "tasks": len(names)},
-                            status_code=200 if ok else 503)
+        busy = batcher.busy_seconds()
+        if not batcher.alive():
+            status = "worker stopped"
+        elif busy > settings.stall_s:
+            status = f"worker stalled: one pass has run {busy:.0f} s (--stall-s {settings.stall_s:g})"
+        else:
+            status = "ok"
+        return JSONResponse({"status": status, "tasks": len(names), "queued_examples": batcher.waiting(),
+                             "pass_seconds": round(busy, 3)}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     def metrics_text() -> Response:
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _answer(batcher: Batcher, task: str, examples: list, timeout_ms: float) -> list[dict]:
+    """The request's predictions; 503 (with Retry-After) when the queue is full, 504 past its deadline (the
+    request is then withdrawn: the worker drops it unrun if it has not started)."""
+    try:
+        future = batcher.submit(task, examples)
+    except Overloaded as e:
+        raise ApiError(503, str(e), task, {"Retry-After": str(e.retry_after_s)}) from None
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_ms / 1000)
+    except asyncio.TimeoutError:
+        future.cancel()
+        raise ApiError(504, f"no answer within {timeout_ms:g} ms (--timeout-ms): the server is busy, retry later",
+                       task) from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

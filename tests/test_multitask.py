@@ -83,8 +83,10 @@ def test_cache_stays_within_budget_and_evicted_tasks_come_back_identical(runs, t
     assert sum(s.evictions for s in stats.values()) >= 3
     assert sum(s.hits for s in stats.values()) >= 1
     assert all(s.hits + s.misses == "abcabcbba".count(n) for n, s in stats.items())
-    tiny = MultiTaskModel(str(tiny_models["llama"]), dirs[:1], cache_bytes=1, cfg=CPU)  # smaller than any task
-    assert tiny.predict("a", tiny.parse_inputs("a", TEXTS)) == first["a"] and tiny.cache_bytes() == 0
+    # A task larger than the whole budget would be re-built on every request: refused at start, with the numbers.
+    with pytest.raises(UserError, match=r"1 task\(s\) larger than the whole cache budget of 0.0 MiB \(a owns"):
+        MultiTaskModel(str(tiny_models["llama"]), dirs[:1], cache_bytes=1, cfg=CPU)
+    assert registry.task_bytes == sizes and [d["owned_bytes"] for d in registry.describe()] == list(sizes.values())
 
 
 def test_bad_task_directories_are_refused_at_start(runs, tiny_models, tmp_path):

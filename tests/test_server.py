@@ -56,10 +56,10 @@ class _Flaky:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def predict(self, name: str, examples: list[Example]) -> list[dict]:
-        if any("BOOM" in text for e in examples for text in e.texts):
+    def predict_mixed(self, tagged: list[tuple[str, Example]]) -> list[dict]:
+        if any("BOOM" in text for _, e in tagged for text in e.texts):
             raise RuntimeError("BOOM inside the forward pass")
-        return self.model.predict(name, examples)
+        return self.model.predict_mixed(tagged)
 
 
 class ServerThread:
@@ -84,7 +84,7 @@ class ServerThread:
 @pytest.fixture(scope="module")
 def model(tiny_models, task_dirs) -> MultiTaskModel:
     cfg = InferenceConfig(device="cpu", batch_size=SETTINGS.max_batch)
-    return MultiTaskModel(str(tiny_models["llama"]), task_dirs, cfg=cfg)
+    return MultiTaskModel(str(tiny_models["llama"]), task_dirs, cfg=cfg, mix_tasks=True)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,8 @@ def _assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
 
 # --------------------------------------------------------------- the server
 def test_healthz_and_tasks(url, model):
-    assert _call(url, "/healthz") == (200, {"status": "ok", "tasks": 2})
+    status, health = _call(url, "/healthz")
+    assert status == 200 and health["status"] == "ok" and health["tasks"] == 2 and health["queued_examples"] == 0
     status, answer = _call(url, "/v1/tasks")
     assert status == 200
     assert [t["name"] for t in answer["tasks"]] == ["first", "second"] == model.task_names()
@@ -180,7 +181,7 @@ def test_metrics_count_requests_and_read_the_cache(url):
     assert delta("skeleton_requests_total", task="second", status="200") == 2
     assert delta("skeleton_requests_total", task="-", status="404") == 1  # unknown names never become labels
     assert delta("skeleton_request_seconds_count", task="second") == 2
-    assert delta("skeleton_batch_size_sum", task="second") == 4
+    assert delta("skeleton_batch_size_sum", task="*") == 4  # passes mix tasks: one label for them all
     for task in ("first", "second"):
         looked_up = _total(after, "skeleton_cache_hits_total", task=task) + _total(after, "skeleton_cache_misses_total",
                                                                                    task=task)
@@ -238,9 +239,76 @@ def test_bad_request_gets_its_4xx_and_the_server_serves_on(case, url):
 
 def test_an_error_inside_the_forward_pass_fails_that_request_only(url):
     status, answer = _call(url, "/v1/classify", {"task": "first", "inputs": ["BOOM"]})
-    assert status == 500 and "BOOM inside the forward pass" in answer["error"]
+    assert status == 500 and "incident" in answer["error"] and "BOOM" not in answer["error"]  # no internals
     assert _call(url, "/healthz")[0] == 200
     assert _classify(url, "first", ["a good movie"])[0]["label"] in ("neg", "pos")
+
+
+class _Gated:
+    """The real model, except that a pass holding a text with HOLD waits until the test opens the gate."""
+
+    def __init__(self, model: MultiTaskModel):
+        self.model, self.gate, self.holding = model, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def predict_mixed(self, tagged: list) -> list[dict]:
+        if any("HOLD" in e.texts[0] for _, e in tagged):
+            self.holding.set()
+            self.gate.wait(TIMEOUT)
+        return self.model.predict_mixed(tagged)
+
+
+def _post(url: str, body: dict) -> tuple:
+    """(status, JSON answer, headers) of one classify call."""
+    request = urllib.request.Request(url + "/v1/classify", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def test_overload_gives_503_then_504_a_stall_fails_healthz_and_the_server_recovers(model):
+    """A pass that hangs (HOLD): the queue fills, a request beyond it gets 503 with Retry-After at once, the
+    queued ones get 504 at their deadline, /healthz reports the stalled worker; once the pass ends, the
+    next good request succeeds and /healthz is green again."""
+    gated = _Gated(model)
+    settings = ServeSettings(max_batch=16, max_wait_ms=0, max_inputs=8, max_queue=8, timeout_ms=1500, stall_s=0.5)
+    server = ServerThread(create_app(gated, settings))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(_post, server.url, {"task": "first", "inputs": ["HOLD on"]})
+            assert gated.holding.wait(TIMEOUT)
+            queued = pool.submit(_post, server.url, {"task": "second", "inputs": TEXTS})  # fills the queue: 8
+            deadline = time.monotonic() + TIMEOUT
+            while server.thread.is_alive() and time.monotonic() < deadline:  # until the 8 examples are queued
+                if _call(server.url, "/healthz")[1]["queued_examples"] == 8:
+                    break
+                time.sleep(0.02)
+            status, answer, headers = _post(server.url, {"task": "first", "inputs": ["one more"]})
+            assert status == 503 and "at capacity" in answer["error"] and int(headers.get("Retry-After")) >= 1
+            stalled = time.monotonic() + 0.6  # past --stall-s 0.5, and within the 1.5 s deadline
+            while (health := _call(server.url, "/healthz"))[0] == 200 and time.monotonic() < stalled + 0.5:
+                time.sleep(0.05)
+            assert health[0] == 503 and health[1]["status"].startswith("worker stalled"), health
+            late = queued.result(TIMEOUT)
+            assert late[0] == 504 and "--timeout-ms" in late[1]["error"]
+            assert held.result(TIMEOUT)[0] == 504  # its pass outlived its deadline too
+            gated.gate.set()
+        deadline = time.monotonic() + TIMEOUT
+        while _call(server.url, "/healthz")[0] != 200:  # the held pass ends
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert _classify(server.url, "second", ["a good movie"])[0]["label"] in ("neg", "pos")
+        samples = _metrics(server.url)
+        assert _total(samples, "skeleton_requests_total", status="503") == 1
+        assert _total(samples, "skeleton_requests_total", status="504") == 2
+    finally:
+        gated.gate.set()
+        server.stop()
 
 
 # ------------------------------------------------------ plain prompt tuning
@@ -304,7 +372,7 @@ def test_prompt_tuning_mode_refuses_bad_requests_and_serves_on(prompt_tuning):
                            (BAD_REQUESTS["too-many-inputs"][0], 413)):
         status, answer = _call(url, "/v1/classify", body)
         assert status == expected and set(answer) == {"error"}, (status, answer)
-    assert _call(url, "/healthz") == (200, {"status": "ok", "tasks": 2})
+    assert _call(url, "/healthz")[1]["status"] == "ok"
     assert len(_classify(url, "second", ["a good movie", "an awful plot"])) == 2
 
 
@@ -338,14 +406,16 @@ class _Recorder:
         self.entered, self.release = threading.Event(), threading.Event()
         self.fail_on = fail_on
 
-    def __call__(self, task: str, examples: list[Example]) -> list[dict]:
+    def __call__(self, task: str, examples: list) -> list[dict]:
+        """`examples`: one task's, or (task, example) pairs in a pass that mixes tasks (its task is "*")."""
         self.entered.set()
         self.release.wait(TIMEOUT)
-        texts = [e.texts[0] for e in examples]
+        tagged = [e if isinstance(e, tuple) else (task, e) for e in examples]
+        texts = [e.texts[0] for _, e in tagged]
         self.calls.append((task, texts))
         if self.fail_on in texts:
             raise ValueError(f"failing on {self.fail_on}")
-        return [{"label": f"{task}:{t}"} for t in texts]
+        return [{"label": f"{name}:{e.texts[0]}"} for name, e in tagged]
 
 
 def _examples(*texts: str) -> list[Example]:
@@ -387,7 +457,7 @@ def test_batcher_burst_on_one_task_does_not_starve_another():
 
 def test_batcher_without_batching_runs_every_request_alone():
     recorder = _Recorder()
-    batcher = Batcher(recorder, max_batch=32, max_wait_s=1.0, batching=False)
+    batcher = Batcher(recorder, max_batch=32, max_wait_s=1.0, policy="off")
     try:
         _run_queued(batcher, recorder, [("a", ["a1"]), ("a", ["a2", "a3"]), ("a", ["a4"])])
     finally:
@@ -406,6 +476,43 @@ def test_batcher_failure_fails_only_its_pass_and_the_worker_survives():
     finally:
         batcher.close()
     assert not batcher.alive()
+
+
+def test_cross_task_batcher_mixes_tasks_round_robin_one_request_each():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.05, policy="cross-task")
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["a1"]), ("a", ["a2", "a3"]), ("b", ["b1"]), ("a", ["a4"]),
+                                                  ("c", ["c1"]), ("b", ["b2"])])
+    finally:
+        batcher.close()
+    # Each pass: one whole request per waiting task per round, up to 4 examples (a2+a3 did not fit beside
+    # a1, b1, c1; b2 did); the next pass starts with the task after the last one served.
+    assert recorder.calls[1:] == [("*", ["a1", "b1", "c1", "b2"]), ("*", ["a2", "a3", "a4"])]
+    assert results[1] == [{"label": "a:a2"}, {"label": "a:a3"}] and results[5] == [{"label": "b:b2"}]
+
+
+def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():
+    from skeleton_ds.server import Overloaded
+
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.0, max_queue=3)
+    try:
+        blocker = batcher.submit("hold", _examples("hold"))
+        assert recorder.entered.wait(TIMEOUT)
+        kept = batcher.submit("a", _examples("a1", "a2"))
+        withdrawn = batcher.submit("a", _examples("gone"))
+        with pytest.raises(Overloaded, match="at most 3") as refused:
+            batcher.submit("b", _examples("b1"))
+        assert refused.value.retry_after_s >= 1 and batcher.waiting() == 3
+        assert withdrawn.cancel()  # its caller stopped waiting (a 504)
+        recorder.release.set()
+        blocker.result(TIMEOUT)
+        assert kept.result(TIMEOUT) == [{"label": "a:a1"}, {"label": "a:a2"}]
+        assert batcher.submit("b", _examples("b1")).result(TIMEOUT) == [{"label": "b:b1"}]
+    finally:
+        batcher.close()
+    assert all("gone" not in texts for _, texts in recorder.calls) and batcher.waiting() == 0
 
 
 # ------------------------------------------------------------- the command
