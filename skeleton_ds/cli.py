@@ -292,17 +292,19 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--task-dir", action="append", default=[], metavar="[NAME=]DIR",
                    help="a pipeline output directory or a compact checkpoint, served as NAME (default: its task "
                         "name); repeat for each task")
-    p.add_argument("--mode", choices=("skeleton", "prompt-tuning"), default="skeleton",
-                   help="skeleton: each task on its skeleton of the shared base; prompt-tuning: the baseline, the full "
-                        "base with each task's stage-1 prompt (DIR/prompt), tasks mixed in one pass")
+    p.add_argument("--mode", choices=("skeleton", "prompt-tuning", "compact"), default="skeleton",
+                   help="skeleton: each task on its skeleton of the shared base; the baselines: prompt-tuning, the "
+                        "full base with each task's stage-1 prompt (DIR/prompt); compact: each task's compact "
+                        "checkpoint loaded on its own, nothing shared")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the address is printed)")
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="bytes of task-owned weights kept (LRU; default: half the device memory free once the base "
                         "is loaded); a task larger than this is refused at start; skeleton mode only")
-    p.add_argument("--batching", choices=("cross-task", "per-task", "off"), default="cross-task",
-                   help="cross-task: a pass mixes tasks, shared modules once, each task's slices on its rows; "
-                        "per-task: one task per pass, tasks in turn; off: every request alone (comparisons)")
+    p.add_argument("--batching", choices=("cross-task", "per-task", "off"), default=None,
+                   help="cross-task (default; --mode compact: per-task): a pass mixes tasks, shared modules once, "
+                        "each task's slices on its rows; per-task: one task per pass, tasks in turn; off: every "
+                        "request alone (comparisons)")
     p.add_argument("--max-batch", type=int, default=32, help="most examples in one pass, all its tasks together")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to merge with")
     p.add_argument("--max-queue", type=int, default=4096,
@@ -321,13 +323,17 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(list(argv) if argv is not None else None)
-    if not args.base:
+    if not args.base and args.mode != "compact":
         raise UserError("give the shared base model: --base M (a local directory, Hub id, 'minilm' or 'smollm2-135m')")
     if not args.task_dir:
         raise UserError("give at least one task: --task-dir [NAME=]DIR (a pipeline output or a compact checkpoint), "
                         "repeatable")
-    if args.mode == "prompt-tuning" and args.cache_bytes is not None:
-        raise UserError("--cache-bytes is for --mode skeleton: --mode prompt-tuning holds every prompt, it caches nothing")
+    if args.mode != "skeleton" and args.cache_bytes is not None:
+        raise UserError(f"--cache-bytes is for --mode skeleton: --mode {args.mode} holds every task, it caches nothing")
+    batching = "off" if args.no_batching else args.batching or ("per-task" if args.mode == "compact" else "cross-task")
+    if args.mode == "compact" and batching == "cross-task":
+        raise UserError("--mode compact runs each task on its own model, so a pass cannot mix tasks: use "
+                        "--batching per-task (its default) or off")
     try:
         from skeleton_ds import server
     except ImportError as e:
@@ -336,7 +342,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
 
     settings = server.ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
                                     max_body_bytes=args.max_body_bytes,
-                                    batching="off" if args.no_batching else args.batching, max_queue=args.max_queue,
+                                    batching=batching, max_queue=args.max_queue,
                                     timeout_ms=args.timeout_ms, stall_s=args.stall_s)
     # One merged request is one forward pass: the model's batch size is the batcher's.
     cfg = InferenceConfig(device=args.device, dtype=args.dtype, batch_size=args.max_batch, static=args.static,
@@ -344,20 +350,23 @@ def serve(argv: Sequence[str] | None = None) -> int:
     sock = server.bind(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
         _quiet_libraries()
-        from skeleton_ds.multitask import MultiTaskModel, PromptTuningModel
+        from skeleton_ds.baselines import PromptTuningModel, SeparateCompactModels
+        from skeleton_ds.multitask import MultiTaskModel
 
         if args.mode == "prompt-tuning":
             model = PromptTuningModel(args.base, args.task_dir, cfg=cfg)  # checks the dirs
+        elif args.mode == "compact":
+            model = SeparateCompactModels(args.task_dir, cfg=cfg)
         else:
             model = MultiTaskModel(args.base, args.task_dir, cache_bytes=args.cache_bytes, cfg=cfg,
                                    mix_tasks=settings.batching == "cross-task")  # checks the dirs and sizes
         app = server.create_app(model, settings)
         policy = ("no batching" if settings.batching == "off" else
                   f"{settings.batching} batching up to {settings.max_batch} examples, {settings.max_wait_ms:g} ms")
-        if args.mode == "prompt-tuning":
-            policy = f"plain prompt tuning; {policy}"
-        else:
+        if args.mode == "skeleton":
             policy += f"; cache {model.budget / 2**20:.0f} MiB"
+        else:
+            policy = f"{'plain prompt tuning' if args.mode == 'prompt-tuning' else 'separate compact models'}; {policy}"
         print(f"skeleton_ds: serving {len(model.task_names())} tasks ({', '.join(model.task_names())}) on "
               f"{server.address(sock)} ({policy})", flush=True)
         server.run(app, sock, log_level=args.log_level)

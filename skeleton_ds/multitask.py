@@ -11,9 +11,8 @@ kept heads) are new, and whose other tensors (embeddings, norms, attention when 
 MLM head) are the base model's own tensors, by reference. Materialised tasks live in a cache bounded
 by a byte budget (only the bytes a task owns count), least recently used evicted first.
 
-`PromptTuningModel` is the baseline a prompt-tuning user runs: the one full base model and each task's
-stage-1 prompt (and head), nothing sliced. A prompt is an input, so one forward pass may hold rows of
-different tasks (`predict_mixed`); it pays the full model per pass, and owns only its prompts.
+The contenders served the same way (plain prompt tuning, separate compact models) are in
+skeleton_ds/baselines.py.
 """
 
 from __future__ import annotations
@@ -389,114 +388,3 @@ class MultiTaskModel:
         return {"shared_bytes": storage_bytes(self.backbone.model),
                 "cache_bytes": sum(r.owned for r in cache.values()), "cache_budget": self.budget,
                 "tasks": {name: cache[name].owned if name in cache else 0 for name in self.tasks}}
-
-
-# ------------------------------------------------------ plain prompt tuning
-@dataclass
-class PromptEntry:
-    """A task served by plain prompt tuning: its stage-1 prompt (and head), trained on the full base."""
-
-    name: str
-    directory: Path  # the prompt directory
-    record: dict  # its task.json
-    task: Task
-    prompt: dict[str, torch.Tensor]
-
-
-def read_prompt_dir(directory: Path, identity: dict, name: str | None = None) -> PromptEntry:
-    """DIR/prompt of a pipeline output, or a directory holding prompt.safetensors itself (a prompt directory,
-    or a compact checkpoint, which ships the stage-1 prompt). The prompt must be the base model's: a
-    re-tuned prompt belongs to its compact model, and is refused by name."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"--task-dir {directory} is not a directory")
-    if (directory / "manifest.json").is_file():  # a compact checkpoint: its prompt is checked with the rest
-        checkpoint.verify_manifest(directory)
-    prompt_dir = directory / "prompt" if (directory / "prompt" / "prompt.safetensors").is_file() else directory
-    if not (prompt_dir / "prompt.safetensors").is_file() or not (prompt_dir / "task.json").is_file():
-        raise UserError(f"--task-dir {directory} holds no stage-1 prompt (DIR/prompt/prompt.safetensors and task.json): "
-                        f"run the pipeline's prompt stage first")
-    record = checkpoint.read_json(prompt_dir / "task.json", "task record")
-    label = name or record["task"]
-    if record["base_model"].get("config_sha256") != identity["config_sha256"]:
-        raise UserError(f"task {label!r} ({prompt_dir}): its prompt was trained on "
-                        f"{record['base_model'].get('name_or_path')!r}, not on the base {identity['name_or_path']!r} "
-                        f"(a re-tuned prompt belongs to its compact model): serve DIR/prompt with the base it was tuned on")
-    return PromptEntry(label, prompt_dir, record, task_from_record(record),
-                       checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
-
-
-class PromptTuningModel:
-    """Plain prompt tuning, served: one full base model, each task's stage-1 prompt (and head) on it.
-
-    Same API as MultiTaskModel, plus `predict_mixed`: a prompt is an input, so one forward pass holds
-    rows of different tasks, each row with its own task's prompt (decoders get no prompt key/value cache,
-    which is per task). Thread-safe: one lock around the forward pass."""
-
-    mixes_tasks = True  # the server keeps one FIFO across tasks for a model that says so
-
-    def __init__(self, base: str, task_dirs: list[Path | str], *, cfg: InferenceConfig = InferenceConfig()):
-        if cfg.quant != "none":
-            raise UserError("serving plain prompt tuning runs the base model's plain tensors: serve with --quant none")
-        identity = base_model_identity(base)
-        self.tasks: dict[str, PromptEntry] = register(task_dirs, lambda d, name: read_prompt_dir(d, identity, name))
-        self.cfg = replace(cfg, prompt_cache=False, compile=False)
-        backbone = shared_backbone(base, [e.record for e in self.tasks.values()], cfg)
-        self.backbone, self.pad_id = backbone.model, backbone.tokenizer.pad_token_id
-        self.causal = backbone.adapter.causal
-        device, dtype = cfg.torch_device(), cfg.torch_dtype()
-        self.predictors = {  # one per task, for its encoding and its prompted model; all on the one backbone
-            name: Predictor(prompted(self.backbone, backbone.adapter, e.record, e.task, e.prompt, device, dtype), e.task,
-                            e.record, backbone.tokenizer, self.cfg, source=f"full {base} + {e.directory}")
-            for name, e in self.tasks.items()}
-        self.device = device
-        self._lock = threading.Lock()
-
-    # ------------------------------------------------------------------ API
-    def task_names(self) -> list[str]:
-        return list(self.tasks)
-
-    def describe(self) -> list[dict]:
-        """One JSON-ready dict per task: name, task, fields, labels, directory, prompt_length, readout,
-        resident_bytes (its prompt and head; every task is always resident)."""
-        owned = self.memory()["tasks"]
-        return [{"name": name, "task": e.task.name, "fields": list(e.task.fields), "labels": list(e.task.label_names),
-                 "directory": str(e.directory), "prompt_length": e.record["prompt_length"],
-                 "readout": e.record["readout"], "cached": True, "resident_bytes": owned[name]}
-                for name, e in self.tasks.items()]
-
-    def parse_inputs(self, name: str, inputs: list) -> list[Example]:
-        """As MultiTaskModel.parse_inputs: KeyError for an unknown task, UserError for a bad record."""
-        return parse_inputs(self.tasks[name].task, inputs)
-
-    def predict(self, name: str, examples: list[Example]) -> list[dict]:
-        return self.predict_mixed([(name, e) for e in examples])
-
-    def predict_mixed(self, tagged: list[tuple[str, Example]]) -> list[dict]:
-        """One {"label", "probabilities"} per (task name, example), in order; rows of any tasks share passes."""
-        with self._lock:
-            logits = self.mixed_logits(tagged)
-        return cross_task.answers(tagged, logits, lambda name: self.tasks[name].task.label_names)
-
-    def cache_stats(self) -> dict[str, CacheStats]:
-        return {}  # no cache: every prompt is resident from the start
-
-    def memory(self) -> dict:
-        """As MultiTaskModel.memory; "cache_bytes" is every task's prompt and head, and there is no budget (null)."""
-        tasks = {name: owned_bytes(p.model) for name, p in self.predictors.items()}
-        return {"shared_bytes": storage_bytes(self.backbone), "cache_bytes": sum(tasks.values()), "cache_budget": None,
-                "tasks": tasks}
-
-    # --------------------------------------------------------- the forward
-    @torch.inference_mode()
-    def mixed_logits(self, tagged: list[tuple[str, Example]]) -> list[torch.Tensor]:
-        """Label logits (fp32, on the CPU) per (task name, example), in order (cross_task.mixed_logits)."""
-        return cross_task.mixed_logits(tagged, lambda name, examples: self.predictors[name].encode(examples),
-                                       self._forward, batch_size=self.cfg.batch_size, pad_id=self.pad_id,
-                                       causal=self.causal, device=self.device)
-
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor,
-                 names: list[str]) -> list[torch.Tensor]:
-        """The full base model once over rows of many tasks, each row with its own prompt (no prompt cache)."""
-        models = {name: self.predictors[name].model for name in dict.fromkeys(names)}
-        return cross_task.mixed_forward(self.backbone, models, names, input_ids, attention_mask, answer_index)

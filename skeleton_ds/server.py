@@ -53,10 +53,11 @@ from starlette.exceptions import HTTPException
 from skeleton_ds.errors import UserError
 
 if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTTP layer do not need it
-    from skeleton_ds.multitask import MultiTaskModel, PromptTuningModel
+    from skeleton_ds.baselines import PromptTuningModel, SeparateCompactModels
+    from skeleton_ds.multitask import MultiTaskModel
     from skeleton_ds.tasks import Example
 
-    ServedModel = MultiTaskModel | PromptTuningModel
+    ServedModel = MultiTaskModel | PromptTuningModel | SeparateCompactModels
 
 Predict = Callable[[str, "list[Example]"], "list[dict]"]
 UNKNOWN_TASK = "-"  # the metrics label of requests that name no registered task (bounded label values)

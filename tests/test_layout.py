@@ -22,7 +22,7 @@ SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "adapters", "task
                                         "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
                                         "ds_config_files", "packaged_models", "widths")}
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "surgery", "interop", "inference", "bench",
-                                            "multitask", "verify", "static_shapes", "cross_task")}
+                                            "multitask", "verify", "static_shapes", "cross_task", "baselines")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
 TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server"}
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")

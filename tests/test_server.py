@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, run_stages
 from skeleton_ds.cli import run_command, serve
 from skeleton_ds.inference import InferenceConfig
-from skeleton_ds.multitask import MultiTaskModel, PromptTuningModel
+from skeleton_ds.baselines import PromptTuningModel
+from skeleton_ds.multitask import MultiTaskModel
 from skeleton_ds.provenance import missing_fields
 from skeleton_ds.server import Batcher, ServeSettings, address, bind, create_app
 from skeleton_ds.tasks import Example
