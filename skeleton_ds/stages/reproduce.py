@@ -217,7 +217,7 @@ def _stage(argv: list[str]) -> None:
     run_pipeline(config_from_args(argv))
 
 
-def _task_flags(task: str, data_dir: Path) -> list[str]:
+def task_flags(task: str, data_dir: Path) -> list[str]:
     if task == "qnli":  # the shared QNLI training data is a JSON subset: the generic task reads it
         folder = data_dir / "QNLI" / "train_subset"
         return GENERIC_QNLI + ["--train-file", str(folder / "train.json"), "--dev-file", str(folder / "dev.json")]
@@ -249,7 +249,7 @@ def stage_flags(task: str, seed: int, cfg: ReproduceConfig) -> list[str]:
     return ["--model", cfg.model, "--config", cfg.config, "--seed", str(seed), "--epochs", str(plan["epochs"]),
             "--max-train-examples", str(plan["train"]), "--max-eval-examples", str(plan["dev"]),
             "--attr-examples", str(plan["attr"]), "--resume",  # an interrupted run continues from its checkpoint
-            *_task_flags(task, cfg.data_dir)]
+            *task_flags(task, cfg.data_dir)]
 
 
 def _check_shared(run: Path, full: Path, stage: str) -> None:
@@ -289,7 +289,7 @@ def zero_shot(full: Path, cfg: ReproduceConfig, task: str, seed: int) -> float:
             return done["accuracy"]
     predictor = Predictor.from_prompt(cfg.model, full / "prompt", InferenceConfig(device="cpu", dtype="fp32"),
                                       zero_shot=True)
-    # the pipeline's dev subset (stages.common.subset); a generic task reads its own files through _task_flags
+    # the pipeline's dev subset (stages.common.subset); a generic task reads its own files through task_flags
     dev = subset(load_split(predictor.task, "dev", cfg.data_dir), cfg.plan(task)["dev"], seed)
     accuracy = predictor.evaluate(dev)["metrics"]["accuracy"]
     write_json(path, {"accuracy": accuracy, "dev_examples": len(dev), "prompt_settings_id": prompt_id})

@@ -1,0 +1,73 @@
+"""Many real tasks for the serving figures: distinct prompts and skeletons on real GLUE/SuperGLUE data.
+
+    python launch/serving_tasks.py --base minilm --data-dir ../shared/data --tasks sst2,rte,cb,qnli --seeds 4 \
+        --keeps 0.2,0.3,0.4,0.5 --out runs/serving/minilm
+
+Per task and seed, one pipeline run prompt-tunes and scores on a small subset (`--train-examples`,
+`--attr-examples`): the seeds give distinct prompts. Each keep ratio then localizes and converts its own
+skeleton from those scores (the way `skeleton-ds reproduce` builds its skeletons: the prompt and scores
+copied, stages localize and convert), so 4 tasks x 4 seeds x 4 keep ratios are 64 distinct skeletons, 16
+distinct prompts. Not re-tuned: every way of serving answers with the same stage-1 prompts. Writes
+OUT/tasks-N.txt for each `--lists` size, one NAME=DIR line per task (what launch/load_test.py --task-list
+reads): the first N of the task x seed x keep grid, ordered so a shorter list spreads over tasks and seeds
+before keep ratios. Finished runs are reused (the pipeline's own settings check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from skeleton_ds.config import config_from_args  # noqa: E402
+from skeleton_ds.stages.pipeline import run_pipeline  # noqa: E402
+from skeleton_ds.stages.reproduce import copy_atomically, task_flags  # noqa: E402
+
+
+def build(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(name, run directory) of every skeleton, spread order: keep ratio last."""
+    built = []
+    for keep, task, seed in itertools.product(args.keeps, args.tasks, range(args.seeds)):
+        common = ["--model", args.base, "--config", args.config, "--seed", str(seed), "--epochs", "1",
+                  "--max-train-examples", str(args.train_examples), "--max-eval-examples", str(args.eval_examples),
+                  "--attr-examples", str(args.attr_examples), *task_flags(task, args.data_dir)]
+        full = args.out / f"{task}-s{seed}"
+        run_pipeline(config_from_args(common + ["--output", str(full), "--stages", "prompt,attribute"]))
+        run = args.out / f"{task}-s{seed}-k{keep:g}"
+        for name in ("prompt", "attribution.safetensors"):
+            if not (run / name).exists():
+                copy_atomically(full / name, run / name)
+        run_pipeline(config_from_args(common + ["--output", str(run), "--stages", "localize,convert",
+                                                "--ffn-keep", str(keep)]))
+        built.append((run.name, run))
+    return built
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="minilm")
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--tasks", type=lambda v: v.split(","), default=["sst2", "rte", "cb", "qnli"])
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--keeps", type=lambda v: [float(k) for k in v.split(",")], default=[0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--train-examples", type=int, default=256)
+    p.add_argument("--attr-examples", type=int, default=64)
+    p.add_argument("--eval-examples", type=int, default=100)
+    p.add_argument("--config", default="ds_configs/zero2.json")
+    p.add_argument("--lists", type=lambda v: [int(n) for n in v.split(",")], default=[16, 64])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "serving" / "minilm")
+    args = p.parse_args(argv)
+    built = build(args)
+    for size in args.lists:
+        listing = args.out / f"tasks-{size}.txt"
+        listing.write_text("".join(f"{name}={run.resolve()}\n" for name, run in built[:size]))
+        print(f"serving_tasks: {min(size, len(built))} tasks -> {listing}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
