@@ -103,3 +103,29 @@ def test_mixed_passes_need_the_cross_task_model(task_runs, tiny_models):
     assert not served.mixes_tasks
     with pytest.raises(RuntimeError, match="mix_tasks=True"):
         served.predict_mixed(_tagged(["a"]))
+
+
+@pytest.mark.realdata
+def test_real_minilm_mixed_pass_equals_each_task_alone(tmp_path):
+    """The real MiniLM, two skeletons with random prompts and heads of different lengths: FFN 0.3 uniform
+    and FFN 0.5 global (each layer its own width), rows mixed in passes of 4."""
+    from pathlib import Path
+
+    from skeleton_ds import engine
+    from skeleton_ds.bench import compact_checkpoint, synthetic_prompt_dir
+
+    base = Path(engine.resolve_model_path("minilm"))
+    compacts = {
+        "third": compact_checkpoint(base, synthetic_prompt_dir(base, tmp_path / "p20", 20, "head"), None,
+                                    tmp_path / "third", ffn_keep=0.3, head_keep=1.0, align=64, slice_lm_head=False),
+        "half": compact_checkpoint(base, synthetic_prompt_dir(base, tmp_path / "p12", 12, "head"), None,
+                                   tmp_path / "half", ffn_keep=0.5, head_keep=1.0, align=64, slice_lm_head=False,
+                                   mode="global")}
+    served = MultiTaskModel("minilm", [f"{n}={d}" for n, d in compacts.items()], cfg=FP32, mix_tasks=True)
+    tagged = _tagged(list(compacts))
+    mixed = served.mixed_logits(tagged)
+    for name, compact in compacts.items():
+        alone = Predictor.from_checkpoint(compact, FP32)
+        rows = [i for i, (n, _) in enumerate(tagged) if n == name]
+        torch.testing.assert_close(torch.stack([mixed[i] for i in rows]),
+                                   alone.logits(alone.encode([tagged[i][1] for i in rows])), rtol=0, atol=1e-5)

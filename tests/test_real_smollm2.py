@@ -19,7 +19,7 @@ from skeleton_ds.localization import load_skeleton, masked
 from skeleton_ds.prompt import verbalizer_token_ids
 from skeleton_ds.stages.common import subset
 from skeleton_ds.surgery import convert
-from skeleton_ds.tasks import _REGISTRY, get_task, load_split
+from skeleton_ds.tasks import _REGISTRY, Example, get_task, load_split
 from test_distributed import launch
 
 pytestmark = [pytest.mark.realdata,
@@ -197,3 +197,14 @@ def test_several_decoder_tasks_are_served_on_one_shared_base(smollm2, short_run,
         got = smallest.predict(name, smallest.parse_inputs(name, texts))
         assert [a["label"] for a in got] == [a["label"] for a in answers[name]]
     assert sum(s.evictions for s in smallest.cache_stats().values()) >= 2
+
+    # The three tasks in mixed passes (cross-task batching): each row equals its compact checkpoint alone.
+    mixing = MultiTaskModel(str(smollm2), [f"sst2={short_run}", f"half={half}", f"fifth={fifth}"], cfg=cfg,
+                            mix_tasks=True)
+    tagged = [(name, Example((text,), -1)) for text in texts for name in compacts]
+    mixed = mixing.mixed_logits(tagged)
+    for name, compact in compacts.items():
+        alone = Predictor.from_checkpoint(compact, cfg)
+        rows = [i for i, (n, _) in enumerate(tagged) if n == name]
+        torch.testing.assert_close(torch.stack([mixed[i] for i in rows]),
+                                   alone.logits(alone.encode([tagged[i][1] for i in rows])), rtol=1e-4, atol=1e-4)
