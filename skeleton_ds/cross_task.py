@@ -32,11 +32,12 @@ from skeleton_ds.adapters import ArchAdapter
 from skeleton_ds.prompt import PromptedClassifier
 
 Weights = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's weight and bias
+Rows = slice | torch.Tensor  # a task's rows in a pass: a slice when they are contiguous (mixed_logits makes them so)
 
 
 @dataclass
 class Group:
-    rows: torch.Tensor | None  # indices into the pass's batch; None: every row
+    rows: Rows | None  # the group's rows in the pass's batch; None: every row
     weight: torch.Tensor
     bias: torch.Tensor | None
 
@@ -108,15 +109,15 @@ class RoutedBackbone:
                 self.routed[f"{index}.{path}"] = routed = RoutedLinear(getattr(parent, leaf), narrowed)
                 setattr(parent, leaf, routed)
 
-    def route(self, groups: Sequence[tuple[torch.Tensor, dict[str, Weights]]]) -> None:
-        """groups: (row indices, that task's `projections`). Rows whose tasks share a projection's tensors
+    def route(self, groups: Sequence[tuple[Rows, dict[str, Weights]]]) -> None:
+        """groups: (a task's rows, that task's `projections`). Rows whose tasks share a projection's tensors
         (a layer where they keep every head) share one product there."""
         for key, module in self.routed.items():
-            merged: dict[tuple, tuple[list[torch.Tensor], Weights]] = {}
+            merged: dict[tuple, tuple[list[Rows], Weights]] = {}
             for rows, weights in groups:
                 weight, bias = weights[key]
                 merged.setdefault((_identity(weight), _identity(bias)), ([], (weight, bias)))[0].append(rows)
-            module.groups = [Group(None if len(merged) == 1 else torch.cat(rows), weight, bias)
+            module.groups = [Group(None if len(merged) == 1 else _union(rows), weight, bias)
                              for rows, (weight, bias) in merged.values()]
 
     def clear(self) -> None:
@@ -131,10 +132,28 @@ def _identity(tensor: torch.Tensor | None) -> tuple | None:
     return None if tensor is None else (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
 
 
-def row_groups(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Each task's row indices in a pass, tasks in order of first appearance."""
-    return {name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
-            for name in dict.fromkeys(names)}
+def _union(rows: list[Rows]) -> Rows:
+    """Several tasks' rows as one index (adjacent slices stay a slice)."""
+    if len(rows) == 1:
+        return rows[0]
+    if all(isinstance(r, slice) for r in rows) and all(a.stop == b.start for a, b in zip(rows, rows[1:])):
+        return slice(rows[0].start, rows[-1].stop)
+    return torch.cat([torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows])
+
+
+def row_groups(names: Sequence[str], device: torch.device) -> dict[str, Rows]:
+    """Each task's rows in a pass, tasks in order of first appearance: a slice where they are contiguous
+    (a view, no gather or scatter), else an index tensor."""
+    out: dict[str, Rows] = {}
+    for name in dict.fromkeys(names):
+        index = [i for i, n in enumerate(names) if n == name]
+        contiguous = index[-1] - index[0] + 1 == len(index)
+        out[name] = slice(index[0], index[-1] + 1) if contiguous else torch.tensor(index, device=device)
+    return out
+
+
+def _indices(rows: Rows) -> list[int]:
+    return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows.tolist()
 
 
 def mixed_forward(backbone: nn.Module, models: dict[str, PromptedClassifier], names: list[str],
@@ -197,7 +216,7 @@ def mixed_forward(backbone: nn.Module, models: dict[str, PromptedClassifier], na
     for name, rows in groups.items():
         at = starts[name]
         logits = models[name].read_labels(states[rows, at:at + width], attention_mask[rows], answer_index[rows])
-        for row, value in zip(rows.tolist(), logits):
+        for row, value in zip(_indices(rows), logits):
             out[row] = value
     return out
 
@@ -216,8 +235,9 @@ def mixed_logits(tagged: Sequence[tuple[str, object]], encode: Callable[[str, li
             items[i] = item
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    first = {name: i for i, name in reversed(list(enumerate(names)))}
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = sorted(order[start:start + batch_size], key=lambda i: first[names[i]])  # each task's rows together
         batch = data.collate([items[i] for i in chunk], pad_id, left_pad=causal)
         logits = forward(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "answer_index")),
                          [names[i] for i in chunk])

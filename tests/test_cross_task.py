@@ -63,6 +63,24 @@ def test_a_mixed_pass_equals_each_task_alone(base, prompt_cache, task_runs, tiny
                                              for (n, _), m in zip(tagged, mixed)]
 
 
+def test_tasks_sharing_attention_apart_in_a_pass_share_one_product(task_runs, tiny_models):
+    """A head-pruning task between two that keep every head: their rows are not adjacent, and still share the
+    attention products (an index, not a slice), each row equal to its compact checkpoint alone."""
+    runs = {n: task_runs["llama"][n] for n in ("global", "heads", "comp")}
+    served = MultiTaskModel(str(tiny_models["llama"]), [f"{n}={d}" for n, d in runs.items()], cfg=FP32, mix_tasks=True)
+    seen = []
+    served._routed.routed["0.self_attn.q_proj"].register_forward_hook(
+        lambda module, args, out: seen.append([type(g.rows).__name__ for g in module.groups]))
+    tagged = _tagged(list(runs))
+    mixed = served.mixed_logits(tagged)
+    assert ["Tensor", "slice"] in seen  # global + comp through one index; heads alone
+    for name, run in runs.items():
+        alone = Predictor.from_checkpoint(run / "compact", FP32)
+        rows = [i for i, (n, _) in enumerate(tagged) if n == name]
+        torch.testing.assert_close(torch.stack([mixed[i] for i in rows]),
+                                   alone.logits(alone.encode([tagged[i][1] for i in rows])), rtol=0, atol=1e-5)
+
+
 def test_a_pass_routes_shared_projections_once(task_runs, tiny_models):
     """Where tasks keep every head of a layer, their rows share one product there; the FFN is per task."""
     runs = task_runs["llama"]
