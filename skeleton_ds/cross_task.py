@@ -8,12 +8,12 @@ share its weights: every row of every task that keeps all heads of a layer share
 A loop over groups, not a grouped-GEMM kernel: on CPU the loop is what such a kernel would do, and on a
 GPU the groups of a long-tail load are small enough that launch cost, not the loop, decides.
 
-It stays exact, and free of architecture code, by keeping the base model's shapes between projections.
-A projection whose outputs a task narrowed (its FFN neurons, its kept heads) writes the task's values into
-the first columns and zeros after them, so activations, the head reshape and rotary embeddings all see base
-widths. The projection that reads them back (FFN down, attention output) reads only the task's own first
-columns, so the padding never reaches a result: a padded head attends to zero values, outputs zeros, and
-is never read. A decoder's prompt keys and values stay per task (each computed once on the task's own
+It stays exact, and free of architecture code, by padding between projections. A projection whose outputs
+a task narrowed (its FFN neurons, its kept heads) writes the task's values into the first columns: attention
+pads with zeros to the base width, so the head reshape and rotary embeddings see base shapes; the FFN pads
+only to the widest task in the pass. The projection that reads them back (FFN down, attention output) reads
+only the task's own first columns, so the padding never reaches a result: a padded head attends to zero
+values, outputs zeros, and is never read. A decoder's prompt keys and values stay per task (each computed once on the task's own
 compact model) and are placed into each row's slots of the pass's cache, padded the same way.
 """
 
@@ -32,6 +32,7 @@ from skeleton_ds.adapters import ArchAdapter
 from skeleton_ds.prompt import PromptedClassifier
 
 Weights = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's weight and bias
+MAX_PAD_RATIO = 2.0  # a row padded to at most twice its length (length_buckets)
 Rows = slice | torch.Tensor  # a task's rows in a pass: a slice when they are contiguous (mixed_logits makes them so)
 
 
@@ -45,43 +46,51 @@ class Group:
 class RoutedLinear(nn.Module):
     """A base projection whose rows run on their own task's weights, one product per group of rows.
 
-    `narrowed` says which side a skeleton slices: "out" (FFN input projections, q/k/v: the task keeps some
-    outputs; narrower results are zero-padded to the base width) or "in" (FFN output and attention output
-    projections: the task reads only its first columns of the padded input)."""
+    `narrowed` says which side a skeleton slices: "out" (the task keeps some outputs: FFN input projections,
+    q/k/v) or "in" (the task reads only its first columns of a padded input: FFN output and attention output
+    projections). Narrower outputs are padded: q/k/v with zeros to the base width (`base_width`: the head
+    reshape needs it; a padded head attends to zero values and outputs zeros), FFN neurons only to the widest
+    task in the pass, left unset beyond a row's own task's width: the activation between runs over them, and
+    the output projection never reads them."""
 
-    def __init__(self, base: nn.Linear, narrowed: str):
+    def __init__(self, base: nn.Linear, narrowed: str, base_width: bool = False):
         super().__init__()
         if narrowed not in ("in", "out"):
             raise ValueError(f"narrowed must be 'in' or 'out', got {narrowed!r}")
         self.in_features, self.out_features, self.narrowed = base.in_features, base.out_features, narrowed
+        self.base_width = base_width
         self.groups: list[Group] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.groups:
             raise RuntimeError("a routed projection ran outside a routed pass (RoutedBackbone.route)")
+        if self.narrowed == "in":
+            if len(self.groups) == 1 and self.groups[0].rows is None:
+                return self._product(x, self.groups[0])
+            out = x.new_empty((*x.shape[:-1], self.out_features))
+            for group in self.groups:
+                out[group.rows] = self._product(x[group.rows], group)
+            return out
+        width = self.out_features if self.base_width else max(g.weight.shape[0] for g in self.groups)
         if len(self.groups) == 1 and self.groups[0].rows is None:
-            return self._product(x, self.groups[0])
-        shape = (*x.shape[:-1], self.out_features)
-        out = x.new_zeros(shape) if self.narrowed == "out" else x.new_empty(shape)
+            y = self._product(x, self.groups[0])
+            return F.pad(y, (0, width - y.shape[-1])) if y.shape[-1] < width else y
+        out = (x.new_zeros if self.base_width else x.new_empty)((*x.shape[:-1], width))
         for group in self.groups:
-            y = self._product(x[group.rows], group, pad=False)
-            if self.narrowed == "out":
-                out[group.rows, ..., :y.shape[-1]] = y
-            else:
-                out[group.rows] = y
+            y = self._product(x[group.rows], group)
+            out[group.rows, ..., :y.shape[-1]] = y
         return out
 
-    def _product(self, x: torch.Tensor, group: Group, pad: bool = True) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, group: Group) -> torch.Tensor:
         if self.narrowed == "in":
             return F.linear(x[..., :group.weight.shape[1]], group.weight, group.bias)
-        y = F.linear(x, group.weight, group.bias)
-        return F.pad(y, (0, self.out_features - y.shape[-1])) if pad and y.shape[-1] < self.out_features else y
+        return F.linear(x, group.weight, group.bias)
 
 
-def routed_paths(adapter: ArchAdapter) -> dict[str, str]:
-    """The projections inside one layer that a skeleton may slice, and which side: path -> "in" | "out"."""
-    return {**{p: "out" for p in (*adapter.ffn_in, adapter.q_proj, *adapter.kv_proj)},
-            adapter.ffn_out: "in", adapter.attn_out: "in"}
+def routed_paths(adapter: ArchAdapter) -> dict[str, tuple[str, bool]]:
+    """The projections inside one layer that a skeleton may slice: path -> (narrowed side, padded to base width)."""
+    return {**{p: ("out", False) for p in adapter.ffn_in}, **{p: ("out", True) for p in (adapter.q_proj, *adapter.kv_proj)},
+            adapter.ffn_out: ("in", False), adapter.attn_out: ("in", False)}
 
 
 def projections(backbone: nn.Module, adapter: ArchAdapter) -> dict[str, Weights]:
@@ -103,10 +112,10 @@ class RoutedBackbone:
         self.model = copy.deepcopy(base, memo=shared)  # new modules, the base's tensors
         self.routed: dict[str, RoutedLinear] = {}
         for index, layer in enumerate(adapter.layer_modules(self.model)):
-            for path, narrowed in routed_paths(adapter).items():
+            for path, (narrowed, base_width) in routed_paths(adapter).items():
                 owner, _, leaf = path.rpartition(".")
                 parent = layer.get_submodule(owner) if owner else layer
-                self.routed[f"{index}.{path}"] = routed = RoutedLinear(getattr(parent, leaf), narrowed)
+                self.routed[f"{index}.{path}"] = routed = RoutedLinear(getattr(parent, leaf), narrowed, base_width)
                 setattr(parent, leaf, routed)
 
     def route(self, groups: Sequence[tuple[Rows, dict[str, Weights]]]) -> None:
@@ -223,7 +232,7 @@ def mixed_forward(backbone: nn.Module, models: dict[str, PromptedClassifier], na
 
 def mixed_logits(tagged: Sequence[tuple[str, object]], encode: Callable[[str, list], list[data.Encoded]],
                  forward: Callable[..., list[torch.Tensor]], *, batch_size: int, pad_id: int, causal: bool,
-                 device: torch.device) -> list[torch.Tensor]:
+                 device: torch.device, max_ratio: float = MAX_PAD_RATIO) -> list[torch.Tensor]:
     """Label logits (fp32, on the CPU) per (task name, example), in order: each task's records encoded its own
     way, then passes of at most `batch_size` rows cut from the length-sorted rows of all tasks together (as
     Predictor.logits cuts one task's). `forward(ids, mask, answer, names)` runs one pass."""
@@ -236,14 +245,26 @@ def mixed_logits(tagged: Sequence[tuple[str, object]], encode: Callable[[str, li
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     first = {name: i for i, name in reversed(list(enumerate(names)))}
-    for start in range(0, len(order), batch_size):
-        chunk = sorted(order[start:start + batch_size], key=lambda i: first[names[i]])  # each task's rows together
+    for chunk in length_buckets([len(items[i].input_ids) for i in order], batch_size, max_ratio):
+        chunk = sorted((order[j] for j in chunk), key=lambda i: first[names[i]])  # each task's rows together
         batch = data.collate([items[i] for i in chunk], pad_id, left_pad=causal)
         logits = forward(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "answer_index")),
                          [names[i] for i in chunk])
         for i, row in zip(chunk, logits):
             out[i] = row.float().cpu()
     return out
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, max_ratio: float) -> list[range]:
+    """Passes over rows sorted by length: at most `batch_size` rows, and a new pass where a row is more than
+    `max_ratio` times as long as the pass's first (every row of a pass is padded to its longest). Mixed tasks
+    mix lengths (a sentence beside a sentence pair): padding them all to the longest costs more than a pass."""
+    passes, start = [], 0
+    for j in range(1, len(lengths) + 1):
+        if j == len(lengths) or j - start == batch_size or lengths[j] > max_ratio * lengths[start]:
+            passes.append(range(start, j))
+            start = j
+    return passes
 
 
 def answers(tagged: Sequence[tuple[str, object]], logits: Sequence[torch.Tensor],

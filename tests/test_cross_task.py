@@ -147,3 +147,12 @@ def test_real_minilm_mixed_pass_equals_each_task_alone(tmp_path):
         rows = [i for i, (n, _) in enumerate(tagged) if n == name]
         torch.testing.assert_close(torch.stack([mixed[i] for i in rows]),
                                    alone.logits(alone.encode([tagged[i][1] for i in rows])), rtol=0, atol=1e-5)
+
+
+def test_length_buckets_bound_padding_and_pass_size():
+    from skeleton_ds.cross_task import length_buckets
+
+    assert length_buckets([5, 6, 9, 10, 30, 31], 32, 2.0) == [range(0, 4), range(4, 6)]  # 10 <= 2 x 5 < 30
+    assert length_buckets([5] * 5, 2, 2.0) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert length_buckets([5, 50], 32, float("inf")) == [range(0, 2)]
+    assert length_buckets([], 32, 2.0) == []
