@@ -169,6 +169,36 @@ def test_concurrent_mixed_requests_answer_what_sequential_ones_do_and_are_merged
     assert _total(delta, "skeleton_requests_total", status="200") == len(jobs)
 
 
+def test_many_clients_across_many_tasks_with_eviction_answer_as_sequential_requests(tiny_models, sentiment_files,
+                                                                                    tmp_path_factory):
+    """Five skeletons of one tiny LLaMA (FFN and head keeps, per-layer widths) behind a cache that holds one
+    task at a time: 8 concurrent clients send 60 single-input requests across them, cross-task passes evict
+    and re-materialise, and every answer is what the same request gets alone."""
+    root = tmp_path_factory.mktemp("many")
+    flags = [("--ffn-keep", "0.5"), ("--ffn-keep", "0.25", "--keep-mode", "global"), ("--head-keep", "0.5"),
+             ("--ffn-keep", "0.75", "--seed", "5"), ("--ffn-keep", "0.5", "--compensate", "mean", "--seed", "6")]
+    dirs = [f"t{i}={run_stages(tiny_models['llama'], sentiment_files, root / f't{i}', *f)}" for i, f in enumerate(flags)]
+    cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=16)
+    probe = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg)
+    model = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg, mix_tasks=True,
+                           cache_bytes=max(probe.task_bytes.values()))
+    server = ServerThread(create_app(model, ServeSettings(max_batch=16, max_wait_ms=20)))
+    try:
+        jobs = [(f"t{i % 5}", TEXTS[(i * 3) % len(TEXTS)]) for i in range(60)]
+        alone = {job: _classify(server.url, *job[:1], [job[1]])[0] for job in set(jobs)}  # one at a time
+        before = _metrics(server.url)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda job: _classify(server.url, job[0], [job[1]])[0], jobs))
+        _assert_same_predictions(answers, [alone[job] for job in jobs])
+        passes = _total(_metrics(server.url), "skeleton_batch_size_count", task="*") - _total(
+            before, "skeleton_batch_size_count", task="*")
+        assert passes < len(jobs), "no pass merged requests"
+        stats = model.cache_stats().values()
+        assert sum(s.evictions for s in stats) >= 5 and model.cache_bytes() <= model.budget
+    finally:
+        server.stop()
+
+
 def test_metrics_count_requests_and_read_the_cache(url):
     before = _metrics(url)
     _classify(url, "second", TEXTS[:3])
