@@ -156,3 +156,25 @@ def test_length_buckets_bound_padding_and_pass_size():
     assert length_buckets([5] * 5, 2, 2.0) == [range(0, 2), range(2, 4), range(4, 5)]
     assert length_buckets([5, 50], 32, float("inf")) == [range(0, 2)]
     assert length_buckets([], 32, 2.0) == []
+
+
+def test_profile_script_times_three_ways_and_names_the_operators(task_runs, tiny_models, tmp_path):
+    """launch/profile_mixed.py end to end on the tiny LLaMA tasks (bounded: 2 batches, 1 round)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from skeleton_ds.provenance import missing_fields
+
+    out = tmp_path / "profile.json"
+    command = [sys.executable, "launch/profile_mixed.py", "--base", str(tiny_models["llama"]), "--rows", "6",
+               "--batches", "2", "--rounds", "1", "--threads", "1", "--out", str(out),
+               *(arg for n, d in task_runs["llama"].items() for arg in ("--task-dir", f"{n}={d}"))]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["ms_per_batch"]) == {"skeletons, one mixed pass", "skeletons, one pass per task",
+                                           "plain prompt tuning, one mixed pass"}
+    assert all(v > 0 for v in record["ms_per_batch"].values()) and record["mixed_pass_operators"]
+    assert missing_fields(record) == []
