@@ -180,9 +180,6 @@ def mixed_forward(backbone: nn.Module, models: dict[str, PromptedClassifier], na
     lengths = {name: models[name].prompt.embedding.shape[0] for name in groups}
     n_max = max(lengths.values())
     batch, width = input_ids.shape
-    prompt_mask = attention_mask.new_zeros(batch, n_max)
-    for name, rows in groups.items():
-        prompt_mask[rows, :lengths[name]] = 1
     kwargs: dict = {}
     if prompt_kv is not None:
         from transformers import DynamicCache
@@ -204,6 +201,9 @@ def mixed_forward(backbone: nn.Module, models: dict[str, PromptedClassifier], na
             offset[rows] = lengths[name]
         kwargs = {"input_ids": input_ids, "cache": cache, "use_cache": True,
                   "position_ids": offset[:, None] + attention_mask.long().cumsum(-1) - 1}
+        prompt_mask = attention_mask.new_zeros(batch, n_max)
+        for name, rows in groups.items():
+            prompt_mask[rows, :lengths[name]] = 1
         mask = torch.cat([prompt_mask, attention_mask], dim=1)
     else:
         tokens = backbone.get_input_embeddings()(input_ids)
