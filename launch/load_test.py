@@ -167,8 +167,10 @@ def markdown(report: dict) -> str:
               f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {r['mean_pass_ms']:.1f} | {r['load_1min']:.1f} |"
               for r in report["runs"]]
     lines += ["", "| serving | model MiB (shared + per task) | process resident MiB |", "|---|---|---|"]
+    order = [s.label for s in SERVINGS.values()]  # JSON sorts the keys: table them in serving order
+    memory = sorted(report["memory"].items(), key=lambda kv: order.index(kv[0]))
     lines += [f"| {label} | {_mib(m['model_bytes'])} ({_mib(m['shared_bytes'])} + {len(m['task_bytes'])} tasks) | "
-              f"{_mib(m['rss_bytes'])} |" for label, m in report["memory"].items()]
+              f"{_mib(m['rss_bytes'])} |" for label, m in memory]
     return "\n".join(lines) + "\n"
 
 

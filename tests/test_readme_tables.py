@@ -70,7 +70,11 @@ TABLES = {
     "study_retune": _same(lambda r: _script("study_retune").markdown(r)),
     "scale_run": _scale_run,
     "reproduce": _reproduce,
-    "load_test": _same(lambda r: _script("load_test").markdown(r)),
+    "load_test_minilm64": _same(lambda r: _script("load_test").markdown(r)),
+    "load_test_minilm16": _same(lambda r: _script("load_test").markdown(r)),
+    "load_test_smollm2": _same(lambda r: _script("load_test").markdown(r)),
+    "soak_minilm64": _same(lambda r: _script("soak_test").markdown(r)),
+    "profile_mixed_minilm64": _same(lambda r: _script("profile_mixed").markdown(r)),
     "measured": _same(lambda r: _script("measured").markdown(r)),
 }
 
