@@ -222,13 +222,14 @@ class MultiTaskModel:
     larger than the whole budget is refused then, with the numbers, rather than re-materialised on every
     request later.
 
-    `mix_tasks=True`: passes may mix tasks (`predict_mixed`, skeleton_ds.cross_task): the shared modules run
-    once over the whole batch and each task's sliced projections on its own rows. A pass holds the weights of
-    every task in it until it ends, so a pass with more tasks than the cache holds briefly exceeds the budget.
-    Mixed passes run at eager shapes (no static buckets)."""
+    `mix_tasks` (default): passes may mix tasks (`predict_mixed`, skeleton_ds.cross_task): the shared modules
+    run once over the whole batch and each task's sliced projections on its own rows. A pass holds the weights
+    of every task in it until it ends, so a pass with more tasks than the cache holds briefly exceeds the
+    budget. Mixed passes run at eager shapes; `mix_tasks=False` serves one task per pass, at static shapes
+    where `cfg.static` says so (CUDA)."""
 
     def __init__(self, base: str, task_dirs: list[Path | str], *, cache_bytes: int | None = None,
-                 cfg: InferenceConfig = InferenceConfig(), mix_tasks: bool = False):
+                 cfg: InferenceConfig = InferenceConfig(), mix_tasks: bool = True):
         if cfg.quant != "none":
             raise UserError("serving shared weights slices the base model's tensors, which bitsandbytes "
                             "layers do not allow: serve with --quant none")

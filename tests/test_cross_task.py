@@ -117,7 +117,7 @@ def test_mixed_passes_evict_and_still_answer_alone(task_runs, tiny_models):
 
 
 def test_mixed_passes_need_the_cross_task_model(task_runs, tiny_models):
-    served = MultiTaskModel(str(tiny_models["llama"]), [f"a={task_runs['llama']['heads']}"], cfg=FP32)
+    served = MultiTaskModel(str(tiny_models["llama"]), [f"a={task_runs['llama']['heads']}"], cfg=FP32, mix_tasks=False)
     assert not served.mixes_tasks
     with pytest.raises(RuntimeError, match="mix_tasks=True"):
         served.predict_mixed(_tagged(["a"]))
