@@ -447,3 +447,180 @@ def test_soak_smoke_run_answers_or_refuses_every_request(tiny_models, task_dirs,
         (checks, record["soak"], record["server_counted"], run.stderr[-2000:])
     assert record["soak"]["sent"] == sum(record["soak"]["statuses"].values()) > 0
     assert missing_fields(record) == []
+
+
+# -------------------------------------------------------------- the batcher
+class _Recorder:
+    """A stand-in predict that records each call and can hold the worker until released."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[str, list[str]]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, task: str, examples: list) -> list[dict]:
+        """`examples`: one task's, or (task, example) pairs in a pass that mixes tasks (its task is "*")."""
+        self.entered.set()
+        self.release.wait(TIMEOUT)
+        tagged = [e if isinstance(e, tuple) else (task, e) for e in examples]
+        texts = [e.texts[0] for _, e in tagged]
+        self.calls.append((task, texts))
+        if self.fail_on in texts:
+            raise ValueError(f"failing on {self.fail_on}")
+        return [{"label": f"{name}:{e.texts[0]}"} for name, e in tagged]
+
+
+def _examples(*texts: str) -> list[Example]:
+    return [Example((t,), -1) for t in texts]
+
+
+def _run_queued(batcher: Batcher, recorder: _Recorder, requests: list[tuple[str, list[str]]]):
+    """Hold the worker on a first pass, queue `requests`, release; their futures' results (or errors)."""
+    blocker = batcher.submit("hold", _examples("hold"))
+    assert recorder.entered.wait(TIMEOUT)  # the worker is inside predict: what follows queues up
+    futures = [batcher.submit(task, _examples(*texts)) for task, texts in requests]
+    recorder.release.set()
+    blocker.result(TIMEOUT)
+    return [f.exception(TIMEOUT) or f.result() for f in futures]
+
+
+def test_batcher_merges_one_task_per_pass_round_robin():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.05)
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["a1"]), ("a", ["a2", "a3"]), ("b", ["b1"]), ("a", ["a4"]),
+                                                  ("a", ["a5"]), ("b", ["b2"])])
+    finally:
+        batcher.close()
+    # Whole requests, at most 4 examples of one task a turn, tasks in turn; each caller gets its own slice.
+    assert recorder.calls[1:] == [("a", ["a1", "a2", "a3", "a4"]), ("b", ["b1", "b2"]), ("a", ["a5"])]
+    assert results[1] == [{"label": "a:a2"}, {"label": "a:a3"}] and results[5] == [{"label": "b:b2"}]
+
+
+def test_batcher_burst_on_one_task_does_not_starve_another():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=2, max_wait_s=0.0)
+    try:
+        _run_queued(batcher, recorder, [("a", [f"a{i}", f"a{i}'"]) for i in range(10)] + [("b", ["b"])])
+    finally:
+        batcher.close()
+    assert [task for task, _ in recorder.calls[1:4]] == ["a", "b", "a"]  # b waits one turn, not ten
+
+
+def test_batcher_without_batching_runs_every_request_alone():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=32, max_wait_s=1.0, policy="off")
+    try:
+        _run_queued(batcher, recorder, [("a", ["a1"]), ("a", ["a2", "a3"]), ("a", ["a4"])])
+    finally:
+        batcher.close()
+    assert recorder.calls[1:] == [("a", ["a1"]), ("a", ["a2", "a3"]), ("a", ["a4"])]
+
+
+def test_batcher_failure_fails_only_its_pass_and_the_worker_survives():
+    recorder = _Recorder(fail_on="bad")
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.05)
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["ok1"]), ("a", ["bad"]), ("b", ["ok2"])])
+        assert isinstance(results[0], ValueError) and isinstance(results[1], ValueError)  # one merged pass
+        assert results[2] == [{"label": "b:ok2"}]
+        assert batcher.alive() and batcher.submit("a", _examples("ok3")).result(TIMEOUT) == [{"label": "a:ok3"}]
+    finally:
+        batcher.close()
+    assert not batcher.alive()
+
+
+def test_cross_task_batcher_mixes_tasks_round_robin_one_request_each():
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.05, policy="cross-task")
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["a1"]), ("a", ["a2", "a3"]), ("b", ["b1"]), ("a", ["a4"]),
+                                                  ("c", ["c1"]), ("b", ["b2"])])
+    finally:
+        batcher.close()
+    # Each pass: one whole request per waiting task per round, up to 4 examples (a2+a3 did not fit beside
+    # a1, b1, c1; b2 did); the next pass starts with the task after the last one served.
+    assert recorder.calls[1:] == [("*", ["a1", "b1", "c1", "b2"]), ("*", ["a2", "a3", "a4"])]
+    assert results[1] == [{"label": "a:a2"}, {"label": "a:a3"}] and results[5] == [{"label": "b:b2"}]
+
+
+def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():
+    from skeleton_ds.server import Overloaded
+
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.0, max_queue=3)
+    try:
+        blocker = batcher.submit("hold", _examples("hold"))
+        assert recorder.entered.wait(TIMEOUT)
+        kept = batcher.submit("a", _examples("a1", "a2"))
+        withdrawn = batcher.submit("a", _examples("gone"))
+        with pytest.raises(Overloaded, match="at most 3") as refused:
+            batcher.submit("b", _examples("b1"))
+        assert refused.value.retry_after_s >= 1 and batcher.waiting() == 3
+        assert withdrawn.cancel()  # its caller stopped waiting (a 504)
+        recorder.release.set()
+        blocker.result(TIMEOUT)
+        assert kept.result(TIMEOUT) == [{"label": "a:a1"}, {"label": "a:a2"}]
+        assert batcher.submit("b", _examples("b1")).result(TIMEOUT) == [{"label": "b:b1"}]
+    finally:
+        batcher.close()
+    assert all("gone" not in texts for _, texts in recorder.calls) and batcher.waiting() == 0
+
+
+# ------------------------------------------------------------- the command
+def _assert_one_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_bad_input_is_one_error_line(tiny_models, task_dirs, tmp_path, capsys):
+    base = str(tiny_models["llama"])
+    _assert_one_error(run_command(serve, ["--base", base]), capsys.readouterr().err, "--task-dir")
+    missing = tmp_path / "nowhere"
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", str(missing), "--port", "0"]),
+                      capsys.readouterr().err, str(missing))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--port", port]),
+                          capsys.readouterr().err, "cannot listen", port)
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--max-batch", "0"]),
+                      capsys.readouterr().err, "--max-batch")
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--mode", "prompt-tuning",
+                                          "--cache-bytes", "100"]), capsys.readouterr().err, "--cache-bytes")
+    _assert_one_error(run_command(serve, ["--task-dir", task_dirs[0], "--mode", "compact", "--batching", "cross-task"]),
+                      capsys.readouterr().err, "--mode compact", "per-task")
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--max-queue", "8"]),
+                      capsys.readouterr().err, "--max-queue 8", "--max-inputs 256")
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--timeout-ms", "0"]),
+                      capsys.readouterr().err, "--timeout-ms")
+
+
+def test_launch_script_serves_until_stopped(tiny_models, task_dirs):
+    """`python launch/serve.py` as a user runs it: prints its address, answers, stops on SIGTERM."""
+    command = [sys.executable, str(REPO / "launch" / "serve.py"), "--base", str(tiny_models["llama"]),
+               "--task-dir", task_dirs[0], "--port", "0", "--device", "cpu", "--no-batching"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = _read_line(process, timeout=60)
+        assert "serving 1 tasks (first)" in first_line and "no batching" in first_line, first_line
+        url = first_line.rsplit(" on ", 1)[1].split()[0]
+        assert _call(url, "/healthz")[0] == 200
+        assert _classify(url, "first", ["a good movie"])[0]["label"] in ("neg", "pos")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not (lines and lines[0]):
+        process.kill()
+        pytest.fail(f"no address line within {timeout} s; stderr: {process.communicate()[1][-2000:]}")
+    return lines[0]
