@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skeleton_ds import checkpoint, engine
-from skeleton_ds.adapters import ArchAdapter, Geometry
+from skeleton_ds.architectures import ArchAdapter, Geometry
 from skeleton_ds.errors import UserError
 
 SCORERS = ("attribution", "random", "weight-magnitude", "activation-magnitude")

@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 
 from skeleton_ds import checkpoint, data, engine
-from skeleton_ds.adapters import adapter_for
+from skeleton_ds.architectures import adapter_for
 from skeleton_ds.attribution import random_scores, read_attribution
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, sync, tensor_bytes

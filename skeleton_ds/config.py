@@ -63,7 +63,7 @@ class Config:
     ffn_keep: float = 0.3
     head_keep: float = 1.0
     align: int = 64
-    # auto: the architecture's (adapters.ArchAdapter: decoders global + 20, encoders uniform + off)
+    # auto: the architecture's (architectures.ArchAdapter: decoders global + 20, encoders uniform + off)
     keep_mode: str = "auto"  # uniform (same count per layer) | global (one threshold across layers)
     protect_outliers: float | None = None  # keep FFN neurons whose peak |activation| >= this x the layer median (0: off)
     # conversion (stage 4)

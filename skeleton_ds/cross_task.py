@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skeleton_ds import data
-from skeleton_ds.adapters import ArchAdapter
+from skeleton_ds.architectures import ArchAdapter
 from skeleton_ds.prompt import PromptedClassifier
 
 Weights = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's weight and bias

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 import torch
 
 from skeleton_ds import checkpoint, packaged_models, widths
-from skeleton_ds.adapters import ArchAdapter, adapter_for
+from skeleton_ds.architectures import ArchAdapter, adapter_for
 from skeleton_ds.errors import UserError
 
 log = logging.getLogger("skeleton_ds")

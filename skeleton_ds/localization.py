@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from skeleton_ds import checkpoint
-from skeleton_ds.adapters import ArchAdapter, Geometry
+from skeleton_ds.architectures import ArchAdapter, Geometry
 from skeleton_ds.errors import UserError
 
 

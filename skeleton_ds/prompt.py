@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skeleton_ds.adapters import ArchAdapter
+from skeleton_ds.architectures import ArchAdapter
 from skeleton_ds.errors import UserError
 from skeleton_ds.tasks import Task
 

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from skeleton_ds import checkpoint, engine
-from skeleton_ds.adapters import ArchAdapter, Geometry, adapter_for
+from skeleton_ds.architectures import ArchAdapter, Geometry, adapter_for
 from skeleton_ds.errors import UserError
 from skeleton_ds.localization import Skeleton, load_skeleton
 

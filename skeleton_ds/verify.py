@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from skeleton_ds import checkpoint, lineage
-from skeleton_ds.adapters import Geometry, adapter_for
+from skeleton_ds.architectures import Geometry, adapter_for
 from skeleton_ds.engine import directory_config_hash
 from skeleton_ds.errors import UserError
 from skeleton_ds.localization import keep_count, unit_problems

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skeleton_ds.adapters import ArchAdapter
+from skeleton_ds.architectures import ArchAdapter
 
 
 def _cut(layer: nn.Module, path: str, rows: int | None = None, cols: int | None = None) -> None:

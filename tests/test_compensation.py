@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from conftest import run_stages
 from skeleton_ds import engine
-from skeleton_ds.adapters import Geometry, adapter_for
+from skeleton_ds.architectures import Geometry, adapter_for
 from skeleton_ds.attribution import read_attribution, write_scores
 from skeleton_ds.cli import convert as convert_command, run_command
 from skeleton_ds.inference import InferenceConfig, Predictor

@@ -18,7 +18,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "skeleton_ds"
 
-SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "adapters", "tasks", "data", "prompt", "engine",
+SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", "tasks", "data", "prompt", "engine",
                                         "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
                                         "ds_config_files", "packaged_models", "widths")}
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "surgery", "interop", "inference", "bench",

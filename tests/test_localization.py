@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skeleton_ds.adapters import Geometry
+from skeleton_ds.architectures import Geometry
 from skeleton_ds.attribution import group_heads, per_example
 from skeleton_ds.errors import UserError
 from skeleton_ds.localization import keep_count, select, top_units

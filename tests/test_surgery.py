@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from conftest import REPO
 from skeleton_ds import engine
-from skeleton_ds.adapters import adapter_for
+from skeleton_ds.architectures import adapter_for
 from skeleton_ds.cli import convert as convert_command, run_command
 from skeleton_ds.localization import masked, select, skeleton_record
 from skeleton_ds.surgery import convert
@@ -211,7 +211,7 @@ def test_head_counts_transformers_refuses_are_padded_to_a_loadable_count(heads, 
 
 
 def test_uniform_head_keep_rounds_to_a_loadable_count():
-    from skeleton_ds.adapters import Geometry
+    from skeleton_ds.architectures import Geometry
 
     def groups(hidden, heads, kv, keep):
         geometry = Geometry(layers=1, ffn_size=64, heads=heads, kv_heads=kv, head_dim=hidden // heads, hidden_size=hidden)

@@ -15,7 +15,7 @@ import os
 import torch
 
 from skeleton_ds import checkpoint, engine
-from skeleton_ds.adapters import Geometry
+from skeleton_ds.architectures import Geometry
 from skeleton_ds.attribution import read_attribution
 from skeleton_ds.config import Config
 from skeleton_ds.localization import Skeleton, check_scores, select, skeleton_record

@@ -136,7 +136,7 @@ def plan_kind(model: str) -> str:
     from transformers import AutoConfig
 
     from skeleton_ds import engine
-    from skeleton_ds.adapters import adapter_for
+    from skeleton_ds.architectures import adapter_for
 
     path = engine.resolve_model_path(model)
     try:

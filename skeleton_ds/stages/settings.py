@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from skeleton_ds import checkpoint, engine, lineage
-from skeleton_ds.adapters import adapter_for
+from skeleton_ds.architectures import adapter_for
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 

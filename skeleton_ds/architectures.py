@@ -1,6 +1,7 @@
 """Everything architecture-specific lives here, behind one small interface.
 
-The rest of the code never asks `model_type`; it asks the adapter. An adapter is data: the
+The rest of the code never asks `model_type`; it asks the adapter (an `ArchAdapter` adapts the
+generic code to one architecture; nothing here is a PEFT adapter). An adapter is data: the
 module paths (inside one transformer layer) where the units Skeleton scores live. Adding an
 architecture means adding one `ArchAdapter` entry; the generic Hugging Face accessors
 (`base_model`, `get_input_embeddings`, `get_output_embeddings`) cover the rest.
