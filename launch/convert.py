@@ -3,7 +3,7 @@
     python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --out DIR/compact
 
 Streams tensor by tensor (peak memory about one tensor); needs no GPU and no process group.
-Same as `skeleton-ds convert ...` (skeleton_ds.surgery.convert); inside the pipeline the stage is
+Same as `skeleton-ds convert ...` (skeleton_ds.conversion.convert); inside the pipeline the stage is
 `--stages convert` of launch/train.py (skeleton_ds/stages/convert.py).
 """
 

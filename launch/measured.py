@@ -146,8 +146,8 @@ ROWS = [
                   f"(BERT) on values up to {max(f['max_abs_value_llama'], f['max_abs_value_bert_head']):.2f}; "
                   "test bound 1e-5"),
     Row("streaming", "Streaming conversion of a random-init LLaMA",
-        "`pytest tests/test_surgery.py -k streaming`",
-        tests("tests/test_surgery.py::test_streaming_conversion_peak_memory_is_about_one_tensor"),
+        "`pytest tests/test_conversion.py -k streaming`",
+        tests("tests/test_conversion.py::test_streaming_conversion_peak_memory_is_about_one_tensor"),
         lambda f: f"{f['checkpoint_mib']:.0f} MiB checkpoint (largest tensor {f['largest_tensor_mib']:.0f} MiB): peak RSS "
                   f"growth **{f['rss_growth_mib']:.0f} MiB** (bound 3 x largest + 64 = {f['bound_mib']:.0f} MiB)"),
     Row("preemption", "Preemption with real signals: SIGUSR1 to one rank of 2 ZeRO-3 ranks (prompt), to both ranks "

@@ -312,7 +312,7 @@ def compact_checkpoint(base: Path, prompt_dir: Path, scores: dict | None, out: P
     """The real localize + convert code on given (or seeded random) scores."""
     from transformers import AutoConfig
 
-    from skeleton_ds.surgery import convert
+    from skeleton_ds.conversion import convert
 
     config = AutoConfig.from_pretrained(base)
     geometry = adapter_for(config.model_type).geometry(config)

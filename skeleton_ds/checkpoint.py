@@ -152,7 +152,7 @@ def unreadable_as_user_error(path: Path, fix: str = "re-run the stage that wrote
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
-"""safetensors dtype names -> torch dtypes (surgery writes, the ZeRO-3 loader reads, verify checks sizes)."""
+"""safetensors dtype names -> torch dtypes (conversion writes, the ZeRO-3 loader reads, verify checks sizes)."""
 ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in SAFETENSORS_DTYPES.items()}
 
 

@@ -71,7 +71,7 @@ def convert(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scores", type=Path, default=None,
                    help="attribution.safetensors with the mean activations (default: beside --skeleton)")
     args = p.parse_args(list(argv) if argv is not None else None)
-    from skeleton_ds.surgery import convert as run_convert, summary_line
+    from skeleton_ds.conversion import convert as run_convert, summary_line
 
     summary = run_convert(args.base, args.skeleton, args.prompt, args.out, revision=args.revision,
                           allow_pickle=args.allow_pickle, overwrite=args.overwrite, slice_lm_head=args.slice_lm_head,

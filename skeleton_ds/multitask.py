@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from skeleton_ds import checkpoint, cross_task, data, engine, widths
+from skeleton_ds.conversion import compact_config, layer_slices, slice_for
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tensor_bytes
 from skeleton_ds.localization import Skeleton, load_skeleton
 from skeleton_ds.prompt import PromptedClassifier
-from skeleton_ds.surgery import compact_config, layer_slices, slice_for
 from skeleton_ds.tasks import Example, Task, task_from_record
 
 
@@ -108,7 +108,7 @@ def _compensation(compact_dir: Path, label: str) -> dict[str, torch.Tensor]:
         return {}
     from safetensors import safe_open
 
-    from skeleton_ds.surgery import checkpoint_files
+    from skeleton_ds.conversion import checkpoint_files
 
     tensors = {}
     for file in checkpoint_files(compact_dir):

@@ -17,12 +17,12 @@ from skeleton_ds import engine
 from skeleton_ds.architectures import Geometry, adapter_for
 from skeleton_ds.attribution import read_attribution, write_scores
 from skeleton_ds.cli import convert as convert_command, run_command
+from skeleton_ds.conversion import convert
 from skeleton_ds.inference import InferenceConfig, Predictor
 from skeleton_ds.localization import load_skeleton, masked
 from skeleton_ds.multitask import MultiTaskModel
-from skeleton_ds.surgery import convert
+from test_conversion import MODEL_CLASS, write_skeleton
 from test_multitask import _logits
-from test_surgery import MODEL_CLASS, write_skeleton
 
 
 def _means_file(model_dir, path, geometry: Geometry) -> list[torch.Tensor]:

@@ -223,15 +223,15 @@ def _disk_full(monkeypatch, case_id: str) -> None:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     if case_id == "convert-disk-full":
-        import skeleton_ds.surgery as surgery
+        import skeleton_ds.conversion as conversion
 
-        real = surgery.write_streaming
+        real = conversion.write_streaming
 
         def failing(path, entries, tensors, metadata):
             real(path, entries[:1], [next(iter(tensors))], metadata)
             raise no_space(path)
 
-        monkeypatch.setattr(surgery, "write_streaming", failing)
+        monkeypatch.setattr(conversion, "write_streaming", failing)
     else:
         def failing_write_text(self, data, *args, **kwargs):
             self.write_bytes(data[:10].encode())

@@ -21,7 +21,7 @@ PACKAGE = REPO / "skeleton_ds"
 SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", "tasks", "data", "prompt", "engine",
                                         "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
                                         "ds_config_files", "packaged_models", "widths")}
-ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "surgery", "interop", "inference", "bench",
+ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "conversion", "interop", "inference", "bench",
                                             "multitask", "verify", "static_shapes", "cross_task", "baselines")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
 TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server"}
@@ -115,7 +115,7 @@ def test_the_graph_sees_the_package(graph):
     assert {"skeleton_ds.stages.pipeline", "skeleton_ds.attribution", "skeleton_ds.checkpoint"} <= set(graph)
     assert "skeleton_ds.attribution" in graph["skeleton_ds.stages.attribute"]
     assert "skeleton_ds.stages.pipeline" in graph["skeleton_ds.cli"]  # an import inside a function
-    assert "skeleton_ds.checkpoint" in graph["skeleton_ds.surgery"]  # `from skeleton_ds import checkpoint`
+    assert "skeleton_ds.checkpoint" in graph["skeleton_ds.conversion"]  # `from skeleton_ds import checkpoint`
 
 
 def test_every_module_has_a_layer(graph):

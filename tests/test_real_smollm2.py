@@ -13,12 +13,12 @@ import torch
 
 from conftest import SHARED_DATA, smollm2_gguf
 from skeleton_ds import checkpoint, packaged_models
+from skeleton_ds.conversion import convert
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor
 from skeleton_ds.localization import load_skeleton, masked
 from skeleton_ds.prompt import verbalizer_token_ids
 from skeleton_ds.stages.common import subset
-from skeleton_ds.surgery import convert
 from skeleton_ds.tasks import _REGISTRY, Example, get_task, load_split
 from test_distributed import launch
 

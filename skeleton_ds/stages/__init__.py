@@ -4,7 +4,7 @@
     prompt_tuning.py  stage 1 PromptTuningRecipe, stage 5 RetuneRecipe
     attribute.py      stage 2 AttributionRecipe (drives skeleton_ds.attribution)
     localize.py       stage 3 LocalizeRecipe (drives skeleton_ds.localization)
-    convert.py        stage 4 ConvertRecipe (drives skeleton_ds.surgery)
+    convert.py        stage 4 ConvertRecipe (drives skeleton_ds.conversion)
     pipeline.py       run_pipeline, summarize
     reproduce.py      the results table: every task x keep x scorer control, through run_pipeline
 

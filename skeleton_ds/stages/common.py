@@ -2,7 +2,7 @@
 PromptedClassifier, dev evaluation, and reading stage 1's task record.
 
 Stages (skeleton_ds/stages/*) sit on top of the algorithm modules (attribution, localization,
-surgery, interop) and the shared helpers; nothing below imports them.
+conversion, interop) and the shared helpers; nothing below imports them.
 """
 
 from __future__ import annotations

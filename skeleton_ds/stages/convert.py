@@ -3,7 +3,7 @@
     deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages convert
     python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --out DIR/compact   # on its own
 
-The conversion itself (streaming, slicing, padding) is skeleton_ds.surgery; this stage runs it on
+The conversion itself (streaming, slicing, padding) is skeleton_ds.conversion; this stage runs it on
 rank 0 and writes DIR/conversion.json (parameter counts full vs compact).
 """
 
@@ -13,9 +13,9 @@ import torch
 
 from skeleton_ds import checkpoint, engine
 from skeleton_ds.config import Config
+from skeleton_ds.conversion import convert, summary_line
 from skeleton_ds.errors import UserError
 from skeleton_ds.stages.settings import RecordsSettings
-from skeleton_ds.surgery import convert, summary_line
 
 
 class ConvertRecipe(RecordsSettings):

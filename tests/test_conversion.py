@@ -17,8 +17,8 @@ from conftest import REPO
 from skeleton_ds import engine
 from skeleton_ds.architectures import adapter_for
 from skeleton_ds.cli import convert as convert_command, run_command
+from skeleton_ds.conversion import convert
 from skeleton_ds.localization import masked, select, skeleton_record
-from skeleton_ds.surgery import convert
 
 MODEL_CLASS = {"llama": AutoModelForCausalLM, "qwen2": AutoModelForCausalLM, "bert-head": AutoModel,
                "bert-mlm": AutoModelForMaskedLM, "roberta-mlm": AutoModelForMaskedLM}
