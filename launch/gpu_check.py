@@ -195,7 +195,7 @@ def train_one(args: argparse.Namespace) -> None:
 
 
 def train_phase(args: argparse.Namespace, record: dict) -> None:
-    from skeleton_ds.engine import without_rendezvous
+    from skeleton_ds.distributed import without_rendezvous
 
     env = without_rendezvous(os.environ)
     for zero in (int(z) for z in args.zero.split(",")):

@@ -17,7 +17,7 @@ ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory 
    RSS (also the kernel's own high-water mark, VmHWM) and the peak anonymous RSS (RSS less
    file-backed and shared pages: memory-mapped checkpoint pages count in RSS but are page cache).
    Before the stages, a `load` launch runs this script with --probe-load on every rank: only
-   engine.load_backbone, as the stages call it, reporting each rank's RSS and high-water mark after it.
+   loading.load_backbone, as the stages call it, reporting each rank's RSS and high-water mark after it.
 4. Reports, per stage and rank, the peaks; the ratio of the largest ZeRO-3 rank's peak to the ZeRO-0
    peak; seconds per optimizer step (DIR/prompt and DIR/retune metrics.json: train_seconds / steps);
    and the convert stage's peak RSS growth on rank 0 (from the sample before its staging directory
@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import read_header  # noqa: E402
-from skeleton_ds.engine import without_rendezvous  # noqa: E402
+from skeleton_ds.distributed import without_rendezvous  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
 STAGES = ("prompt", "attribute", "localize", "convert", "retune")
@@ -627,16 +627,18 @@ def probe_load(model: str, config: str) -> int:
     and print this rank's RSS, high-water mark and anonymous RSS right after loading."""
     import torch
 
-    from skeleton_ds import engine
+    from skeleton_ds import distributed
+    from skeleton_ds.ds_config import resolve_ds_config
+    from skeleton_ds.loading import load_backbone
 
-    dist = engine.init_distributed()
-    ds_config = engine.resolve_ds_config(Path(config), world_size=dist.world_size, batch_size=2 * dist.world_size,
-                                         lr=0.03, precision="auto")
+    dist = distributed.init_distributed()
+    ds_config = resolve_ds_config(Path(config), world_size=dist.world_size, batch_size=2 * dist.world_size,
+                                  lr=0.03, precision="auto")
     start = time.perf_counter()
-    backbone = engine.load_backbone(model, ds_config, readout="verbalizer")
+    backbone = load_backbone(model, ds_config, readout="verbalizer")
     seconds = time.perf_counter() - start
     status = _status(os.getpid())
-    fraction = engine.local_fraction(backbone.model.parameters())
+    fraction = distributed.local_fraction(backbone.model.parameters())
     torch.distributed.barrier()
     line = "SCALE_RUN_PROBE " + json.dumps({"rank": dist.rank, "seconds": round(seconds, 1), "fraction": round(fraction, 3),
                                             "rss_mib": round(status["VmRSS"] / 1024), "hwm_mib": round(status["VmHWM"] / 1024),

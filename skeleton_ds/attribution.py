@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skeleton_ds import checkpoint, engine
+from skeleton_ds import checkpoint, distributed
 from skeleton_ds.architectures import ArchAdapter, Geometry
 from skeleton_ds.errors import UserError
 
@@ -98,7 +98,7 @@ def weight_magnitude(model: nn.Module, adapter: ArchAdapter, geometry: Geometry)
         ffn_in = [layer.get_submodule(p).weight for p in adapter.ffn_in]
         q = layer.get_submodule(adapter.q_proj).weight
         kv = [layer.get_submodule(p).weight for p in adapter.kv_proj]
-        with engine.gathered(ffn_in + [q] + kv):
+        with distributed.gathered(ffn_in + [q] + kv):
             scores[f"ffn.{i}"] = torch.stack([w.float().pow(2).sum(1) for w in ffn_in]).sum(0).sqrt()
             groups = geometry.kv_heads
             sq = q.float().pow(2).sum(1).view(groups, -1).sum(1)

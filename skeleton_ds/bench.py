@@ -44,12 +44,14 @@ from typing import Callable
 
 import torch
 
-from skeleton_ds import checkpoint, data, engine
+from skeleton_ds import checkpoint, data
 from skeleton_ds.architectures import adapter_for
 from skeleton_ds.attribution import random_scores, read_attribution
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, sync, tensor_bytes
+from skeleton_ds.loading import resolve_model_path
 from skeleton_ds.localization import keep_count, select, skeleton_record
+from skeleton_ds.model_identity import model_identity
 from skeleton_ds.prompt import task_record
 from skeleton_ds.tasks import Task, compute_metrics, get_task, load_split
 
@@ -298,7 +300,7 @@ def synthetic_prompt_dir(base: Path, out: Path, prompt_length: int, readout: str
         tensors |= {"head.weight": torch.randn(2, config.hidden_size, generator=g) * 0.02, "head.bias": torch.zeros(2)}
     record = task_record(_SYNTHETIC, readout=readout, label_token_ids=None if readout == "head" else [5, 6],
                          model=str(base), model_path=str(base), revision=None, prompt_length=prompt_length,
-                         base_model=engine.model_identity(str(base), str(base), config, None), max_length=512,
+                         base_model=model_identity(str(base), str(base), config, None), max_length=512,
                          padding_side=adapter_for(config.model_type).padding_side)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save_tensors(out / "prompt.safetensors", tensors, {"readout": readout})
@@ -423,7 +425,7 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     device, dtype = infer.torch_device(), infer.torch_dtype()
     scores = None
     if cfg.shape in PACKAGED_READOUT:
-        base = Path(engine.resolve_model_path(cfg.shape))
+        base = Path(resolve_model_path(cfg.shape))
         if cfg.run_dir is not None:
             prompt_dir = cfg.run_dir / "prompt"
             if (cfg.run_dir / "attribution.safetensors").is_file():
@@ -548,7 +550,7 @@ def _length_tokenizer(cfg: BenchConfig, full: Predictor) -> tuple[object, str]:
         return full.tokenizer, f"the base model's ({cfg.shape})"
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(engine.resolve_model_path("minilm"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     return tokenizer, ("all-MiniLM-L6-v2 WordPiece (this random-weight shape has no real tokenizer here), "
                        "through the decoder template: a start token, no end token")
 

@@ -122,7 +122,7 @@ class Config:
             raise UserError("--train-file/--dev-file/--text-columns only go with --task generic")
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise UserError(f"--data-dir {self.data_dir} is not a directory")
-        from skeleton_ds.ds_config_files import resolve_config_path  # a path, or a packaged config's name
+        from skeleton_ds.ds_config import resolve_config_path  # a path, or a packaged config's name
 
         self.ds_config = resolve_config_path(self.ds_config)
 

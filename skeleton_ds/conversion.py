@@ -30,10 +30,12 @@ from typing import Callable, Iterator
 import torch
 from safetensors import safe_open
 
-from skeleton_ds import checkpoint, engine
+from skeleton_ds import checkpoint
 from skeleton_ds.architectures import ArchAdapter, Geometry, adapter_for
 from skeleton_ds.errors import UserError
+from skeleton_ds.loading import resolve_model_path
 from skeleton_ds.localization import Skeleton, load_skeleton
+from skeleton_ds.model_identity import check_identity, model_identity
 
 _DTYPES = checkpoint.SAFETENSORS_DTYPES
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -317,7 +319,7 @@ def compensation_means(scores: Path, geometry: Geometry, base_model: dict) -> li
     from skeleton_ds.attribution import read_attribution
 
     tensors, meta = read_attribution(scores)
-    engine.check_identity(meta["base_model"], base_model, str(scores))
+    check_identity(meta["base_model"], base_model, str(scores))
     means = [tensors.get(f"ffn_mean.{i}") for i in range(geometry.layers)]
     if any(m is None or m.shape != (geometry.ffn_size,) for m in means):
         raise UserError(f"{scores} holds no mean FFN activations for this model (written by an older version, or "
@@ -331,7 +333,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def local_model_dir(name: str, revision: str | None = None) -> Path:
     """A directory holding the base checkpoint: local as given, else the Hub snapshot (safetensors only)."""
-    path = Path(engine.resolve_model_path(name))
+    path = Path(resolve_model_path(name))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
@@ -380,8 +382,8 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
     adapter = adapter_for(config.model_type)
     geometry = adapter.geometry(config)
     skeleton, record = load_skeleton(skeleton_path, geometry)
-    engine.check_identity(record["base_model"], engine.model_identity(base, str(base_dir), config, revision),
-                          str(skeleton_path))
+    check_identity(record["base_model"], model_identity(base, str(base_dir), config, revision),
+                   str(skeleton_path))
     files = checkpoint_files(base_dir, allow_pickle=allow_pickle)  # refuse early, before anything is written
     if prompt_dir is not None and not (Path(prompt_dir) / "prompt.safetensors").is_file():
         raise UserError(f"{prompt_dir} has no prompt.safetensors: pass a stage-1 prompt directory (or no --prompt)")

@@ -27,9 +27,12 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from skeleton_ds import checkpoint, data, engine
+from skeleton_ds import checkpoint, data
 from skeleton_ds.errors import UserError
+from skeleton_ds.loading import load_backbone
+from skeleton_ds.model_identity import check_identity
 from skeleton_ds.prompt import PromptedClassifier
+from skeleton_ds.quantization import QUANT_MODES
 from skeleton_ds.static_shapes import Buckets, StaticPromptDecoder, prompt_key_values
 from skeleton_ds.tasks import Example, Task, compute_metrics, task_from_record
 
@@ -55,8 +58,8 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
             raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.quant not in engine.QUANT_MODES:
-            raise UserError(f"--quant must be one of {', '.join(engine.QUANT_MODES)}, got {self.quant!r}")
+        if self.quant not in QUANT_MODES:
+            raise UserError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
         if self.static not in ("auto", "on", "off"):
@@ -172,14 +175,14 @@ class Predictor:
         device, dtype = cfg.torch_device(), cfg.torch_dtype()
         if cfg.quant == "8bit":  # said once per layer and call on CPU; it is how LLM.int8() works there
             warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        backbone = engine.load_backbone(model_name, readout="head" if record["readout"] == "head" else "verbalizer",
-                                        revision=revision, dtype=dtype, quant=cfg.quant, device=str(device),
-                                        differentiable=False)
+        backbone = load_backbone(model_name, readout="head" if record["readout"] == "head" else "verbalizer",
+                                 revision=revision, dtype=dtype, quant=cfg.quant, device=str(device),
+                                 differentiable=False)
         # A compact model has its own config hash: its prompt was trained either on the base it was sliced
         # from (the stage-1 prompt convert ships) or on the compact model itself (re-tuned).
         origin = (getattr(backbone.model.config, "skeleton_ds", None) or {}).get("base_model", {})
         if not (compact and record["base_model"].get("config_sha256") == origin.get("config_sha256")):
-            engine.check_identity(record["base_model"], backbone.identity, f"the prompt in {prompt_dir}")
+            check_identity(record["base_model"], backbone.identity, f"the prompt in {prompt_dir}")
         task = task_from_record(record)
         model = PromptedClassifier(backbone.model, backbone.adapter, record["readout"], record["prompt_length"],
                                    len(task.label_names), record["label_token_ids"], backbone.label_head)

@@ -27,11 +27,13 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from skeleton_ds import checkpoint, cross_task, data, engine, widths
+from skeleton_ds import checkpoint, cross_task, data, widths
 from skeleton_ds.conversion import compact_config, layer_slices, slice_for
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tensor_bytes
+from skeleton_ds.loading import Backbone, load_backbone, resolve_model_path
 from skeleton_ds.localization import Skeleton, load_skeleton
+from skeleton_ds.model_identity import directory_config_hash, model_identity
 from skeleton_ds.prompt import PromptedClassifier
 from skeleton_ds.tasks import Example, Task, task_from_record
 
@@ -93,7 +95,7 @@ def read_task_dir(directory: Path, base_identity: dict, name: str | None = None)
                         f"{skeleton_record['base_model'].get('name_or_path')!r}, not {base_identity['name_or_path']!r}: "
                         f"serve it with that --base")
     prompt_base = record["base_model"].get("config_sha256")
-    if prompt_base != base_hash and not (compact_dir.is_dir() and prompt_base == engine.directory_config_hash(compact_dir)):
+    if prompt_base != base_hash and not (compact_dir.is_dir() and prompt_base == directory_config_hash(compact_dir)):
         raise UserError(f"task {label!r} ({directory}): its prompt belongs to neither the base model nor its "
                         f"compact model")
     return TaskEntry(label, directory, record, task_from_record(record), skeleton,
@@ -153,19 +155,19 @@ def base_model_identity(base: str) -> dict:
     """The base model's identity (name, config hash) from its config alone, before its weights load."""
     from transformers import AutoConfig
 
-    path = engine.resolve_model_path(base)
+    path = resolve_model_path(base)
     try:
         base_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model config for --base {base!r}: {str(e).splitlines()[0]}") from None
-    return engine.model_identity(base, path, base_config, None)
+    return model_identity(base, path, base_config, None)
 
 
-def shared_backbone(base: str, records: list[dict], cfg: InferenceConfig) -> engine.Backbone:
+def shared_backbone(base: str, records: list[dict], cfg: InferenceConfig) -> Backbone:
     """The one base model every task runs on: with an LM/MLM head unless every task reads a trained head."""
     readouts = {r["readout"] for r in records}
-    backbone = engine.load_backbone(base, readout="head" if readouts == {"head"} else "verbalizer",
-                                    dtype=cfg.torch_dtype(), device=str(cfg.torch_device()), differentiable=False)
+    backbone = load_backbone(base, readout="head" if readouts == {"head"} else "verbalizer",
+                             dtype=cfg.torch_dtype(), device=str(cfg.torch_device()), differentiable=False)
     backbone.model.to(cfg.torch_device())
     return backbone
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from skeleton_ds import checkpoint, lineage
 from skeleton_ds.architectures import Geometry, adapter_for
-from skeleton_ds.engine import directory_config_hash
+from skeleton_ds.model_identity import directory_config_hash
 from skeleton_ds.errors import UserError
 from skeleton_ds.localization import keep_count, unit_problems
 

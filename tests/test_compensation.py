@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from conftest import run_stages
-from skeleton_ds import engine
 from skeleton_ds.architectures import Geometry, adapter_for
 from skeleton_ds.attribution import read_attribution, write_scores
 from skeleton_ds.cli import convert as convert_command, run_command
 from skeleton_ds.conversion import convert
 from skeleton_ds.inference import InferenceConfig, Predictor
 from skeleton_ds.localization import load_skeleton, masked
+from skeleton_ds.model_identity import model_identity
 from skeleton_ds.multitask import MultiTaskModel
 from test_conversion import MODEL_CLASS, write_skeleton
 from test_multitask import _logits
@@ -34,7 +34,7 @@ def _means_file(model_dir, path, geometry: Geometry) -> list[torch.Tensor]:
     tensors |= {f"heads.{i}": torch.rand(geometry.kv_heads) for i in range(geometry.layers)}
     tensors |= {f"ffn_mean.{i}": m for i, m in enumerate(means)}
     write_scores(path, tensors, task="generic", scorer="attribution", reduce="abs-sum", include_prompt=False,
-                 examples=8, base_model=engine.model_identity(str(model_dir), str(model_dir), config, None),
+                 examples=8, base_model=model_identity(str(model_dir), str(model_dir), config, None),
                  geometry=geometry)
     return means
 
@@ -90,7 +90,7 @@ def test_scores_without_means_are_refused(tiny_models, tmp_path, capsys):
     config = AutoConfig.from_pretrained(base)
     write_scores(tmp_path / "attribution.safetensors", {"ffn.0": torch.rand(geometry.ffn_size)}, task="generic",
                  scorer="random", reduce="abs-sum", include_prompt=False, examples=0, geometry=geometry,
-                 base_model=engine.model_identity(str(base), str(base), config, None))
+                 base_model=model_identity(str(base), str(base), config, None))
     code = run_command(convert_command, ["--base", str(base), "--skeleton", str(tmp_path / "skeleton.json"),
                                          "--out", str(tmp_path / "compact"), "--compensate", "mean"])
     assert code == 2 and "mean FFN activations" in capsys.readouterr().err

@@ -14,11 +14,12 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from conftest import REPO
-from skeleton_ds import engine
 from skeleton_ds.architectures import adapter_for
 from skeleton_ds.cli import convert as convert_command, run_command
 from skeleton_ds.conversion import convert
+from skeleton_ds.loading import load_backbone
 from skeleton_ds.localization import masked, select, skeleton_record
+from skeleton_ds.model_identity import model_identity
 
 MODEL_CLASS = {"llama": AutoModelForCausalLM, "qwen2": AutoModelForCausalLM, "bert-head": AutoModel,
                "bert-mlm": AutoModelForMaskedLM, "roberta-mlm": AutoModelForMaskedLM}
@@ -35,7 +36,7 @@ def write_skeleton(model_dir: Path, path: Path, *, ffn_keep: float, head_keep: f
     skeleton = select(scores, geometry, ffn_keep=ffn_keep, head_keep=head_keep, align=align, mode=mode)
     meta = {"task": "generic", "geometry": asdict(geometry), "scorer": "random", "reduce": "abs-sum",
             "include_prompt": False, "examples": 0,
-            "base_model": engine.model_identity(str(model_dir), str(model_dir), config, None)}
+            "base_model": model_identity(str(model_dir), str(model_dir), config, None)}
     record = skeleton_record(skeleton, meta, keep_mode=mode, ffn_keep=ffn_keep, head_keep=head_keep, align=align)
     path.write_text(json.dumps(record))
     return skeleton, geometry
@@ -196,7 +197,7 @@ def test_head_counts_transformers_refuses_are_padded_to_a_loadable_count(heads, 
     skeleton = Skeleton(ffn=[list(range(0, 64, 2))] * 2, heads=heads)
     meta = {"task": "generic", "geometry": asdict(geometry), "scorer": "random", "reduce": "abs-sum",
             "include_prompt": False, "examples": 0,
-            "base_model": engine.model_identity(str(base), str(base), config, None)}
+            "base_model": model_identity(str(base), str(base), config, None)}
     (tmp_path / "s.json").write_text(json.dumps(skeleton_record(skeleton, meta, keep_mode="global", ffn_keep=0.5,
                                                                 head_keep=0.75, align=8)))
     convert(str(base), tmp_path / "s.json", None, tmp_path / "compact")
@@ -237,7 +238,7 @@ def test_our_loader_runs_each_layer_at_its_own_width(arch, head_keep, tiny_model
     counts = convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "compact")
     padded = MODEL_CLASS[arch].from_pretrained(tmp_path / "compact").eval()
     readout = "head" if arch == "bert-head" else "verbalizer"
-    fitted = engine.load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32)
+    fitted = load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32)
     adapter = fitted.adapter
     for layer, width, groups in zip(adapter.layer_modules(fitted.model), skeleton.ffn_sizes(), skeleton.heads):
         assert layer.get_submodule(adapter.ffn_out).in_features == width
@@ -253,7 +254,7 @@ def test_our_loader_runs_each_layer_at_its_own_width(arch, head_keep, tiny_model
     with torch.no_grad():
         torch.testing.assert_close(fitted.model(input_ids=ids, attention_mask=mask)[0],
                                    padded(input_ids=ids, attention_mask=mask)[0], rtol=0, atol=1e-5)
-    unfitted = engine.load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32, layer_widths=False)
+    unfitted = load_backbone(str(tmp_path / "compact"), readout=readout, dtype=torch.float32, layer_widths=False)
     assert sum(p.numel() for p in unfitted.model.parameters()) == padded_count
     if adapter.causal:  # the benchmark's FLOP model reads each layer's own width off the model
         from torch.utils.flop_counter import FlopCounterMode

@@ -129,10 +129,10 @@ def test_real_minilm_mixed_pass_equals_each_task_alone(tmp_path):
     and FFN 0.5 global (each layer its own width), rows mixed in passes of 4."""
     from pathlib import Path
 
-    from skeleton_ds import engine
     from skeleton_ds.bench import compact_checkpoint, synthetic_prompt_dir
+    from skeleton_ds.loading import resolve_model_path
 
-    base = Path(engine.resolve_model_path("minilm"))
+    base = Path(resolve_model_path("minilm"))
     compacts = {
         "third": compact_checkpoint(base, synthetic_prompt_dir(base, tmp_path / "p20", 20, "head"), None,
                                     tmp_path / "third", ffn_keep=0.3, head_keep=1.0, align=64, slice_lm_head=False),

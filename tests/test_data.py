@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from conftest import DS_CONFIGS
 from skeleton_ds import data
-from skeleton_ds.engine import resolve_ds_config
+from skeleton_ds.ds_config import resolve_ds_config
 from skeleton_ds.errors import UserError
 from skeleton_ds.tasks import Example, get_task
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DS_CONFIGS, REPO, generic_flags, max_abs, max_abs_diff
-from skeleton_ds.engine import without_rendezvous
+from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.stages.prompt_tuning import KILL_AFTER_STEP_ENV
 
 pytestmark = pytest.mark.multirank

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from skeleton_ds.engine import without_rendezvous
+from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.provenance import missing_fields
 
 

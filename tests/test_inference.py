@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import run_stages
-from skeleton_ds import data, engine
+from skeleton_ds import data
 from skeleton_ds.cli import infer, run_command
 from skeleton_ds.inference import InferenceConfig, Predictor, PromptCachedDecoder
+from skeleton_ds.loading import load_backbone
 from skeleton_ds.localization import load_skeleton, masked
 from skeleton_ds.prompt import PromptedClassifier
 
@@ -24,8 +25,8 @@ def _random_items(rng: random.Random, lengths: list[int], vocab: int) -> list[da
 @pytest.mark.parametrize("readout", ["lm", "head"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prompt_cache_equals_plain_path(arch, readout, tiny_models):
-    backbone = engine.load_backbone(str(tiny_models[arch]), readout="head" if readout == "head" else "verbalizer",
-                                    dtype=torch.float32)
+    backbone = load_backbone(str(tiny_models[arch]), readout="head" if readout == "head" else "verbalizer",
+                             dtype=torch.float32)
     model = PromptedClassifier(backbone.model, backbone.adapter, readout, 5, 2, None if readout == "head" else [7, 9])
     torch.manual_seed(0)
     model.prompt.embedding.data.normal_(0, 0.5)

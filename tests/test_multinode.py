@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO
 from skeleton_ds.cluster import write_hostfile
-from skeleton_ds.engine import without_rendezvous
+from skeleton_ds.distributed import without_rendezvous
 from test_distributed import _argv, _free_port, _ok, _prompt, launch
 
 pytestmark = pytest.mark.multirank

@@ -114,10 +114,10 @@ def test_minilm_shared_weight_task_equals_its_compact_checkpoint(tmp_path):
     """The real MiniLM with a random prompt and head, FFN keep 0.3 (speed and sharing need no training)."""
     from pathlib import Path
 
-    from skeleton_ds import engine
     from skeleton_ds.bench import compact_checkpoint, synthetic_prompt_dir
+    from skeleton_ds.loading import resolve_model_path
 
-    base = Path(engine.resolve_model_path("minilm"))
+    base = Path(resolve_model_path("minilm"))
     prompt = synthetic_prompt_dir(base, tmp_path / "prompt", 20, "head")
     compact = compact_checkpoint(base, prompt, None, tmp_path / "compact", ffn_keep=0.3, head_keep=1.0, align=64,
                                  slice_lm_head=False)

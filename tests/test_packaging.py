@@ -25,8 +25,8 @@ from conftest import DS_CONFIGS, REPO, generic_flags
 
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import Config
-from skeleton_ds.engine import RENDEZVOUS_ENV
-from skeleton_ds.ds_config_files import packaged_dir, packaged_names, resolve_config_path
+from skeleton_ds.distributed import RENDEZVOUS_ENV
+from skeleton_ds.ds_config import packaged_dir, packaged_names, resolve_config_path
 from skeleton_ds.errors import UserError
 
 NEVER_IN_INFERENCE = ("deepspeed", "bitsandbytes")
@@ -130,7 +130,7 @@ def test_the_installed_requirements_are_satisfied(venv, tmp_path):
     the configs it finds are its own."""
     script = (
         "import json, skeleton_ds\n"
-        "from skeleton_ds.ds_config_files import packaged_dir, packaged_names\n"
+        "from skeleton_ds.ds_config import packaged_dir, packaged_names\n"
         "from importlib.metadata import distribution, version, PackageNotFoundError\n"
         "from packaging.requirements import Requirement\n"
         "dist, unmet = distribution('skeleton-ds'), []\n"

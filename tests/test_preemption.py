@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, max_abs, max_abs_diff
-from skeleton_ds.engine import without_rendezvous
+from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, STEP_DELAY_ENV
 from test_distributed import _argv, _free_port, _ok, _prompt, launch
 

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ARCHS, DS_CONFIGS, generic_flags
-from skeleton_ds import engine
+from skeleton_ds import distributed
 from skeleton_ds.config import config_from_args
+from skeleton_ds.ds_config import zero_stage
 from skeleton_ds.stages.prompt_tuning import PromptTuningRecipe
 
 READOUT = {"llama": "lm", "qwen2": "lm", "bert-mlm": "mlm", "bert-head": "head", "roberta-mlm": "mlm"}
@@ -23,7 +24,7 @@ def _recipe(model_dir, files, out, stage, *extra) -> PromptTuningRecipe:
 
 def _backbone_state(recipe) -> dict[str, torch.Tensor]:
     params = dict(recipe.model.backbone.named_parameters())
-    with engine.gathered(params.values()):
+    with distributed.gathered(params.values()):
         return {k: v.detach().clone() for k, v in params.items()}
 
 
@@ -57,7 +58,7 @@ def test_only_prompt_trains_and_loss_falls(arch, stage, tiny_models, sentiment_f
 
 
 def load_prompt_now(recipe) -> torch.Tensor:
-    with engine.gathered([recipe.model.prompt.embedding]):
+    with distributed.gathered([recipe.model.prompt.embedding]):
         return recipe.model.prompt.embedding.detach().clone()
 
 
@@ -78,7 +79,7 @@ def test_zero3_offload_config_trains(tiny_models, sentiment_files, tmp_path):
     """ds_configs/zero3_offload.json: parameters and optimizer state on CPU (DeepSpeedCPUAdam)."""
     recipe = _recipe(tiny_models["llama"], sentiment_files, tmp_path / "run", "3_offload", "--max-steps", "3")
     metrics = recipe.run()
-    assert engine.zero_stage(recipe.ds_config) == 3
+    assert zero_stage(recipe.ds_config) == 3
     assert recipe.ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "accuracy" in metrics and (tmp_path / "run" / "prompt" / "prompt.safetensors").is_file()
 

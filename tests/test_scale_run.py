@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DS_CONFIGS, REPO
-from skeleton_ds.engine import without_rendezvous
+from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.provenance import missing_fields
 
 STAGES = ("load", "prompt", "attribute", "localize", "convert", "retune")  # load: the backbone load alone
@@ -51,32 +51,33 @@ def test_zero3_load_equals_from_pretrained_and_streams(tiny_models, monkeypatch)
     files (transformers' own path reads the whole checkpoint on rank 0): same values as a plain
     from_pretrained, for every architecture, tied weights included. A checkpoint that lacks a weight
     the model has (an MLM checkpoint loaded as a bare encoder: no pooler) takes transformers' path."""
-    from skeleton_ds import engine
+    from skeleton_ds import distributed, loading
+    from skeleton_ds.ds_config import resolve_ds_config
 
-    engine.init_distributed()
-    ds_config = engine.resolve_ds_config(DS_CONFIGS / "zero3.json", world_size=1, batch_size=8, lr=0.1,
-                                         precision="fp32")
+    distributed.init_distributed()
+    ds_config = resolve_ds_config(DS_CONFIGS / "zero3.json", world_size=1, batch_size=8, lr=0.1,
+                                  precision="fp32")
     streamed = []
-    original = engine._load_partitioned
+    original = loading._load_partitioned
 
     def spy(*args, **kwargs):
         model = original(*args, **kwargs)
         streamed.append(model is not None)
         return model
 
-    monkeypatch.setattr(engine, "_load_partitioned", spy)
+    monkeypatch.setattr(loading, "_load_partitioned", spy)
     cases = [("llama", "verbalizer"), ("qwen2", "verbalizer"), ("bert-mlm", "verbalizer"), ("bert-head", "head"),
              ("roberta-mlm", "verbalizer"), ("bert-mlm", "head")]
     for arch, readout in cases:
         streamed.clear()
-        zero3 = engine.load_backbone(str(tiny_models[arch]), ds_config, readout=readout).model
-        plain = engine.load_backbone(str(tiny_models[arch]), {}, readout=readout).model
+        zero3 = loading.load_backbone(str(tiny_models[arch]), ds_config, readout=readout).model
+        plain = loading.load_backbone(str(tiny_models[arch]), {}, readout=readout).model
         assert streamed == [arch != "bert-mlm" or readout != "head"], (arch, readout)
         expected = dict(plain.named_parameters())
         params = dict(zero3.named_parameters())
         assert params.keys() == expected.keys()
         assert all(hasattr(p, "ds_id") for p in params.values())  # partitioned
-        with engine.gathered(params.values()):
+        with distributed.gathered(params.values()):
             for name, p in params.items():
                 if streamed[0]:
                     assert torch.equal(p.data, expected[name]), (arch, name)

@@ -23,11 +23,13 @@ import time
 
 import torch
 
-from skeleton_ds import checkpoint, data, engine, preemption
+from skeleton_ds import checkpoint, data, distributed, preemption
 from skeleton_ds.attribution import (UnitRecorder, all_reduce_sums, finish_scores, merge_sums, random_scores,
                                      score_batch, weight_magnitude, write_scores, zero_sums)
 from skeleton_ds.config import Config
+from skeleton_ds.ds_config import resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
+from skeleton_ds.model_identity import check_identity
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record, subset
 from skeleton_ds.stages.settings import RecordsSettings
 
@@ -52,19 +54,19 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
         if self.partial_file.is_file() and not (cfg.resume or cfg.overwrite):
             raise UserError(f"{self.partial_file} holds the partial scores of an unfinished attribution: pass --resume "
                             f"to continue it or --overwrite to start over")
-        ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
-                                             batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+        ds_config = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
+                                      batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
         # Nothing is trained here: no optimizer, and below ZeRO-3 nothing to partition either
         # (DeepSpeed refuses ZeRO-1/2 without an optimizer).
         ds_config.pop("optimizer", None)
-        if engine.zero_stage(ds_config) < 3:
+        if zero_stage(ds_config) < 3:
             ds_config["zero_optimization"] = {"stage": 0}
         train, dev = self.load_examples()
         self.prompt_length = record["prompt_length"]
         readout = "head" if record["readout"] == "head" else "verbalizer"
         model = self.build_model(ds_config, train, dev, readout=readout, prompt_length=self.prompt_length,
                                  max_length=record["max_length"])
-        engine.check_identity(record["base_model"], self.backbone.identity, f"the prompt in {self.prompt_dir}")
+        check_identity(record["base_model"], self.backbone.identity, f"the prompt in {self.prompt_dir}")
         self.set_trainable(checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors"))
         # The prompt keeps requires_grad so the graph reaches every activation; autograd.grad in
         # score_batch asks only for activation gradients, so the prompt's gradient is never formed either.
@@ -99,7 +101,7 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
                 start = starts[b]
                 weights = torch.tensor([1.0 if start + k < real else 0.0 for k in range(len(indices[start:start + micro]))])
                 batch = self.collate([self.train_set[j] for j in indices[start:start + micro]])
-                score_batch(self.engine.module, batch, weights.to(engine.device()), recorder,
+                score_batch(self.engine.module, batch, weights.to(distributed.device()), recorder,
                             prompt_length=self.prompt_length, geometry=geometry, scorer=scorer,
                             reduce=cfg.attr_reduce, include_prompt=cfg.attr_include_prompt, sums=sums)
                 bar.update(b + 1, rate=(start + len(weights) - done * micro) / (time.perf_counter() - start_time))

@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skeleton_ds import checkpoint, data, engine
+from skeleton_ds import checkpoint, data, distributed
 from skeleton_ds.config import Config
+from skeleton_ds.ds_config import param_dtype
 from skeleton_ds.errors import UserError
+from skeleton_ds.loading import load_backbone, resolve_model_path
 from skeleton_ds.prompt import PromptedClassifier, verbalizer_token_ids
 from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_split
 from skeleton_ds.ui import Reporter
@@ -59,16 +61,16 @@ class TaskModelRun:
                     max_length: int, model_name: str | None = None) -> PromptedClassifier:
         """Join the process group, load the backbone, encode the splits, wrap the backbone with a prompt."""
         self.ds_config = ds_config
-        self.dist = engine.init_distributed()
+        self.dist = distributed.init_distributed()
         self.report = Reporter(enabled=self.dist.is_main)
         name = model_name or self.cfg.model
-        with checkpoint.unreadable_as_user_error(Path(engine.resolve_model_path(name)),
+        with checkpoint.unreadable_as_user_error(Path(resolve_model_path(name)),
                                                  fix="re-download or re-save the model"):
-            backbone = engine.load_backbone(name, ds_config, readout=readout, revision=self.cfg.revision,
-                                            quant=self.cfg.quant, device=str(engine.device()))
+            backbone = load_backbone(name, ds_config, readout=readout, revision=self.cfg.revision,
+                                     quant=self.cfg.quant, device=str(distributed.device()))
         self.backbone = backbone
         self.task = get_task(self.cfg.task, self.generic, decoder=backbone.adapter.causal)
-        self.backbone_local_fraction = engine.local_fraction(backbone.model.parameters())
+        self.backbone_local_fraction = distributed.local_fraction(backbone.model.parameters())
         self.readout = "head" if readout == "head" or not (backbone.adapter.causal or backbone.has_mlm_head) \
             else ("lm" if backbone.adapter.causal else "mlm")
         context = getattr(backbone.model.config, "max_position_embeddings", None)
@@ -85,7 +87,7 @@ class TaskModelRun:
 
     def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load prompt (and head) values; before deepspeed.initialize, so every rank starts equal."""
-        self.model.load_trained(tensors, engine.param_dtype(self.ds_config))
+        self.model.load_trained(tensors, param_dtype(self.ds_config))
 
     def _forward(self, items: list[data.Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.collate(items)
@@ -94,7 +96,7 @@ class TaskModelRun:
 
     def collate(self, items: list[data.Encoded]) -> dict[str, torch.Tensor]:
         batch = data.collate(items, self.backbone.tokenizer.pad_token_id, left_pad=self.backbone.adapter.causal)
-        return {k: v.to(engine.device()) for k, v in batch.items()}
+        return {k: v.to(distributed.device()) for k, v in batch.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

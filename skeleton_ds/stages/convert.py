@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from skeleton_ds import checkpoint, engine
+from skeleton_ds import checkpoint, distributed
 from skeleton_ds.config import Config
 from skeleton_ds.conversion import convert, summary_line
 from skeleton_ds.errors import UserError
@@ -37,7 +37,7 @@ class ConvertRecipe(RecordsSettings):
         skeleton = cfg.output / "skeleton.json"
         if not skeleton.is_file():
             raise UserError(f"{skeleton} does not exist: run --stages localize first (same --output)")
-        dist = engine.init_distributed()
+        dist = distributed.init_distributed()
         failure = [None]
         summary = {}
         if dist.is_main:

@@ -14,11 +14,13 @@ import os
 
 import torch
 
-from skeleton_ds import checkpoint, engine
+from skeleton_ds import checkpoint
 from skeleton_ds.architectures import Geometry
 from skeleton_ds.attribution import read_attribution
 from skeleton_ds.config import Config
+from skeleton_ds.loading import resolve_model_path
 from skeleton_ds.localization import Skeleton, check_scores, select, skeleton_record
+from skeleton_ds.model_identity import check_identity, model_identity
 from skeleton_ds.stages.settings import RecordsSettings
 
 
@@ -40,10 +42,10 @@ class LocalizeRecipe(RecordsSettings):
 
         cfg = self.cfg
         scores, meta = read_attribution(self.source)
-        path = engine.resolve_model_path(cfg.model)
+        path = resolve_model_path(cfg.model)
         model_config = AutoConfig.from_pretrained(path, revision=cfg.revision)
-        engine.check_identity(meta["base_model"], engine.model_identity(cfg.model, path, model_config, cfg.revision),
-                              str(self.source))
+        check_identity(meta["base_model"], model_identity(cfg.model, path, model_config, cfg.revision),
+                       str(self.source))
         geometry = Geometry(**meta["geometry"])
         check_scores(scores, geometry, str(self.source))
         values = self.settings_record()["values"]  # the architecture's defaults resolved once, in the record

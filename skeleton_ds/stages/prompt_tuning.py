@@ -20,9 +20,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from skeleton_ds import checkpoint, data, engine, preemption
+from skeleton_ds import checkpoint, data, distributed, preemption
 from skeleton_ds.config import Config
+from skeleton_ds.ds_config import resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
+from skeleton_ds.model_identity import check_identity
 from skeleton_ds.prompt import PromptedClassifier, initial_prompt, task_record
 from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record
@@ -56,7 +58,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         """Stage 1 starts from vocabulary (or text) embeddings and a seeded head."""
         cfg = self.cfg
         embeddings = self.backbone.model.get_input_embeddings().weight
-        with engine.gathered([embeddings]):
+        with distributed.gathered([embeddings]):
             init = {"prompt": initial_prompt(embeddings, cfg.prompt_length, cfg.prompt_init, self.backbone.tokenizer,
                                              cfg.seed)}
         if model.head is not None:
@@ -75,8 +77,8 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         cfg = self.cfg
         # Everything a user can get wrong is checked before the process group or any file exists.
         epochs, lr = self.budget()
-        ds_config = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
-                                             batch_size=cfg.batch_size, lr=lr, precision=cfg.precision)
+        ds_config = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
+                                      batch_size=cfg.batch_size, lr=lr, precision=cfg.precision)
         spec = self.model_spec()
         train, dev = self.load_examples()
         self._check_output_dir()
@@ -163,7 +165,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
     def train(self) -> None:
         cfg, dist = self.cfg, self.dist
         self.engine.train()
-        self.model.backbone.eval()  # frozen: keep dropout off (see engine.load_backbone)
+        self.model.backbone.eval()  # frozen: keep dropout off (see loading.load_backbone)
         kill_stage, _, kill_step = os.environ.get(KILL_AFTER_STEP_ENV, "").partition(":")
         kill_after = int(kill_step) if kill_stage == self.stage else -1
         start, t0 = self.step, time.perf_counter()
@@ -173,7 +175,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
             while self.step < self.total_steps:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
                 global_batch = data.epoch_batches(len(self.train_set), self.global_batch, cfg.seed, epoch)[offset]
-                loss_sum = torch.zeros((), device=engine.device())
+                loss_sum = torch.zeros((), device=distributed.device())
                 for micro in data.rank_micro_batches(global_batch, dist.rank, dist.world_size, self.accumulation):
                     logits, labels = self._forward([self.train_set[i] for i in micro])
                     loss = F.cross_entropy(logits, labels)
@@ -206,7 +208,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         trainable = {"prompt": model.prompt.embedding}
         if model.head is not None:
             trainable |= {"head.weight": model.head.weight, "head.bias": model.head.bias}
-        with engine.gathered(trainable.values()):
+        with distributed.gathered(trainable.values()):
             tensors = {k: v.detach().float().cpu().clone() for k, v in trainable.items()}
         if self.dist.is_main:
             cfg = self.cfg
@@ -219,7 +221,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
                        "dev_majority": max(labels.count(c) for c in set(labels)) / len(labels),  # did it learn?
                        "train_examples": len(self.train_set), "steps": self.total_steps,
                        "global_batch": self.global_batch, "world_size": self.dist.world_size,
-                       "zero_stage": engine.zero_stage(self.ds_config), "final_train_loss": self.last_loss,
+                       "zero_stage": zero_stage(self.ds_config), "final_train_loss": self.last_loss,
                        "backbone_fraction_on_rank0": self.backbone_local_fraction,
                        "train_seconds": self.train_seconds, **(extra or {}),
                        "config": checkpoint.json_record(cfg), "settings": self.settings_record(),
@@ -269,7 +271,7 @@ class RetuneRecipe(PromptTuningRecipe):
         record = read_prompt_record(self.prompt_dir, self.cfg)
         compact = checkpoint.read_json(self.compact_dir / "config.json", "compact model config")
         origin = compact.get("skeleton_ds", {}).get("base_model", {})
-        engine.check_identity(origin, record["base_model"], str(self.compact_dir))
+        check_identity(origin, record["base_model"], str(self.compact_dir))
         return {"model_name": str(self.compact_dir), "readout": "head" if record["readout"] == "head" else "verbalizer",
                 "prompt_length": record["prompt_length"], "max_length": record["max_length"]}
 

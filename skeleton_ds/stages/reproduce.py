@@ -135,10 +135,10 @@ def plan_kind(model: str) -> str:
     """'decoder' or 'encoder', from the model's own config (through the adapter, never its name)."""
     from transformers import AutoConfig
 
-    from skeleton_ds import engine
     from skeleton_ds.architectures import adapter_for
+    from skeleton_ds.loading import resolve_model_path
 
-    path = engine.resolve_model_path(model)
+    path = resolve_model_path(model)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:

@@ -11,10 +11,13 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from skeleton_ds import checkpoint, engine, lineage
+from skeleton_ds import checkpoint, distributed, lineage
 from skeleton_ds.architectures import adapter_for
 from skeleton_ds.config import Config
+from skeleton_ds.ds_config import param_dtype, resolve_ds_config
 from skeleton_ds.errors import UserError
+from skeleton_ds.loading import resolve_model_path
+from skeleton_ds.model_identity import model_identity
 
 STAGE_FLAGS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt_length", "prompt_init", "readout", "epochs", "max_steps", "lr", "head_lr", "warmup_steps",
@@ -48,7 +51,7 @@ class RunSettings:
         from transformers import AutoConfig
 
         cfg = self.cfg
-        path = engine.resolve_model_path(cfg.model)
+        path = resolve_model_path(cfg.model)
         try:
             return path, AutoConfig.from_pretrained(path, revision=cfg.revision)
         except (OSError, ValueError) as e:
@@ -59,7 +62,7 @@ class RunSettings:
         """The base model's identity: the name given, its revision and its config hash (no weights read)."""
         cfg = self.cfg
         path, config = self._model_config
-        identity = engine.model_identity(cfg.model, path, config, cfg.revision)
+        identity = model_identity(cfg.model, path, config, cfg.revision)
         weights = {"weights_sha256": identity["weights_sha256"]} if "weights_sha256" in identity else {}
         return {"name": cfg.model, "revision": identity["revision"], "config_sha256": identity["config_sha256"], **weights}
 
@@ -84,9 +87,9 @@ class RunSettings:
     def batch(self) -> dict:
         """The global batch and the training precision, as DeepSpeed will run them."""
         cfg = self.cfg
-        ds = engine.resolve_ds_config(cfg.ds_config, world_size=engine.world_size_from_env(),
-                                      batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
-        return {"global_batch": ds["train_batch_size"], "precision": str(engine.param_dtype(ds)).replace("torch.", "")}
+        ds = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
+                               batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+        return {"global_batch": ds["train_batch_size"], "precision": str(param_dtype(ds)).replace("torch.", "")}
 
     @cached_property
     def resolved(self) -> dict:

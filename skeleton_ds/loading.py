@@ -1,236 +1,34 @@
-"""DeepSpeed plumbing: process group, config resolution, ZeRO-aware model loading and gathering.
+"""Loading the frozen base (or compact) model, ZeRO-aware.
 
-Everything that depends on the ZeRO stage or the world size is decided here, so the recipe code
-reads the same for one CPU process and for many GPUs across nodes.
+`load_backbone` is the one way the stages, inference and serving load a model: it picks the model
+class for the readout, applies the precision or quantization asked for, cuts a compact model's
+padded layers back to their own widths, and, under ZeRO-3, builds the model partitioned and fills
+it one module at a time from the safetensors files (`_load_partitioned`), so no rank ever holds the
+whole model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import socket
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 
 from skeleton_ds import checkpoint, packaged_models, widths
 from skeleton_ds.architectures import ArchAdapter, adapter_for
+from skeleton_ds.ds_config import param_dtype, zero_stage
 from skeleton_ds.errors import UserError
+from skeleton_ds.model_identity import model_identity
+from skeleton_ds.quantization import quantization_config
 
 log = logging.getLogger("skeleton_ds")
-
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-_DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RENDEZVOUS_ENV = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
-"""The variables that place a process in a process group (a launcher's, or the world of one set below). A
-child that must form its own world is started without them, or it tries to rejoin this (bound) address."""
-
-
-def without_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in environ.items() if k not in RENDEZVOUS_ENV}
-
-
-def init_distributed() -> Dist:
-    """Join the process group; a plain `python launch/train.py` becomes a world of one."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist = Dist(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                # DeepSpeed's launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE: ranks on this node
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE",
-                                                                                    os.environ["WORLD_SIZE"]))))
-    accel = get_accelerator()
-    if accel.device_name() == "cpu":
-        # CPU ranks on one host share its cores; oversubscribing threads makes every rank slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
-    else:
-        accel.set_device(dist.local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
-    return dist
-
-
-def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
-
-
-def _auto_precision() -> str:
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float, precision: str) -> dict:
-    """Read a plain DeepSpeed JSON file and fill in what depends on this run.
-
-    The files in ds_configs/ carry no "auto" values; instead this function derives the micro
-    batch from the global batch and the world size, and the precision from the device, and
-    refuses combinations DeepSpeed would only reject later with a stack trace.
-    """
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"DeepSpeed config {path} must be a JSON object")
-    autos = [k for k, v in cfg.items() if v == "auto"]
-    if autos:
-        raise UserError(f"DeepSpeed config {path} has 'auto' values ({', '.join(autos)}): give numbers")
-    _check_ds_types(cfg, path)
-
-    gas = int(cfg.get("gradient_accumulation_steps", 1))
-    if batch_size:
-        global_batch = batch_size
-        cfg.pop("train_micro_batch_size_per_gpu", None)
-    elif "train_batch_size" in cfg:
-        global_batch = int(cfg["train_batch_size"])
-    elif "train_micro_batch_size_per_gpu" in cfg:
-        global_batch = int(cfg["train_micro_batch_size_per_gpu"]) * gas * world_size
-    else:
-        raise UserError(f"DeepSpeed config {path} sets no batch size: add train_batch_size or pass --batch-size")
-    if global_batch % (gas * world_size):
-        raise UserError(
-            f"global batch {global_batch} is not divisible by gradient_accumulation_steps {gas} x world size "
-            f"{world_size}: pass --batch-size as a multiple of {gas * world_size}")
-    micro = global_batch // (gas * world_size)
-    if "train_micro_batch_size_per_gpu" in cfg and int(cfg["train_micro_batch_size_per_gpu"]) != micro:
-        raise UserError(
-            f"DeepSpeed config {path} is inconsistent with world size {world_size}: train_batch_size {global_batch} "
-            f"!= train_micro_batch_size_per_gpu {cfg['train_micro_batch_size_per_gpu']} x gradient_accumulation_steps "
-            f"{gas} x {world_size} ranks; drop one of the two keys or pass --batch-size")
-    cfg.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)
-
-    if precision == "auto":
-        explicit = any(cfg.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
-        precision = None if explicit else _auto_precision()
-    if precision is not None:
-        cfg["bf16"] = {"enabled": precision == "bf16"}
-        cfg["fp16"] = {"enabled": precision == "fp16"}
-
-    optimizer = cfg.setdefault("optimizer", json.loads(json.dumps(_DEFAULT_OPTIMIZER)))
-    optimizer.setdefault("params", {})["lr"] = lr
-    cfg.setdefault("steps_per_print", 10**9)  # progress goes through our own rich bar
-    return cfg
-
-
-def _check_ds_types(cfg: dict, path: Path) -> None:
-    """The keys we read must have the types DeepSpeed expects; it would otherwise fail deep inside
-    initialize() with a stack trace, or (a string batch size) after loading the model."""
-    for key in _BATCH_KEYS:
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UserError(f"DeepSpeed config {path}: {key} must be an integer, got {value!r}")
-        if value is not None and value < 1:
-            raise UserError(f"DeepSpeed config {path}: {key} must be a positive integer, got {value}")
-    for key in ("zero_optimization", "optimizer", "bf16", "fp16"):
-        if key in cfg and not isinstance(cfg[key], dict):
-            raise UserError(f"DeepSpeed config {path}: {key} must be a JSON object, got {cfg[key]!r}")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
-        raise UserError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-
-
-def zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def param_dtype(ds_config: dict) -> torch.dtype:
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
-def gathered(params: Iterable[torch.nn.Parameter]):
-    """Full values of ZeRO-3 partitioned parameters inside the block (read only); a no-op otherwise.
-
-    A collective under ZeRO-3: every rank must enter it.
-    """
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-
-
-def local_fraction(params: Iterable[torch.nn.Parameter]) -> float:
-    """Share of these parameters' elements this rank stores: 1.0 unless ZeRO-3 partitioned them."""
-    params = list(params)
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
-    return local / max(total, 1)
 
 
 def resolve_model_path(name: str) -> str:
     """Local directory, Hub id, or a model packaged on PyPI (aliases 'minilm', 'smollm2-135m')."""
     return packaged_models.resolve_model_path(name)
-
-
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
-                         "_commit_hash", "use_cache"}
-
-
-def model_identity(name: str, path: str, config, revision: str | None) -> dict:
-    """What ties an artifact to its base model: the name given, and a hash of the architecture config
-    (shapes and hyper-parameters; not the library version or dtype it was saved with)."""
-    shape = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()
-    identity = {"name_or_path": name, "resolved_path": path, "config_sha256": digest,
-                "revision": revision or getattr(config, "_commit_hash", None)}
-    source = packaged_models.source_record(path)
-    if source is not None:  # a converted packaged model: its weights are the GGUF it was made from
-        identity["weights_sha256"] = source["gguf_sha256"]
-    return identity
-
-
-def directory_config_hash(directory) -> str:
-    """The config hash of the model saved in `directory` (a compact checkpoint's own identity)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory)
-    return model_identity(str(directory), str(directory), config, None)["config_sha256"]
-
-
-def check_identity(recorded: dict, actual: dict, what: str) -> None:
-    if recorded.get("config_sha256") != actual["config_sha256"]:
-        raise UserError(f"{what} was made for base model {recorded.get('name_or_path')!r}, not {actual['name_or_path']!r} "
-                        f"(config hashes differ): pass the same --model, or redo the stage with --overwrite")
 
 
 @dataclass
@@ -243,23 +41,6 @@ class Backbone:
     identity: dict
     label_head: torch.Tensor | None = None
     """A compact decoder converted with --slice-lm-head: the verbalizer rows of its LM head."""
-
-
-QUANT_MODES = ("none", "8bit", "4bit")
-
-
-def quantization_config(quant: str, compute_dtype: torch.dtype):
-    """bitsandbytes settings for a frozen model: LLM.int8() or NF4 weights (with double quantization)."""
-    if quant not in QUANT_MODES:
-        raise UserError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
-    if quant == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _safetensors_index(path: str, revision: str | None) -> dict[str, tuple[Path, dict]] | None:

@@ -1,0 +1,99 @@
+"""Where this process stands among the ranks, and where the model's parameters live across them.
+
+A run is the same code for one CPU process and for many GPUs across nodes: this module joins (or
+makes) the process group and names the device a rank computes on, and its two ZeRO-3 helpers let
+the recipe code read partitioned parameters (`gathered`) and say how much of them a rank holds
+(`local_fraction`) without asking which ZeRO stage is on. Children that must form a world of their
+own are started `without_rendezvous`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RENDEZVOUS_ENV = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+"""The variables that place a process in a process group (a launcher's, or the world of one set below). A
+child that must form its own world is started without them, or it tries to rejoin this (bound) address."""
+
+
+def without_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in RENDEZVOUS_ENV}
+
+
+def init_distributed() -> Dist:
+    """Join the process group; a plain `python launch/train.py` becomes a world of one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist = Dist(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                # DeepSpeed's launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE: ranks on this node
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE",
+                                                                                    os.environ["WORLD_SIZE"]))))
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        # CPU ranks on one host share its cores; oversubscribing threads makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
+    else:
+        accel.set_device(dist.local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
+    return dist
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def gathered(params: Iterable[torch.nn.Parameter]):
+    """Full values of ZeRO-3 partitioned parameters inside the block (read only); a no-op otherwise.
+
+    A collective under ZeRO-3: every rank must enter it.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def local_fraction(params: Iterable[torch.nn.Parameter]) -> float:
+    """Share of these parameters' elements this rank stores: 1.0 unless ZeRO-3 partitioned them."""
+    params = list(params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    return local / max(total, 1)
