@@ -1,6 +1,6 @@
 """Convert a base checkpoint + skeleton into a compact, standard Hugging Face model directory (stage 4).
 
-    python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --out DIR/compact
+    python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --output DIR/compact
 
 Streams tensor by tensor (peak memory about one tensor); needs no GPU and no process group.
 Same as `skeleton-ds convert ...` (skeleton_ds.conversion.convert); inside the pipeline the stage is

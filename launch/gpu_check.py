@@ -3,7 +3,7 @@ about 10 minutes with its start). Run through launch/gpu_check.sh, which says ho
 tiny shapes is in the test suite (tests/test_gpu_check.py):
 
     python launch/gpu_check.py --device cpu --bench-shape tiny --train-shape tiny --data-dir ../shared/data \\
-        --out /tmp/gpu-check --examples 64 --rounds 1 --aligns 64
+        --output /tmp/gpu-check --examples 64 --rounds 1 --aligns 64
 
 1. bench: `skeleton-ds bench` on --bench-shape (random weights; llama3-8b by default) in bf16, fixed
    128-token inputs at batch 1, 8 and 32: fair PEFT (last-position logits), full, compact FFN 0.5 / 0.3 /
@@ -48,7 +48,9 @@ VERBALIZER = "w5,w6"  # two words of the random model's tokenizer (skeleton_ds.b
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (the check) | cpu (a dry run)")
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "runs/gpu-check"))
+    p.add_argument("--output", "--out", type=Path, default=Path(os.environ.get("OUT") or "runs/gpu-check"), metavar="DIR",
+                   help="where gpu_check.json and the bench records go (default $OUT, else runs/gpu-check; --out: "
+                        "deprecated alias)")
     p.add_argument("--data-dir", type=Path, default=REPO / ".device" / "data", help="holds SST-2/{train,dev}.tsv")
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu-check-work"), help="models, checkpoints, runs")
     p.add_argument("--bench-shape", default="llama3-8b")
@@ -86,8 +88,8 @@ def _record(args: argparse.Namespace) -> dict:
 
 
 def _save(args: argparse.Namespace, record: dict) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "gpu_check.json", record)
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json(args.output / "gpu_check.json", record)
 
 
 def bench_phase(args: argparse.Namespace, record: dict) -> None:
@@ -106,15 +108,15 @@ def bench_phase(args: argparse.Namespace, record: dict) -> None:
                   batch_sizes=sizes, text_length=128, rounds=args.rounds, warmup=2)
     # head pruning at FFN 0.3 only, and no compact-1: each 8B compact is 5-11 GB to write, verify and load
     runs = {"bench": BenchConfig(**common, ffn_keeps=(0.5, 0.3, 0.2), head_keep=0.5, head_ffn_keeps=(0.3,),
-                                 align=aligns[0], graphs=True, out=args.work / "bench")}
+                                 align=aligns[0], graphs=True, output=args.work / "bench")}
     runs |= {f"align{a}": BenchConfig(**common, ffn_keeps=(0.3,), head_keep=1.0, align=a, skip_peft=True,
-                                      out=args.work / f"align{a}") for a in aligns[1:]}
+                                      output=args.work / f"align{a}") for a in aligns[1:]}
     for name, cfg in runs.items():
         start = time.perf_counter()
         result = run_bench(cfg)
-        shutil.copy(cfg.out / "bench.json", args.out / f"{name}.json")
+        shutil.copy(cfg.output / "bench.json", args.output / f"{name}.json")
         if name == "bench":
-            shutil.copy(cfg.out / "bench.png", args.out / "bench.png")
+            shutil.copy(cfg.output / "bench.png", args.output / "bench.png")
         record.setdefault("bench", {})[name] = {
             "seconds": round(time.perf_counter() - start, 1), "json": f"{name}.json",
             "rows": [{k: r.get(k) for k in ("contender", "batch", "ms_median", "roofline_ms", "roofline_limit",
@@ -199,7 +201,7 @@ def train_phase(args: argparse.Namespace, record: dict) -> None:
 
     env = without_rendezvous(os.environ)
     for zero in (int(z) for z in args.zero.split(",")):
-        argv = [sys.executable, __file__, "--train-one", str(zero), "--device", args.device, "--out", str(args.out),
+        argv = [sys.executable, __file__, "--train-one", str(zero), "--device", args.device, "--output", str(args.output),
                 "--work", str(args.work), "--data-dir", str(args.data_dir), "--train-shape", args.train_shape, "--examples", str(args.examples)]
         start = time.perf_counter()
         done = subprocess.run(argv, env=env, cwd=REPO)
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         record.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
         _save(args, record)
     failed = [k for k, v in record.get("train", {}).items() if v["returncode"] != 0]
-    print(json.dumps({"out": str(args.out / "gpu_check.json"), "seconds": record["seconds"], "failed": failed}))
+    print(json.dumps({"out": str(args.output / "gpu_check.json"), "seconds": record["seconds"], "failed": failed}))
     return 1 if failed else 0
 
 

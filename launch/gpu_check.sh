@@ -36,4 +36,4 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=fal
 out=${OUT:-runs/gpu-check}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
-python3 launch/gpu_check.py --out "$out" --examples "${EXAMPLES:-512}" "$@" 2>&1 | tee "$out/log.txt"
+python3 launch/gpu_check.py --output "$out" --examples "${EXAMPLES:-512}" "$@" 2>&1 | tee "$out/log.txt"

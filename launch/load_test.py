@@ -1,7 +1,7 @@
 """Load the HTTP server with a bounded closed loop, four ways of serving the same N tasks, on one machine.
 
     python launch/load_test.py --base minilm --task-list runs/serving/minilm-64.txt --requests 600 \
-        --clients 8,32,64 --popularity zipf,uniform --out docs/load_test_minilm64.json
+        --clients 8,32,64 --popularity zipf,uniform --output docs/load_test_minilm64.json
 
 The ways (`--servings`; each `launch/serve.py` on 127.0.0.1, all started at once, loaded in turn so all see
 the same machine, the idle ones only waiting):
@@ -17,7 +17,7 @@ row: requests/s over the loop's wall time, p50/p99 latency as the client sees it
 forward pass and the mean pass time (from /metrics before and after), and the 1-minute load average as the
 loop ended (was the machine shared?). Memory per server: the model bytes it holds (parameters and buffers:
 the shared base counted once, plus what each task owns) and the process's resident memory (VmRSS).
-Writes JSON (`--out`, with its provenance), the README's tables next to it (`.md`), and prints them.
+Writes JSON (`--output`, with its provenance), the README's tables next to it (`.md`), and prints them.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="task popularity: zipf (s = 1.1), uniform; a comma list runs each")
     p.add_argument("--seed", type=int, default=0, help="the task draws' seed")
     p.add_argument("--inputs-per-request", type=int, default=1)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "load_test" / "load_test.json")
+    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "load_test" / "load_test.json",
+                   metavar="FILE", help="the JSON record; its tables go beside it as .md (--out: deprecated alias)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--device", default="auto")
@@ -150,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
               "clients": args.clients, "popularity": args.popularity, "inputs_per_request": args.inputs_per_request,
               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "server_threads": args.server_threads,
               "runs": rows, "memory": memory, "targets": targets(rows)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, report)
-    write_text(args.out.with_suffix(".md"), markdown(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.output, report)
+    write_text(args.output.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 1 if any(r["failures"] for r in rows) else 0
 

@@ -3,7 +3,7 @@ skeletons, as one pass per task over the same skeletons, and as one mixed pass o
 the full base; then the operators of the mixed pass (torch.profiler).
 
     python launch/profile_mixed.py --base minilm --task-list runs/serving/minilm/tasks-64.txt --rows 16 \
-        --out docs/profile_mixed_minilm64.json
+        --output docs/profile_mixed_minilm64.json
 
 The rows are drawn with Zipf popularity (s = 1.1) over the tasks, one input each, as the load test sends them;
 `--batches` draws, each timed `--rounds` times after a warm-up, at `--threads` torch threads. Writes JSON (with
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "profile_mixed.json")
+    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "profile_mixed.json", metavar="FILE",
+                   help="the JSON record; its table goes beside it as .md (--out: deprecated alias)")
     args = p.parse_args(argv)
     command = shlex.join(["python", "launch/profile_mixed.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
@@ -99,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                   sum(len({n for n, _ in b}) for b in batches) / len(batches), 2),
               "ms_per_batch": {label: round(min(ts) * 1e3, 2) for label, ts in timings.items()},
               "mixed_pass_operators": operators}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, report)
-    write_text(args.out.with_suffix(".md"), markdown(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.output, report)
+    write_text(args.output.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 0
 

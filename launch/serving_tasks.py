@@ -1,7 +1,7 @@
 """Many real tasks for the serving figures: distinct prompts and skeletons on real GLUE/SuperGLUE data.
 
     python launch/serving_tasks.py --base minilm --data-dir ../shared/data --tasks sst2,rte,cb,qnli --seeds 4 \
-        --keeps 0.2,0.3,0.4,0.5 --out runs/serving/minilm
+        --keeps 0.2,0.3,0.4,0.5 --output runs/serving/minilm
 
 Per task and seed, one pipeline run prompt-tunes and scores on a small subset (`--train-examples`,
 `--attr-examples`): the seeds give distinct prompts. Each keep ratio then localizes and converts its own
@@ -35,9 +35,9 @@ def build(args: argparse.Namespace) -> list[tuple[str, Path]]:
         common = ["--model", args.base, "--config", args.config, "--seed", str(seed), "--epochs", "1",
                   "--max-train-examples", str(args.train_examples), "--max-eval-examples", str(args.eval_examples),
                   "--attr-examples", str(args.attr_examples), *task_flags(task, args.data_dir)]
-        full = args.out / f"{task}-s{seed}"
+        full = args.output / f"{task}-s{seed}"
         run_pipeline(config_from_args(common + ["--output", str(full), "--stages", "prompt,attribute"]))
-        run = args.out / f"{task}-s{seed}-k{keep:g}"
+        run = args.output / f"{task}-s{seed}-k{keep:g}"
         for name in ("prompt", "attribution.safetensors"):
             if not (run / name).exists():
                 copy_atomically(full / name, run / name)
@@ -59,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--config", default="ds_configs/zero2.json")
     p.add_argument("--lists", type=lambda v: [int(n) for n in v.split(",")], default=[16, 64])
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "serving" / "minilm")
+    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "serving" / "minilm", metavar="DIR",
+                   help="where the runs and the tasks-N.txt lists go (--out: deprecated alias)")
     args = p.parse_args(argv)
     built = build(args)
     for size in args.lists:
-        listing = args.out / f"tasks-{size}.txt"
+        listing = args.output / f"tasks-{size}.txt"
         listing.write_text("".join(f"{name}={run.resolve()}\n" for name, run in built[:size]))
         print(f"serving_tasks: {min(size, len(built))} tasks -> {listing}")
     return 0

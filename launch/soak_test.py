@@ -2,7 +2,7 @@
 flat, and every request answered or refused (503 queue full, 504 past its deadline).
 
     python launch/soak_test.py --base minilm --task-list runs/serving/minilm/tasks-64.txt --seconds 600 \
-        --out docs/soak_minilm64.json
+        --output docs/soak_minilm64.json
 
 It starts `launch/serve.py` (skeletons, cross-task batching, `--max-queue`, `--timeout-ms`) on 127.0.0.1,
 warms every task, measures the capacity with a closed loop (`--capacity-clients` clients, Zipf popularity),
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "soak" / "soak.json")
+    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "soak" / "soak.json", metavar="FILE",
+                   help="the JSON record; its summary goes beside it as .md (--out: deprecated alias)")
     args = p.parse_args(argv)
     dirs = task_dirs(args)
     command = shlex.join(["python", "launch/soak_test.py", *(sys.argv[1:] if argv is None else argv)])
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
               "max_queue": args.max_queue, "timeout_ms": args.timeout_ms, "max_batch": args.max_batch,
               "capacity": capacity, "offered_per_s": round(rate, 2), "soak": soak, "server_counted": counted,
               "rss_samples": samples, "rss_growth_after_first_minute": round(growth, 4), "checks": checks}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, report)
-    write_text(args.out.with_suffix(".md"), markdown(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.output, report)
+    write_text(args.output.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 0 if all(checks.values()) else 1
 

@@ -1,8 +1,8 @@
 """How much faster a compact checkpoint answers than what users run today, measured in one process.
 
-    python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data --out runs/bench/llama-160m
-    python launch/bench.py --shape minilm --run-dir runs/minilm-sst2 --data-dir ../shared/data --out runs/bench/minilm
-    python launch/bench.py --shape llama3-8b --device cuda --dtype bf16 --out runs/bench/llama3-8b   # GPU only
+    python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data --output runs/bench/llama-160m
+    python launch/bench.py --shape minilm --run-dir runs/minilm-sst2 --data-dir ../shared/data --output runs/bench/minilm
+    python launch/bench.py --shape llama3-8b --device cuda --dtype bf16 --output runs/bench/llama3-8b   # GPU only
 
 Contenders, all answering the same inputs in the same process:
 - `peft`: the full model with the same prompt through `peft` prompt tuning (PeftModel over the base
@@ -77,7 +77,7 @@ LENGTHS = ("fixed", "sst2")
 @dataclass
 class BenchConfig:
     shape: str = "llama-160m"
-    out: Path = Path("runs/bench")
+    output: Path = Path("runs/bench")
     device: str = "auto"
     dtype: str = "auto"
     batch_sizes: tuple[int, ...] = (32, 1)
@@ -702,7 +702,7 @@ def _accuracy(contenders: list[Contender], task: Task, data_dir: Path | None, ba
 
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
-    """Build, time and summarize every contender; write OUT/bench.{json,md,png}. `command` is what the
+    """Build, time and summarize every contender; write OUTPUT/bench.{json,md,png}. `command` is what the
     provenance record says was run (default: this process's command line)."""
     from skeleton_ds.provenance import provenance
 
@@ -745,12 +745,12 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
               "environment": env, "settings": checkpoint.json_record(cfg), "peaks": peaks,
               "cost_model": COST_MODEL, "workloads": [w.record() for w in workloads],
               "length_tokenizer": length_tokenizer, "rows": rows, "profiles": profiles, "seconds": seconds}
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(cfg.out / "bench.json", result)
-    (cfg.out / "bench.md").write_text(markdown_table(result))
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(cfg.output / "bench.json", result)
+    (cfg.output / "bench.md").write_text(markdown_table(result))
     from skeleton_ds.plots import plot_bench
 
-    plot_bench(rows, cfg.out / "bench.png", title=f"{cfg.shape} on {env['device']} ({env['dtype']})")
+    plot_bench(rows, cfg.output / "bench.png", title=f"{cfg.shape} on {env['device']} ({env['dtype']})")
     return result
 
 
@@ -820,14 +820,14 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_summary(result: dict, out: Path) -> None:
+def print_summary(result: dict, output: Path) -> None:
     """The rich table of a run_bench result."""
     from skeleton_ds.ui import print_table
 
     header, table = _table(result)
     env = result["environment"]
     print_table(f"{result['shape']}: {env['device']}, {env['dtype']}, {env['threads']} threads, {env['date']}",
-                header, table, caption=f"{out / 'bench.json'}, {out / 'bench.png'}")
+                header, table, caption=f"{output / 'bench.json'}, {output / 'bench.png'}")
     peaks = result["peaks"]
     print(f"roofline peaks: {peaks['matmul_tflop_per_s']:.3g} TFLOP/s ({peaks['matmul']}), "
           f"{peaks['copy_gb_per_s']:.3g} GB/s ({peaks['copy']})")

@@ -60,10 +60,11 @@ def convert(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="base model: local directory, Hub id, 'minilm' or 'smollm2-135m'")
     p.add_argument("--skeleton", required=True, type=Path, help="skeleton.json from the localize stage")
     p.add_argument("--prompt", type=Path, default=None, help="stage-1 prompt directory to ship with the model")
-    p.add_argument("--out", required=True, type=Path, help="output directory (created atomically)")
+    p.add_argument("--output", "--out", required=True, type=Path, metavar="DIR",
+                   help="the compact checkpoint directory to create, atomically (--out: deprecated alias)")
     p.add_argument("--revision", default=None)
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle (.bin) base checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--slice-lm-head", action="store_true",
                    help="decoders: keep only the verbalizer rows of the LM head (needs --prompt)")
     p.add_argument("--compensate", default="none", choices=("none", "mean"),
@@ -73,10 +74,10 @@ def convert(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(list(argv) if argv is not None else None)
     from skeleton_ds.conversion import convert as run_convert, summary_line
 
-    summary = run_convert(args.base, args.skeleton, args.prompt, args.out, revision=args.revision,
+    summary = run_convert(args.base, args.skeleton, args.prompt, args.output, revision=args.revision,
                           allow_pickle=args.allow_pickle, overwrite=args.overwrite, slice_lm_head=args.slice_lm_head,
                           compensate=args.compensate, scores=args.scores)
-    print(summary_line(summary, args.out))
+    print(summary_line(summary, args.output))
     return 0
 
 
@@ -87,12 +88,13 @@ def export_peft(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="skeleton-ds export-peft", description=export_peft.__doc__)
     p.add_argument("--prompt", required=True, type=Path, help="DIR/prompt (or DIR/retune)")
-    p.add_argument("--out", required=True, type=Path, help="adapter directory to create")
+    p.add_argument("--output", "--out", required=True, type=Path, metavar="DIR",
+                   help="adapter directory to create (--out: deprecated alias)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(list(argv) if argv is not None else None)
     from skeleton_ds.interop import export_peft as run_export
 
-    print(f"skeleton_ds: PEFT adapter -> {run_export(args.prompt, args.out, overwrite=args.overwrite)}")
+    print(f"skeleton_ds: PEFT adapter -> {run_export(args.prompt, args.output, overwrite=args.overwrite)}")
     return 0
 
 
@@ -188,7 +190,8 @@ def bench(argv: Sequence[str] | None = None) -> int:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="skeleton-ds bench", description=bench.__doc__)
     p.add_argument("--shape", default=d.shape, help=" | ".join(SHAPES))
-    p.add_argument("--out", type=Path, default=None, help="directory for bench.json and bench.png (default runs/bench/SHAPE)")
+    p.add_argument("--output", "--out", type=Path, default=None, metavar="DIR",
+                   help="where bench.json and bench.png go (default runs/bench/SHAPE; --out: deprecated alias)")
     p.add_argument("--device", default=d.device, help="auto | cuda | cpu")
     p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma list (default 32,1)")
@@ -231,12 +234,12 @@ def bench(argv: Sequence[str] | None = None) -> int:
                    help="profile the FFN-0.3 compact model: operator time against wall time, top operators")
     args = list(argv) if argv is not None else sys.argv[1:]
     parsed = vars(p.parse_args(args))
-    parsed["out"] = parsed["out"] or Path("runs/bench") / parsed["shape"]
+    parsed["output"] = parsed["output"] or Path("runs/bench") / parsed["shape"]
     cfg = BenchConfig(**parsed)
     _quiet_libraries()
     from skeleton_ds.bench import print_summary, run_bench
 
-    print_summary(run_bench(cfg, command=shlex.join(["skeleton-ds", "bench", *args])), cfg.out)
+    print_summary(run_bench(cfg, command=shlex.join(["skeleton-ds", "bench", *args])), cfg.output)
     return 0
 
 
@@ -387,12 +390,13 @@ def hostfile(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=None,
                    help="processes per node (default: SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, else "
                         "SLURM_NTASKS_PER_NODE)")
-    p.add_argument("--out", type=Path, default=Path("hostfile"), help="where to write it (atomically)")
+    p.add_argument("--output", "--out", type=Path, default=Path("hostfile"), metavar="FILE",
+                   help="where to write it (atomically; default ./hostfile; --out: deprecated alias)")
     args = p.parse_args(list(argv) if argv is not None else None)
     from skeleton_ds.cluster import slurm_hostfile
 
-    hosts, slots = slurm_hostfile(args.out, nodelist=args.nodelist, slots=args.slots)
-    print(f"skeleton_ds: hostfile for {len(hosts)} nodes x {slots} slots (first: {hosts[0]}) -> {args.out}")
+    hosts, slots = slurm_hostfile(args.output, nodelist=args.nodelist, slots=args.slots)
+    print(f"skeleton_ds: hostfile for {len(hosts)} nodes x {slots} slots (first: {hosts[0]}) -> {args.output}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Export a trained prompt as a PEFT prompt-tuning adapter, so plain PEFT users can load it:
 
-    skeleton-ds export-peft --prompt DIR/prompt --out DIR/peft
+    skeleton-ds export-peft --prompt DIR/prompt --output DIR/peft
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "DIR/peft")
 
 Decoders export as task type CAUSAL_LM: the label is the argmax over the verbalizer tokens of the

@@ -32,7 +32,7 @@ def _sst2_dir(tmp_path):
 
 def test_bench_tiny_writes_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = run_command(bench, ["--shape", "tiny", "--out", str(out), "--rounds", "2", "--warmup", "1",
+    code = run_command(bench, ["--shape", "tiny", "--output", str(out), "--rounds", "2", "--warmup", "1",
                                "--batch-sizes", "4,1", "--device", "cpu", "--lengths", "fixed,sst2",
                                "--data-dir", str(_sst2_dir(tmp_path)), "--sst2-examples", "4", "--peft-full-logits"])
     assert code == 0, capsys.readouterr().err
@@ -150,7 +150,7 @@ def test_a_saved_base_of_another_shape_is_refused(tmp_path, capsys):
 
 def test_profile_accounts_for_the_batch(tmp_path):
     out = tmp_path / "bench"
-    cfg_args = ["--shape", "tiny", "--out", str(out), "--rounds", "1", "--warmup", "1", "--batch-sizes", "2",
+    cfg_args = ["--shape", "tiny", "--output", str(out), "--rounds", "1", "--warmup", "1", "--batch-sizes", "2",
                 "--device", "cpu", "--skip-peft", "--ffn-keeps", "1.0,0.3", "--head-keep", "1.0", "--profile"]
     assert run_command(bench, cfg_args) == 0
     (prof,) = json.loads((out / "bench.json").read_text())["profiles"]

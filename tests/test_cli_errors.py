@@ -134,3 +134,21 @@ def test_generic_template_and_verbalizer_are_checked_before_any_work(tiny_models
         code, err = _run(argv, capsys)
         _assert_clean_error(code, err, out, needle)
         assert not out.exists()
+
+
+def test_output_is_the_flag_everywhere_and_out_its_deprecated_alias():
+    """Where a command or launch script writes is --output, as for train and reproduce; --out, the old spelling of
+    convert, export-peft, bench, hostfile and the load-test scripts, is only ever declared as its alias."""
+    import re
+
+    sources = [*(REPO / "skeleton_ds").rglob("*.py"), *(REPO / "launch").glob("*.py")]
+    declared = [(path.relative_to(REPO), m.group(0)) for path in sources
+                for m in re.finditer(r"add_argument\(\s*((?:\"[^\"]*\",\s*)*)\"--out\"", path.read_text())]
+    assert declared, "the scan found no --out alias at all: has the declaration's spelling changed?"
+    assert all(flags.startswith('add_argument("--output", "--out"') for _, flags in declared), declared
+    from skeleton_ds.cli import reference
+
+    text = reference()
+    flags = [line for line in text.splitlines() if re.search(r"(?<![\w-])--out [A-Z]", line)]  # --out DIR
+    assert flags and all("--output" in line for line in flags), flags
+    assert " ".join(text.split()).count("--out: deprecated alias)") == len(flags), "each alias says so in its help"

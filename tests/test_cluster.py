@@ -169,7 +169,7 @@ def slurm_env(monkeypatch, fake_bin, tmp_path):
 
 def test_hostfile_from_the_allocation(slurm_env, tmp_path, capsys):
     out = tmp_path / "shared" / "hostfile"
-    assert run_command(COMMANDS["hostfile"], ["--out", str(out)]) == 0
+    assert run_command(COMMANDS["hostfile"], ["--output", str(out)]) == 0
     assert out.read_text() == "gpu-a01 slots=4\ngpu-a02 slots=4\n"
     assert [r["argv"] for r in records(slurm_env, "scontrol")] == [["show", "hostnames", "gpu-a[01-02]"]]
     assert sorted(p.name for p in out.parent.iterdir()) == ["hostfile"]  # no temporary left behind
@@ -181,11 +181,18 @@ def test_hostfile_flags_win_over_the_environment(slurm_env, tmp_path, monkeypatc
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "")
     monkeypatch.setenv("SLURM_GPUS_PER_NODE", "a100:8")
     out = tmp_path / "hostfile"
-    assert run_command(COMMANDS["hostfile"], ["--nodelist", "n[7-9]", "--out", str(out)]) == 0
+    assert run_command(COMMANDS["hostfile"], ["--nodelist", "n[7-9]", "--output", str(out)]) == 0
     assert out.read_text() == "n7 slots=8\nn8 slots=8\nn9 slots=8\n"
-    assert run_command(COMMANDS["hostfile"], ["--nodelist", "n[7-9]", "--slots", "2", "--out", str(out)]) == 0
+    assert run_command(COMMANDS["hostfile"], ["--nodelist", "n[7-9]", "--slots", "2", "--output", str(out)]) == 0
     assert out.read_text() == "n7 slots=2\nn8 slots=2\nn9 slots=2\n"
     assert [r["argv"][2] for r in records(slurm_env, "scontrol")] == ["n[7-9]", "n[7-9]"]
+
+
+def test_hostfile_takes_the_deprecated_out_alias(slurm_env, tmp_path):
+    """--output is the flag; --out, its old spelling, still names the same file."""
+    out = tmp_path / "hostfile"
+    assert run_command(COMMANDS["hostfile"], ["--out", str(out)]) == 0
+    assert out.read_text() == "gpu-a01 slots=4\ngpu-a02 slots=4\n"
 
 
 def test_hostfile_is_fsynced_before_the_rename(slurm_env, tmp_path, monkeypatch):
@@ -196,7 +203,7 @@ def test_hostfile_is_fsynced_before_the_rename(slurm_env, tmp_path, monkeypatch)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b))[1])
     old = tmp_path / "hostfile"
     old.write_text("stale slots=1\n")
-    assert run_command(COMMANDS["hostfile"], ["--out", str(old)]) == 0
+    assert run_command(COMMANDS["hostfile"], ["--output", str(old)]) == 0
     renames = [e for e in events if e[0] == "replace"]
     assert len(renames) == 1 and renames[0][2] == str(old)
     temporary = renames[0][1]
@@ -215,7 +222,7 @@ def test_hostfile_is_fsynced_before_the_rename(slurm_env, tmp_path, monkeypatch)
     ("repeated host", "names gpu-a01 more than once"),
 ])
 def test_hostfile_errors_are_one_line_and_exit_2(case, hint, slurm_env, tmp_path, monkeypatch, capsys):
-    argv = ["--out", str(tmp_path / "hostfile")]
+    argv = ["--output", str(tmp_path / "hostfile")]
     if case == "no scontrol":
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     elif case == "scontrol fails":
@@ -243,7 +250,7 @@ def test_hostfile_errors_are_one_line_and_exit_2(case, hint, slurm_env, tmp_path
 def test_hostfile_error_through_the_entry_point(tmp_path):
     """The real process: one `error:` line, exit 2, no traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "RANK"}
-    result = subprocess.run([sys.executable, "-m", "skeleton_ds.cli", "hostfile", "--slots", "4", "--out",
+    result = subprocess.run([sys.executable, "-m", "skeleton_ds.cli", "hostfile", "--slots", "4", "--output",
                              str(tmp_path / "hostfile")], cwd=REPO, env=env | {"PATH": str(tmp_path)},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

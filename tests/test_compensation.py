@@ -78,7 +78,7 @@ def test_compensation_refused_where_the_architecture_has_no_bias_option(tiny_mod
     _, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=0.5, head_keep=1.0, mode="uniform")
     _means_file(base, tmp_path / "attribution.safetensors", geometry)
     code = run_command(convert_command, ["--base", str(base), "--skeleton", str(tmp_path / "skeleton.json"),
-                                         "--out", str(tmp_path / "compact"), "--compensate", "mean"])
+                                         "--output", str(tmp_path / "compact"), "--compensate", "mean"])
     err = capsys.readouterr().err
     assert code == 2 and "qwen2" in err and "--compensate none" in err
     assert not (tmp_path / "compact").exists()
@@ -92,7 +92,7 @@ def test_scores_without_means_are_refused(tiny_models, tmp_path, capsys):
                  scorer="random", reduce="abs-sum", include_prompt=False, examples=0, geometry=geometry,
                  base_model=model_identity(str(base), str(base), config, None))
     code = run_command(convert_command, ["--base", str(base), "--skeleton", str(tmp_path / "skeleton.json"),
-                                         "--out", str(tmp_path / "compact"), "--compensate", "mean"])
+                                         "--output", str(tmp_path / "compact"), "--compensate", "mean"])
     assert code == 2 and "mean FFN activations" in capsys.readouterr().err
     assert not (tmp_path / "compact").exists()
 

@@ -85,7 +85,7 @@ def test_encoder_head_pruning_is_refused_with_reason(tiny_models, tmp_path):
 def test_convert_cli_refuses_bad_inputs(tiny_models, tmp_path, capsys):
     skeleton = tmp_path / "skeleton.json"
     write_skeleton(tiny_models["llama"], skeleton, ffn_keep=0.5, head_keep=1.0, mode="uniform")
-    args = ["--base", str(tiny_models["llama"]), "--skeleton", str(skeleton), "--out", str(tmp_path / "compact")]
+    args = ["--base", str(tiny_models["llama"]), "--skeleton", str(skeleton), "--output", str(tmp_path / "compact")]
     assert run_command(convert_command, args) == 0
     capsys.readouterr()
 
@@ -97,7 +97,7 @@ def test_convert_cli_refuses_bad_inputs(tiny_models, tmp_path, capsys):
 
     assert "--overwrite" in error(args)  # the output exists
     assert run_command(convert_command, args + ["--overwrite"]) == 0
-    other = ["--base", str(tiny_models["qwen2"]), "--skeleton", str(skeleton), "--out", str(tmp_path / "o2")]
+    other = ["--base", str(tiny_models["qwen2"]), "--skeleton", str(skeleton), "--output", str(tmp_path / "o2")]
     assert "made for base model" in error(other)  # a skeleton for another base model
     assert not (tmp_path / "o2").exists()
 
@@ -112,7 +112,7 @@ def test_pickle_base_needs_allow_pickle(tiny_models, tmp_path, capsys):
     torch.save(load_file(str(tiny_models["llama"] / "model.safetensors")), base / "pytorch_model.bin")
     skeleton = tmp_path / "skeleton.json"
     write_skeleton(tiny_models["llama"], skeleton, ffn_keep=0.5, head_keep=0.5, mode="uniform")
-    args = ["--base", str(base), "--skeleton", str(skeleton), "--out", str(tmp_path / "compact")]
+    args = ["--base", str(base), "--skeleton", str(skeleton), "--output", str(tmp_path / "compact")]
     assert run_command(convert_command, args) == 2
     assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "compact").exists()
     assert run_command(convert_command, args + ["--allow-pickle"]) == 0
@@ -168,7 +168,7 @@ def test_streaming_conversion_peak_memory_is_about_one_tensor(tmp_path, measured
     write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=0.5, head_keep=0.5, mode="uniform", align=64)
 
     before, growth = _rss_growth("--base", str(base), "--skeleton", str(tmp_path / "skeleton.json"),
-                                 "--out", str(tmp_path / "c"))
+                                 "--output", str(tmp_path / "c"))
     print(f"checkpoint {size_mib:.0f} MiB, largest tensor {largest_mib:.0f} MiB, RSS {before:.0f} MiB before, "
           f"peak growth {growth:.0f} MiB")
     measured.update(checkpoint_mib=size_mib, largest_tensor_mib=largest_mib, rss_growth_mib=growth,

@@ -169,7 +169,7 @@ def test_profile_script_times_three_ways_and_names_the_operators(task_runs, tiny
 
     out = tmp_path / "profile.json"
     command = [sys.executable, "launch/profile_mixed.py", "--base", str(tiny_models["llama"]), "--rows", "6",
-               "--batches", "2", "--rounds", "1", "--threads", "1", "--out", str(out),
+               "--batches", "2", "--rounds", "1", "--threads", "1", "--output", str(out),
                *(arg for n, d in task_runs["llama"].items() for arg in ("--task-dir", f"{n}={d}"))]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_on_cpu_writes_every_phase(tmp_path):
     out = tmp_path / "out"
     env = without_rendezvous(os.environ)
     done = subprocess.run([sys.executable, "launch/gpu_check.py", "--device", "cpu", "--bench-shape", "tiny",
-                           "--train-shape", "tiny", "--data-dir", str(SHARED_DATA), "--out", str(out), "--work",
+                           "--train-shape", "tiny", "--data-dir", str(SHARED_DATA), "--output", str(out), "--work",
                            str(tmp_path / "work"), "--examples", "32", "--rounds", "1", "--batch-sizes", "1,2",
                            "--aligns", "64,128"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

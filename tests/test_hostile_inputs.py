@@ -176,7 +176,7 @@ CASES = [
          needles=("skeleton.json", "JSON"), removed=("compact",)),
     Case("convert-disk-full", convert,
          lambda work, models: ["--base", str(models["llama"]), "--skeleton", str(work / "run/skeleton.json"),
-                               "--prompt", str(work / "run/prompt"), "--out", str(work / "run/compact"), "--overwrite"],
+                               "--prompt", str(work / "run/prompt"), "--output", str(work / "run/compact"), "--overwrite"],
          needles=("No space left", "free"), removed=("compact",)),
     # --- infer ---------------------------------------------------------------------------------------
     Case("infer-bit-flipped-weights", infer,

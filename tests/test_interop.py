@@ -26,7 +26,7 @@ def test_peft_adapter_reproduces_our_label_logits(arch, tiny_models, sentiment_f
             "--batch-size", "8", "--prompt-length", "4", "--max-length", "24", "--max-steps", "4", "--lr", "0.1",
             *generic_flags(sentiment_files)]
     run_pipeline(config_from_args(argv + ["--stages", "prompt"]))
-    assert run_command(export_peft, ["--prompt", str(out / "prompt"), "--out", str(tmp_path / "peft")]) == 0
+    assert run_command(export_peft, ["--prompt", str(out / "prompt"), "--output", str(tmp_path / "peft")]) == 0
 
     ours = AttributionRecipe(config_from_args(argv))  # our full-model path with the stage-1 prompt
     ours.setup()

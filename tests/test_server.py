@@ -413,7 +413,7 @@ def test_load_test_smoke_run_measures_four_ways_of_serving_with_provenance(tiny_
     popularity; its JSON carries the provenance, the memory of each server and the targets' ratios."""
     out = tmp_path / "load_test.json"
     command = [sys.executable, "launch/load_test.py", "--base", str(tiny_models["llama"]), "--requests", "12",
-               "--clients", "3,32", "--device", "cpu", "--dtype", "fp32", "--out", str(out),
+               "--clients", "3,32", "--device", "cpu", "--dtype", "fp32", "--output", str(out),
                *(arg for d in task_dirs for arg in ("--task-dir", d))]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -438,7 +438,7 @@ def test_soak_smoke_run_answers_or_refuses_every_request(tiny_models, task_dirs,
     out = tmp_path / "soak.json"
     command = [sys.executable, "launch/soak_test.py", "--base", str(tiny_models["llama"]), "--seconds", "4",
                "--capacity-requests", "60", "--capacity-clients", "4", "--max-queue", "8", "--timeout-ms", "300",
-               "--senders", "64", "--device", "cpu", "--out", str(out),
+               "--senders", "64", "--device", "cpu", "--output", str(out),
                *(arg for d in task_dirs for arg in ("--task-dir", d))]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     record = json.loads(out.read_text())
