@@ -114,7 +114,8 @@ def infer(argv: Sequence[str] | None = None) -> int:
     i = p.add_argument_group("what to answer: --input, or a task split")
     i.add_argument("--input", help="JSON Lines records or plain text lines; '-' reads standard input")
     i.add_argument("--output", default="-", help="where the JSON Lines predictions go ('-': standard output)")
-    i.add_argument("--task", help="evaluate this built-in task (must be the checkpoint's task)")
+    i.add_argument("--task", help="evaluate this built-in task's split (must be the checkpoint's task); with "
+                                  "--input, only checked against the checkpoint's task")
     i.add_argument("--data-dir", type=Path, help="read the split from DIR/<TASK>/ (else the Hugging Face Hub)")
     i.add_argument("--split", default="validation", choices=("validation", "dev", "train"))
     i.add_argument("--max-examples", type=int, default=0, help="evaluate only the first N examples (0: all)")
@@ -134,8 +135,13 @@ def infer(argv: Sequence[str] | None = None) -> int:
     if bool(args.checkpoint) == bool(args.base or args.prompt) or (args.base and not args.prompt) \
             or (args.prompt and not args.base):
         raise UserError("give the model as --checkpoint DIR/compact, or as --base M --prompt DIR/prompt")
-    if bool(args.input) == bool(args.task or args.data_dir):
-        raise UserError("give what to answer as --input FILE (or - for standard input), or as --task T [--data-dir D]")
+    if args.input and args.data_dir:
+        raise UserError(f"--data-dir goes with --task T to evaluate a split, and --input {args.input} gives the "
+                        "records to label: drop --data-dir (or --input)")
+    if not args.input and not args.task:
+        raise UserError("--data-dir D needs --task T, the task whose split to evaluate" if args.data_dir else
+                        "give what to answer: --input FILE (or - for standard input) to label records, or "
+                        "--task T [--data-dir D] to evaluate a split")
     from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples, label_accuracy, read_records
 
     cfg = InferenceConfig(device=args.device, dtype=args.dtype, quant=args.quant, batch_size=args.batch_size,
@@ -155,9 +161,11 @@ def infer(argv: Sequence[str] | None = None) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, cfg) if args.checkpoint else \
         Predictor.from_prompt(args.base, args.prompt, cfg, revision=args.revision)
     task = predictor.task
+    if args.task and args.task != task.name:  # with --input, --task only checks which task the records are
+        fix = f"pass --task {task.name}" if lines is None else \
+            f"drop --task (the records are read as {task.name!r}) or pass --task {task.name}"
+        raise UserError(f"{predictor.source} answers task {task.name!r}, not {args.task!r}: {fix}")
     if lines is None:
-        if args.task != task.name:
-            raise UserError(f"{predictor.source} answers task {task.name!r}, not {args.task!r}: pass --task {task.name}")
         result = predictor.evaluate(evaluation_examples(task, args.data_dir, args.split, args.max_examples))
         print(json.dumps(result | {"split": args.split}))
         print(f"skeleton_ds: {task.name} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())

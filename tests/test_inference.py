@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run_stages
+from conftest import REPO, run_stages
 from skeleton_ds import data
 from skeleton_ds.cli import infer, run_command
 from skeleton_ds.inference import InferenceConfig, Predictor, PromptCachedDecoder
@@ -179,6 +181,35 @@ def test_cli_refuses_a_directory_that_is_not_a_compact_checkpoint(runs, tiny_mod
     code, _, err = _infer(["--checkpoint", str(runs["llama"] / "compact"), "--task", "sst2", "--data-dir",
                            str(tmp_path), "--device", "cpu"], capsys)
     _assert_one_error(code, err, "generic", "sst2")
+
+
+def test_cli_task_with_input_is_checked_against_the_checkpoint(runs, tmp_path, capsys):
+    """`infer --checkpoint DIR --task T --input -` once stopped with "give what to answer as --input FILE (or - for
+    standard input), or as --task T", as if neither flag had been given. Through the real process: with --input,
+    --task checks the checkpoint's task; the records are answered when it matches, and one error names both tasks
+    when it does not."""
+    compact = runs["llama"] / "compact"  # trained on the synthetic task 'generic'
+    record = '{"text": "a good movie"}\n'
+
+    def cli(task: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "skeleton_ds.cli", "infer", "--checkpoint", str(compact),
+                               "--task", task, "--input", "-", "--device", "cpu"], input=record, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    wrong = cli("sst2")
+    assert wrong.returncode == 2, wrong.stderr
+    assert wrong.stderr.splitlines() == [f"error: compact {compact} answers task 'generic', not 'sst2': drop --task "
+                                         f"(the records are read as 'generic') or pass --task generic"]
+    right = cli("generic")
+    assert right.returncode == 0, right.stderr
+    assert [json.loads(line)["label"] in ("neg", "pos") for line in right.stdout.splitlines()] == [True]
+    # --data-dir reads a split: it has no meaning with --input, and alone it needs --task
+    code, _, err = _infer(["--checkpoint", str(compact), "--input", "-", "--data-dir", str(tmp_path)], capsys)
+    _assert_one_error(code, err, "--data-dir", "drop --data-dir")
+    code, _, err = _infer(["--checkpoint", str(compact), "--data-dir", str(tmp_path)], capsys)
+    _assert_one_error(code, err, "--data-dir D needs --task T")
+    code, _, err = _infer(["--checkpoint", str(compact)], capsys)
+    _assert_one_error(code, err, "give what to answer", "--input FILE", "--task T")
 
 
 def test_cli_rejects_invalid_flag_values(runs, tmp_path, capsys):
