@@ -1,7 +1,7 @@
 """Load the HTTP server with a bounded closed loop, four ways of serving the same N tasks, on one machine.
 
     python launch/load_test.py --base minilm --task-list runs/serving/minilm-64.txt --requests 600 \
-        --clients 8,32,64 --popularity zipf,uniform --output docs/load_test_minilm64.json
+        --clients 8,32,64 --popularity zipf,uniform --output docs/results/load_test_minilm64.json
 
 The ways (`--servings`; each `launch/serve.py` on 127.0.0.1, all started at once, loaded in turn so all see
 the same machine, the idle ones only waiting):
@@ -17,7 +17,7 @@ row: requests/s over the loop's wall time, p50/p99 latency as the client sees it
 forward pass and the mean pass time (from /metrics before and after), and the 1-minute load average as the
 loop ended (was the machine shared?). Memory per server: the model bytes it holds (parameters and buffers:
 the shared base counted once, plus what each task owns) and the process's resident memory (VmRSS).
-Writes JSON (`--output`, with its provenance), the README's tables next to it (`.md`), and prints them.
+Writes JSON (`--output`, with its provenance), its tables next to it (`.md`), and prints them.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict) -> str:
-    """The README's tables: throughput and latency per popularity, client count and serving; then memory."""
+    """The serving guide's tables: throughput and latency per popularity, client count and serving; then memory."""
     lines = [f"{report['tasks']} tasks on {report['base']}, {report['requests']} requests of "
              f"{report['inputs_per_request']} input(s) per loop ({report['date']}): `{report['command']}`", "",
              "| popularity | clients | serving | requests/s | p50 ms | p99 ms | mean batch | ms per pass | machine load |",

@@ -1,4 +1,4 @@
-"""The README's "Measured" table: run what stands behind each row, keep the figures, write docs/measured.{json,md}.
+"""The "Measured" table of docs/results.md: run what stands behind each row, keep the figures, write docs/results/measured.{json,md}.
 
     python launch/measured.py --data-dir ../shared/data                 # every row, about 15 min on 2 CPU cores
     python launch/measured.py --data-dir ../shared/data --rows quickstart,hostile   # these rows; the rest are kept
@@ -8,7 +8,7 @@ its figures through the `measured` fixture in tests/conftest.py; pytest's own pa
 JUnit report), a command (the README quick start, whose metrics.json is read back), or another committed table's
 JSON (the benchmarks, the load test), summarised. The files are rewritten (atomically) after each row, so a
 failing or skipped test, or a failing command, stops the script with every finished row kept and the failed
-one as it was. tests/test_readme_tables.py checks that the README holds the rendered rows.
+one as it was. tests/test_readme_tables.py checks that docs/results.md holds the rendered rows.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def quick_start(args: argparse.Namespace) -> dict:
 
 def from_json(name: str, pick: Callable[[dict], dict]) -> Callable[[argparse.Namespace], dict]:
     """A summary of another committed table: docs/NAME.json's figures, picked."""
-    return lambda args: pick(json.loads((args.docs / f"{name}.json").read_text())) | {"source": f"docs/{name}.json"}
+    return lambda args: pick(json.loads((args.docs / f"{name}.json").read_text())) | {"source": f"docs/results/{name}.json"}
 
 
 def _bench_row(contender: str, batch: int) -> Callable[[dict], dict]:
@@ -169,7 +169,7 @@ ROWS = [
                   f"({f['of_flop_ratio_vs_full']:.0%} of the FLOP ratio)"
                   + ("" if f["of_roofline"] is None else f"; {f['of_roofline']:.0%} of its roofline")),
     Row("bench_gpu", "Compact vs full vs PEFT speed, LLaMA-3-8B shape, bf16, **one H100**, FFN keep 0.3, batch 32",
-        "`bash docs/bench_llama3-8b_gpu.sh` (see Benchmark)",
+        "`bash launch/bench_llama3-8b_gpu.sh` (see Benchmark)",
         from_json("bench_llama3-8b_h100", _bench_row("compact-0.3", 32)),
         lambda f: f"**{f['speedup_vs_peft']:.2f}x** {_peft_name(f)}, **{f['speedup_vs_full']:.2f}x** our full path "
                   f"({f['of_flop_ratio_vs_peft']:.0%} / {f['of_flop_ratio_vs_full']:.0%} of the FLOP ratios)"),
@@ -184,7 +184,7 @@ ROW_KEYS = [r.key for r in ROWS]
 
 
 def markdown(record: dict) -> str:
-    """The table (docs/measured.md, and the README's copy): one line per row, in ROWS order."""
+    """The table (docs/results/measured.md, and the copy in docs/results.md): one line per row, in ROWS order."""
     rows = {r["key"]: r for r in record["rows"]}
     lines = ["| what | command | result | measured |", "|---|---|---|---|"]
     for row in ROWS:
@@ -195,12 +195,12 @@ def markdown(record: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Measure the README's Measured table: docs/measured.{json,md}.")
+    p = argparse.ArgumentParser(description="Measure the Measured table: docs/results/measured.{json,md}.")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
                    help="GLUE/SuperGLUE files for the quick start (default ../shared/data, where the tests read)")
     p.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma list of rows to measure: {', '.join(ROW_KEYS)} "
                    "(the others are kept from DOCS/measured.json)")
-    p.add_argument("--docs", type=Path, default=REPO / "docs", help="where measured.{json,md} go and tables are read")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "results", help="where measured.{json,md} go and tables are read")
     return p
 
 

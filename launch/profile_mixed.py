@@ -3,7 +3,7 @@ skeletons, as one pass per task over the same skeletons, and as one mixed pass o
 the full base; then the operators of the mixed pass (torch.profiler).
 
     python launch/profile_mixed.py --base minilm --task-list runs/serving/minilm/tasks-64.txt --rows 16 \
-        --output docs/profile_mixed_minilm64.json
+        --output docs/results/profile_mixed_minilm64.json
 
 The rows are drawn with Zipf popularity (s = 1.1) over the tasks, one input each, as the load test sends them;
 `--batches` draws, each timed `--rounds` times after a warm-up, at `--threads` torch threads. Writes JSON (with

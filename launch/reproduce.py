@@ -3,7 +3,7 @@
     python launch/reproduce.py --data-dir ../shared/data                       # the full table (about 2 h on 2 cores)
     python launch/reproduce.py --data-dir ../shared/data --tasks cb --seeds 1 --ffn-keeps 0.5 --quick   # minutes
 
-Writes runs/reproduce/reproduce.json and docs/reproduce.{json,md,png}. Same as `skeleton-ds reproduce`;
+Writes runs/reproduce/reproduce.json and docs/results/reproduce.{json,md,png}. Same as `skeleton-ds reproduce`;
 what each run does is in skeleton_ds/stages/reproduce.py.
 """
 

@@ -1,8 +1,8 @@
 """A measured scale run: the pipeline stages on a ~1.1B-parameter LLaMA under ZeRO-0 (1 rank), ZeRO-3 (2
 ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory sampled.
 
-    python launch/scale_run.py                               # tinyllama-1.1b shape -> docs/scale_run.{json,md}
-    python launch/scale_run.py --shape small                 # a few MB, for a smoke test (docs/scale_run_small.*)
+    python launch/scale_run.py                               # tinyllama-1.1b shape -> docs/results/scale_run.{json,md}
+    python launch/scale_run.py --shape small                 # a few MB, for a smoke test (docs/results/scale_run_small.*)
     python launch/scale_run.py --runs zero0,zero3 --work runs/scale --keep-base
 
 1. Builds a random-init LLaMA of the shape (TinyLlama: hidden 2048, 22 layers, 32 heads / 4 KV heads,
@@ -29,9 +29,9 @@ buffers from /dev/shm, which DeepSpeed leaves behind (66 MiB per rank). Writes t
 reports atomically after every run, and prints a table; --render rewrites the Markdown (with --notes)
 from the JSON. A measurement, not a test: tests/test_scale_run.py runs `--shape small` end to end.
 
-docs/scale_run.md was made with
+docs/results/scale_run.md was made with
     python launch/scale_run.py --runs zero0,zero0_tuned,zero3_tuned,zero3_offload_tuned --stage3-limit 1e8
-and docs/scale_run_before.md (shipped configs, transformers' loader) by the first version with the defaults.
+and docs/results/scale_run_before.md (shipped configs, transformers' loader) by the first version with the defaults.
 """
 
 from __future__ import annotations
@@ -447,7 +447,7 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def summary_table(result: dict) -> list[str]:
-    """The README's table: per training stage, the largest rank's peak RSS (MiB) of each ZeRO-3 run and its
+    """The cluster guide's table: per training stage, the largest rank's peak RSS (MiB) of each ZeRO-3 run and its
     ratio to the ZeRO-0 run it is compared with."""
     runs, rat = result["runs"], result["ratios"]
     ref = next(iter(rat.values()))["prompt"]["vs"] if rat else None
@@ -551,8 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage3-limit", type=float, default=1e8,
                    help="stage3_max_live_parameters and stage3_max_reuse_distance of the ZeRO-3 NAME_tuned runs")
     p.add_argument("--work", type=Path, default=None, help="base model, data, run outputs, logs (default runs/scale/SHAPE)")
-    p.add_argument("--json", type=Path, default=None, help="default docs/scale_run.json (docs/scale_run_SHAPE.json)")
-    p.add_argument("--md", type=Path, default=None, help="default docs/scale_run.md (docs/scale_run_SHAPE.md)")
+    p.add_argument("--json", type=Path, default=None, help="default docs/results/scale_run.json (docs/results/scale_run_SHAPE.json)")
+    p.add_argument("--md", type=Path, default=None, help="default docs/results/scale_run.md (docs/results/scale_run_SHAPE.md)")
     p.add_argument("--shard-size", default="500MB", help="save_pretrained max_shard_size of the base checkpoint")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of prompt tuning and re-tuning")
     p.add_argument("--batch-size", type=int, default=2, help="global batch")
@@ -569,8 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.stage3_limit = int(args.stage3_limit)
     suffix = "" if args.shape == "tinyllama-1.1b" else f"_{args.shape}"
     args.work = args.work or REPO / "runs" / "scale" / args.shape
-    args.json = args.json or REPO / "docs" / f"scale_run{suffix}.json"
-    args.md = args.md or REPO / "docs" / f"scale_run{suffix}.md"
+    args.json = args.json or REPO / "docs" / "results" / f"scale_run{suffix}.json"
+    args.md = args.md or REPO / "docs" / "results" / f"scale_run{suffix}.md"
     return args
 
 

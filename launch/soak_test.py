@@ -2,7 +2,7 @@
 flat, and every request answered or refused (503 queue full, 504 past its deadline).
 
     python launch/soak_test.py --base minilm --task-list runs/serving/minilm/tasks-64.txt --seconds 600 \
-        --output docs/soak_minilm64.json
+        --output docs/results/soak_minilm64.json
 
 It starts `launch/serve.py` (skeletons, cross-task batching, `--max-queue`, `--timeout-ms`) on 127.0.0.1,
 warms every task, measures the capacity with a closed loop (`--capacity-clients` clients, Zipf popularity),

@@ -6,7 +6,7 @@
 Prompt-tunes and scores once (OUTPUT/base: stages prompt, attribute), then for each FFN keep ratio and
 each of --compensate none / mean runs localize, convert and retune in OUTPUT/keep<K>-<mode> from that
 prompt and those scores, and collects the dev metrics of the skeleton before and after re-tuning.
-Writes OUTPUT/study.json and docs/study_compensation.{json,md} (the command, settings and every result).
+Writes OUTPUT/study.json and docs/results/study_compensation.{json,md} (the command, settings and every result).
 """
 
 import argparse
@@ -24,7 +24,7 @@ from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 from skeleton_ds.cli import run_command, train  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-examples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--config", default="ds_configs/zero2.json")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/study_compensation.*")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/results/study_compensation.*")
     return p
 
 
 def markdown(record: dict) -> str:
-    """The study's table (docs/study_compensation.md; tests/test_readme_tables.py checks the README's copy)."""
+    """The study's table (docs/results/study_compensation.md; tests/test_readme_tables.py checks the guide's copy)."""
     full = record["full_prompt_tuned"]["accuracy"]
     lines = [f"Bias compensation, {record['task']} dev ({record['model']}, {record['max_train_examples']} training "
              f"examples, seed {record['seed']}); full model prompt-tuned: accuracy {full:.4f}.", "",

@@ -17,7 +17,7 @@ every candidate at every keep ratio:
 - per layer: the peak |activation| outliers found and whether each candidate keeps them.
 
 Writes OUTPUT/study.json (provenance, settings, every result), OUTPUT/study.md and OUTPUT/study.png;
-with --docs also docs/study_decoder.{json,md,png}.
+with --docs also docs/results/study_decoder.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from skeleton_ds.cli import run_command  # noqa: E402
 from skeleton_ds.errors import UserError  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SCORERS = ("attribution", "attribution-mean-abs", "activation-magnitude", "weight-magnitude", "random")
 """In this order: the baselines without data reuse the activation-magnitude pass."""
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--config", dest="ds_config", type=Path, default=Path("ds_configs/zero2.json"))
-    p.add_argument("--docs", action="store_true", help="also write docs/study_decoder.{json,md,png}")
+    p.add_argument("--docs", action="store_true", help="also write docs/results/study_decoder.{json,md,png}")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 

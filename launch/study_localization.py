@@ -8,7 +8,7 @@ Per task: prompt-tune once (stage 1, kept in OUTPUT/<task>/prompt and reused by 
 same settings), score every unit with each scorer (attribution, random, weight-magnitude,
 activation-magnitude), then for each FFN keep ratio zero the unkept FFN neurons (uniform count per
 layer, rounded to --align; attention heads all kept; no retuning) and evaluate on the dev split.
-Writes OUTPUT/study.json (command, settings, unpruned accuracy, every result), OUTPUT/study.md (the README's
+Writes OUTPUT/study.json (command, settings, unpruned accuracy, every result), OUTPUT/study.md (the results guide's
 table) and OUTPUT/study.png.
 """
 
@@ -200,7 +200,7 @@ def study(argv: Sequence[str] | None = None) -> int:
 
 
 def markdown(record: dict) -> str:
-    """The README's table: masked dev accuracy per task, scorer and keep ratio (the best per column in bold)."""
+    """The results guide's table: masked dev accuracy per task, scorer and keep ratio (the best per column in bold)."""
     ratios, ffn_size = record["settings"]["ratios"], record["settings"]["geometry"]["ffn_size"]
     lines = ["| task (unpruned prompt-tuned) | scorer | " + " | ".join(
         f"keep {k:g} ({next(r['ffn_kept'] for r in record['results'] if r['ffn_keep'] == k)}/{ffn_size})"

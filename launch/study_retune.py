@@ -9,7 +9,7 @@ a pipeline run in OUTPUT/<candidate> reuses the one stage-1 prompt (--prompt-fro
 OUTPUT/base) and the one attribution pass, then localizes, converts and re-tunes, and the study
 collects the dev accuracy before and after re-tuning with the parameters kept. Finished runs are
 reused (the pipeline checks their recorded settings), so the study resumes and grows one candidate at
-a time (--only). Writes OUTPUT/study.json and, with --docs, docs/study_retune.{json,md}.
+a time (--only). Writes OUTPUT/study.json and, with --docs, docs/results/study_retune.{json,md}.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from skeleton_ds.cli import run_command, train  # noqa: E402
 from skeleton_ds.errors import UserError  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 UNIFORM = ["--keep-mode", "uniform", "--protect-outliers", "0"]
 DECODER = ["--keep-mode", "global", "--protect-outliers", "20"]  # the decoder defaults
 CANDIDATES = {  # name -> flags on top of the protocol
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-examples", type=int, default=300)
     p.add_argument("--attr-examples", type=int, default=300)
     p.add_argument("--config", default="ds_configs/zero2.json")
-    p.add_argument("--docs", action="store_true", help="also write docs/study_retune.{json,md}")
+    p.add_argument("--docs", action="store_true", help="also write docs/results/study_retune.{json,md}")
     return p
 
 

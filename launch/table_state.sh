@@ -2,8 +2,8 @@
 # Carry a results table's progress to another machine (or past a purged scratch disk): the light files of its
 # runs only (records, prompts, scores, metrics), never the compact models or resume checkpoints.
 #
-#   bash launch/table_state.sh save runs/reproduce-smollm2 docs/reproduce_smollm2-135m.runs.tar.gz
-#   bash launch/table_state.sh load docs/reproduce_smollm2-135m.runs.tar.gz runs/reproduce-smollm2
+#   bash launch/table_state.sh save runs/reproduce-smollm2 docs/results/reproduce_smollm2-135m.runs.tar.gz
+#   bash launch/table_state.sh load docs/results/reproduce_smollm2-135m.runs.tar.gz runs/reproduce-smollm2
 #
 # `skeleton-ds reproduce` resumes from these alone: a skeleton whose re-tuning record matches the plan's flags
 # is read back from its records (stages.reproduce.retuned), and the shared prompt and scores of each task and

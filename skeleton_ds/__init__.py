@@ -1,3 +1,3 @@
 """skeleton_ds: Skeleton (task-neuron localized prompt tuning) scaled with DeepSpeed ZeRO."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -84,7 +84,7 @@ class ArchAdapter:
     protect_outliers: float = 0.0
     """Localization defaults (--keep-mode auto, --protect-outliers unset). Decoders: one threshold across
     layers and the massive-activation neurons protected, which keep the task on SmolLM2 where the
-    paper's uniform allocation loses it (docs/study_decoder.md); encoders keep the uniform default."""
+    paper's uniform allocation loses it (docs/results/study_decoder.md); encoders keep the uniform default."""
 
     @property
     def padding_side(self) -> str:

@@ -19,7 +19,7 @@ The same pass also sums every FFN neuron's activation over the same counted posi
 tokens; the prompt's too with include_prompt): the scores file carries the means (`ffn_mean.i`),
 which conversion's bias compensation folds into the FFN output bias. Prompt positions are left out
 by default: on MiniLM + SST-2, means that included them took compensated skeletons to chance before
-re-tuning (0.51-0.52), text-only means to 0.66-0.75 (docs/study_compensation.md).
+re-tuning (0.51-0.52), text-only means to 0.66-0.75 (docs/results/study_compensation.md).
 """
 
 from __future__ import annotations

@@ -276,8 +276,8 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
                    + "; ".join(f"{kind}: {','.join(plan.variants)}" for kind, plan in PLANS.items()) + ")")
     p.add_argument("--seeds", type=int, default=0, help="seeds per task (default 0: 3 for small tasks, else 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny subsets, one epoch, no benchmark")
-    p.add_argument("--docs", type=Path, default=Path("docs"),
-                   help="where reproduce[_MODEL].{json,md,png} go (default docs)")
+    p.add_argument("--docs", type=Path, default=Path("docs/results"),
+                   help="where reproduce[_MODEL].{json,md,png} go (default docs/results)")
     p.add_argument("--no-docs", dest="docs", action="store_const", const=None, help="write only OUTPUT/reproduce.json")
     p.add_argument("--config", default="ds_configs/zero2.json",
                    help="DeepSpeed config for the stages (default ds_configs/zero2.json)")

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors import safe_open
 
-from skeleton_ds import checkpoint
+from skeleton_ds import checkpoint, model_card
 from skeleton_ds.architectures import ArchAdapter, Geometry, adapter_for
 from skeleton_ds.errors import UserError
 from skeleton_ds.loading import resolve_model_path
@@ -412,7 +412,6 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
             small["skeleton_ds"]["label_token_ids"] = label_ids
             checkpoint.save_tensors(staging / "label_head.safetensors", {"weight": label_head},
                                     {"label_token_ids": json.dumps(label_ids)})
-        checkpoint.write_json(staging / "config.json", small)
         for name in _TOKENIZER_FILES:
             if (base_dir / name).is_file():
                 (staging / name).write_bytes((base_dir / name).read_bytes())
@@ -420,9 +419,23 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
         if prompt_dir is not None:
             for name in ("prompt.safetensors", "task.json"):
                 (staging / name).write_bytes((Path(prompt_dir) / name).read_bytes())
+        full = sum(_numel(info["shape"]) for f in files for info in _header(f).values())
+        compact = sum(_numel(info["shape"]) for f in checkpoint_files(staging) for info in _header(f).values())
+        compact += label_head.numel() if label_head is not None else 0
+        # kept: what runs once each layer is cut to its own width (skeleton_ds.widths); compact: what is stored
+        counts = {"parameters_full": full, "parameters_compact": compact, "parameters_kept": compact - padding}
+        small["skeleton_ds"]["parameters"] = counts
+        checkpoint.write_json(staging / "config.json", small)
+        prompt_summary = _prompt_summary(prompt_dir)  # made_by stays out of config.json: its date would change
+        checkpoint.write_json(staging / model_card.METRICS, model_card.compact_metrics(  # the model's identity hash
+            full=(prompt_summary or {}).get("metrics"), before=None, after=None,
+            task=model_card.task_data(prompt_summary), made_by=model_card.made_by()))
+        model_card.write_compact_card(staging)
         checkpoint.write_manifest(staging)
-    full = sum(_numel(info["shape"]) for f in files for info in _header(f).values())
-    compact = sum(_numel(info["shape"]) for f in checkpoint_files(out) for info in _header(f).values())
-    compact += label_head.numel() if label_head is not None else 0
-    # kept: what runs once each layer is cut to its own width (skeleton_ds.widths); compact: what is stored
-    return {"parameters_full": full, "parameters_compact": compact, "parameters_kept": compact - padding}
+    return counts
+
+
+def _prompt_summary(prompt_dir: Path | None) -> dict | None:
+    """Stage 1's metrics.json beside the prompt (the full model's dev metrics), if the prompt has one."""
+    path = Path(prompt_dir) / "metrics.json" if prompt_dir is not None else None
+    return checkpoint.read_json(path, "prompt metrics") if path is not None and path.is_file() else None

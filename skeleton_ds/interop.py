@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from skeleton_ds import checkpoint
+from skeleton_ds import checkpoint, model_card
 from skeleton_ds.errors import UserError
 
 
@@ -44,4 +44,8 @@ def export_peft(prompt_dir: Path, out: Path, *, overwrite: bool = False) -> Path
         head = {k: v for k, v in tensors.items() if k.startswith("head.")}
         if head:
             checkpoint.save_tensors(staging / "head.safetensors", head, {"format": "pt"})
+        summary = prompt_dir / "metrics.json"  # the dev metrics measured when the prompt was trained
+        metrics = checkpoint.read_json(summary, "prompt metrics").get("metrics") if summary.is_file() else None
+        (staging / model_card.CARD).write_text(model_card.peft_card(record, metrics, adapter_config,
+                                                                    model_card.made_by()))
     return out

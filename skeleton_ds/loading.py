@@ -219,7 +219,7 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
     # loaded later in this process (by us or by the caller) are not silently partitioned.
     zero3 = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
-        # Measured on a 1.1B LLaMA, 2 ranks (docs/scale_run.md): transformers' own ZeRO-3 path peaks at the
+        # Measured on a 1.1B LLaMA, 2 ranks (docs/results/scale_run.md): transformers' own ZeRO-3 path peaks at the
         # whole checkpoint plus a partition on rank 0 (7.6 GB); this one at a partition plus one module (3.0 GB).
         model = _load_partitioned(cls, config, path, revision, dtype) if zero3 is not None else None
         if model is None:

@@ -102,14 +102,15 @@ def missing_fields(record: dict) -> list[str]:
 
 
 def source_line(record: dict, json_path: str) -> str:
-    """The line under a README table that names where its numbers came from: the commit, date, machine
+    """The line under a guide's table that names where its numbers came from: the commit, date, machine
     and command, or, for a record made before provenance was recorded, that it was."""
     found = record.get("provenance")
     if not isinstance(found, dict):
         made = record.get("date") or record.get("environment", {}).get("date")
         when = f" on {str(made)[:10]}" if made else ""
+        command = f": `{record['command']}`" if isinstance(record.get("command"), str) else ""
         return (f"Source: `{json_path}`, measured{when} before provenance was recorded (the commit that made it is "
-                f"not known).")
+                f"not known){command}.")
     device = found.get("device", {})
     machine = device.get("gpu") or f"{device.get('cpu', 'CPU')}, {device.get('cpu_cores')} cores"
     return (f"Source: `{json_path}`, made by commit `{found['code_version']}` on {found['date'][:10]} ({machine}, "

@@ -21,7 +21,7 @@ PACKAGE = REPO / "skeleton_ds"
 SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", "tasks", "data", "prompt", "distributed",
                                         "ds_config", "model_identity", "quantization", "loading", "config", "ui",
                                         "plots", "preemption", "cluster", "provenance", "lineage", "packaged_models",
-                                        "widths")}
+                                        "widths", "model_card")}
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "conversion", "interop", "inference", "bench",
                                             "multitask", "verify", "static_shapes", "cross_task", "baselines")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*

@@ -1,4 +1,4 @@
-"""Every README table rendered from a JSON names its source under it: the commit, date, machine and
+"""Every guide table rendered from a JSON names its source under it: the commit, date, machine and
 command from the record's provenance, or, for a table not re-measured since, that it was made before
 provenance was recorded."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from skeleton_ds.provenance import source_line
-from test_readme_tables import README, TABLES, _record
+from test_readme_tables import GUIDE, TABLES, _record, guide_text
 
 
 @pytest.mark.parametrize("name", sorted(TABLES))
-def test_readme_table_names_its_source(name):
-    line = source_line(_record(name), f"docs/{name}.json")
-    assert line in README.splitlines(), f"README lacks the source line of docs/{name}.json: {line}"
+def test_guide_table_names_its_source(name):
+    line = source_line(_record(name), f"docs/results/{name}.json")
+    assert line in guide_text(name).splitlines(), f"docs/{GUIDE[name]} lacks the source line of {name}.json: {line}"
 
 
 def test_source_line_names_the_commit_or_says_it_is_unknown():

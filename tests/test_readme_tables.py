@@ -1,5 +1,6 @@
-"""Every measured table in the README is one a script wrote from its JSON: regenerate each docs/NAME.md
-from docs/NAME.json, and find the README's table for it, line for line, in the README."""
+"""Every measured table in the guides and the README is one a script wrote from its JSON: regenerate each
+docs/results/NAME.md from docs/results/NAME.json and find its table, line for line, in the guide that shows
+it; the README's headline tables are rows picked from the same JSONs (launch/headlines.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()
+RESULTS = REPO / "docs" / "results"
 
 
 def _script(name: str):
@@ -24,7 +26,7 @@ def _script(name: str):
 
 
 def _record(name: str) -> dict:
-    return json.loads((REPO / "docs" / f"{name}.json").read_text())
+    return json.loads((RESULTS / f"{name}.json").read_text())
 
 
 def _bench(record: dict) -> tuple[str, str]:
@@ -56,7 +58,7 @@ def _reproduce(record: dict) -> tuple[str, str]:
     return reproduce.markdown(record), reproduce.readme_table(record)
 
 
-# docs/NAME.json -> (docs/NAME.md as its script renders it, the README's table from the same record)
+# docs/results/NAME.json -> (docs/results/NAME.md as its script renders it, the guide's table from the same record)
 TABLES = {
     "bench_llama3-8b_h100": _bench,
     "bench_llama-160m_cpu": _bench,
@@ -77,6 +79,14 @@ TABLES = {
     "profile_mixed_minilm64": _same(lambda r: _script("profile_mixed").markdown(r)),
     "measured": _same(lambda r: _script("measured").markdown(r)),
 }
+GUIDE = {name: "benchmark.md" for name in TABLES if name.startswith("bench_")} | {"bench_static_cpu": "inference.md"}
+GUIDE |= {name: "results.md" for name in TABLES if name.startswith(("study_", "reproduce", "measured"))}
+GUIDE |= {name: "serving.md" for name in TABLES if name.startswith(("load_test_", "soak_", "profile_mixed_"))}
+GUIDE["scale_run"] = "cluster.md"
+
+
+def guide_text(name: str) -> str:
+    return (REPO / "docs" / GUIDE[name]).read_text()
 
 
 def _table_lines(markdown: str) -> list[str]:
@@ -84,13 +94,27 @@ def _table_lines(markdown: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(TABLES))
-def test_readme_table_matches_its_json(name):
-    document, readme_table = TABLES[name](_record(name))
-    assert (REPO / "docs" / f"{name}.md").read_text() == document, f"docs/{name}.md differs from its JSON"
-    lines = _table_lines(readme_table)
-    assert lines, f"no table rendered from docs/{name}.json"
-    missing = [line for line in lines if line not in README.splitlines()]
-    assert not missing, f"README lacks these rows rendered from docs/{name}.json: {missing[:3]}"
+def test_guide_table_matches_its_json(name):
+    document, guide_table = TABLES[name](_record(name))
+    assert (RESULTS / f"{name}.md").read_text() == document, f"docs/results/{name}.md differs from its JSON"
+    lines = _table_lines(guide_table)
+    assert lines, f"no table rendered from docs/results/{name}.json"
+    missing = [line for line in lines if line not in guide_text(name).splitlines()]
+    assert not missing, f"docs/{GUIDE[name]} lacks these rows rendered from docs/results/{name}.json: {missing[:3]}"
+
+
+def test_every_result_json_has_its_table_checked():
+    """A result JSON added without a renderer here would go unchecked."""
+    unchecked = {p.stem for p in RESULTS.glob("*.json")} - set(TABLES) - {"scale_run_before"}
+    assert not unchecked, f"add these to TABLES: {sorted(unchecked)}"
+
+
+def test_readme_headline_tables_are_rows_of_the_results():
+    """The README's results and speed tables are picked from the JSONs, with every source named under them."""
+    headlines = _script("headlines")
+    assert headlines.missing_from(README) == [], "README headline tables are stale: run python launch/headlines.py"
+    for name in ("study_retune", "reproduce", "bench_llama-160m_cpu", "bench_llama3-8b_h100"):
+        assert f"`docs/results/{name}.json`" in README
 
 
 REMEASURED = [name for name in ("bench_llama-160m_cpu", "bench_tinyllama-1.1b_cpu", "bench_minilm_cpu")
@@ -115,7 +139,7 @@ def test_measured_table_keeps_what_the_tests_measured(tmp_path):
     import shutil
     import subprocess
 
-    shutil.copy(REPO / "docs" / "bench_llama-160m_cpu.json", tmp_path)
+    shutil.copy(RESULTS / "bench_llama-160m_cpu.json", tmp_path)
     run = subprocess.run([sys.executable, "launch/measured.py", "--rows", "streaming,bench_cpu", "--docs", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from skeleton_ds import checkpoint, data, distributed, preemption
+from skeleton_ds import checkpoint, data, distributed, model_card, preemption
 from skeleton_ds.config import Config
 from skeleton_ds.ds_config import resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
@@ -278,6 +278,16 @@ class RetuneRecipe(PromptTuningRecipe):
     def initial_values(self, model: PromptedClassifier) -> dict[str, torch.Tensor]:
         return checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors")
 
+    def _record_in_compact(self, before: dict, after: dict) -> None:
+        """The compact checkpoint's own metrics.json and model card now say what re-tuning measured."""
+        path = self.compact_dir / model_card.METRICS
+        found = checkpoint.read_json(path, "compact metrics") if path.is_file() else {}
+        summary = checkpoint.read_json(self.out_dir / "metrics.json", "retune metrics")
+        checkpoint.write_json(path, model_card.compact_metrics(
+            full=found.get("full_model"), before=before, after=after, task=model_card.task_data(summary),
+            made_by=model_card.made_by()))
+        model_card.write_compact_card(self.compact_dir)
+
     def run(self) -> dict[str, float]:
         self.setup()
         if self.cfg.overwrite and self.step == 0 and self.dist.is_main:
@@ -290,6 +300,7 @@ class RetuneRecipe(PromptTuningRecipe):
             for name in ("prompt.safetensors", "task.json"):
                 with checkpoint.atomic_file(self.compact_dir / name) as tmp:
                     shutil.copyfile(self.out_dir / name, tmp)
+            self._record_in_compact(before, metrics)
             checkpoint.write_manifest(self.compact_dir)
         torch.distributed.barrier()
         self.report.metrics_table(f"{self.task.name} dev, skeleton", {f"{k} before": v for k, v in before.items()}

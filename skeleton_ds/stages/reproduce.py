@@ -94,7 +94,7 @@ ENCODER = ModelPlan(
     ffn_keeps=(0.2, 0.3, 0.5))
 
 # The decoder plan (SmolLM2-135M: 10x MiniLM's non-embedding parameters). The method is the decoder's
-# localization (docs/study_decoder.md): a global threshold across layers and the massive-activation
+# localization (docs/results/study_decoder.md): a global threshold across layers and the massive-activation
 # neurons protected. Every control uses the same localization and differs only in its scores. SST-2 also
 # runs the ablations (the paper's uniform allocation, three re-tuning epochs at keep 0.3) and the
 # head-pruned row. Measured on 2 cores (run logs of launch/study_retune.py and of this table): a forward
@@ -115,7 +115,7 @@ DECODER = ModelPlan(
               "random": Variant("random", localize=DECODER_LOCALIZE),
               "weight-magnitude": Variant("weight-magnitude", localize=DECODER_LOCALIZE),
               "activation-magnitude": Variant("activation-magnitude", localize=DECODER_LOCALIZE, keeps=(0.3, 0.2)),
-              # the re-tuning budget decides at keep 0.3 (docs/study_retune.md)
+              # the re-tuning budget decides at keep 0.3 (docs/results/study_retune.md)
               "attribution-retune3": Variant("attribution", localize=(*DECODER_LOCALIZE, "--retune-epochs", "3"),
                                              keeps=(0.3, 0.2), tasks=SST2_ONLY)},
     ffn_keeps=(0.3, 0.5),
@@ -157,7 +157,7 @@ class ReproduceConfig:
     variants: tuple[str, ...] = ()  # empty: the plan's
     seeds: int = 0  # per task; 0: the plan's (3 for small tasks, else 1)
     quick: bool = False  # tiny subsets, one epoch, no benchmark: a smoke run
-    docs: Path | None = Path("docs")  # where the table's json/md/png go (None: only OUTPUT/reproduce.json)
+    docs: Path | None = Path("docs/results")  # where the table's json/md/png go (None: only OUTPUT/reproduce.json)
     config: str = "ds_configs/zero2.json"
     kind: str = ""  # encoder | decoder plan; empty: from the model's architecture
     command: str = field(default="", compare=False)  # the command line, for the record
@@ -191,7 +191,7 @@ class ReproduceConfig:
 
     @property
     def docs_stem(self) -> str:
-        """docs/reproduce.* for the packaged MiniLM (the first table), docs/reproduce_<model>.* otherwise."""
+        """docs/results/reproduce.* for the packaged MiniLM (the first table), docs/results/reproduce_<model>.* otherwise."""
         return "reproduce" if self.model == "minilm" else f"reproduce_{Path(self.model).name}"
 
     def plan(self, task: str) -> dict:
@@ -443,7 +443,7 @@ def _floor(r: dict) -> str:
 
 
 def readme_table(record: dict) -> str:
-    """The README's view: one row per task and keep ratio, each variant's dev metric after re-tuning (before
+    """The results guide's view: one row per task and keep ratio, each variant's dev metric after re-tuning (before
     re-tuning in brackets), the best variant in bold. The markdown file has every number."""
     variants = record.get("variants") or list(ENCODER.variants)
     floor = _floor_columns(record)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's GPU benchmark: the llama3-8b shape (random weights), bf16, on one GPU.
 #
-#     bash docs/bench_llama3-8b_gpu.sh [OUT]      # writes OUT/llama3-8b/bench.{json,md,png} (default runs/bench)
+#     bash launch/bench_llama3-8b_gpu.sh [OUT]      # writes OUT/llama3-8b/bench.{json,md,png} (default runs/bench)
 #
 # Contenders: peft, full, and compact models at FFN keep 0.5/0.3/0.2, each also with 4 of the 8 KV
 # groups (16 of 32 query heads): --head-keep 0.5, since 0.75 (6 groups, 24 heads) rounds to all 8, as
@@ -42,9 +42,9 @@ print(f"ceiling: bf16 8192^3 matmul {2 * 8192**3 / (start.elapsed_time(end) / 20
 EOF
 
 # The whole CUDA path (PEFT, prompt cache, compact build and load) on a tiny shape first: seconds.
-bench --shape tiny --device cuda --dtype bf16 --batch-sizes 4,1 --rounds 2 --out "${TMPDIR:-/tmp}/bench-tiny" >/dev/null
+bench --shape tiny --device cuda --dtype bf16 --batch-sizes 4,1 --rounds 2 --output "${TMPDIR:-/tmp}/bench-tiny" >/dev/null
 
 SECONDS=0
 bench --shape llama3-8b --device cuda --dtype bf16 --batch-sizes 32,1 --ffn-keeps 0.5,0.3,0.2 --head-keep 0.5 \
-    --rounds 20 --warmup 3 --out "$out/llama3-8b"
+    --rounds 20 --warmup 3 --output "$out/llama3-8b"
 echo "llama3-8b bench: ${SECONDS} s"

@@ -1,0 +1,127 @@
+"""The README's two headline tables, rendered from the result JSONs they summarise (docs/results/).
+
+    python launch/headlines.py            # print both tables (with their source lines), for the README
+    python launch/headlines.py --check    # exit 1, naming the lines, if the README's copy differs
+
+Nothing here is measured: each row is picked from a committed result (a results table, a study, a benchmark),
+and each table lists under it the commit, date, machine and command of every JSON it read. The full tables
+live in docs/results.md and docs/benchmark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from skeleton_ds.provenance import source_line
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results"
+
+
+def _load(results: Path, name: str) -> dict:
+    return json.loads((results / f"{name}.json").read_text())
+
+
+def _sources(results: Path, names: list[str]) -> list[str]:
+    return [source_line(_load(results, name), f"docs/results/{name}.json") for name in names]
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def _mean(value: float, std: float, seeds: int) -> str:
+    return f"{value:.3f} ± {std:.3f}" if seeds > 1 else f"{value:.3f}"
+
+
+# (task, FFN keep) rows of the encoder table, and (candidate) rows of the decoder study
+ENCODER_ROWS = (("sst2", 0.5), ("sst2", 0.3), ("cb", 0.5), ("cb", 0.3))
+DECODER_ROWS = ("global + protect 20, keep 0.5", "global + protect 20, keep 0.3, 3 re-tuning epochs")
+TASK_NAMES = {"sst2": "SST-2", "cb": "CB"}
+
+
+def results_table(results: Path = RESULTS) -> str:
+    """Dev accuracy of full prompt tuning against the re-tuned skeleton (before re-tuning in brackets)."""
+    lines = ["| model | task (dev examples, seeds) | full prompt tuning | FFN keep | Skeleton after re-tuning (before) "
+             "| random neurons, re-tuned (before) | parameters (compact / full) | from |",
+             "|---|---|---|---|---|---|---|---|"]
+    study = _load(results, "study_retune")
+    for row in (r for name in DECODER_ROWS for r in study["rows"] if r["candidate"] == name):
+        keep = f"{row['ffn_keep']}" + (", 3 re-tuning epochs" if "3 re-tuning" in row["candidate"] else "")
+        lines.append(f"| SmolLM2-135M (decoder) | SST-2 ({study['dev_examples']}, 1) | {study['full_prompt_tuned']:.3f} "
+                     f"| {keep} | **{row['after']:.3f}** ({row['before']:.3f}) | not run | "
+                     f"{_millions(row['parameters_kept'])} / {_millions(row['parameters_full'])} | study_retune |")
+    table = _load(results, "reproduce")
+    cells = {(r["task"], r["ffn_keep"], r["variant"]): r for r in table["table"]}
+    for task, keep in ENCODER_ROWS:
+        method, control = cells[(task, keep, "attribution")], cells[(task, keep, "random")]
+        seeds = method["seeds"]
+        lines.append(
+            f"| MiniLM (encoder) | {TASK_NAMES[task]} ({method['dev_examples']}, {seeds}) "
+            f"| {_mean(method['full_mean'], method['full_std'], seeds)} | {keep} "
+            f"| **{_mean(method['after_mean'], method['after_std'], seeds)}** ({method['before_mean']:.3f}) "
+            f"| {_mean(control['after_mean'], control['after_std'], seeds)} ({control['before_mean']:.3f}) "
+            f"| {_millions(method['parameters_compact'])} / {_millions(method['parameters_full'])} | reproduce |")
+    return "\n".join(lines + [""] + _sources(results, ["study_retune", "reproduce"])) + "\n"
+
+
+# (JSON, label, inputs, batch) rows of the speed table; every row is the compact model at FFN keep 0.3
+SPEED_ROWS = (("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 32),
+              ("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 1),
+              ("bench_tinyllama-1.1b_cpu", "TinyLlama-1.1B shape, CPU (2 cores), fp32", "fixed", 4),
+              ("bench_llama-160m_cpu", "LLaMA-160m shape, CPU (2 cores), fp32", "fixed", 32),
+              ("bench_minilm_cpu", "MiniLM (real weights), CPU (2 cores), fp32", "sst2", 32))
+LENGTHS = {"fixed": "128 tokens", "sst2": "SST-2 dev lengths"}
+
+
+def _contender_ratio(row: dict) -> str:
+    """x PEFT prompt tuning: the fair contender where it ran, else the old one (full-vocabulary logits), named."""
+    for name, label in (("peft", "{:.2f}x"), ("peft-full-logits", "{:.2f}x (full-vocabulary PEFT)")):
+        if row.get(f"speedup_vs_{name}") is not None:
+            return label.format(row[f"speedup_vs_{name}"])
+    return "-"
+
+
+def speed_table(results: Path = RESULTS) -> str:
+    """The compact model at FFN keep 0.3 against PEFT prompt tuning and our full path, in one process each."""
+    lines = ["| model shape, device | inputs, batch | ms per batch: compact-0.3 / full | x PEFT prompt tuning "
+             "| x full (FLOP ratio) | of roofline | from |",
+             "|---|---|---|---|---|---|---|"]
+    for name, label, lengths, batch in SPEED_ROWS:
+        rows = [r for r in _load(results, name)["rows"] if r["lengths"] == lengths and r["batch"] == batch]
+        compact = next(r for r in rows if r["contender"] == "compact-0.3")
+        full = next(r for r in rows if r["contender"] == "full")
+        roofline = f"{compact['of_roofline']:.0%}" if compact.get("of_roofline") is not None else "not measured"
+        lines.append(f"| {label} | {LENGTHS[lengths]}, {batch} | {compact['ms_median']:.1f} / {full['ms_median']:.1f} "
+                     f"| {_contender_ratio(compact)} | {compact['speedup_vs_full']:.2f}x "
+                     f"({compact['flop_ratio_vs_full']:.2f}) | {roofline} | {name} |")
+    names = list(dict.fromkeys(name for name, *_ in SPEED_ROWS))
+    return "\n".join(lines + [""] + _sources(results, names)) + "\n"
+
+
+def missing_from(readme: str, results: Path = RESULTS) -> list[str]:
+    """The lines of either headline table (rows and source lines) that the README lacks."""
+    have = set(readme.splitlines())
+    return [line for table in (results_table(results), speed_table(results))
+            for line in table.splitlines() if line and line not in have]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Render the README's headline tables from docs/results/*.json.")
+    p.add_argument("--check", action="store_true", help="exit 1 if README.md lacks a line of either table")
+    args = p.parse_args(argv)
+    if args.check:
+        missing = missing_from((REPO / "README.md").read_text())
+        for line in missing:
+            print(f"README lacks: {line}", file=sys.stderr)
+        print("headline tables up to date" if not missing else f"{len(missing)} line(s) differ")
+        return 1 if missing else 0
+    print(results_table() + "\n" + speed_table(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
