@@ -463,12 +463,15 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
         compact = Predictor.from_checkpoint(out, infer)
         _note(f"compact ffn {ffn_keep:g} kv {head_keep:g}: built in {built:.1f} s, loaded in "
               f"{time.perf_counter() - start - built:.1f} s")
+        # The share of KV groups actually kept, over all layers: rounded to counts transformers can load
+        # (Geometry.allows_groups), and per layer under global allocation, where the config's head count is
+        # only the widest layer's.
+        counts = checkpoint.read_json(out / "skeleton.json", "skeleton")["head_counts"]
+        kept = sum(counts) / (len(counts) * base_groups) if decoder else 1.0
         if cfg.work_dir is None and out != reused:
             # Loaded: a temporary checkpoint is not needed again. An 8B base and its compact models
             # at the default keeps take about 53 GB together in bf16: more than a GPU box may spare.
             shutil.rmtree(out)
-        # The head count actually kept (rounded to one transformers can load; see Geometry.allows_groups).
-        kept = compact.model.backbone.config.num_key_value_heads / base_groups if decoder else 1.0
         name = f"compact-{ffn_keep:g}" + (f"-h{kept:.2g}" if kept < 1 else "")
         contenders.append(_ours(name, compact, ffn_keep=ffn_keep, head_keep=round(kept, 4)))
     variants = [(f"compact-0.3-{q}", {"quant": q}) for q in cfg.quant]

@@ -94,6 +94,18 @@ def test_fair_peft_answers_as_ours_and_its_flops_match_the_counter(tmp_path):
     torch.testing.assert_close(by["peft-full-logits"].run(same), ours, rtol=1e-4, atol=1e-4)
 
 
+def test_head_pruned_contenders_under_global_allocation_are_named_by_the_share_kept(tmp_path):
+    """Under --keep-mode global each layer keeps its own KV-group count and the config holds only the widest
+    layer's: the row must still say heads were pruned (it once read 1.0 and took the FFN-only row's name)."""
+    cfg = BenchConfig(shape="tiny", device="cpu", ffn_keeps=(0.5,), head_keep=0.5, batch_sizes=(2,), rounds=1,
+                      keep_mode="global", skip_peft=True)
+    contenders, _ = build_contenders(cfg, tmp_path)
+    compact = [c for c in contenders if c.name.startswith("compact")]
+    assert len({c.name for c in compact}) == len(compact) == 2
+    pruned = next(c for c in compact if c.name != "compact-0.5")
+    assert pruned.name.startswith("compact-0.5-h") and 0 < pruned.head_keep < 1
+
+
 def test_roofline_arithmetic_on_known_numbers():
     assert roofline_seconds(2e12, 1e9, 1e12, 1e11) == 2.0  # compute-bound: 2 s of arithmetic, 10 ms of reads
     assert roofline_seconds(2e9, 1e9, 1e12, 1e11) == 0.01  # memory-bound: 2 ms of arithmetic, 10 ms of reads

@@ -386,7 +386,7 @@ def speedups(cfg: ReproduceConfig, work: Path) -> dict[str, float]:
         bench = BenchConfig(shape="minilm", ffn_keeps=(1.0, *cfg.ffn_keeps), batch_sizes=(32,), rounds=5, warmup=1,
                             skip_peft=True, out=work / "bench")
     result = run_bench(bench)
-    return {format(r["ffn_keep"], "g") + ("" if r["head_keep"] == 1.0 else f"/{r['head_keep']:g}"):
+    return {_speedup_key(r["ffn_keep"], r["head_keep"]):
             r["speedup_vs_full"] for r in result["rows"] if r["contender"].startswith("compact")
             and r["quant"] == "none" and "speedup_vs_full" in r and r.get("lengths", "fixed") == "fixed"}
 
@@ -428,9 +428,14 @@ def _keep_label(r: dict) -> str:
     return f"{r['ffn_keep']:g}" + ("" if head == 1.0 else f", heads {head:g}")
 
 
+def _speedup_key(ffn_keep: float, head_keep: float) -> str:
+    """"0.3", or "0.3/0.67" with head pruning: the head share to two digits, since the benchmark records the
+    share actually kept (2 of 3 KV groups: 0.6667) where the plan names 0.67."""
+    return format(ffn_keep, "g") + ("" if head_keep == 1.0 else f"/{head_keep:.2g}")
+
+
 def _speedup(record: dict, r: dict) -> str:
-    head = r.get("head_keep", 1.0)
-    value = record["speedups"].get(format(r["ffn_keep"], "g") + ("" if head == 1.0 else f"/{head:g}"))
+    value = record["speedups"].get(_speedup_key(r["ffn_keep"], r.get("head_keep", 1.0)))
     return "-" if value is None else f"{value:.2f}x"
 
 
