@@ -37,35 +37,37 @@ def _mean(value: float, std: float, seeds: int) -> str:
     return f"{value:.3f} ± {std:.3f}" if seeds > 1 else f"{value:.3f}"
 
 
-# (task, FFN keep) rows of the encoder table, and (candidate) rows of the decoder study
-ENCODER_ROWS = (("sst2", 0.5), ("sst2", 0.3), ("cb", 0.5), ("cb", 0.3))
-DECODER_ROWS = ("global + protect 20, keep 0.5", "global + protect 20, keep 0.3, 3 re-tuning epochs")
-TASK_NAMES = {"sst2": "SST-2", "cb": "CB"}
+# The rows picked from each results table: (JSON, model label, [(task, FFN keep, head keep), ...])
+RESULT_ROWS = (("reproduce_smollm2-135m", "SmolLM2-135M (decoder)", (("sst2", 0.5, 1.0), ("sst2", 0.3, 1.0),
+                                                                    ("sst2", 0.3, 0.67))),
+               ("reproduce", "MiniLM (encoder)", (("sst2", 0.5, 1.0), ("sst2", 0.3, 1.0), ("cb", 0.5, 1.0),
+                                                  ("cb", 0.3, 1.0))))
+TASK_NAMES = {"sst2": "SST-2", "cb": "CB", "rte": "RTE"}
 
 
 def results_table(results: Path = RESULTS) -> str:
-    """Dev accuracy of full prompt tuning against the re-tuned skeleton (before re-tuning in brackets)."""
+    """Dev accuracy of full prompt tuning against the re-tuned skeleton (before re-tuning in brackets), the
+    random-neuron control re-tuned the same way, and the compact model's measured speed-up, per results table."""
+    from skeleton_ds.stages.reproduce import _speedup
+
     lines = ["| model | task (dev examples, seeds) | full prompt tuning | FFN keep | Skeleton after re-tuning (before) "
-             "| random neurons, re-tuned (before) | parameters (compact / full) | from |",
+             "| random neurons, re-tuned (before) | parameters (compact / full) | speed-up (CPU, batch 32) |",
              "|---|---|---|---|---|---|---|---|"]
-    study = _load(results, "study_retune")
-    for row in (r for name in DECODER_ROWS for r in study["rows"] if r["candidate"] == name):
-        keep = f"{row['ffn_keep']}" + (", 3 re-tuning epochs" if "3 re-tuning" in row["candidate"] else "")
-        lines.append(f"| SmolLM2-135M (decoder) | SST-2 ({study['dev_examples']}, 1) | {study['full_prompt_tuned']:.3f} "
-                     f"| {keep} | **{row['after']:.3f}** ({row['before']:.3f}) | not run | "
-                     f"{_millions(row['parameters_kept'])} / {_millions(row['parameters_full'])} | study_retune |")
-    table = _load(results, "reproduce")
-    cells = {(r["task"], r["ffn_keep"], r["variant"]): r for r in table["table"]}
-    for task, keep in ENCODER_ROWS:
-        method, control = cells[(task, keep, "attribution")], cells[(task, keep, "random")]
-        seeds = method["seeds"]
-        lines.append(
-            f"| MiniLM (encoder) | {TASK_NAMES[task]} ({method['dev_examples']}, {seeds}) "
-            f"| {_mean(method['full_mean'], method['full_std'], seeds)} | {keep} "
-            f"| **{_mean(method['after_mean'], method['after_std'], seeds)}** ({method['before_mean']:.3f}) "
-            f"| {_mean(control['after_mean'], control['after_std'], seeds)} ({control['before_mean']:.3f}) "
-            f"| {_millions(method['parameters_compact'])} / {_millions(method['parameters_full'])} | reproduce |")
-    return "\n".join(lines + [""] + _sources(results, ["study_retune", "reproduce"])) + "\n"
+    for name, label, picks in RESULT_ROWS:
+        table = _load(results, name)
+        cells = {(r["task"], r["ffn_keep"], r.get("head_keep", 1.0), r["variant"]): r for r in table["table"]}
+        for task, keep, head in picks:
+            method, control = cells[(task, keep, head, "attribution")], cells[(task, keep, head, "random")]
+            seeds = method["seeds"]
+            keeps = f"{keep}" + (f", KV groups {head}" if head != 1.0 else "")
+            lines.append(
+                f"| {label} | {TASK_NAMES[task]} ({method['dev_examples']}, {seeds}) "
+                f"| {_mean(method['full_mean'], method['full_std'], seeds)} | {keeps} "
+                f"| **{_mean(method['after_mean'], method['after_std'], seeds)}** ({method['before_mean']:.3f}) "
+                f"| {_mean(control['after_mean'], control['after_std'], seeds)} ({control['before_mean']:.3f}) "
+                f"| {_millions(method['parameters_compact'])} / {_millions(method['parameters_full'])} "
+                f"| {_speedup(table, method)} |")
+    return "\n".join(lines + [""] + _sources(results, [name for name, *_ in RESULT_ROWS])) + "\n"
 
 
 # (JSON, label, inputs, batch) rows of the speed table; every row is the compact model at FFN keep 0.3

@@ -72,6 +72,7 @@ TABLES = {
     "study_retune": _same(lambda r: _script("study_retune").markdown(r)),
     "scale_run": _scale_run,
     "reproduce": _reproduce,
+    "reproduce_smollm2-135m": _reproduce,
     "load_test_minilm64": _same(lambda r: _script("load_test").markdown(r)),
     "load_test_minilm16": _same(lambda r: _script("load_test").markdown(r)),
     "load_test_smollm2": _same(lambda r: _script("load_test").markdown(r)),
@@ -113,7 +114,7 @@ def test_readme_headline_tables_are_rows_of_the_results():
     """The README's results and speed tables are picked from the JSONs, with every source named under them."""
     headlines = _script("headlines")
     assert headlines.missing_from(README) == [], "README headline tables are stale: run python launch/headlines.py"
-    for name in ("study_retune", "reproduce", "bench_llama-160m_cpu", "bench_llama3-8b_h100"):
+    for name in ("reproduce_smollm2-135m", "reproduce", "bench_llama-160m_cpu", "bench_llama3-8b_h100"):
         assert f"`docs/results/{name}.json`" in README
 
 

@@ -178,3 +178,32 @@ def test_reproduce_refuses_an_unknown_variant(tmp_path, capsys):
     assert run_command(reproduce, ["--data-dir", str(tmp_path), "--output", str(tmp_path / "out"),
                                    "--variants", "attribution,activation-magnitude"]) == 2
     assert "--variants takes a comma list of attribution, attribution+comp, random" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("model", "kind"), [("minilm", "encoder"), ("smollm2-135m", "decoder")])
+def test_speedups_ask_the_benchmark_for_the_plans_skeletons(model, kind, tmp_path, monkeypatch):
+    """The benchmark call at the end of a table (hours in) is built from the plan; its rows come back keyed as
+    the table looks them up, head-pruned rows by the share kept (2 of 3 KV groups: 0.6667 -> "0.67")."""
+    import skeleton_ds.bench as bench
+    from skeleton_ds.stages.reproduce import speedups
+
+    asked = []
+
+    def fake_run_bench(config):
+        asked.append(config)
+        return {"rows": [{"contender": "compact-0.3", "ffn_keep": 0.3, "head_keep": 1.0, "quant": "none",
+                          "speedup_vs_full": 1.8, "lengths": "fixed"},
+                         {"contender": "compact-0.3-h0.67", "ffn_keep": 0.3, "head_keep": 0.6667, "quant": "none",
+                          "speedup_vs_full": 2.2, "lengths": "fixed"}]}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    prompt = tmp_path / "sst2" / "seed0" / "full" / "prompt"  # the run the decoder's benchmark reads
+    prompt.mkdir(parents=True)
+    (prompt / "prompt.safetensors").write_bytes(b"")
+    cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, model=model, kind=kind, docs=None)
+    assert speedups(cfg, tmp_path) == {"0.3": 1.8, "0.3/0.67": 2.2}
+    config = asked[0]
+    assert config.output == tmp_path / "bench" and config.batch_sizes == (32,) and 1.0 in config.ffn_keeps
+    if kind == "decoder":
+        assert (config.keep_mode, config.protect_outliers, config.head_keep) == ("global", 20.0, 0.67)
+        assert config.run_dir == tmp_path / "sst2" / "seed0" / "full"

@@ -381,10 +381,10 @@ def speedups(cfg: ReproduceConfig, work: Path) -> dict[str, float]:
         bench = BenchConfig(shape=Path(cfg.model).name, run_dir=cfg.output / task / "seed0" / "full",
                             data_dir=cfg.data_dir, keep_mode="global", protect_outliers=20.0,
                             ffn_keeps=(1.0, *cfg.ffn_keeps), head_keep=heads[0] if heads else 1.0, batch_sizes=(32,),
-                            rounds=5, warmup=1, skip_peft=True, out=work / "bench")
+                            rounds=5, warmup=1, skip_peft=True, output=work / "bench")
     else:
         bench = BenchConfig(shape="minilm", ffn_keeps=(1.0, *cfg.ffn_keeps), batch_sizes=(32,), rounds=5, warmup=1,
-                            skip_peft=True, out=work / "bench")
+                            skip_peft=True, output=work / "bench")
     result = run_bench(bench)
     return {_speedup_key(r["ffn_keep"], r["head_keep"]):
             r["speedup_vs_full"] for r in result["rows"] if r["contender"].startswith("compact")
