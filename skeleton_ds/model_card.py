@@ -44,7 +44,7 @@ def task_data(summary: dict | None) -> dict | None:
 
 
 def _metric_names(*rows: dict | None) -> list[str]:
-    names = sorted({k for row in rows if row for k, v in row.items() if isinstance(v, (int, float))})
+    names = {k for row in rows if row for k, v in row.items() if isinstance(v, (int, float))}
     return sorted(names, key=lambda k: (k == "loss", k != "accuracy", k))  # accuracy first, loss last
 
 
