@@ -48,7 +48,7 @@ TASK_NAMES = {"sst2": "SST-2", "cb": "CB", "rte": "RTE"}
 def results_table(results: Path = RESULTS) -> str:
     """Dev accuracy of full prompt tuning against the re-tuned skeleton (before re-tuning in brackets), the
     random-neuron control re-tuned the same way, and the compact model's measured speed-up, per results table."""
-    from skeleton_ds.stages.reproduce import _speedup
+    from skeleton_ds.stages.reproduce import speedup_cell
 
     lines = ["| model | task (dev examples, seeds) | full prompt tuning | FFN keep | Skeleton after re-tuning (before) "
              "| random neurons, re-tuned (before) | parameters (compact / full) | speed-up (CPU, batch 32) |",
@@ -66,7 +66,7 @@ def results_table(results: Path = RESULTS) -> str:
                 f"| **{_mean(method['after_mean'], method['after_std'], seeds)}** ({method['before_mean']:.3f}) "
                 f"| {_mean(control['after_mean'], control['after_std'], seeds)} ({control['before_mean']:.3f}) "
                 f"| {_millions(method['parameters_compact'])} / {_millions(method['parameters_full'])} "
-                f"| {_speedup(table, method)} |")
+                f"| {speedup_cell(table, method)} |")
     return "\n".join(lines + [""] + _sources(results, [name for name, *_ in RESULT_ROWS])) + "\n"
 
 

@@ -435,7 +435,8 @@ def _speedup_key(ffn_keep: float, head_keep: float) -> str:
     return format(ffn_keep, "g") + ("" if head_keep == 1.0 else f"/{head_keep:g}")
 
 
-def _speedup(record: dict, r: dict) -> str:
+def speedup_cell(record: dict, r: dict) -> str:
+    """A table row's measured speed-up ("1.77x"), or "-" where the benchmark did not run its skeleton."""
     value = record["speedups"].get(_speedup_key(r["ffn_keep"], r.get("head_keep", 1.0)))
     return "-" if value is None else f"{value:.2f}x"
 
@@ -473,7 +474,7 @@ def readme_table(record: dict) -> str:
             row.append("-" if r is None else (f"**{after}**" if r["after_mean"] == best else after)
                        + f" ({r['before_mean']:.3f})")
         row += [f"{first['parameters_compact'] / 1e6:.1f}M / {first['parameters_full'] / 1e6:.1f}M",
-                _speedup(record, first)]
+                speedup_cell(record, first)]
         lines.append("| " + " | ".join(row) + " |")
         previous = task
     return "\n".join(lines) + "\n"
@@ -494,7 +495,7 @@ def markdown(record: dict) -> str:
                      f"{_pm(r['before_mean'], r['before_std'], r['seeds'])} | "
                      f"{_pm(r['after_mean'], r['after_std'], r['seeds'])} | "
                      f"{r['parameters_compact'] / 1e6:.1f}M / {r['parameters_full'] / 1e6:.1f}M | "
-                     f"{_speedup(record, r)} |")
+                     f"{speedup_cell(record, r)} |")
     return "\n".join(lines + ["", _plan_note(record)]) + "\n"
 
 
