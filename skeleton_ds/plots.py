@@ -152,3 +152,29 @@ def plot_bench(rows: list[dict], png: Path, title: str = "") -> None:
     fig.suptitle(title)
     fig.tight_layout()
     _save(plt, fig, png, dpi=120)
+
+
+def plot_layers(results: list[dict], png: Path) -> None:
+    """One subplot per skeleton: per block of layers, the dev accuracy with only that block pruned and with
+    the skeleton's other layers pruned (that block whole again), between the unpruned and whole-skeleton
+    lines. `results` rows are launch/study_layers.py's."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        names = [f"{b['layers'][0]}-{b['layers'][-1]}\n({b['ffn_kept'] / b['ffn_total']:.2f})" for b in r["blocks"]]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [b["pruned_alone"] for b in r["blocks"]], width=0.4, label="only this block pruned")
+        ax.bar([i + 0.2 for i in x], [b["restored"] for b in r["blocks"]], width=0.4, label="skeleton, this block whole")
+        ax.axhline(r["unpruned"], color="black", ls="--", lw=1, label="unpruned")
+        ax.axhline(r["skeleton"], color="grey", ls=":", lw=1.2, label="whole skeleton")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_xlabel("layers (FFN share kept)")
+        ax.set_ylabel("dev accuracy, no re-tuning")
+        ax.set_ylim(min(0.4, r["skeleton"] - 0.05), 1.0)
+        ax.set_title(f"{r['task']}, FFN keep {r['ffn_keep']:g}", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    _save(plt, fig, png, dpi=110)
