@@ -39,7 +39,8 @@ def _mean(value: float, std: float, seeds: int) -> str:
 
 # The rows picked from each results table: (JSON, model label, [(task, FFN keep, head keep), ...])
 RESULT_ROWS = (("reproduce_smollm2-135m", "SmolLM2-135M (decoder)", (("sst2", 0.5, 1.0), ("sst2", 0.3, 1.0),
-                                                                    ("sst2", 0.3, 0.67))),
+                                                                    ("sst2", 0.3, 0.67), ("cb", 0.5, 1.0),
+                                                                    ("cb", 0.3, 1.0))),
                ("reproduce", "MiniLM (encoder)", (("sst2", 0.5, 1.0), ("sst2", 0.3, 1.0), ("cb", 0.5, 1.0),
                                                   ("cb", 0.3, 1.0))))
 TASK_NAMES = {"sst2": "SST-2", "cb": "CB", "rte": "RTE"}
