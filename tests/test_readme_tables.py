@@ -71,6 +71,7 @@ TABLES = {
     "study_localization": _same(lambda r: _script("study_localization").markdown(r)),
     "study_decoder": _same(lambda r: _script("study_decoder").markdown(r)),
     "study_retune": _same(lambda r: _script("study_retune").markdown(r)),
+    "study_layers": _same(lambda r: _script("study_layers").markdown(r)),
     "scale_run": _scale_run,
     "reproduce": _reproduce,
     "reproduce_smollm2-135m": _reproduce,
