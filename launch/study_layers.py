@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -81,11 +80,11 @@ def mixed(skeleton, geometry, pruned: set[int]):
                     heads=[skeleton.heads[i] if i in pruned else every_head for i in range(geometry.layers)])
 
 
-def study_run(run: Path, args: argparse.Namespace) -> dict:
+def study_run(run: Path, cfg: Config, block_size: int) -> dict:
     from skeleton_ds.localization import load_skeleton, masked
     from skeleton_ds.stages.attribute import AttributionRecipe
 
-    rec = AttributionRecipe(run_config(run, args.max_eval_examples))
+    rec = AttributionRecipe(cfg)
     rec.setup()
     geometry, backbone, adapter = rec.geometry, rec.model.backbone, rec.backbone.adapter
     skeleton, record = load_skeleton(run / "skeleton.json", geometry)
@@ -101,7 +100,7 @@ def study_run(run: Path, args: argparse.Namespace) -> dict:
               "keep_mode": record["keep_mode"], "ffn_sizes": skeleton.ffn_sizes(),
               "head_counts": [len(h) for h in skeleton.heads], "dev_examples": len(rec.dev_set),
               "unpruned": accuracy(set()), "skeleton": accuracy(every), "blocks": []}
-    for block in blocks(geometry.layers, args.block_size):
+    for block in blocks(geometry.layers, block_size):
         result["blocks"].append({
             "layers": block, "ffn_kept": sum(len(skeleton.ffn[i]) for i in block),
             "ffn_total": len(block) * geometry.ffn_size,
@@ -113,15 +112,14 @@ def study(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     if args.block_size < 1 or args.max_eval_examples < 0:
         raise UserError("--block-size must be at least 1 and --max-eval-examples at least 0")
-    for run in args.runs:  # refuse a bad run before loading a model
-        run_config(run, args.max_eval_examples)
+    configs = [run_config(run, args.max_eval_examples) for run in args.runs]  # refuse a bad run before loading a model
 
     from skeleton_ds.cli import _quiet_libraries
     from skeleton_ds.plots import plot_layers
 
     _quiet_libraries()
     t_start = time.perf_counter()
-    results = [study_run(run, args) for run in args.runs]
+    results = [study_run(run, cfg, args.block_size) for run, cfg in zip(args.runs, configs)]
     if os.environ.get("RANK", "0") != "0":
         return 0
     command = shlex.join([Path(sys.executable).name, *sys.argv])
@@ -130,12 +128,10 @@ def study(argv: Sequence[str] | None = None) -> int:
     record = {"provenance": provenance(command), "settings": settings, "results": results,
               "seconds": round(time.perf_counter() - t_start, 1)}
     args.output.mkdir(parents=True, exist_ok=True)
-    write_json(args.output / "study.json", record)
-    write_text(args.output / "study.md", markdown(record))
-    plot_layers(results, args.output / "study.png")
-    if args.docs:
-        for suffix in ("json", "md", "png"):
-            shutil.copyfile(args.output / f"study.{suffix}", DOCS / f"study_layers.{suffix}")
+    for folder, stem in [(args.output, "study")] + ([(DOCS, "study_layers")] if args.docs else []):
+        write_json(folder / f"{stem}.json", record)  # each file atomic, in both places
+        write_text(folder / f"{stem}.md", markdown(record))
+        plot_layers(results, folder / f"{stem}.png")
     print(f"skeleton_ds: layer study -> {args.output / 'study.json'} ({record['seconds']:.0f} s)")
     return 0
 
