@@ -68,8 +68,24 @@ def init_distributed() -> Dist:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
     else:
         accel.set_device(dist.local_rank)
+    _skip_shared_memory_comm_build()
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
     return dist
+
+
+_SHARED_MEMORY_COMM_OP = "deepspeed_shm_comm"
+
+
+def _skip_shared_memory_comm_build() -> None:
+    """DeepSpeed's CPU backend builds a C++ shared-memory all-reduce with ninja when it starts (about a
+    minute on 2 cores, silently, on a fresh machine). Only its `inference_all_reduce` uses that op, which
+    nothing here calls: gradients and ZeRO collectives go through torch.distributed (gloo on CPU). So the
+    op is marked unbuildable for this process, and DeepSpeed falls back as it does where no compiler is."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if _SHARED_MEMORY_COMM_OP in compatible:
+        compatible[_SHARED_MEMORY_COMM_OP] = False
 
 
 def device() -> torch.device:

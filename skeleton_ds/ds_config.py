@@ -56,6 +56,10 @@ def resolve_config_path(value: str | Path) -> Path:
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
+_TORCH_ADAM_TYPES = ("adam", "adamw")
+"""Optimizer types DeepSpeed can run as plain torch.optim (its `torch_adam` option). What trains is a prompt
+(and perhaps a head): thousands to a million values, for which DeepSpeed's fused or CPU Adam kernels buy
+nothing, while building them with ninja costs a minute or more on a fresh machine's first run."""
 
 
 def _auto_precision() -> str:
@@ -112,7 +116,10 @@ def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float
         cfg["fp16"] = {"enabled": precision == "fp16"}
 
     optimizer = cfg.setdefault("optimizer", json.loads(json.dumps(_DEFAULT_OPTIMIZER)))
-    optimizer.setdefault("params", {})["lr"] = lr
+    params = optimizer.setdefault("params", {})
+    params["lr"] = lr
+    if str(optimizer.get("type", "")).lower() in _TORCH_ADAM_TYPES:
+        params.setdefault("torch_adam", True)  # a config may still ask for the built kernels with false
     cfg.setdefault("steps_per_print", 10**9)  # progress goes through our own rich bar
     return cfg
 

@@ -129,3 +129,23 @@ def test_quantized_backbone_is_refused_under_zero3(tiny_models, sentiment_files,
     assert run_command(train, argv) == 2
     err = capsys.readouterr().err
     assert "ZeRO-3" in err and "zero2.json" in err and not (tmp_path / "run" / "prompt").exists()
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3_offload"])
+def test_first_run_builds_no_deepspeed_op(config, tiny_models, sentiment_files, tmp_path):
+    """A fresh machine's first run compiles nothing: the prompt trains with torch's AdamW, and DeepSpeed's
+    CPU backend starts without its shared-memory op (each took about a minute of ninja on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    extensions = tmp_path / "torch_extensions"
+    argv = ["--model", str(tiny_models["llama"]), "--config", str(DS_CONFIGS / f"{config}.json"),
+            "--output", str(tmp_path / "run"), "--stages", "prompt", "--batch-size", "8", "--prompt-length", "4",
+            "--max-length", "24", "--max-steps", "2", *generic_flags(sentiment_files)]
+    env = distributed.without_rendezvous(os.environ) | {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    done = subprocess.run([sys.executable, "-m", "skeleton_ds.cli", "train", *argv], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    built = sorted(p.name for p in extensions.iterdir()) if extensions.exists() else []
+    assert built == [], f"first run built DeepSpeed ops {built}"
