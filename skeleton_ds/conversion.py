@@ -36,6 +36,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.loading import resolve_model_path
 from skeleton_ds.localization import Skeleton, load_skeleton
 from skeleton_ds.model_identity import check_identity, model_identity
+from skeleton_ds.prompt import read_task_record
 
 _DTYPES = checkpoint.SAFETENSORS_DTYPES
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -349,7 +350,7 @@ def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None
     """The verbalizer rows of the output head (or of the tied input embedding), and the names to drop."""
     if not adapter.causal or prompt_dir is None:
         raise UserError("--slice-lm-head needs a decoder model and --prompt (its verbalizer decides the rows kept)")
-    record = checkpoint.read_json(Path(prompt_dir) / "task.json", "stage-1 task record")
+    record = read_task_record(prompt_dir, "stage-1 task record")
     if record["readout"] != "lm":
         raise UserError(f"--slice-lm-head needs a prompt trained with the LM verbalizer readout, not {record['readout']!r}")
     where = {name: f for f in files for name in _header(f)}

@@ -24,20 +24,31 @@ class Encoded:
     answer_index: int
     """Where the label is read: the mask token (MLM) or the last token (decoder LM)."""
     label: int
+    text: str = ""
+    """The rendered input these ids are the plain tokenization of (fields cut to fit, if they were)."""
 
 
-def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """Special tokens the tokenizer puts around one sequence (e.g. [CLS] ... [SEP], or <s> ...)."""
+ENCODING = "rendered-text"
+"""How examples become token ids: the template is rendered with the example's fields into one string,
+which the tokenizer encodes whole, exactly as a PEFT, transformers-pipeline or vLLM user feeds the same
+text. Recorded in each prompt's task.json and in the stages' settings records, so a prompt trained on
+inputs encoded otherwise (skeleton_ds 0.2 tokenized the template's literals and the fields apart, and a
+word lost its leading space) is refused, never fed inputs it was not trained on."""
+
+
+def _special_suffix(tokenizer) -> list[int]:
+    """Special tokens the tokenizer appends after a sequence (e.g. [SEP] or </s>)."""
     bare = tokenizer.encode("a", add_special_tokens=False)
     full = tokenizer.encode("a", add_special_tokens=True)
     for start in range(len(full) - len(bare) + 1):
         if full[start:start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
-    return [], []
+            return full[start + len(bare):]
+    return []
 
 
 def _template_pieces(template: str, readout: str) -> list[tuple[str, str | None]]:
-    """(literal, field) pairs up to the answer slot; decoders and heads stop right before the answer."""
+    """(literal, field) pairs up to where the label is read: an MLM keeps its answer slot (the mask) and
+    what follows; decoders and heads stop right before the answer, without the space before it."""
     pieces = []
     for literal, field, _, _ in string.Formatter().parse(template):
         if field == "answer":
@@ -49,6 +60,30 @@ def _template_pieces(template: str, readout: str) -> list[tuple[str, str | None]
         else:
             pieces.append((literal, field))
     return pieces
+
+
+def input_template(template: str, readout: str, mask_token: str | None) -> str:
+    """The text a user of another tool formats with an example's fields and tokenizes as one string (with the
+    tokenizer's special tokens) to get exactly the ids `encode` gives, when no field was cut."""
+    def escaped(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}")
+
+    return "".join(escaped(literal) + ("" if field is None else escaped(mask_token or "") if field == "answer"
+                                       else "{" + field + "}")
+                   for literal, field in _template_pieces(template, readout))
+
+
+def render(pieces: Sequence[tuple[str, str | None]], values: dict[str, str],
+           mask: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The input text, and the character span of each field (and of the mask, as "answer")."""
+    text, spans = "", {}
+    for literal, field in pieces:
+        text += literal
+        if field is not None:
+            value = mask if field == "answer" else values[field]
+            spans[field] = (len(text), len(text) + len(value))
+            text += value
+    return text, spans
 
 
 def fit_lengths(lengths: Sequence[int], budget: int) -> list[int]:
@@ -71,43 +106,69 @@ def fit_lengths(lengths: Sequence[int], budget: int) -> list[int]:
     return out
 
 
+def _tokens_in(span: tuple[int, int], offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of the tokens whose characters overlap `span` (special tokens have none)."""
+    start, end = span
+    return [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
+
+
+_MAX_FITS = 8  # re-tokenizing a cut text can merge a token or two across the cut; each round removes the excess
+
+
 def encode(task: Task, examples: Sequence[Example], tokenizer, *, max_length: int, readout: str) -> list[Encoded]:
-    """Render the task template as token pieces (fields tokenized in bulk), truncating fields to fit."""
+    """Render each example through the task template and tokenize the whole text; a text over `max_length`
+    tokens has its longest fields cut (by their tokens' character offsets, each keeping its start) until it fits."""
     pieces = _template_pieces(task.template, readout)
-    prefix, suffix = _special_affixes(tokenizer)
-    if readout == "lm":
-        suffix = []  # a decoder reads the label right after the text, never after an end-of-sequence token
-    literal_ids = [tokenizer.encode(lit, add_special_tokens=False) if lit.strip() else [] for lit, _ in pieces]
-    field_slots = [f for _, f in pieces if f not in (None, "answer")]
-    overhead = len(prefix) + len(suffix) + sum(map(len, literal_ids)) + (1 if readout == "mlm" else 0)
-    budget = max_length - overhead
-    if budget < len(field_slots):
-        raise UserError(f"--max-length {max_length} leaves no room for the text of task {task.name} "
-                        f"(its template and special tokens take {overhead}): raise --max-length")
-    field_ids = {}
-    for name in set(field_slots):
-        column = [ex.texts[task.fields.index(name)] for ex in examples]
-        field_ids[name] = tokenizer(column, add_special_tokens=False)["input_ids"] if column else []
+    fields = [f for _, f in pieces if f not in (None, "answer")]
     mask_id = tokenizer.mask_token_id
     if readout == "mlm" and mask_id is None:
         raise UserError("the MLM readout needs a tokenizer with a mask token")
-    out = []
-    for i, ex in enumerate(examples):
-        fitted = iter(fit_lengths([len(field_ids[f][i]) for f in field_slots], budget))
-        ids = list(prefix)
-        answer_index = -1
-        for (_, field), lit in zip(pieces, literal_ids):
-            ids.extend(lit)
-            if field == "answer":
-                answer_index = len(ids)
-                ids.append(mask_id)
-            elif field is not None:
-                ids.extend(field_ids[field][i][:next(fitted)])
-        ids.extend(suffix)
-        if readout != "mlm":
-            answer_index = len(ids) - 1
-        out.append(Encoded(ids, answer_index, ex.label))
-    return out
+    mask = tokenizer.mask_token if readout == "mlm" else ""
+    suffix = _special_suffix(tokenizer) if readout == "lm" else []  # a decoder reads the label right after the text
+    values = [{f: ex.texts[task.fields.index(f)] for f in fields} for ex in examples]
+    out: list[Encoded | None] = [None] * len(examples)
+    pending = list(range(len(examples)))
+    for _ in range(_MAX_FITS):
+        rendered = [render(pieces, values[i], mask) for i in pending]
+        try:
+            batch = tokenizer([text for text, _ in rendered], add_special_tokens=True, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise UserError(f"tokenizer {type(tokenizer).__name__} gives no character offsets: load the model's "
+                            f"fast (tokenizers) tokenizer") from None
+        still = []
+        for i, (text, spans), ids, offsets in zip(pending, rendered, batch["input_ids"], batch["offset_mapping"]):
+            if suffix and ids[-len(suffix):] == suffix:
+                ids, offsets = ids[:-len(suffix)], offsets[:-len(suffix)]
+            excess = len(ids) - max_length
+            if excess <= 0:
+                out[i] = Encoded(ids, _answer_index(ids, offsets, spans, mask_id, readout), examples[i].label, text)
+                continue
+            tokens = [_tokens_in(spans[f], offsets) for f in fields]
+            room = sum(map(len, tokens)) - excess
+            if room < len(fields):
+                raise UserError(f"--max-length {max_length} leaves no room for the text of task {task.name} "
+                                f"(its template and special tokens take {len(ids) - sum(map(len, tokens))}): "
+                                f"raise --max-length")
+            for f, kept, keep in zip(fields, tokens, fit_lengths([len(t) for t in tokens], room)):
+                if keep < len(kept):
+                    start, end = spans[f]
+                    values[i][f] = values[i][f][:min(end, offsets[kept[keep - 1]][1]) - start]
+            still.append(i)
+        pending = still
+        if not pending:
+            return out  # type: ignore[return-value]
+    raise UserError(f"could not fit task {task.name}'s text into --max-length {max_length} tokens: raise --max-length")
+
+
+def _answer_index(ids: list[int], offsets, spans: dict[str, tuple[int, int]], mask_id, readout: str) -> int:
+    """Where the label is read: the template's mask token (MLM), else the last token."""
+    if readout != "mlm":
+        return len(ids) - 1
+    for i in _tokens_in(spans["answer"], offsets):
+        if ids[i] == mask_id:
+            return i
+    raise UserError("the tokenizer did not keep the template's mask token whole: use a tokenizer whose mask "
+                    "token is a special token")
 
 
 def collate(items: Sequence[Encoded], pad_id: int, left_pad: bool) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from skeleton_ds import checkpoint, data
 from skeleton_ds.errors import UserError
 from skeleton_ds.loading import load_backbone
 from skeleton_ds.model_identity import check_identity
-from skeleton_ds.prompt import PromptedClassifier
+from skeleton_ds.prompt import PromptedClassifier, read_task_record
 from skeleton_ds.quantization import QUANT_MODES
 from skeleton_ds.static_shapes import Buckets, StaticPromptDecoder, prompt_key_values
 from skeleton_ds.tasks import Example, Task, compute_metrics, task_from_record
@@ -165,7 +165,7 @@ class Predictor:
     @classmethod
     def _build(cls, model_name: str, prompt_dir: Path, cfg: InferenceConfig, *, source: str, compact: bool,
                revision: str | None = None, zero_shot: bool = False) -> "Predictor":
-        record = checkpoint.read_json(prompt_dir / "task.json", "task record")
+        record = read_task_record(prompt_dir)
         tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
         if zero_shot:
             if record["readout"] == "head":

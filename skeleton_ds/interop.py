@@ -9,6 +9,10 @@ the [MASK] position (shifted by the prompt length), and a trained head (head.saf
 alongside) reads the mean of the text positions' states. `readout.json` records which, and the
 label-token ids. PEFT counts positions from 0 over prompt, padding and text alike, so decoders agree
 with skeleton_ds exactly on unpadded inputs (skeleton_ds skips left padding when counting).
+
+`readout.json` also carries `input_template`: format it with an example's fields and tokenize the text as
+one string, as any PEFT or transformers user does, and the ids are the ones skeleton_ds trained and
+evaluates on (`data.encode`), so the adapter predicts what `skeleton-ds infer` predicts.
 """
 
 from __future__ import annotations
@@ -16,15 +20,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from skeleton_ds import checkpoint, model_card
+from skeleton_ds.data import input_template
 from skeleton_ds.errors import UserError
+from skeleton_ds.prompt import read_task_record
+
+
+LABEL_POSITION = {
+    "lm": "last: the LM logits of the label_token_ids at the last position",
+    "mlm": "mask: the MLM logits of the label_token_ids at the mask token (PEFT's outputs put the "
+           "num_virtual_tokens first, so add that to the mask's index in input_ids)",
+    "head": "head: head.safetensors applied to the mean of the text positions' last hidden states "
+            "(those after the num_virtual_tokens)",
+}
+"""Where a PEFT user reads the label, by readout (readout.json's label_position)."""
 
 
 def export_peft(prompt_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     if not (prompt_dir / "prompt.safetensors").is_file():
         raise UserError(f"{prompt_dir} has no prompt.safetensors: point --prompt at a stage-1 (or retune) output")
-    record = checkpoint.read_json(prompt_dir / "task.json", "task record")
+    record = read_task_record(prompt_dir)
     tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
     config = AutoConfig.from_pretrained(record["model_path"])
     prompt = tensors["prompt"]
@@ -36,7 +52,11 @@ def export_peft(prompt_dir: Path, out: Path, *, overwrite: bool = False) -> Path
         "tokenizer_kwargs": None, "base_model_name_or_path": record["model_path"], "revision": record.get("revision"),
         "inference_mode": True, "auto_mapping": None,
     }
-    readout = {k: record[k] for k in ("task", "readout", "label_names", "label_token_ids", "template", "max_length")}
+    readout = {k: record[k] for k in ("task", "readout", "fields", "label_names", "label_token_ids", "template",
+                                      "max_length", "encoding")}
+    mask = AutoTokenizer.from_pretrained(record["model_path"]).mask_token if record["readout"] == "mlm" else None
+    readout |= {"input_template": input_template(record["template"], record["readout"], mask),
+                "label_position": LABEL_POSITION[record["readout"]]}
     with checkpoint.atomic_dir(out, overwrite=overwrite) as staging:
         checkpoint.write_json(staging / "adapter_config.json", adapter_config)
         checkpoint.save_tensors(staging / "adapter_model.safetensors", {"prompt_embeddings": prompt}, {"format": "pt"})
@@ -47,5 +67,5 @@ def export_peft(prompt_dir: Path, out: Path, *, overwrite: bool = False) -> Path
         summary = prompt_dir / "metrics.json"  # the dev metrics measured when the prompt was trained
         metrics = checkpoint.read_json(summary, "prompt metrics").get("metrics") if summary.is_file() else None
         (staging / model_card.CARD).write_text(model_card.peft_card(record, metrics, adapter_config,
-                                                                    model_card.made_by()))
+                                                                    model_card.made_by(), readout))
     return out

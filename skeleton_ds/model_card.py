@@ -153,7 +153,7 @@ def write_compact_card(directory: Path) -> None:
         Path(tmp).write_text(compact_card(directory))
 
 
-def peft_card(prompt_record: dict, metrics: dict | None, adapter_config: dict, made_by: dict) -> str:
+def peft_card(prompt_record: dict, metrics: dict | None, adapter_config: dict, made_by: dict, readout: dict) -> str:
     """The card of an export-peft directory: a PEFT prompt-tuning adapter for the full base model."""
     base = adapter_config["base_model_name_or_path"]
     task = prompt_record["task"]
@@ -171,12 +171,24 @@ def peft_card(prompt_record: dict, metrics: dict | None, adapter_config: dict, m
         lines += ["", "## Dev metrics (as measured when the prompt was trained)", "",
                   "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
                   "| " + " | ".join(_cell(metrics, n) for n in names) + " |"]
-    lines += ["", "## How to load it", "", "```python", "from peft import PeftModel",
-              f"from transformers import {'AutoModelForCausalLM as Model' if adapter_config['task_type'] == 'CAUSAL_LM' else 'AutoModel as Model'}",
-              f"model = PeftModel.from_pretrained(Model.from_pretrained(\"{base}\"), \"DIR\")", "```", "",
-              "The label is the argmax over the label tokens' logits at the last position (decoders) or as "
-              "`readout.json` says; `head.safetensors`, when present, is a trained classification head.", "",
-              "## Made by", "", f"skeleton_ds {made_by.get('version', '?')}, code `{made_by.get('code_version', '?')}`, "
+    fields = ", ".join(f'{f}="..."' for f in readout["fields"])
+    lines += ["", "## How to load it", "",
+              f"Format `readout.json`'s `input_template` with an example's fields and tokenize the text as one string "
+              f"(inputs were encoded that way in training: `{readout['encoding']}`, at most {readout['max_length']} "
+              f"tokens); the label is read at {readout['label_position']}.", ""]
+    if readout["readout"] == "lm":
+        lines += ["```python", "import json", "import torch", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  'readout = json.load(open("DIR/readout.json"))', f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+                  f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "DIR").eval()',
+                  f'text = readout["input_template"].format({fields})', "with torch.no_grad():",
+                  '    logits = model(**tokenizer(text, return_tensors="pt")).logits[0, -1, readout["label_token_ids"]]',
+                  'print(readout["label_names"][int(logits.argmax())])', "```", ""]
+    else:
+        auto = "AutoModelForMaskedLM" if readout["readout"] == "mlm" else "AutoModel"
+        lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}",
+                  f"model = PeftModel.from_pretrained({auto}.from_pretrained(\"{base}\"), \"DIR\")", "```", ""]
+    lines += ["## Made by", "", f"skeleton_ds {made_by.get('version', '?')}, code `{made_by.get('code_version', '?')}`, "
               f"{str(made_by.get('date', '?'))[:10]}: `{made_by.get('command', '?')}`.", ""]
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tens
 from skeleton_ds.loading import Backbone, load_backbone, resolve_model_path
 from skeleton_ds.localization import Skeleton, load_skeleton
 from skeleton_ds.model_identity import directory_config_hash, model_identity
-from skeleton_ds.prompt import PromptedClassifier
+from skeleton_ds.prompt import PromptedClassifier, read_task_record
 from skeleton_ds.tasks import Example, Task, task_from_record
 
 
@@ -87,7 +87,7 @@ def read_task_dir(directory: Path, base_identity: dict, name: str | None = None)
         raise UserError(f"--task-dir {directory} is neither a pipeline output (skeleton.json and a prompt) nor a "
                         f"compact checkpoint with a prompt: run the pipeline through --stages localize first")
     skeleton, skeleton_record = load_skeleton(skeleton_file)
-    record = checkpoint.read_json(prompt_dir / "task.json", "task record")
+    record = read_task_record(prompt_dir)
     label = name or record["task"]
     base_hash = base_identity["config_sha256"]
     if skeleton_record["base_model"].get("config_sha256") != base_hash:

@@ -10,11 +10,15 @@ Only the label rows of the vocabulary projection are computed, only at the answe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skeleton_ds import checkpoint
 from skeleton_ds.architectures import ArchAdapter
+from skeleton_ds.data import ENCODING
 from skeleton_ds.errors import UserError
 from skeleton_ds.tasks import Task
 
@@ -156,5 +160,17 @@ def task_record(task: Task, *, readout: str, label_token_ids: list[int] | None, 
         "label_token_ids": label_token_ids, "readout": readout, "model": model,
         "model_path": model_path, "revision": revision, "prompt_length": prompt_length,
         "base_model": base_model,
-        "max_length": max_length, "padding_side": padding_side,
+        "max_length": max_length, "padding_side": padding_side, "encoding": ENCODING,
     }
+
+
+def read_task_record(prompt_dir: Path, what: str = "task record") -> dict:
+    """A prompt's task.json, refused when its inputs were encoded otherwise than `data.encode` encodes them
+    now: the prompt would be fed token sequences it never saw, and quietly lose accuracy."""
+    record = checkpoint.read_json(Path(prompt_dir) / "task.json", what)
+    made_with = record.get("encoding", "template pieces (skeleton_ds 0.2)")
+    if made_with != ENCODING:
+        raise UserError(f"{prompt_dir} holds a prompt trained on inputs encoded as {made_with}, and this version "
+                        f"encodes {ENCODING} (the template rendered, then tokenized as one string, as other tools do): "
+                        f"re-run its stages with this version (skeleton-ds train ... --overwrite)")
+    return record

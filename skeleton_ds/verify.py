@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from skeleton_ds import checkpoint, lineage
+from skeleton_ds.data import ENCODING
 from skeleton_ds.architectures import Geometry, adapter_for
 from skeleton_ds.model_identity import directory_config_hash
 from skeleton_ds.errors import UserError
@@ -129,6 +130,9 @@ def check_prompt(report: _Report, directory: Path, hidden_size: int | None, iden
         head = tensors.get("head.weight", {}).get("shape")
         if head != [len(record.get("label_names", [])), shape[1] if shape else None]:
             report.bad(where, f"head.weight {head} does not fit {len(record.get('label_names', []))} labels")
+    if record.get("encoding") != ENCODING:
+        report.bad(str(directory / "task.json"), f"trained on inputs encoded as {record.get('encoding', 'template pieces')}"
+                                                 f", not {ENCODING}: re-run its stages with this version")
     if identities and record.get("base_model", {}).get("config_sha256") not in identities:
         report.bad(str(directory / "task.json"), f"made for base model {record.get('base_model', {}).get('name_or_path')!r}, "
                                                  f"not the model these artifacts belong to")

@@ -220,3 +220,26 @@ def test_cli_rejects_invalid_flag_values(runs, tmp_path, capsys):
     _assert_one_error(code, err, "--quant")
     code, _, err = _infer(["--input", str(records)], capsys)
     _assert_one_error(code, err, "--checkpoint", "--base")
+
+
+def test_prompt_trained_on_inputs_encoded_otherwise_is_refused(runs, tiny_models, tmp_path, capsys):
+    """A task.json without the current encoding (skeleton_ds 0.2 encoded template pieces apart) would be fed ids
+    it never saw: infer, export-peft and verify refuse it, naming what to re-run."""
+    import shutil
+
+    from skeleton_ds.cli import export_peft
+    from skeleton_ds.verify import verify
+
+    run = shutil.copytree(runs["llama"], tmp_path / "run")
+    prompt = run / "prompt"
+    record = json.loads((prompt / "task.json").read_text())
+    assert record["encoding"] == data.ENCODING
+    (prompt / "task.json").write_text(json.dumps({k: v for k, v in record.items() if k != "encoding"}))
+    records = tmp_path / "in.txt"
+    records.write_text("a good movie\n")
+    code, _, err = _infer(["--base", str(tiny_models["llama"]), "--prompt", str(prompt), "--input", str(records)],
+                          capsys)
+    _assert_one_error(code, err, "template pieces", "--overwrite")
+    assert run_command(export_peft, ["--prompt", str(prompt), "--output", str(tmp_path / "peft")]) == 2
+    assert not (tmp_path / "peft").exists()
+    assert any(not f.ok and "template pieces" in f.detail for f in verify(run))

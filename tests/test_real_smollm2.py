@@ -161,6 +161,35 @@ def test_zero_shot_floor_is_the_base_model_reading_the_verbalizer_without_a_prom
     torch.testing.assert_close(zero.logits(zero.encode(examples)), torch.stack(expected), rtol=1e-4, atol=1e-4)
 
 
+def test_exported_prompt_in_peft_on_plainly_tokenized_text_predicts_what_infer_predicts(smollm2, short_run, tmp_path):
+    """A PEFT user's path, as the export's card describes it: the base model, the adapter, readout.json's
+    input_template formatted with the example and tokenized as one string, the label tokens' logits at the last
+    position. On real SST-2 dev inputs it answers exactly as `skeleton-ds infer` with the same prompt."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from skeleton_ds.cli import export_peft, run_command
+
+    assert run_command(export_peft, ["--prompt", str(short_run / "prompt"), "--output", str(tmp_path / "peft")]) == 0
+    readout = json.loads((tmp_path / "peft" / "readout.json").read_text())
+    assert readout["label_position"].startswith("last") and readout["encoding"] == "rendered-text"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
+                                           str(tmp_path / "peft")).eval()
+    ours = Predictor.from_prompt(str(smollm2), short_run / "prompt", InferenceConfig(device="cpu", dtype="fp32"))
+    examples = _dev_examples(24, seed=7)
+    expected = ours.logits(ours.encode(examples))
+    theirs = []
+    for example in examples:
+        text = readout["input_template"].format(**dict(zip(readout["fields"], example.texts)))
+        with torch.no_grad():
+            logits = peft_model(**tokenizer(text, return_tensors="pt")).logits[0, -1]
+        theirs.append(logits[readout["label_token_ids"]])
+    theirs = torch.stack(theirs)
+    torch.testing.assert_close(theirs, expected, rtol=1e-4, atol=1e-4)
+    assert theirs.argmax(-1).tolist() == [ours.task.label_names.index(p["label"]) for p in ours.predict(examples)]
+
+
 def test_several_decoder_tasks_are_served_on_one_shared_base(smollm2, short_run, tmp_path):
     """Three SmolLM2 skeletons on one base: the re-tuned SST-2 run (FFN 0.3, 2 of 3 KV groups), the same
     prompt on a keep-0.5 uniform skeleton, and a random prompt on a keep-0.2 global one (seeded random

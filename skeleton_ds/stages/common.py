@@ -17,7 +17,7 @@ from skeleton_ds.config import Config
 from skeleton_ds.ds_config import param_dtype
 from skeleton_ds.errors import UserError
 from skeleton_ds.loading import load_backbone, resolve_model_path
-from skeleton_ds.prompt import PromptedClassifier, verbalizer_token_ids
+from skeleton_ds.prompt import PromptedClassifier, read_task_record, verbalizer_token_ids
 from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_split
 from skeleton_ds.ui import Reporter
 
@@ -122,7 +122,7 @@ def read_prompt_record(prompt_dir: Path, cfg: Config) -> dict:
     """Stage 1's task.json, checked against this run's task."""
     if not (prompt_dir / "prompt.safetensors").is_file():
         raise UserError(f"{prompt_dir} has no trained prompt: run --stages prompt first (same --output)")
-    record = checkpoint.read_json(prompt_dir / "task.json", "stage-1 task record")
+    record = read_task_record(prompt_dir, "stage-1 task record")
     if record["task"] != cfg.task:
         raise UserError(f"{prompt_dir} was trained for task {record['task']!r}, not {cfg.task!r}: pass --task {record['task']}")
     return record

@@ -14,6 +14,7 @@ from pathlib import Path
 from skeleton_ds import checkpoint, distributed, lineage
 from skeleton_ds.architectures import adapter_for
 from skeleton_ds.config import Config
+from skeleton_ds.data import ENCODING
 from skeleton_ds.ds_config import param_dtype, resolve_ds_config
 from skeleton_ds.errors import UserError
 from skeleton_ds.loading import resolve_model_path
@@ -79,7 +80,7 @@ class RunSettings:
         for split in ("train", "dev"):
             path = split_file(task, split, cfg.data_dir, spec)
             data[split] = f"hub:{task.hub}/{task.name}" if path is None else checkpoint.sha256(Path(path))
-        return {"name": task.name, "template": task.template, "fields": list(task.fields),
+        return {"name": task.name, "template": task.template, "encoding": ENCODING, "fields": list(task.fields),
                 "label_names": list(task.label_names), "verbalizer": list(task.verbalizer), "data_sha256": data,
                 **({"label_column": cfg.label_column} if spec else {})}
 
