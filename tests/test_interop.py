@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from conftest import DS_CONFIGS, generic_flags
 from skeleton_ds.cli import export_peft, run_command
@@ -34,15 +36,23 @@ def test_peft_adapter_reproduces_our_label_logits(arch, tiny_models, sentiment_f
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     n = 4
     head = load_file(str(tmp_path / "peft" / "head.safetensors")) if arch == "bert-head" else None
-    for item in ours.dev_set[:10]:  # one at a time: no padding, so positions agree (see interop docstring)
+    readout = json.loads((tmp_path / "peft" / "readout.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[arch])
+    with open(sentiment_files[1], newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f)][:10]
+    for text, item in zip(texts, ours.dev_set):  # one at a time: no padding, so positions agree (see interop docstring)
         batch = ours.collate([item])
+        # A PEFT user's input: readout.json's template, formatted and tokenized as one string
+        plain = tokenizer(readout["input_template"].format(text=text), return_tensors="pt")
+        assert plain["input_ids"][0].tolist() == item.input_ids
         with torch.no_grad():
             expected = ours.model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
-            output = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            if arch == "llama":
-                got = output.logits[:, -1, ours.label_token_ids]
-            elif arch == "bert-mlm":
-                got = output.logits[0, n + batch["answer_index"], :][:, ours.label_token_ids]
+            output = theirs(**plain)
+            if readout["label_position"].startswith("last"):
+                got = output.logits[:, -1, readout["label_token_ids"]]
+            elif readout["label_position"].startswith("mask"):
+                mask = plain["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+                got = output.logits[:, n + mask, readout["label_token_ids"]]
             else:
                 pooled = output.last_hidden_state[:, n:].mean(1)
                 got = pooled @ head["head.weight"].T + head["head.bias"]
