@@ -7,7 +7,12 @@ The default scorer is activation x gradient of the gold label's log-probability 
 stage 1 trained): the first-order estimate of how much that log-probability drops if the unit's
 activation is set to zero. Per example the contributions h_t * g_t of the real token positions are
 summed and the absolute value taken (`abs-sum`); `mean-abs` averages |h_t * g_t| over positions
-instead, `signed` keeps the sign. Scores are averaged over examples.
+instead, `signed` keeps the sign, and `max` takes the largest signed contribution of any position (the
+reduction in the Skeleton authors' own attribution code). Scores are averaged over examples. The
+positions counted are the text tokens (the prompt's too with include_prompt) or, with `answer`, only the
+one the label is read at. `integrated-gradients` replaces the FFN's first-order estimate by the average of
+activation x gradient along a path that scales every FFN activation from zero to its value (a few steps:
+each one more forward and backward); with one step it is the first-order score.
 
 Each rank scores its own shard of the examples, then sums and counts are all-reduced, so every rank
 ends with identical scores. One forward and one backward per batch; the backward asks autograd for
@@ -38,8 +43,12 @@ from skeleton_ds import checkpoint, distributed
 from skeleton_ds.architectures import ArchAdapter, Geometry
 from skeleton_ds.errors import UserError
 
-SCORERS = ("attribution", "random", "weight-magnitude", "activation-magnitude")
-REDUCTIONS = ("abs-sum", "mean-abs", "signed")
+SCORERS = ("attribution", "integrated-gradients", "random", "weight-magnitude", "activation-magnitude")
+REDUCTIONS = ("abs-sum", "mean-abs", "signed", "max")
+POSITIONS = ("text", "answer")
+"""Where contributions are counted: every text token (and the prompt's with include_prompt), or only the
+position the label is read at (the mask token, or a decoder's last token)."""
+GRADIENT_SCORERS = ("attribution", "integrated-gradients")
 
 
 class UnitRecorder:
@@ -50,6 +59,22 @@ class UnitRecorder:
         self.model, self.adapter = model, adapter
         self.ffn: list[torch.Tensor] = []
         self.heads: list[torch.Tensor] = []
+        self.ffn_scale = 1.0
+        """Integrated gradients' path: every FFN activation is multiplied by this before the layer uses it
+        (and recorded so); at 1.0 nothing is changed."""
+
+    def _scaled(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self.ffn_scale == 1.0 else value * self.ffn_scale
+
+    def _record_input(self, module, args):
+        scaled = self._scaled(args[0])
+        self.ffn.append(scaled)
+        return None if scaled is args[0] else (scaled, *args[1:])
+
+    def _record_output(self, module, args, out):
+        scaled = self._scaled(out)
+        self.ffn.append(scaled)
+        return None if scaled is out else scaled
 
     @contextmanager
     def recording(self) -> Iterator["UnitRecorder"]:
@@ -57,9 +82,9 @@ class UnitRecorder:
         for layer in self.adapter.layer_modules(self.model):
             site = layer.get_submodule(self.adapter.ffn_site)
             if self.adapter.ffn_site_reads_input:
-                handles.append(site.register_forward_pre_hook(lambda m, args: self.ffn.append(args[0])))
+                handles.append(site.register_forward_pre_hook(self._record_input))
             else:
-                handles.append(site.register_forward_hook(lambda m, args, out: self.ffn.append(out)))
+                handles.append(site.register_forward_hook(self._record_output))
             attn_out = layer.get_submodule(self.adapter.attn_out)
             handles.append(attn_out.register_forward_pre_hook(lambda m, args: self.heads.append(args[0])))
         try:
@@ -87,6 +112,9 @@ def per_example(contrib: torch.Tensor, positions: torch.Tensor, reduce: str) -> 
         return (contrib * mask).sum(1)
     if reduce == "mean-abs":
         return (contrib.abs() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if reduce == "max":  # the largest signed contribution of any counted token (Yang et al.'s own code)
+        top = contrib.masked_fill(~positions.unsqueeze(-1), float("-inf")).amax(1)
+        return torch.where(positions.any(1, keepdim=True), top, torch.zeros_like(top))
     raise ValueError(reduce)
 
 
@@ -157,57 +185,101 @@ def finish_scores(sums: dict[str, torch.Tensor], examples: float) -> dict[str, t
     return scores | means | {f"ffn_peak.{k[5:]}": v.float() for k, v in sums.items() if is_peak(k)}
 
 
-def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch.Tensor, recorder: UnitRecorder, *,
-                prompt_length: int, geometry: Geometry, scorer: str, reduce: str, include_prompt: bool,
-                sums: dict[str, torch.Tensor]) -> None:
-    """Add one batch's weighted per-example scores to `sums` (float64, on the CPU).
-
-    `model` is the prompted classifier itself (a DeepSpeed engine's `.module`), `recorder` records
-    its backbone and must be recording; `weights` [B] is 1 for a real example and 0 for padding.
-    `scorer` is "attribution" (activation x gradient, reduced per example by `reduce`) or
-    "activation-magnitude" (mean |h| over the counted positions). Prompt positions count only
-    with `include_prompt`.
-    """
-    groups = geometry.kv_heads
+def _gold_gradients(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch.Tensor,
+                    recorder: UnitRecorder) -> tuple[torch.Tensor, ...]:
+    """Gradients of the real examples' summed gold log-probability with respect to every recorded FFN
+    activation and head output (one forward and one backward)."""
     recorder.clear()
-    positions = torch.cat([batch["attention_mask"].new_full((len(weights), prompt_length), int(include_prompt)),
-                           batch["attention_mask"]], dim=1).bool()
-    with torch.set_grad_enabled(scorer == "attribution"):
+    with torch.enable_grad():
         # The module itself, not a DeepSpeed engine: the engine's forward arms a hook that wants
         # engine.backward(loss), and here autograd.grad asks for activation gradients only.
         # ZeRO-3's parameter gathering hooks sit on the modules, so they still run.
         logits = model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
-        if scorer == "attribution":
-            gold = F.log_softmax(logits.float(), -1).gather(1, batch["labels"][:, None]).squeeze(1)
-            grads = torch.autograd.grad((gold * weights).sum(), recorder.ffn + recorder.heads)
+        gold = F.log_softmax(logits.float(), -1).gather(1, batch["labels"][:, None]).squeeze(1)
+        return torch.autograd.grad((gold * weights).sum(), recorder.ffn + recorder.heads)
+
+
+def _integrated_ffn(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch.Tensor, recorder: UnitRecorder,
+                    layers: int, steps: int) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Integrated gradients over the FFN activations, all layers together, from zero to their actual values:
+    at each of `steps` right endpoints a = k/steps every FFN activation is multiplied by a, and a unit's token
+    contribution is its (unscaled) activation times the gradient there, averaged over the steps. This is the
+    derivative of the gold log-probability by a gate on the unit, averaged along the path, so over all units it
+    adds up to the change from every FFN activation zeroed to none (as steps grow); with one step it is
+    activation x gradient. Returns the FFN contributions [B, T, F] per layer, and the last step's gradients
+    (a = 1: the heads keep activation x gradient)."""
+    total = [torch.zeros(()) for _ in range(layers)]
+    try:
+        for k in range(1, steps + 1):
+            recorder.ffn_scale = k / steps
+            grads = _gold_gradients(model, batch, weights, recorder)
+            for i in range(layers):
+                total[i] = total[i] + recorder.ffn[i].detach().float() / recorder.ffn_scale * grads[i].float()
+    finally:
+        recorder.ffn_scale = 1.0
+    return [t / steps for t in total], grads
+
+
+def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch.Tensor, recorder: UnitRecorder, *,
+                prompt_length: int, geometry: Geometry, scorer: str, reduce: str, include_prompt: bool,
+                sums: dict[str, torch.Tensor], positions: str = "text", steps: int = 1) -> None:
+    """Add one batch's weighted per-example scores to `sums` (float64, on the CPU).
+
+    `model` is the prompted classifier itself (a DeepSpeed engine's `.module`), `recorder` records
+    its backbone and must be recording; `weights` [B] is 1 for a real example and 0 for padding.
+    `scorer` is "attribution" (activation x gradient, reduced per example by `reduce`),
+    "integrated-gradients" (the FFN's over `steps` steps, see _integrated_ffn; heads as attribution) or
+    "activation-magnitude" (mean |h| over the counted positions). Contributions count at the text
+    positions (prompt positions too with `include_prompt`) or, with `positions="answer"`, at the answer
+    position only; the FFN means for bias compensation always count the text positions.
+    """
+    groups = geometry.kv_heads
+    text = torch.cat([batch["attention_mask"].new_full((len(weights), prompt_length), int(include_prompt)),
+                      batch["attention_mask"]], dim=1).bool()
+    if positions == "answer":
+        scored = torch.zeros_like(text)
+        scored[torch.arange(len(weights)), prompt_length + batch["answer_index"]] = True
+    else:
+        scored = text
     layers = geometry.layers
-    counted = (positions.to(weights.dtype) * weights[:, None]).unsqueeze(-1)  # [B, T, 1], real examples only
+    ffn_contrib = None
+    if scorer == "integrated-gradients":
+        ffn_contrib, grads = _integrated_ffn(model, batch, weights, recorder, layers, steps)
+    elif scorer == "attribution":
+        grads = _gold_gradients(model, batch, weights, recorder)
+    else:
+        recorder.clear()
+        with torch.no_grad():
+            model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+    counted = (text.to(weights.dtype) * weights[:, None]).unsqueeze(-1)  # [B, T, 1], real examples only
     sums["tokens"] += counted.sum().double().cpu()
     for i in range(layers):
         ffn, heads = recorder.ffn[i].float(), recorder.heads[i].float()
         sums[f"act.{i}"] += (ffn.detach() * counted).sum((0, 1)).double().cpu()
-        real = weights[:, None, None] * torch.cat([positions.new_ones(len(weights), prompt_length),
+        real = weights[:, None, None] * torch.cat([text.new_ones(len(weights), prompt_length),
                                                    batch["attention_mask"].bool()], 1).unsqueeze(-1)
         peak = (ffn.detach().abs() * real).amax((0, 1)).double().cpu()
         torch.maximum(sums[f"peak.{i}"], peak, out=sums[f"peak.{i}"])
-        if scorer == "attribution":
-            ffn_c, head_c = ffn * grads[i].float(), group_heads(heads * grads[layers + i].float(), groups)
-            ffn_s, head_s = per_example(ffn_c, positions, reduce), per_example(head_c, positions, reduce)
+        if scorer in GRADIENT_SCORERS:
+            ffn_c = ffn * grads[i].float() if ffn_contrib is None else ffn_contrib[i]
+            head_c = group_heads(heads * grads[layers + i].float(), groups)
+            ffn_s, head_s = per_example(ffn_c, scored, reduce), per_example(head_c, scored, reduce)
         else:  # activation magnitude: mean |h| over counted positions (and over a group's dimensions)
             per_dim = geometry.heads_per_group * geometry.head_dim
-            ffn_s = per_example(ffn.abs(), positions, "mean-abs")
-            head_s = per_example(group_heads(heads.abs(), groups) / per_dim, positions, "mean-abs")
+            ffn_s = per_example(ffn.abs(), text, "mean-abs")
+            head_s = per_example(group_heads(heads.abs(), groups) / per_dim, text, "mean-abs")
         sums[f"ffn.{i}"] += (weights[:, None] * ffn_s.detach()).sum(0).double().cpu()
         sums[f"heads.{i}"] += (weights[:, None] * head_s.detach()).sum(0).double().cpu()
 
 
 def write_scores(path: Path, scores: dict[str, torch.Tensor], *, task: str, scorer: str, reduce: str,
                  include_prompt: bool, examples: int, base_model: dict, geometry: Geometry,
-                 settings: dict | None = None) -> None:
+                 settings: dict | None = None, positions: str = "text", steps: int = 1) -> None:
     """The scores file (atomically), with the metadata read_attribution decodes (and the stage's
     settings record, skeleton_ds.lineage, when the pipeline wrote it)."""
     # safetensors metadata is str -> str: the non-string values are stored as JSON
-    meta = {"task": task, "scorer": scorer, "reduce": reduce, "include_prompt": json.dumps(bool(include_prompt)),
+    meta = {"task": task, "scorer": scorer, "reduce": reduce, "positions": positions, "steps": json.dumps(int(steps)),
+            "include_prompt": json.dumps(bool(include_prompt)),
             "examples": json.dumps(int(examples)), "base_model": json.dumps(base_model),
             "geometry": json.dumps(asdict(geometry))}
     if settings is not None:
@@ -229,6 +301,8 @@ def read_attribution(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta[key] = json.loads(meta[key])
         meta["include_prompt"] = meta.get("include_prompt") in ("true", "True")  # "True": files before 2026-11-26
         meta["examples"] = int(meta.get("examples", 0))
+        meta["positions"] = meta.get("positions", "text")  # files before integrated gradients: text, one step
+        meta["steps"] = int(meta.get("steps", 1))
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} has malformed metadata ({e}): redo --stages attribute with --overwrite") from None
     return tensors, meta

@@ -55,8 +55,10 @@ class Config:
     overwrite: bool = False
     revision: str | None = None
     # attribution (stage 2)
-    scorer: str = "attribution"  # attribution | random | weight-magnitude | activation-magnitude
-    attr_reduce: str = "abs-sum"  # abs-sum | mean-abs | signed
+    scorer: str = "attribution"  # attribution | integrated-gradients | random | weight-magnitude | activation-magnitude
+    attr_reduce: str = "abs-sum"  # abs-sum | mean-abs | signed | max
+    attr_positions: str = "text"  # text | answer: where contributions are counted
+    ig_steps: int = 4  # integrated-gradients: path steps (each one forward and backward)
     attr_include_prompt: bool = False
     attr_examples: int = 0  # 0: every training example (after --max-train-examples)
     # localization (stage 3)
@@ -92,8 +94,10 @@ class Config:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if not self.epochs > 0 and not self.max_steps:
             raise UserError("--epochs must be positive (or give --max-steps)")
-        choices = {"scorer": ("attribution", "random", "weight-magnitude", "activation-magnitude"),
-                   "attr_reduce": ("abs-sum", "mean-abs", "signed"), "keep_mode": ("auto", "uniform", "global"),
+        choices = {"scorer": ("attribution", "integrated-gradients", "random", "weight-magnitude",
+                              "activation-magnitude"),
+                   "attr_reduce": ("abs-sum", "mean-abs", "signed", "max"), "attr_positions": ("text", "answer"),
+                   "keep_mode": ("auto", "uniform", "global"),
                    "compensate": ("none", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -104,8 +108,8 @@ class Config:
         if self.protect_outliers is not None and self.protect_outliers and self.protect_outliers <= 1:
             raise UserError(f"--protect-outliers is a factor over the layer's median peak activation, > 1 "
                             f"(e.g. 100), or 0 for off; got {self.protect_outliers}")
-        if self.align < 1 or self.attr_examples < 0:
-            raise UserError("--align must be >= 1 and --attr-examples >= 0")
+        if self.align < 1 or self.attr_examples < 0 or self.ig_steps < 1:
+            raise UserError("--align and --ig-steps must be >= 1 and --attr-examples >= 0")
         if self.readout not in ("auto", "verbalizer", "head"):
             raise UserError(f"--readout must be auto, verbalizer or head, got {self.readout!r}")
         if self.quant not in ("none", "8bit", "4bit"):
@@ -176,8 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redo from the first finished stage whose recorded settings differ from these flags (none "
                         "differ: every requested stage); without it a changed stage stops the run")
     a = p.add_argument_group("attribution and localization (stages attribute, localize)")
-    a.add_argument("--scorer", default="attribution", help="attribution | random | weight-magnitude | activation-magnitude")
-    a.add_argument("--attr-reduce", default="abs-sum", help="abs-sum (|sum_t h*g|) | mean-abs (mean_t |h*g|) | signed")
+    a.add_argument("--scorer", default="attribution", help="attribution | integrated-gradients | random | "
+                   "weight-magnitude | activation-magnitude")
+    a.add_argument("--attr-reduce", default="abs-sum", help="abs-sum (|sum_t h*g|) | mean-abs (mean_t |h*g|) | signed "
+                   "| max (max_t h*g)")
+    a.add_argument("--attr-positions", default="text", help="text (every text token) | answer (only where the label "
+                   "is read): the positions whose contributions count")
+    a.add_argument("--ig-steps", type=int, default=4, help="integrated-gradients: steps from zero FFN activations to "
+                   "their values (each one forward and backward)")
     a.add_argument("--attr-include-prompt", action="store_true", help="count prompt positions too")
     a.add_argument("--attr-examples", type=int, default=0, help="cap on training examples scored (0: all)")
     a.add_argument("--ffn-keep", type=float, default=0.3, help="fraction of FFN neurons kept per layer")

@@ -197,3 +197,89 @@ def test_attribution_of_another_base_model_is_refused(trained, tiny_models, sent
 def test_keep_ratio_outside_unit_interval_is_refused(flag, value, tiny_models, sentiment_files, tmp_path, capsys):
     err = _error(_argv(tiny_models["llama"], sentiment_files, tmp_path / "run", 2, flag, value), capsys)
     assert flag in err and "(0, 1]" in err
+
+
+def _token_contributions(rec, items):
+    """Reference per-token FFN contributions h_t * g_t [B, T, F] per layer, and the counted text positions."""
+    batch = rec.collate(items)
+    recorder = UnitRecorder(rec.model.backbone, rec.backbone.adapter)
+    with recorder.recording():
+        logits = rec.model(batch["input_ids"], batch["attention_mask"], batch["answer_index"])
+        gold = F.log_softmax(logits.float(), -1).gather(1, batch["labels"][:, None]).sum()
+        grads = torch.autograd.grad(gold, recorder.ffn)
+    contributions = [(h * g).detach() for h, g in zip(recorder.ffn, grads)]
+    return contributions, batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert-head"])
+def test_answer_positions_and_max_reduction_against_token_contributions(arch, trained, tiny_models, sentiment_files,
+                                                                         tmp_path):
+    """`--attr-positions answer` counts h*g at the answer position only; `--attr-reduce max` is the largest signed
+    h*g over the text positions (the Skeleton authors' reduction)."""
+    out = tmp_path / "run"
+    shutil.copytree(trained[arch] / "prompt", out / "prompt")
+    rec = _attribution(arch, 2, tiny_models, sentiment_files, out, "--attr-reduce", "signed", "--attr-positions",
+                       "answer")
+    rec.train_set = rec.train_set[:8]
+    answer, n = rec.score()
+    rec.cfg.attr_positions, rec.cfg.attr_reduce = "text", "max"
+    top, _ = rec.score()
+    contributions, batch = _token_contributions(rec, rec.train_set)
+    rows, p = torch.arange(n), rec.prompt_length
+    for layer, c in enumerate(contributions):
+        at_answer = c[rows, p + batch["answer_index"]].sum(0) / n
+        torch.testing.assert_close(answer[f"ffn.{layer}"], at_answer, rtol=1e-4, atol=1e-7)
+        text = batch["attention_mask"].bool()
+        largest = c[:, p:].masked_fill(~text[..., None], float("-inf")).amax(1).sum(0) / n
+        torch.testing.assert_close(top[f"ffn.{layer}"], largest, rtol=1e-4, atol=1e-7)
+    assert not torch.equal(answer["ffn.0"], top["ffn.0"])
+
+
+@pytest.mark.parametrize("stage,reduce", [(2, "abs-sum"), (2, "max"), (3, "abs-sum")])
+@pytest.mark.parametrize("arch", ["llama", "bert-head"])
+def test_integrated_gradients_with_one_step_is_activation_times_gradient(arch, stage, reduce, trained, tiny_models,
+                                                                          sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained[arch] / "prompt", out / "prompt")
+    rec = _attribution(arch, stage, tiny_models, sentiment_files, out, "--attr-reduce", reduce)
+    rec.train_set = rec.train_set[:16]
+    first_order, _ = rec.score()
+    rec.cfg.scorer, rec.cfg.ig_steps = "integrated-gradients", 1
+    one_step, _ = rec.score()
+    assert first_order.keys() == one_step.keys()
+    for key in first_order:
+        torch.testing.assert_close(one_step[key], first_order[key], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert-head"])
+def test_integrated_gradients_average_the_gate_gradients_along_the_path(arch, trained, tiny_models, sentiment_files,
+                                                                        tmp_path):
+    """With k steps, a neuron's signed score is d(log p)/d(gate) averaged over every FFN gate set to 1/k, 2/k, ..., 1
+    (computed here with gates on the modules, apart from the recorder); heads keep activation x gradient."""
+    out = tmp_path / "run"
+    shutil.copytree(trained[arch] / "prompt", out / "prompt")
+    rec = _attribution(arch, 2, tiny_models, sentiment_files, out, "--attr-reduce", "signed", "--attr-include-prompt",
+                       "--scorer", "integrated-gradients", "--ig-steps", "3")
+    rec.train_set = rec.train_set[:8]
+    integrated, n = rec.score()
+    rec.cfg.scorer = "attribution"
+    first_order, _ = rec.score()
+
+    gates, handles = _gates(rec)
+    ffn_gates = gates[0::2]
+    try:
+        path = []
+        for k in (1, 2, 3):
+            with torch.no_grad():
+                for gate in ffn_gates:
+                    gate.fill_(k / 3)
+            total = _mean_gold_logprob(rec, rec.train_set) * n
+            path.append(torch.autograd.grad(total, ffn_gates))
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in range(rec.geometry.layers):
+        expected = sum(step[layer] for step in path) / 3 / n
+        torch.testing.assert_close(integrated[f"ffn.{layer}"], expected, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(integrated[f"heads.{layer}"], first_order[f"heads.{layer}"], rtol=1e-6, atol=0)
+    assert not torch.allclose(integrated["ffn.0"], first_order["ffn.0"])

@@ -103,7 +103,8 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
                 batch = self.collate([self.train_set[j] for j in indices[start:start + micro]])
                 score_batch(self.engine.module, batch, weights.to(distributed.device()), recorder,
                             prompt_length=self.prompt_length, geometry=geometry, scorer=scorer,
-                            reduce=cfg.attr_reduce, include_prompt=cfg.attr_include_prompt, sums=sums)
+                            reduce=cfg.attr_reduce, include_prompt=cfg.attr_include_prompt, sums=sums,
+                            positions=cfg.attr_positions, steps=cfg.ig_steps)
                 bar.update(b + 1, rate=(start + len(weights) - done * micro) / (time.perf_counter() - start_time))
                 preemption.step_delay()
                 stop = preemption.agreed_stop()
@@ -160,7 +161,8 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
             cfg = self.cfg
             write_scores(self.out_file, scores, task=self.task.name, scorer=cfg.scorer, reduce=cfg.attr_reduce,
                          include_prompt=cfg.attr_include_prompt, examples=examples, base_model=self.backbone.identity,
-                         geometry=self.geometry, settings=self.settings_record())
+                         geometry=self.geometry, settings=self.settings_record(), positions=cfg.attr_positions,
+                         steps=cfg.ig_steps if cfg.scorer == "integrated-gradients" else 1)
         torch.distributed.barrier()
 
     def run(self) -> dict[str, torch.Tensor]:

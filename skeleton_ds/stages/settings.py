@@ -23,8 +23,8 @@ from skeleton_ds.model_identity import model_identity
 STAGE_FLAGS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt_length", "prompt_init", "readout", "epochs", "max_steps", "lr", "head_lr", "warmup_steps",
                "weight_decay", "max_length", "seed", "max_train_examples", "max_eval_examples", "quant"),
-    "attribute": ("scorer", "attr_reduce", "attr_examples", "attr_include_prompt", "seed", "max_train_examples",
-                  "quant"),
+    "attribute": ("scorer", "attr_reduce", "attr_positions", "ig_steps", "attr_examples", "attr_include_prompt",
+                  "seed", "max_train_examples", "quant"),
     "localize": ("ffn_keep", "head_keep", "align", "keep_mode", "protect_outliers"),
     "convert": ("compensate", "slice_lm_head"),
     "retune": ("epochs", "max_steps", "lr", "head_lr", "warmup_steps", "weight_decay", "seed", "max_train_examples",
