@@ -68,12 +68,14 @@ def _auto_precision() -> str:
     return "fp32"
 
 
-def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float, precision: str) -> dict:
+def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float, precision: str,
+                      weight_decay: float | None = None) -> dict:
     """Read a plain DeepSpeed JSON file and fill in what depends on this run.
 
     The files in ds_configs/ carry no "auto" values; instead this function derives the micro
-    batch from the global batch and the world size, and the precision from the device, and
-    refuses combinations DeepSpeed would only reject later with a stack trace.
+    batch from the global batch and the world size, and the precision from the device, sets the
+    optimizer's lr (and weight decay, when given) from the flags, and refuses combinations DeepSpeed
+    would only reject later with a stack trace.
     """
     try:
         cfg = json.loads(Path(path).read_text())
@@ -118,6 +120,8 @@ def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float
     optimizer = cfg.setdefault("optimizer", json.loads(json.dumps(_DEFAULT_OPTIMIZER)))
     params = optimizer.setdefault("params", {})
     params["lr"] = lr
+    if weight_decay is not None:  # --weight-decay, like --lr, wins over the file
+        params["weight_decay"] = weight_decay
     if str(optimizer.get("type", "")).lower() in _TORCH_ADAM_TYPES:
         params.setdefault("torch_adam", True)  # a config may still ask for the built kernels with false
     cfg.setdefault("steps_per_print", 10**9)  # progress goes through our own rich bar

@@ -149,3 +149,15 @@ def test_first_run_builds_no_deepspeed_op(config, tiny_models, sentiment_files, 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     built = sorted(p.name for p in extensions.iterdir()) if extensions.exists() else []
     assert built == [], f"first run built DeepSpeed ops {built}"
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_weight_decay_flag_reaches_the_optimizer(stage, tiny_models, sentiment_files, tmp_path):
+    """--weight-decay, like --lr, is what the optimizer uses, whatever the DeepSpeed file says (it was once only
+    recorded, while the optimizer kept the file's 0.0)."""
+    recipe = _recipe(tiny_models["llama"], sentiment_files, tmp_path / "run", stage, "--weight-decay", "0.25",
+                     "--max-steps", "1")
+    recipe.setup()
+    groups = recipe.engine.basic_optimizer.param_groups
+    assert groups and all(group["weight_decay"] == 0.25 for group in groups)
+    assert recipe.settings_record()["values"]["weight_decay"] == 0.25

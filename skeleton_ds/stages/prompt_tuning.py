@@ -78,7 +78,8 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         # Everything a user can get wrong is checked before the process group or any file exists.
         epochs, lr = self.budget()
         ds_config = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
-                                      batch_size=cfg.batch_size, lr=lr, precision=cfg.precision)
+                                      batch_size=cfg.batch_size, lr=lr, precision=cfg.precision,
+                                      weight_decay=cfg.weight_decay)
         spec = self.model_spec()
         train, dev = self.load_examples()
         self._check_output_dir()
