@@ -42,6 +42,11 @@ class Config:
     weight_decay: float = 0.0
     retune_epochs: float = 0.0  # re-tuning (stage 5) budget; 0: --epochs
     retune_lr: float = 0.0  # 0: --lr
+    # distillation in re-tuning (stage teacher computes the full model's outputs once; see skeleton_ds.distill)
+    distill_kl: float = 0.0  # weight of T^2 KL(teacher || student) over the labels; 0: off
+    distill_temperature: float = 2.0
+    distill_hidden: float = 0.0  # weight of the MSE of hidden states at the answer position; 0: off
+    distill_layers: tuple[int, ...] = ()  # layers whose output (residual stream) is matched too, with --distill-hidden
     batch_size: int = 0  # global batch; 0: take train_batch_size from the DeepSpeed config
     max_length: int = 128
     seed: int = 42
@@ -88,10 +93,18 @@ class Config:
         non_negative = {"max_steps": self.max_steps, "batch_size": self.batch_size, "warmup_steps": self.warmup_steps,
                         "max_train_examples": self.max_train_examples, "max_eval_examples": self.max_eval_examples,
                         "weight_decay": self.weight_decay, "retune_epochs": self.retune_epochs,
-                        "retune_lr": self.retune_lr}
+                        "retune_lr": self.retune_lr, "distill_kl": self.distill_kl,
+                        "distill_hidden": self.distill_hidden}
         for name, value in non_negative.items():
             if value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if not self.distill_temperature > 0:
+            raise UserError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.distill_layers and not self.distill_hidden:
+            raise UserError("--distill-layers matches those layers' hidden states: give their weight with "
+                            "--distill-hidden W (> 0)")
+        if any(layer < 0 for layer in self.distill_layers):
+            raise UserError(f"--distill-layers takes layer indices from 0, got {list(self.distill_layers)}")
         if not self.epochs > 0 and not self.max_steps:
             raise UserError("--epochs must be positive (or give --max-steps)")
         choices = {"scorer": ("attribution", "integrated-gradients", "random", "weight-magnitude",
@@ -135,6 +148,13 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _int_csv(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags mirror Config's fields one to one (underscores become dashes)."""
     d = Config.__dataclass_fields__
@@ -167,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     t.add_argument("--retune-epochs", type=float, default=0.0, help="epochs of re-tuning (stage 5); 0: --epochs")
     t.add_argument("--retune-lr", type=float, default=0.0, help="learning rate of re-tuning; 0: --lr")
+    t.add_argument("--distill-kl", type=float, default=0.0, help="re-tuning: weight of T^2 x KL(teacher || student) "
+                   "between the full model's and the skeleton's label distributions (0: off)")
+    t.add_argument("--distill-temperature", type=float, default=2.0, help="re-tuning: the KL term's temperature T")
+    t.add_argument("--distill-hidden", type=float, default=0.0, help="re-tuning: weight of the mean squared error "
+                   "between the full model's and the skeleton's final hidden state at the answer position (0: off)")
+    t.add_argument("--distill-layers", type=_int_csv, default=(), metavar="L,...",
+                   help="re-tuning: also match these layers' outputs at the answer position (with --distill-hidden)")
     t.add_argument("--prompt-init", default="vocab", help="'vocab' or 'text:<init words>'")
     t.add_argument("--readout", default="auto", help="auto | verbalizer (LM/MLM head) | head (trained classifier)")
     t.add_argument("--precision", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16")

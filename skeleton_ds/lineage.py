@@ -18,17 +18,18 @@ import hashlib
 import json
 from pathlib import Path
 
-STAGE_ORDER = ("prompt", "attribute", "localize", "convert", "retune")
+STAGE_ORDER = ("prompt", "attribute", "localize", "convert", "teacher", "retune")
 
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "prompt": (), "attribute": ("prompt",), "localize": ("attribute",), "convert": ("localize", "prompt"),
-    "retune": ("convert",)}
-"""The stage outputs each stage reads (convert ships the stage-1 prompt with the compact model)."""
+    "teacher": ("prompt",), "retune": ("convert", "teacher")}
+"""The stage outputs each stage reads (convert ships the stage-1 prompt with the compact model; the teacher
+is the full model with that prompt, whose outputs re-tuning distills from)."""
 
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt",), "attribute": ("attribution.safetensors",),
     "localize": ("skeleton.json", "skeleton_ffn.png", "skeleton_heads.png"),
-    "convert": ("compact", "conversion.json"), "retune": ("retune",)}
+    "convert": ("compact", "conversion.json"), "teacher": ("teacher.safetensors",), "retune": ("retune",)}
 """Each stage's outputs in a run directory, relative to it (removed when an upstream stage is redone)."""
 
 
@@ -50,8 +51,8 @@ def read_record(run: Path, stage: str) -> dict | None:
     try:
         if stage in ("prompt", "retune"):
             return json.loads((run / stage / "metrics.json").read_text()).get("settings")
-        if stage == "attribute":
-            with safe_open(str(run / "attribution.safetensors"), "pt") as f:
+        if stage in ("attribute", "teacher"):
+            with safe_open(str(run / OUTPUTS[stage][0]), "pt") as f:
                 raw = (f.metadata() or {}).get("settings")
             return json.loads(raw) if raw else None
         if stage == "localize":

@@ -36,6 +36,15 @@ class SoftPrompt(nn.Module):
         return self.embedding.unsqueeze(0).expand(batch_size, -1, -1)
 
 
+FINAL_STATE = "final"
+"""The final hidden state at the answer position: the vector the LM head (or the MLM transform) reads."""
+
+
+def layer_state(layer: int) -> str:
+    """Layer `layer`'s output (the residual stream after it; transformers' hidden_states[layer + 1]) at the answer."""
+    return f"layer.{layer}"
+
+
 class PromptedClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, adapter: ArchAdapter, readout: str, prompt_length: int,
                  num_labels: int, label_token_ids: list[int] | None = None, label_head: torch.Tensor | None = None):
@@ -67,8 +76,10 @@ class PromptedClassifier(nn.Module):
                 raise UserError(f"{name} has shape {tuple(value.shape)} but this model needs {tuple(target.shape)}")
             target.data = value.to(device=target.device, dtype=dtype).clone()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
-        """Label logits [batch, num_labels]. `answer_index` indexes the un-prompted input."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor,
+                hidden_layers: tuple[int, ...] | None = None):
+        """Label logits [batch, num_labels]. `answer_index` indexes the un-prompted input. With `hidden_layers`
+        (distillation), also the hidden states at the answer position: (logits, answer_states(...))."""
         batch = input_ids.shape[0]
         tokens = self.backbone.get_input_embeddings()(input_ids)
         prompt = self.prompt(batch).to(tokens.dtype)
@@ -80,8 +91,17 @@ class PromptedClassifier(nn.Module):
             # Left padding: count positions over real tokens only, so padding never shifts them.
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
-        states = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs).last_hidden_state
-        return self.read_labels(states[:, n:], attention_mask, answer_index)
+        if hidden_layers:
+            kwargs["output_hidden_states"] = True
+        out = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        states = out.last_hidden_state
+        logits = self.read_labels(states[:, n:], attention_mask, answer_index)
+        if hidden_layers is None:
+            return logits
+        rows = torch.arange(batch, device=states.device)
+        at_answer = {FINAL_STATE: states[rows, n + answer_index]}
+        at_answer |= {layer_state(i): out.hidden_states[i + 1][rows, n + answer_index] for i in hidden_layers}
+        return logits, at_answer
 
     def read_labels(self, text_states: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
         """Label logits from the final states of the text positions (prompt positions already cut off).

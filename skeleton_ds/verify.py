@@ -219,7 +219,7 @@ def check_run(report: _Report, run: Path) -> None:
     identities: list[str] = []
     stages = {"prompt": run / "prompt" / "prompt.safetensors", "attribute": run / "attribution.safetensors",
               "localize": run / "skeleton.json", "convert": run / "compact" / "manifest.json",
-              "retune": run / "retune" / "prompt.safetensors"}
+              "teacher": run / "teacher.safetensors", "retune": run / "retune" / "prompt.safetensors"}
     done = [s for s, marker in stages.items() if marker.is_file()]
     for stage in ("prompt", "retune"):
         latest = run / "checkpoints" / stage / "latest"
@@ -228,6 +228,12 @@ def check_run(report: _Report, run: Path) -> None:
                                          f"with --resume")
     if (run / "checkpoints" / "attribute" / "partial.safetensors").is_file() and "attribute" not in done:
         report.bad("stage attribute", "unfinished (partial scores saved): run the same command with --resume")
+    if any((run / "checkpoints" / "teacher").glob("rank*.safetensors")) and "teacher" not in done:
+        report.bad("stage teacher", "unfinished (partial rows saved): run the same command with --resume")
+    if "teacher" in done:
+        rows = {name: info.get("shape", [None])[0] for name, info in (_tensors(report, stages["teacher"]) or {}).items()}
+        if len(set(rows.values())) > 1:
+            report.bad(str(stages["teacher"]), f"its outputs cover different numbers of examples: {rows}")
     report.ok("stages complete", ", ".join(done) or "none")
     if (run / "skeleton.json").is_file():
         skeleton_record = check_skeleton(report, run / "skeleton.json")

@@ -22,7 +22,7 @@ SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", 
                                         "ds_config", "model_identity", "quantization", "loading", "config", "ui",
                                         "plots", "preemption", "cluster", "provenance", "lineage", "packaged_models",
                                         "widths", "model_card")}
-ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "localization", "conversion", "interop", "inference", "bench",
+ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localization", "conversion", "interop", "inference", "bench",
                                             "multitask", "verify", "static_shapes", "cross_task", "baselines")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
 TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server"}

@@ -161,3 +161,36 @@ def test_sigterm_during_retune_checkpoints_and_resumes(tiny_models, sentiment_fi
     measured["retune_max_abs_diff"] = max_abs_diff(a, b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_teacher_pass_stopped_by_signal_resumes_to_the_same_outputs(tiny_models, sentiment_files, tmp_path):
+    """SIGUSR1 to both ranks mid teacher pass: each rank saves its rows, exit 75; --resume gives the outputs of
+    an uninterrupted 2-rank pass."""
+    model = tiny_models["llama"]
+    _ok(launch(0, _argv(model, sentiment_files, tmp_path / "base", 2, "--max-steps", "4", "--stages", "prompt")))
+    flags = ("--stages", "teacher", "--save-every", "3", "--distill-kl", "1", "--distill-hidden", "1",
+             "--distill-layers", "1")
+    for name in ("straight", "preempted"):
+        shutil.copytree(tmp_path / "base" / "prompt", tmp_path / name / "prompt")
+    _ok(launch(2, _argv(model, sentiment_files, tmp_path / "straight", 3, *flags)))
+
+    out = tmp_path / "preempted"
+    partial = out / "checkpoints" / "teacher" / "rank0.safetensors"
+    job = start(2, _argv(model, sentiment_files, out, 3, *flags), delay=0.4)
+    wait_for(partial, job)  # 3 of 12 batches done
+    for rank in ranks_of(job):
+        rank.send_signal(signal.SIGUSR1)
+    code, _, err = finish(job)
+    assert code == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert partial.is_file() and not (out / "teacher.safetensors").exists()
+
+    refused = launch(2, _argv(model, sentiment_files, out, 3, *flags))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = launch(2, _argv(model, sentiment_files, out, 3, *flags, "--resume"))
+    _ok(resumed)
+    assert "resumed the teacher pass" in resumed.stdout
+    assert not partial.exists(), "partial rows are removed once the outputs are written"
+    one, two = load_file(str(tmp_path / "straight" / "teacher.safetensors")), load_file(str(out / "teacher.safetensors"))
+    assert sorted(one) == sorted(two) == ["final", "layer.1", "logits"] and one["logits"].shape[0] == 96
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=0)

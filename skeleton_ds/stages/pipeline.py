@@ -28,10 +28,11 @@ from skeleton_ds.stages.convert import ConvertRecipe
 from skeleton_ds.stages.localize import LocalizeRecipe
 from skeleton_ds.stages.prompt_tuning import PromptTuningRecipe, RetuneRecipe
 from skeleton_ds.stages.settings import RunSettings
+from skeleton_ds.stages.teacher import TeacherRecipe
 from skeleton_ds.ui import Reporter
 
 RECIPES = {"prompt": PromptTuningRecipe, "attribute": AttributionRecipe, "localize": LocalizeRecipe,
-           "convert": ConvertRecipe, "retune": RetuneRecipe}
+           "convert": ConvertRecipe, "teacher": TeacherRecipe, "retune": RetuneRecipe}
 assert tuple(RECIPES) == STAGES
 
 

@@ -20,8 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from skeleton_ds import checkpoint, data, distributed, model_card, preemption
+from skeleton_ds import checkpoint, data, distributed, lineage, model_card, preemption
 from skeleton_ds.config import Config
+from skeleton_ds.distill import hidden_layers, outputs_needed, read_teacher
+from skeleton_ds.distill import loss as distill_loss
 from skeleton_ds.ds_config import resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
 from skeleton_ds.model_identity import check_identity
@@ -163,6 +165,11 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         torch.distributed.barrier()
 
     # ------------------------------------------------------------------ train
+    def train_loss(self, micro: list[int]) -> torch.Tensor:
+        """The loss of one micro batch (indices into the training set): cross-entropy on the labels."""
+        logits, labels = self._forward([self.train_set[i] for i in micro])
+        return F.cross_entropy(logits, labels)
+
     def train(self) -> None:
         cfg, dist = self.cfg, self.dist
         self.engine.train()
@@ -178,8 +185,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
                 global_batch = data.epoch_batches(len(self.train_set), self.global_batch, cfg.seed, epoch)[offset]
                 loss_sum = torch.zeros((), device=distributed.device())
                 for micro in data.rank_micro_batches(global_batch, dist.rank, dist.world_size, self.accumulation):
-                    logits, labels = self._forward([self.train_set[i] for i in micro])
-                    loss = F.cross_entropy(logits, labels)
+                    loss = self.train_loss(micro)
                     self.engine.backward(loss)
                     self.engine.step()
                     loss_sum += loss.detach().float()
@@ -278,6 +284,35 @@ class RetuneRecipe(PromptTuningRecipe):
 
     def initial_values(self, model: PromptedClassifier) -> dict[str, torch.Tensor]:
         return checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors")
+
+    def setup(self) -> None:
+        super().setup()
+        cfg = self.cfg
+        needed = outputs_needed(cfg.distill_kl, cfg.distill_hidden, cfg.distill_layers)
+        self.teacher: dict[str, torch.Tensor] = {}
+        if needed:
+            made_from = (lineage.read_record(cfg.output, "teacher") or {}).get("id")
+            if made_from is None or made_from != self.settings_record()["upstream"].get("teacher"):
+                raise UserError(f"{cfg.output / 'teacher.safetensors'} was not made with these settings (or is "
+                                f"missing): run --stages teacher,retune with these flags")
+            self.teacher = read_teacher(cfg.output / "teacher.safetensors", needed, len(self.train_set))
+            self.distill_layers = hidden_layers(needed) if cfg.distill_hidden else None
+
+    def train_loss(self, micro: list[int]) -> torch.Tensor:
+        """Cross-entropy, plus the distillation terms against the teacher's rows of these examples."""
+        if not self.teacher:
+            return super().train_loss(micro)
+        cfg = self.cfg
+        batch = self.collate([self.train_set[i] for i in micro])
+        rows = torch.tensor(micro)
+        teacher = {name: values[rows].to(distributed.device()) for name, values in self.teacher.items()}
+        if self.distill_layers is None:
+            logits, states = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"]), {}
+        else:
+            logits, states = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"],
+                                         hidden_layers=self.distill_layers)
+        return F.cross_entropy(logits, batch["labels"]) + distill_loss(
+            logits, states, teacher, kl=cfg.distill_kl, temperature=cfg.distill_temperature, hidden=cfg.distill_hidden)
 
     def _record_in_compact(self, before: dict, after: dict) -> None:
         """The compact checkpoint's own metrics.json and model card now say what re-tuning measured."""

@@ -15,6 +15,7 @@ from skeleton_ds import checkpoint, distributed, lineage
 from skeleton_ds.architectures import adapter_for
 from skeleton_ds.config import Config
 from skeleton_ds.data import ENCODING
+from skeleton_ds.distill import outputs_needed
 from skeleton_ds.ds_config import param_dtype, resolve_ds_config
 from skeleton_ds.errors import UserError
 from skeleton_ds.loading import resolve_model_path
@@ -27,8 +28,9 @@ STAGE_FLAGS: dict[str, tuple[str, ...]] = {
                   "seed", "max_train_examples", "quant"),
     "localize": ("ffn_keep", "head_keep", "align", "keep_mode", "protect_outliers"),
     "convert": ("compensate", "slice_lm_head"),
+    "teacher": ("teacher_outputs", "seed", "max_train_examples"),
     "retune": ("epochs", "max_steps", "lr", "head_lr", "warmup_steps", "weight_decay", "seed", "max_train_examples",
-               "max_eval_examples", "quant"),
+               "max_eval_examples", "quant", "distill_kl", "distill_temperature", "distill_hidden", "distill_layers"),
 }
 """Each stage's own flags (Config field names) that change its output."""
 
@@ -36,7 +38,7 @@ STAGE_OVERRIDES: dict[str, dict[str, str]] = {"retune": {"epochs": "retune_epoch
 """Flags a stage takes from its own option when that is set (non-zero): re-tuning's budget."""
 
 USES = {"prompt": ("base", "task", "batch"), "attribute": ("base", "task", "batch"), "localize": (),
-        "convert": ("base",), "retune": ("task", "batch")}
+        "convert": ("base",), "teacher": ("base", "task", "batch"), "retune": ("task", "batch")}
 """Which shared parts each stage depends on: the base model, the task and its data, the global batch
 and precision (the DeepSpeed config as resolved for this run)."""
 
@@ -95,10 +97,13 @@ class RunSettings:
     @cached_property
     def resolved(self) -> dict:
         """Flags whose default depends on the architecture, as this model resolves them (a run with
-        the default and one naming the same value explicitly are the same run)."""
+        the default and one naming the same value explicitly are the same run), and settings derived
+        from flags: the teacher tensors the --distill-* flags need (its weights alone change no teacher)."""
+        cfg = self.cfg
         keep_mode, protect = adapter_for(self._model_config[1].model_type).localization(
-            self.cfg.keep_mode, self.cfg.protect_outliers)
-        return {"keep_mode": keep_mode, "protect_outliers": protect}
+            cfg.keep_mode, cfg.protect_outliers)
+        return {"keep_mode": keep_mode, "protect_outliers": protect,
+                "teacher_outputs": outputs_needed(cfg.distill_kl, cfg.distill_hidden, cfg.distill_layers)}
 
     def value(self, stage: str, name: str):
         """A flag as `stage` uses it: resolved for this architecture, or the stage's own override."""
@@ -114,6 +119,10 @@ class RunSettings:
         return shared | own | (self.batch if "batch" in USES[stage] else {})
 
     def record(self, stage: str, upstream: dict[str, str | None]) -> dict:
+        """The stage's record; an input this configuration does not read is no input of it (re-tuning reads the
+        teacher's outputs only when it distills, so a run without distillation never depends on them)."""
+        if not self.resolved["teacher_outputs"]:
+            upstream = {name: id_ for name, id_ in upstream.items() if name != "teacher"}
         return lineage.make_record(stage, self.values(stage), upstream)
 
     def on_disk(self, stage: str) -> dict:
