@@ -160,7 +160,8 @@ def skeleton_record(skeleton: Skeleton, meta: dict, *, keep_mode: str, ffn_keep:
         "format": "skeleton_ds.skeleton/1", "task": meta["task"], "base_model": meta["base_model"],
         "geometry": meta["geometry"], "keep_mode": keep_mode, "ffn_keep": ffn_keep,
         "head_keep": head_keep, "align": align, "protect_outliers": protect_outliers,
-        "attribution": {k: meta[k] for k in ("scorer", "reduce", "positions", "steps", "include_prompt", "examples")},
+        "attribution": {k: meta[k] for k in ("scorer", "reduce", "include_prompt", "examples")}
+        | {"positions": meta.get("positions", "text"), "steps": meta.get("steps", 1)},
         "ffn_sizes": skeleton.ffn_sizes(), "head_counts": [len(h) for h in skeleton.heads],
         "layers": [{"ffn": f, "heads": h} for f, h in zip(skeleton.ffn, skeleton.heads)],
     }
