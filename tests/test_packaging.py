@@ -157,7 +157,7 @@ def test_the_installed_requirements_are_satisfied(venv, tmp_path):
 
 def test_the_installed_pipeline_runs_with_the_packaged_default_config(venv, installed_run):
     metrics = json.loads((installed_run / "metrics.json").read_text())
-    assert set(metrics["stage_seconds"]) == {"prompt", "attribute", "localize", "convert", "retune"}
+    assert set(metrics["stage_seconds"]) == {"prompt", "attribute", "localize", "convert", "teacher", "retune"}
     recorded = json.loads((installed_run / "prompt" / "metrics.json").read_text())["config"]["ds_config"]
     _assert_from(venv, recorded)
     assert Path(recorded).name == "zero2.json" and Path(recorded).parent.name == "ds_configs"
