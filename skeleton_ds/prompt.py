@@ -37,7 +37,8 @@ class SoftPrompt(nn.Module):
 
 
 FINAL_STATE = "final"
-"""The final hidden state at the answer position: the vector the LM head (or the MLM transform) reads."""
+"""The final hidden state the label is read from (PromptedClassifier.read_vector): the answer position's, which
+the LM head or MLM transform reads, or an encoder head's mean-pooled state."""
 
 
 def layer_state(layer: int) -> str:
@@ -99,24 +100,27 @@ class PromptedClassifier(nn.Module):
         if hidden_layers is None:
             return logits
         rows = torch.arange(batch, device=states.device)
-        at_answer = {FINAL_STATE: states[rows, n + answer_index]}
-        at_answer |= {layer_state(i): out.hidden_states[i + 1][rows, n + answer_index] for i in hidden_layers}
-        return logits, at_answer
+        read = {FINAL_STATE: self.read_vector(states[:, n:], attention_mask, answer_index)}
+        read |= {layer_state(i): out.hidden_states[i + 1][rows, n + answer_index] for i in hidden_layers}
+        return logits, read
+
+    def read_vector(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
+                    answer_index: torch.Tensor) -> torch.Tensor:
+        """The one final state per example the label is read from: the answer position's, or for an encoder's
+        trained head the mean over the text tokens (the pooling sentence-embedding models were trained with)."""
+        if self.readout == "head" and not self.adapter.causal:
+            text_mask = attention_mask.unsqueeze(-1).to(text_states.dtype)
+            return (text_states * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
+        return text_states[torch.arange(text_states.shape[0], device=text_states.device), answer_index]
 
     def read_labels(self, text_states: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
         """Label logits from the final states of the text positions (prompt positions already cut off).
 
         Shared by the plain forward and by inference paths that never compute the prompt's
         positions (a decoder's cached prompt keys and values)."""
-        rows = torch.arange(text_states.shape[0], device=text_states.device)
+        answer = self.read_vector(text_states, attention_mask, answer_index)
         if self.readout == "head":
-            if self.adapter.causal:
-                pooled = text_states[rows, answer_index]
-            else:
-                text_mask = attention_mask.unsqueeze(-1).to(text_states.dtype)
-                pooled = (text_states * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
-            return self.head(pooled.to(self.head.weight.dtype)).float()
-        answer = text_states[rows, answer_index]
+            return self.head(answer.to(self.head.weight.dtype)).float()
         if self.label_head is not None:
             return F.linear(answer, self.label_head.to(answer.dtype)).float()
         if self.readout == "mlm":

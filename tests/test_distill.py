@@ -112,3 +112,25 @@ def test_teacher_on_two_zero3_ranks_equals_one_rank(tiny_models, sentiment_files
     assert a.keys() == b.keys() and a["logits"].shape[0] == 95
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert-head"])
+def test_the_final_state_is_the_vector_the_label_is_read_from(arch, tiny_models, sentiment_files, tmp_path):
+    """The teacher's `final` is what the readout reads: the LM head's label rows (decoder) or the trained head
+    (encoder, mean-pooled) applied to it give the teacher's logits."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert run_command(train, _argv(tiny_models[arch], sentiment_files, out, 2, *DISTILL,
+                                    "--stages", "prompt,teacher")) == 0
+    teacher = load_file(str(out / "teacher.safetensors"))
+    if arch == "llama":
+        ids = json.loads((out / "prompt" / "task.json").read_text())["label_token_ids"]
+        rows = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).get_output_embeddings().weight[ids].detach()
+        read = teacher["final"] @ rows.T
+    else:
+        head = load_file(str(out / "prompt" / "prompt.safetensors"))
+        read = teacher["final"] @ head["head.weight"].T + head["head.bias"]
+    torch.testing.assert_close(read, teacher["logits"], rtol=1e-4, atol=1e-5)
