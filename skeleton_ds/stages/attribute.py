@@ -27,9 +27,7 @@ from skeleton_ds import checkpoint, data, distributed, preemption
 from skeleton_ds.attribution import (UnitRecorder, all_reduce_sums, finish_scores, merge_sums, random_scores,
                                      score_batch, weight_magnitude, write_scores, zero_sums)
 from skeleton_ds.config import Config
-from skeleton_ds.ds_config import resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
-from skeleton_ds.model_identity import check_identity
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record, subset
 from skeleton_ds.stages.settings import RecordsSettings
 
@@ -54,20 +52,7 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
         if self.partial_file.is_file() and not (cfg.resume or cfg.overwrite):
             raise UserError(f"{self.partial_file} holds the partial scores of an unfinished attribution: pass --resume "
                             f"to continue it or --overwrite to start over")
-        ds_config = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
-                                      batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
-        # Nothing is trained here: no optimizer, and below ZeRO-3 nothing to partition either
-        # (DeepSpeed refuses ZeRO-1/2 without an optimizer).
-        ds_config.pop("optimizer", None)
-        if zero_stage(ds_config) < 3:
-            ds_config["zero_optimization"] = {"stage": 0}
-        train, dev = self.load_examples()
-        self.prompt_length = record["prompt_length"]
-        readout = "head" if record["readout"] == "head" else "verbalizer"
-        model = self.build_model(ds_config, train, dev, readout=readout, prompt_length=self.prompt_length,
-                                 max_length=record["max_length"])
-        check_identity(record["base_model"], self.backbone.identity, f"the prompt in {self.prompt_dir}")
-        self.set_trainable(checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors"))
+        self.build_prompted_base(record, self.prompt_dir)
         # The prompt keeps requires_grad so the graph reaches every activation; autograd.grad in
         # score_batch asks only for activation gradients, so the prompt's gradient is never formed either.
         self.geometry = self.backbone.adapter.geometry(self.backbone.model.config)
@@ -75,7 +60,7 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
 
         import deepspeed
 
-        self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
+        self.engine, *_ = deepspeed.initialize(model=self.model, config=self.ds_config)
 
     def score(self, scorer: str | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """(scores per unit, examples used), identical on every rank. `scorer` defaults to --scorer."""

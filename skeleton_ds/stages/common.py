@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from skeleton_ds import checkpoint, data, distributed
 from skeleton_ds.config import Config
-from skeleton_ds.ds_config import param_dtype
+from skeleton_ds.ds_config import param_dtype, resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
 from skeleton_ds.loading import load_backbone, resolve_model_path
+from skeleton_ds.model_identity import check_identity
 from skeleton_ds.prompt import PromptedClassifier, read_task_record, verbalizer_token_ids
 from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_split
 from skeleton_ds.ui import Reporter
@@ -84,6 +85,24 @@ class TaskModelRun:
         self.model = PromptedClassifier(backbone.model, backbone.adapter, self.readout, prompt_length,
                                         len(self.task.label_names), self.label_token_ids, backbone.label_head)
         return self.model
+
+    def build_prompted_base(self, record: dict, prompt_dir: Path) -> PromptedClassifier:
+        """The frozen base model with the stage-1 prompt (`record` is its task.json), for passes that train
+        nothing (attribution, the teacher): no optimizer, and below ZeRO-3 nothing to partition either
+        (DeepSpeed refuses ZeRO-1/2 without an optimizer). Sets prompt_length."""
+        cfg = self.cfg
+        ds_config = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
+                                      batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
+        ds_config.pop("optimizer", None)
+        if zero_stage(ds_config) < 3:
+            ds_config["zero_optimization"] = {"stage": 0}
+        train, dev = self.load_examples()
+        self.prompt_length = record["prompt_length"]
+        model = self.build_model(ds_config, train, dev, readout="head" if record["readout"] == "head" else "verbalizer",
+                                 prompt_length=self.prompt_length, max_length=record["max_length"])
+        check_identity(record["base_model"], self.backbone.identity, f"the prompt in {prompt_dir}")
+        self.set_trainable(checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
+        return model
 
     def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load prompt (and head) values; before deepspeed.initialize, so every rank starts equal."""

@@ -27,9 +27,7 @@ import torch
 
 from skeleton_ds import checkpoint, data, distill, distributed, preemption
 from skeleton_ds.config import Config
-from skeleton_ds.ds_config import resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
-from skeleton_ds.model_identity import check_identity
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record
 from skeleton_ds.stages.settings import RecordsSettings
 
@@ -57,16 +55,7 @@ class TeacherRecipe(RecordsSettings, TaskModelRun):
         if self.partial_dir.is_dir() and any(self.partial_dir.iterdir()) and not (cfg.resume or cfg.overwrite):
             raise UserError(f"{self.partial_dir} holds the rows of an unfinished teacher pass: pass --resume to "
                             f"continue it or --overwrite to start over")
-        ds_config = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
-                                      batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
-        ds_config.pop("optimizer", None)  # forward passes only (DeepSpeed refuses ZeRO-1/2 without an optimizer)
-        if zero_stage(ds_config) < 3:
-            ds_config["zero_optimization"] = {"stage": 0}
-        train, dev = self.load_examples()
-        model = self.build_model(ds_config, train, dev, readout="head" if record["readout"] == "head" else "verbalizer",
-                                 prompt_length=record["prompt_length"], max_length=record["max_length"])
-        check_identity(record["base_model"], self.backbone.identity, f"the prompt in {self.prompt_dir}")
-        self.set_trainable(checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors"))
+        self.build_prompted_base(record, self.prompt_dir)
         self.layers = distill.hidden_layers(self.outputs())
         depth = self.backbone.adapter.geometry(self.backbone.model.config).layers
         if any(layer >= depth for layer in self.layers):
@@ -74,7 +63,7 @@ class TeacherRecipe(RecordsSettings, TaskModelRun):
 
         import deepspeed
 
-        self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
+        self.engine, *_ = deepspeed.initialize(model=self.model, config=self.ds_config)
 
     @torch.no_grad()
     def compute(self) -> dict[str, torch.Tensor]:
