@@ -77,8 +77,8 @@ _SHARED_MEMORY_COMM_OP = "deepspeed_shm_comm"
 
 
 def _skip_shared_memory_comm_build() -> None:
-    """DeepSpeed's CPU backend builds a C++ shared-memory all-reduce with ninja when it starts (about a
-    minute on 2 cores, silently, on a fresh machine). Only its `inference_all_reduce` uses that op, which
+    """DeepSpeed's CPU backend builds a C++ shared-memory all-reduce with ninja when it starts (silently, on a
+    fresh machine's first run). Only its `inference_all_reduce` uses that op, which
     nothing here calls: gradients and ZeRO collectives go through torch.distributed (gloo on CPU). So the
     op is marked unbuildable for this process, and DeepSpeed falls back as it does where no compiler is."""
     import deepspeed.ops

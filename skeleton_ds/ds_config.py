@@ -59,7 +59,7 @@ _DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 
 _TORCH_ADAM_TYPES = ("adam", "adamw")
 """Optimizer types DeepSpeed can run as plain torch.optim (its `torch_adam` option). What trains is a prompt
 (and perhaps a head): thousands to a million values, for which DeepSpeed's fused or CPU Adam kernels buy
-nothing, while building them with ninja costs a minute or more on a fresh machine's first run."""
+nothing, while building them with ninja delays a fresh machine's first run."""
 
 
 def _auto_precision() -> str:

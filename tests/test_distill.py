@@ -19,7 +19,7 @@ from skeleton_ds.stages.attribute import AttributionRecipe
 from skeleton_ds.stages.prompt_tuning import RetuneRecipe
 from test_distributed import launch
 
-DISTILL = ("--distill-kl", "0.7", "--distill-temperature", "2", "--distill-hidden", "0.3", "--distill-layers", "0")
+DISTILL = ("--distill-kl", "0.7", "--distill-temperature", "3", "--distill-hidden", "0.3", "--distill-layers", "0")
 
 
 def _argv(model, files, out, stage=2, *extra):
@@ -57,7 +57,7 @@ def test_teacher_holds_the_full_models_outputs_and_retuning_adds_the_terms(tiny_
     got = retune.train_loss(items)
     s_logits, s_states = retune.model(student["input_ids"], student["attention_mask"], student["answer_index"],
                                       hidden_layers=(0,))
-    t = 2.0
+    t = 3.0  # --distill-temperature (not the default 2, so the test sees the flag)
     p_teacher = F.softmax(teacher["logits"][:8] / t, -1)
     kl = (p_teacher * (p_teacher.log() - F.log_softmax(s_logits / t, -1))).sum(-1).mean()
     mse = ((s_states["final"] - teacher["final"][:8]) ** 2).mean() + ((s_states["layer.0"] - teacher["layer.0"][:8]) ** 2).mean()
