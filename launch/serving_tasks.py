@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from skeleton_ds.config import config_from_args  # noqa: E402
 from skeleton_ds.stages.pipeline import run_pipeline  # noqa: E402
-from skeleton_ds.stages.reproduce import copy_atomically, task_flags  # noqa: E402
+from skeleton_ds.checkpoint import copy_atomically  # noqa: E402
+from skeleton_ds.stages.reproduce import task_flags  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> list[tuple[str, Path]]:

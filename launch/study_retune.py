@@ -69,7 +69,7 @@ def _stage(argv: list[str]) -> None:
 
 
 def _copy(source: Path, target: Path) -> None:
-    from skeleton_ds.stages.reproduce import copy_atomically
+    from skeleton_ds.checkpoint import copy_atomically
 
     if not target.exists():
         copy_atomically(source, target)

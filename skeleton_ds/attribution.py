@@ -274,9 +274,12 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], weights: torch
 
 def write_scores(path: Path, scores: dict[str, torch.Tensor], *, task: str, scorer: str, reduce: str,
                  include_prompt: bool, examples: int, base_model: dict, geometry: Geometry,
-                 settings: dict | None = None, positions: str = "text", steps: int = 1) -> None:
+                 settings: dict | None = None, positions: str = "text", steps: int = 1,
+                 within: dict | None = None) -> None:
     """The scores file (atomically), with the metadata read_attribution decodes (and the stage's
-    settings record, skeleton_ds.lineage, when the pipeline wrote it)."""
+    settings record, skeleton_ds.lineage, when the pipeline wrote it). `within` ({"ffn": [[...]],
+    "heads": [[...]]}, base indices) marks scores a keep schedule measured on a compact model: only
+    those units were scored, and localization selects among them."""
     # safetensors metadata is str -> str: the non-string values are stored as JSON
     meta = {"task": task, "scorer": scorer, "reduce": reduce, "positions": positions, "steps": json.dumps(int(steps)),
             "include_prompt": json.dumps(bool(include_prompt)),
@@ -284,7 +287,24 @@ def write_scores(path: Path, scores: dict[str, torch.Tensor], *, task: str, scor
             "geometry": json.dumps(asdict(geometry))}
     if settings is not None:
         meta["settings"] = json.dumps(settings)
+    if within is not None:
+        meta["within"] = json.dumps(within)
     checkpoint.save_tensors_atomic(path, scores, meta)
+
+
+def to_base_indices(scores: dict[str, torch.Tensor], ffn: list[list[int]], heads: list[list[int]],
+                    base: Geometry) -> dict[str, torch.Tensor]:
+    """Scores measured on a compact model (padded to uniform widths) -> the base model's numbering: compact unit
+    j of layer i is base unit ffn[i][j] (heads[i][j]); padding units are dropped, and units the compact model
+    lacks get zero (localization.select keeps them out with `within`)."""
+    out = {}
+    for key, value in scores.items():
+        kind, layer = key.rsplit(".", 1)
+        kept = (heads if kind == "heads" else ffn)[int(layer)]
+        full = torch.zeros(base.kv_heads if kind == "heads" else base.ffn_size, dtype=value.dtype)
+        full[kept] = value[:len(kept)]
+        out[key] = full
+    return out
 
 
 def read_attribution(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -303,6 +323,7 @@ def read_attribution(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta["examples"] = int(meta.get("examples", 0))
         meta["positions"] = meta.get("positions", "text")  # files before integrated gradients: text, one step
         meta["steps"] = int(meta.get("steps", 1))
+        meta["within"] = json.loads(meta["within"]) if "within" in meta else None
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} has malformed metadata ({e}): redo --stages attribute with --overwrite") from None
     return tensors, meta

@@ -44,6 +44,21 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(directory))
 
 
+def copy_atomically(source: Path, target: Path) -> None:
+    """A copy (file or directory) that is complete or absent, so nothing resumes from half a prompt."""
+    target = Path(target)
+    partial = target.with_name(f".{target.name}.partial")
+    if partial.is_dir():  # left by an interrupted copy
+        shutil.rmtree(partial)
+    partial.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if Path(source).is_dir():
+        shutil.copytree(source, partial)
+    else:
+        shutil.copy(source, partial)
+    partial.rename(target)
+
+
 @contextmanager
 def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory that replaces `final` only if the block succeeds."""

@@ -68,6 +68,7 @@ class Config:
     attr_examples: int = 0  # 0: every training example (after --max-train-examples)
     # localization (stage 3)
     ffn_keep: float = 0.3
+    keep_schedule: tuple[float, ...] = ()  # iterative localization: FFN keeps in order, ending at ffn_keep
     head_keep: float = 1.0
     align: int = 64
     # auto: the architecture's (architectures.ArchAdapter: decoders global + 20, encoders uniform + off)
@@ -77,6 +78,9 @@ class Config:
     allow_pickle: bool = False
     slice_lm_head: bool = False
     compensate: str = "none"  # none | mean: fold removed FFN neurons' mean activations into the output bias
+    # set by the keep schedule (skeleton_ds.stages.schedule), never a flag: the finished step whose compact model
+    # and re-tuned prompt this run scores and re-tunes from, instead of the base model and the stage-1 prompt
+    previous_step: Path | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +122,7 @@ class Config:
         for name in ("ffn_keep", "head_keep"):
             if not 0 < getattr(self, name) <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        self._validate_schedule()
         if self.protect_outliers is not None and self.protect_outliers and self.protect_outliers <= 1:
             raise UserError(f"--protect-outliers is a factor over the layer's median peak activation, > 1 "
                             f"(e.g. 100), or 0 for off; got {self.protect_outliers}")
@@ -143,6 +148,23 @@ class Config:
 
         self.ds_config = resolve_config_path(self.ds_config)
 
+    def _validate_schedule(self) -> None:
+        schedule = self.keep_schedule
+        if not schedule:
+            return
+        if any(not 0 < k <= 1 for k in schedule) or any(a <= b for a, b in zip(schedule, schedule[1:])):
+            raise UserError(f"--keep-schedule takes FFN keeps in (0, 1], each smaller than the one before "
+                            f"(e.g. 0.5,0.3,0.2), got {','.join(map(str, schedule))}")
+        if schedule[-1] != self.ffn_keep:
+            raise UserError(f"--keep-schedule ends at the final FFN keep, but its last entry {schedule[-1]} is not "
+                            f"--ffn-keep {self.ffn_keep}: drop --ffn-keep or make the two agree")
+        if self.compensate != "none" and len(schedule) > 1:
+            raise UserError("--compensate needs the mean activation of every removed neuron, which a keep schedule "
+                            "measures only for the neurons of its last step: use one of the two")
+        if self.max_steps and len(schedule) > 1:
+            raise UserError("--keep-schedule shares the re-tuning budget out over its steps by epochs: give it as "
+                            "--retune-epochs (or --epochs), not --max-steps")
+
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -153,6 +175,13 @@ def _int_csv(value: str) -> tuple[int, ...]:
         return tuple(int(v) for v in _csv(value))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}") from None
+
+
+def _float_csv(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "their values (each one forward and backward)")
     a.add_argument("--attr-include-prompt", action="store_true", help="count prompt positions too")
     a.add_argument("--attr-examples", type=int, default=0, help="cap on training examples scored (0: all)")
-    a.add_argument("--ffn-keep", type=float, default=0.3, help="fraction of FFN neurons kept per layer")
+    a.add_argument("--ffn-keep", type=float, default=None,
+                   help="fraction of FFN neurons kept (default: the last of --keep-schedule, else 0.3)")
+    a.add_argument("--keep-schedule", type=_float_csv, default=(), metavar="K1,K2,...",
+                   help="iterative localization: localize, convert and re-tune at each FFN keep in turn, scoring "
+                        "each step on the compact model the step before made (e.g. 0.5,0.3); the re-tuning "
+                        "budget is shared out evenly over the steps; steps before the last go in OUTPUT/steps/")
     a.add_argument("--head-keep", type=float, default=1.0, help="fraction of attention KV groups kept per layer")
     a.add_argument("--align", type=int, default=64, help="kept FFN count is a multiple of this")
     a.add_argument("--keep-mode", default="auto", help="uniform (same count every layer) | global (one threshold "
@@ -240,5 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> Config:
     ns = vars(build_parser().parse_args(argv))
     ns.pop("local_rank", None)  # the deepspeed launcher passes it; LOCAL_RANK in the env is what we use
+    if ns["ffn_keep"] is None:  # the schedule's last keep is the final one; the field's default otherwise
+        ns["ffn_keep"] = ns["keep_schedule"][-1] if ns["keep_schedule"] else Config.ffn_keep
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in ns.items() if k in known})

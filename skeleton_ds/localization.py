@@ -70,9 +70,11 @@ def outliers(peaks: torch.Tensor, factor: float) -> torch.Tensor:
     return (peaks >= factor * peaks.median()).nonzero().flatten()
 
 
-def protect_outliers(scores: dict[str, torch.Tensor], geometry: Geometry, factor: float) -> dict[str, torch.Tensor]:
+def protect_outliers(scores: dict[str, torch.Tensor], geometry: Geometry, factor: float,
+                     within: "Skeleton | None" = None) -> dict[str, torch.Tensor]:
     """Scores with every outlier neuron ranked above all others (by its peak), so any keep ratio keeps it
-    and the per-layer counts do not change."""
+    and the per-layer counts do not change. With `within`, outliers are found among its neurons only (the
+    others' peaks were not measured)."""
     if not factor:
         return scores
     if "ffn_peak.0" not in scores:
@@ -81,19 +83,35 @@ def protect_outliers(scores: dict[str, torch.Tensor], geometry: Geometry, factor
     out = dict(scores)
     for i in range(geometry.layers):
         ffn, peak = scores[f"ffn.{i}"].float(), scores[f"ffn_peak.{i}"].float()
-        protected = outliers(peak, factor)
+        candidates = torch.arange(len(peak)) if within is None else torch.tensor(within.ffn[i], dtype=torch.long)
+        protected = candidates[outliers(peak[candidates], factor)]
         boosted = ffn.clone()
         boosted[protected] = ffn.max() + 1 + peak[protected] / peak.max().clamp(min=1e-30)
         out[f"ffn.{i}"] = boosted
     return out
 
 
+def restricted(scores: dict[str, torch.Tensor], geometry: Geometry, within: "Skeleton") -> dict[str, torch.Tensor]:
+    """Unit scores with every unit outside `within` at -inf: a later step of a keep schedule selects among the
+    units the step before kept, whatever the scores of the others say."""
+    out = dict(scores)
+    for i in range(geometry.layers):
+        for key, kept in ((f"ffn.{i}", within.ffn[i]), (f"heads.{i}", within.heads[i])):
+            masked_scores = torch.full_like(scores[key].float(), float("-inf"))
+            masked_scores[kept] = scores[key].float()[kept]
+            out[key] = masked_scores
+    return out
+
+
 def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: float, head_keep: float, align: int,
-           mode: str, protect: float = 0.0, ffn_floor: float = 0.0) -> Skeleton:
+           mode: str, protect: float = 0.0, ffn_floor: float = 0.0, within: Skeleton | None = None) -> Skeleton:
     """The skeleton: per layer, the top units; `ffn_floor` (global mode) is the share of each layer's FFN
-    kept whatever the threshold."""
+    kept whatever the threshold; `within` (a keep schedule's previous skeleton) holds every unit that may be
+    kept, and must keep more than the keeps asked for."""
     layers = range(geometry.layers)
-    scores = protect_outliers(scores, geometry, protect)
+    scores = protect_outliers(scores, geometry, protect, within)
+    if within is not None:
+        scores = restricted(scores, geometry, within)
     ffn_scores = [scores[f"ffn.{i}"] for i in layers]
     head_scores = [scores[f"heads.{i}"] for i in layers]
     if round(head_keep * geometry.kv_heads) == 0:
@@ -106,8 +124,13 @@ def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: flo
         ffn_counts = [keep_count(geometry.ffn_size, c / geometry.ffn_size, align)
                       for c in _global_counts(ffn_scores, ffn_keep, min(ffn_floor, ffn_keep))]
         head_counts = [keep_count(geometry.kv_heads, c / geometry.kv_heads) for c in _global_counts(head_scores, head_keep)]
-    return Skeleton(ffn=[top_units(s, c) for s, c in zip(ffn_scores, ffn_counts)],
-                    heads=[top_units(s, c) for s, c in zip(head_scores, head_counts)])
+    skeleton = Skeleton(ffn=[top_units(s, c) for s, c in zip(ffn_scores, ffn_counts)],
+                        heads=[top_units(s, c) for s, c in zip(head_scores, head_counts)])
+    if within is not None and any(not set(new) <= set(old) for new, old in zip(skeleton.ffn + skeleton.heads,
+                                                                              within.ffn + within.heads)):
+        raise UserError(f"--ffn-keep {ffn_keep} / --head-keep {head_keep} keep more units than the keep schedule's "
+                        f"previous step did: each step must keep fewer than the one before")
+    return skeleton
 
 
 def check_scores(scores: dict[str, torch.Tensor], geometry: Geometry, source: str) -> None:

@@ -24,11 +24,13 @@ import time
 import torch
 
 from skeleton_ds import checkpoint, data, distributed, preemption
+from skeleton_ds.architectures import Geometry
 from skeleton_ds.attribution import (UnitRecorder, all_reduce_sums, finish_scores, merge_sums, random_scores,
-                                     score_batch, weight_magnitude, write_scores, zero_sums)
+                                     score_batch, to_base_indices, weight_magnitude, write_scores, zero_sums)
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
-from skeleton_ds.stages.common import TaskModelRun, read_prompt_record, subset
+from skeleton_ds.localization import load_skeleton
+from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record, subset
 from skeleton_ds.stages.settings import RecordsSettings
 
 PARTIAL_FORMAT = "skeleton_ds.attribution-partial/1"
@@ -52,7 +54,16 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
         if self.partial_file.is_file() and not (cfg.resume or cfg.overwrite):
             raise UserError(f"{self.partial_file} holds the partial scores of an unfinished attribution: pass --resume "
                             f"to continue it or --overwrite to start over")
-        self.build_prompted_base(record, self.prompt_dir)
+        if cfg.previous_step is None:
+            self.build_prompted_base(record, self.prompt_dir)
+            self.within, self.base_identity = None, self.backbone.identity
+        else:  # a keep schedule's later step: the compact model the step before made, with its re-tuned prompt
+            compact, prompt = previous_step(cfg)
+            skeleton, meta = load_skeleton(compact / "skeleton.json")
+            self.within, self.base_geometry = {"ffn": skeleton.ffn, "heads": skeleton.heads}, Geometry(**meta["geometry"])
+            self.base_identity = record["base_model"]
+            self.build_prompted_base(read_prompt_record(prompt, cfg), prompt, model_name=str(compact),
+                                     layer_widths=False)  # padded: every layer as wide as the widest
         # The prompt keeps requires_grad so the graph reaches every activation; autograd.grad in
         # score_batch asks only for activation gradients, so the prompt's gradient is never formed either.
         self.geometry = self.backbone.adapter.geometry(self.backbone.model.config)
@@ -142,12 +153,17 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
         return batches
 
     def save(self, scores: dict[str, torch.Tensor], examples: int) -> None:
+        """The scores in the base model's numbering (a keep schedule's compact-model scores mapped back)."""
+        geometry = self.geometry
+        if self.within is not None:
+            scores = to_base_indices(scores, self.within["ffn"], self.within["heads"], self.base_geometry)
+            geometry = self.base_geometry
         if self.dist.is_main:
             cfg = self.cfg
             write_scores(self.out_file, scores, task=self.task.name, scorer=cfg.scorer, reduce=cfg.attr_reduce,
-                         include_prompt=cfg.attr_include_prompt, examples=examples, base_model=self.backbone.identity,
-                         geometry=self.geometry, settings=self.settings_record(), positions=cfg.attr_positions,
-                         steps=cfg.ig_steps if cfg.scorer == "integrated-gradients" else 1)
+                         include_prompt=cfg.attr_include_prompt, examples=examples, base_model=self.base_identity,
+                         geometry=geometry, settings=self.settings_record(), positions=cfg.attr_positions,
+                         steps=cfg.ig_steps if cfg.scorer == "integrated-gradients" else 1, within=self.within)
         torch.distributed.barrier()
 
     def run(self) -> dict[str, torch.Tensor]:

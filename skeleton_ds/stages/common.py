@@ -59,7 +59,7 @@ class TaskModelRun:
         return train, dev
 
     def build_model(self, ds_config: dict, train: list, dev: list, *, readout: str, prompt_length: int,
-                    max_length: int, model_name: str | None = None) -> PromptedClassifier:
+                    max_length: int, model_name: str | None = None, layer_widths: bool = True) -> PromptedClassifier:
         """Join the process group, load the backbone, encode the splits, wrap the backbone with a prompt."""
         self.ds_config = ds_config
         self.dist = distributed.init_distributed()
@@ -68,7 +68,7 @@ class TaskModelRun:
         with checkpoint.unreadable_as_user_error(Path(resolve_model_path(name)),
                                                  fix="re-download or re-save the model"):
             backbone = load_backbone(name, ds_config, readout=readout, revision=self.cfg.revision,
-                                     quant=self.cfg.quant, device=str(distributed.device()))
+                                     quant=self.cfg.quant, device=str(distributed.device()), layer_widths=layer_widths)
         self.backbone = backbone
         self.task = get_task(self.cfg.task, self.generic, decoder=backbone.adapter.causal)
         self.backbone_local_fraction = distributed.local_fraction(backbone.model.parameters())
@@ -86,10 +86,12 @@ class TaskModelRun:
                                         len(self.task.label_names), self.label_token_ids, backbone.label_head)
         return self.model
 
-    def build_prompted_base(self, record: dict, prompt_dir: Path) -> PromptedClassifier:
+    def build_prompted_base(self, record: dict, prompt_dir: Path, model_name: str | None = None,
+                            layer_widths: bool = True) -> PromptedClassifier:
         """The frozen base model with the stage-1 prompt (`record` is its task.json), for passes that train
         nothing (attribution, the teacher): no optimizer, and below ZeRO-3 nothing to partition either
-        (DeepSpeed refuses ZeRO-1/2 without an optimizer). Sets prompt_length."""
+        (DeepSpeed refuses ZeRO-1/2 without an optimizer). Sets prompt_length. A keep schedule's later steps
+        pass a compact model (`model_name`, padded to uniform widths) and its re-tuned prompt instead."""
         cfg = self.cfg
         ds_config = resolve_ds_config(cfg.ds_config, world_size=distributed.world_size_from_env(),
                                       batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision)
@@ -99,7 +101,8 @@ class TaskModelRun:
         train, dev = self.load_examples()
         self.prompt_length = record["prompt_length"]
         model = self.build_model(ds_config, train, dev, readout="head" if record["readout"] == "head" else "verbalizer",
-                                 prompt_length=self.prompt_length, max_length=record["max_length"])
+                                 prompt_length=self.prompt_length, max_length=record["max_length"],
+                                 model_name=model_name, layer_widths=layer_widths)
         check_identity(record["base_model"], self.backbone.identity, f"the prompt in {prompt_dir}")
         self.set_trainable(checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
         return model
@@ -135,6 +138,17 @@ class TaskModelRun:
         losses = [x for _, shard in shards for x in shard]
         metrics = compute_metrics(self.task, predictions, [e.label for e in self.dev_set])
         return metrics | {"loss": sum(losses) / len(losses)}
+
+
+def previous_step(cfg: Config) -> tuple[Path, Path]:
+    """A keep schedule's previous step (cfg.previous_step): its compact model and its re-tuned prompt, which
+    the next step scores and re-tunes from."""
+    step = Path(cfg.previous_step)
+    compact, prompt = step / "compact", step / "retune"
+    if not ((compact / "manifest.json").is_file() and (prompt / "prompt.safetensors").is_file()):
+        raise UserError(f"{step} holds no finished keep-schedule step (a compact model and its re-tuned prompt): "
+                        f"run the schedule from its start (same --output)")
+    return compact, prompt
 
 
 def read_prompt_record(prompt_dir: Path, cfg: Config) -> dict:

@@ -50,8 +50,9 @@ class LocalizeRecipe(RecordsSettings):
         check_scores(scores, geometry, str(self.source))
         values = self.settings_record()["values"]  # the architecture's defaults resolved once, in the record
         keep_mode, protect = values["keep_mode"], values["protect_outliers"]
+        within = meta["within"] and Skeleton(ffn=meta["within"]["ffn"], heads=meta["within"]["heads"])
         skeleton = select(scores, geometry, ffn_keep=cfg.ffn_keep, head_keep=cfg.head_keep, align=cfg.align,
-                          mode=keep_mode, protect=protect)
+                          mode=keep_mode, protect=protect, within=within)
         if os.environ.get("RANK", "0") == "0":
             plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png", cfg.output / "skeleton_heads.png")
             record = skeleton_record(skeleton, meta, keep_mode=keep_mode, ffn_keep=cfg.ffn_keep,

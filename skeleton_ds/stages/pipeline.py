@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from skeleton_ds import checkpoint, lineage, preemption
+from skeleton_ds.stages import schedule
 from skeleton_ds.config import STAGES, Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.provenance import provenance
@@ -99,6 +100,8 @@ def _remove_outputs(cfg: Config, stages: list[str]) -> None:
 
 
 def run_pipeline(cfg: Config) -> dict:
+    if len(cfg.keep_schedule) > 1:
+        return run_schedule(cfg)
     summary_file = cfg.output / "metrics.json"
     previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     seconds = dict(previous.get("stage_seconds", {}))
@@ -124,6 +127,35 @@ def run_pipeline(cfg: Config) -> dict:
         checkpoint.write_json(summary_file, summary)
         Reporter(enabled=True).metrics_table(f"{cfg.task}: Skeleton pipeline", _table_rows(summary),
                                              caption=str(summary_file))
+    return summary
+
+
+def run_schedule(cfg: Config) -> dict:
+    """A keep schedule (skeleton_ds.stages.schedule): every phase planned before any work (refusing changed
+    settings up to the first phase with work to do; the phases after it read what it makes), then run in
+    turn. DIR/metrics.json summarises the last step and lists every step."""
+    shared, steps = schedule.phases(cfg)
+    redone = None  # the first phase with work to do: what every later step starts from is made anew
+    for phase in ([shared] if shared else []) + steps:
+        if redone is None:
+            ready = phase.previous_step is None or lineage.read_record(phase.previous_step, "retune") is not None
+            redone = phase if not ready or plan_stages(phase).run else None
+            continue
+        stale = [s for s in phase.stages if s in schedule.STEP_STAGES and RECIPES[s](phase).done()]
+        if stale and not cfg.overwrite:
+            raise UserError(f"{phase.output} holds finished stages ({', '.join(stale)}) made from the keep schedule's "
+                            f"earlier steps, which this run redoes from {redone.output}: pass --overwrite to redo "
+                            f"them too, or choose another --output")
+    summary = run_pipeline(shared) if shared else {}
+    rows = []
+    for step in steps:
+        if step.output != cfg.output:
+            schedule.mirror_shared(cfg, step)
+        summary = run_pipeline(step)
+        rows.append(schedule.step_row(step, summary))
+    summary |= {"keep_schedule": rows}
+    if _is_main() and rows:
+        checkpoint.write_json(cfg.output / "metrics.json", summary)
     return summary
 
 

@@ -29,7 +29,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.model_identity import check_identity
 from skeleton_ds.prompt import PromptedClassifier, initial_prompt, task_record
 from skeleton_ds.provenance import provenance
-from skeleton_ds.stages.common import TaskModelRun, read_prompt_record
+from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record
 from skeleton_ds.stages.settings import RecordsSettings
 
 KILL_AFTER_STEP_ENV = "SKELETON_DS_KILL_AFTER_STEP"
@@ -283,7 +283,9 @@ class RetuneRecipe(PromptTuningRecipe):
                 "prompt_length": record["prompt_length"], "max_length": record["max_length"]}
 
     def initial_values(self, model: PromptedClassifier) -> dict[str, torch.Tensor]:
-        return checkpoint.load_tensors(self.prompt_dir / "prompt.safetensors")
+        """The stage-1 prompt; in a keep schedule's later step, the prompt the step before re-tuned."""
+        start = self.prompt_dir if self.cfg.previous_step is None else previous_step(self.cfg)[1]
+        return checkpoint.load_tensors(start / "prompt.safetensors")
 
     def setup(self) -> None:
         super().setup()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from skeleton_ds.checkpoint import write_json, write_text
+from skeleton_ds.checkpoint import copy_atomically, write_json, write_text
 from skeleton_ds.config import config_from_args
 from skeleton_ds.errors import UserError
 from skeleton_ds.lineage import read_record
@@ -227,20 +227,6 @@ def task_flags(task: str, data_dir: Path) -> list[str]:
 def _seconds(run: Path) -> float:
     """Wall seconds the pipeline spent on a run (its metrics.json), so a resumed table still reports its cost."""
     return sum(json.loads((run / "metrics.json").read_text()).get("stage_seconds", {}).values())
-
-
-def copy_atomically(source: Path, target: Path) -> None:
-    """A copy that is complete or absent, so an interrupted table never resumes from half a prompt."""
-    partial = target.with_name(f".{target.name}.partial")
-    if partial.is_dir():  # left by an interrupted copy
-        shutil.rmtree(partial)
-    partial.unlink(missing_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        shutil.copytree(source, partial)
-    else:
-        shutil.copy(source, partial)
-    partial.rename(target)
 
 
 def stage_flags(task: str, seed: int, cfg: ReproduceConfig) -> list[str]:

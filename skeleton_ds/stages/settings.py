@@ -37,6 +37,10 @@ STAGE_FLAGS: dict[str, tuple[str, ...]] = {
 STAGE_OVERRIDES: dict[str, dict[str, str]] = {"retune": {"epochs": "retune_epochs", "lr": "retune_lr"}}
 """Flags a stage takes from its own option when that is set (non-zero): re-tuning's budget."""
 
+READS_PREVIOUS_STEP = ("attribute", "retune")
+"""In a keep schedule's later step, the stages that start from the step before (its compact model and re-tuned
+prompt): their records carry that step's re-tuning record id, so a redone step makes the next one stale."""
+
 USES = {"prompt": ("base", "task", "batch"), "attribute": ("base", "task", "batch"), "localize": (),
         "convert": ("base",), "teacher": ("base", "task", "batch"), "retune": ("task", "batch")}
 """Which shared parts each stage depends on: the base model, the task and its data, the global batch
@@ -112,8 +116,20 @@ class RunSettings:
         override = STAGE_OVERRIDES.get(stage, {}).get(name)
         return (override and getattr(self.cfg, override)) or getattr(self.cfg, name)
 
+    @cached_property
+    def previous_step(self) -> dict:
+        """{"previous_step": id of its re-tuning record} in a keep schedule's later step; {} otherwise."""
+        step = self.cfg.previous_step
+        if step is None:
+            return {}
+        record = lineage.read_record(step, "retune")
+        if record is None:
+            raise UserError(f"{step} holds no finished re-tuning: run the keep schedule from its start (same --output)")
+        return {"previous_step": record["id"]}
+
     def values(self, stage: str) -> dict:
         own = {name: checkpoint.json_value(self.value(stage, name)) for name in STAGE_FLAGS[stage]}
+        own |= self.previous_step if stage in READS_PREVIOUS_STEP else {}
         shared = {"base": self.base} if "base" in USES[stage] else {}
         shared |= {"task": self.task} if "task" in USES[stage] else {}
         return shared | own | (self.batch if "batch" in USES[stage] else {})
