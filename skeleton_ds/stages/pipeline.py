@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from skeleton_ds import checkpoint, lineage, preemption
 from skeleton_ds.stages import schedule
@@ -128,6 +128,18 @@ def run_pipeline(cfg: Config) -> dict:
         Reporter(enabled=True).metrics_table(f"{cfg.task}: Skeleton pipeline", _table_rows(summary),
                                              caption=str(summary_file))
     return summary
+
+
+def is_retuned(cfg: Config) -> bool:
+    """Is the run's last stage (its last step's re-tuning) finished with exactly these settings? Then its results
+    can be read from its records alone, without its compact model on disk: a table or study resumes from the light
+    files of its runs (records, prompts, scores; launch/table_state.sh). A finished stage made with other settings
+    is refused here, as the pipeline would."""
+    final = schedule.step_configs(cfg)[-1] if len(cfg.keep_schedule) > 1 else cfg
+    if final.previous_step is not None and lineage.read_record(final.previous_step, "retune") is None:
+        return False
+    recorded = lineage.read_record(final.output, "retune")
+    return recorded is not None and recorded["id"] == plan_stages(replace(final, stages=STAGES)).records["retune"]["id"]
 
 
 def run_schedule(cfg: Config) -> dict:

@@ -41,7 +41,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.lineage import read_record
 from skeleton_ds.plots import plot_results
 from skeleton_ds.provenance import provenance
-from skeleton_ds.stages.pipeline import plan_stages, run_pipeline
+from skeleton_ds.stages.pipeline import is_retuned, run_pipeline
 
 @dataclass(frozen=True)
 class Variant:
@@ -247,13 +247,9 @@ def _check_shared(run: Path, full: Path, stage: str) -> None:
 
 
 def retuned(argv: list[str]) -> bool:
-    """Is this skeleton's last stage finished with exactly these flags' settings? Then its row is read from its
-    records alone, and its compact model need not be on disk: a table resumes from the light files of its runs
-    (records, prompts, scores; launch/table_state.sh), e.g. on another machine or after scratch was purged.
-    A finished stage made with other settings is refused here, as the pipeline would."""
-    cfg = config_from_args(argv)
-    recorded = read_record(cfg.output, "retune")
-    return recorded is not None and recorded["id"] == plan_stages(cfg).records["retune"]["id"]
+    """Is this skeleton finished with exactly these flags' settings (stages.pipeline.is_retuned)? Then its row is
+    read from its records alone."""
+    return is_retuned(config_from_args(argv))
 
 
 def _run_name(keep: float, head: float, variant: str) -> str:
