@@ -693,7 +693,7 @@ def summarize(contenders: list[Contender], workloads: list[Workload], cfg: Bench
 
 def _accuracy(contenders: list[Contender], task: Task, data_dir: Path | None, batch: int) -> dict[str, dict]:
     """Dev metrics of every contender on the real task (PEFT through its own forward)."""
-    examples = evaluation_examples(task, data_dir, "dev")
+    examples, _ = evaluation_examples(task, data_dir, "dev")
     reference = next(c.predictor for c in contenders if c.predictor is not None)
     items = reference.encode(examples)
     labels = [e.label for e in items]

@@ -105,6 +105,8 @@ def infer(argv: Sequence[str] | None = None) -> int:
     import json
     from pathlib import Path
 
+    from skeleton_ds.config import Config
+
     p = argparse.ArgumentParser(prog="skeleton-ds infer", description=infer.__doc__)
     m = p.add_argument_group("model: --checkpoint, or --base with --prompt")
     m.add_argument("--checkpoint", type=Path, help="compact checkpoint directory (DIR/compact); its manifest is verified")
@@ -118,7 +120,9 @@ def infer(argv: Sequence[str] | None = None) -> int:
                                   "--input, only checked against the checkpoint's task")
     i.add_argument("--data-dir", type=Path, help="read the split from DIR/<TASK>/ (else the Hugging Face Hub)")
     i.add_argument("--split", default="validation", choices=("validation", "dev", "train"))
-    i.add_argument("--max-examples", type=int, default=0, help="evaluate only the first N examples (0: all)")
+    i.add_argument("--max-examples", type=int, default=0, help="evaluate a seeded subset of N examples, the one "
+                   "train's --max-eval-examples N selects with the same --seed (0: all)")
+    i.add_argument("--seed", type=int, default=Config.seed, help="which subset --max-examples takes (train's --seed)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
     r.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
@@ -166,10 +170,11 @@ def infer(argv: Sequence[str] | None = None) -> int:
             f"drop --task (the records are read as {task.name!r}) or pass --task {task.name}"
         raise UserError(f"{predictor.source} answers task {task.name!r}, not {args.task!r}: {fix}")
     if lines is None:
-        result = predictor.evaluate(evaluation_examples(task, args.data_dir, args.split, args.max_examples))
-        print(json.dumps(result | {"split": args.split}))
+        examples, selection = evaluation_examples(task, args.data_dir, args.split, args.max_examples, args.seed)
+        result = predictor.evaluate(examples)
+        print(json.dumps(result | {"split": args.split, "selection": selection}))
         print(f"skeleton_ds: {task.name} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
-              + f" over {result['examples']} examples, {result['examples_per_s']:.1f} examples/s", file=sys.stderr)
+              + f" over {selection} examples, {result['examples_per_s']:.1f} examples/s", file=sys.stderr)
         return 0
     examples = read_records(lines, task, source)
     predictions = predictor.predict(examples)

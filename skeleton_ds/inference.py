@@ -292,16 +292,18 @@ def read_records(lines: Iterable[str], task: Task, source: str) -> list[Example]
     return examples
 
 
-def evaluation_examples(task: Task, data_dir: Path | None, split: str, limit: int = 0) -> list[Example]:
-    """A labelled split of a built-in task (from --data-dir, else the Hub)."""
-    from skeleton_ds.tasks import load_split
+def evaluation_examples(task: Task, data_dir: Path | None, split: str, limit: int = 0,
+                        seed: int = 0) -> tuple[list[Example], str]:
+    """A labelled split of a built-in task (from --data-dir, else the Hub), capped as train caps it (the same
+    seeded subset for the same cap and seed), and which examples those are, in words."""
+    from skeleton_ds.tasks import describe_subset, load_split, subset
 
     split = {"validation": "dev"}.get(split, split)
     if task.hub is None:
         raise UserError(f"task {task.name!r} has no built-in data: evaluate it with --input FILE (JSON Lines records "
                         f"with a label field)")
     examples = load_split(task, split, data_dir)
-    return examples[:limit] if limit else examples
+    return subset(examples, limit, seed), describe_subset(limit, len(examples), seed)
 
 
 def label_accuracy(predictions: Sequence[dict], examples: Sequence[Example], task: Task) -> dict | None:

@@ -194,6 +194,24 @@ def task_from_record(record: dict) -> Task:
                 verbalizer=tuple(record["verbalizer"]), metrics=known.metrics if known else ("accuracy", "macro_f1"))
 
 
+def subset(items: list, limit: int, seed: int) -> list:
+    """The examples a cap of `limit` selects: a seeded random subset, kept in file order (files are often sorted
+    by label or source, so the first N would be a biased sample). Every command that caps a split (train's
+    --max-*-examples, infer's --max-examples, reproduce) selects through this, so the same cap and seed give the
+    same examples everywhere."""
+    if not limit or limit >= len(items):
+        return items
+    import torch
+
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return [items[i] for i in keep.tolist()]
+
+
+def describe_subset(limit: int, total: int, seed: int) -> str:
+    """Which examples `subset` took, in words a report can print."""
+    return f"all {total}" if not limit or limit >= total else f"the seeded subset of {limit} of {total} (seed {seed})"
+
+
 def load_split(task: Task, split: str, data_dir: Path | None,
                generic: GenericTaskSpec | None = None) -> list[Example]:
     """Read one split. For the generic task a given spec replaces the files the task was built with."""

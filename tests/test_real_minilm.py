@@ -67,7 +67,7 @@ def test_minilm_end_to_end_sst2_at_half_the_ffn(sst2_run, measured):
     from skeleton_ds.inference import InferenceConfig, Predictor, evaluation_examples
 
     fp32 = Predictor.from_checkpoint(out / "compact", InferenceConfig(device="cpu"))
-    examples = evaluation_examples(fp32.task, SHARED_DATA, "validation")
+    examples, _ = evaluation_examples(fp32.task, SHARED_DATA, "validation")
     int8 = Predictor.from_checkpoint(out / "compact", InferenceConfig(device="cpu", quant="8bit"))
     items = fp32.encode(examples)
     p32, p8 = fp32.logits(items).argmax(-1), int8.logits(items).argmax(-1)
@@ -81,3 +81,24 @@ def test_minilm_end_to_end_sst2_at_half_the_ffn(sst2_run, measured):
     assert agreement >= 0.95, agreement
     linear = sum(m.weight.numel() for m in fp32.model.backbone.modules() if isinstance(m, torch.nn.Linear))
     assert fp32.weight_bytes() - int8.weight_bytes() > 0.9 * 3 * linear  # 1 byte per weight instead of 4
+
+
+def test_train_and_infer_cap_the_dev_split_alike(tmp_path, capsys):
+    """`--max-eval-examples 200` (train) and `--max-examples 200` (infer) select the same seeded subset: the
+    accuracy train reports is the one infer measures, and both say which examples they took."""
+    from skeleton_ds.cli import infer, run_command, train
+
+    out = tmp_path / "run"
+    assert run_command(train, ["--model", "minilm", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--output",
+                               str(out), "--config", "ds_configs/zero2.json", "--stages", "prompt", "--seed", "7",
+                               "--max-train-examples", "64", "--max-steps", "2", "--max-eval-examples", "200"]) == 0
+    summary = json.loads((out / "prompt" / "metrics.json").read_text())
+    assert summary["dev_selection"] == "the seeded subset of 200 of 872 (seed 7)"
+    capsys.readouterr()
+    assert run_command(infer, ["--base", "minilm", "--prompt", str(out / "prompt"), "--task", "sst2", "--data-dir",
+                               str(SHARED_DATA), "--max-examples", "200", "--seed", "7", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["examples"] == 200 and result["selection"] == summary["dev_selection"]
+    assert result["metrics"]["accuracy"] == summary["metrics"]["accuracy"]
+    assert "over the seeded subset of 200 of 872 (seed 7) examples" in captured.err

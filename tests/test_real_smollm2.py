@@ -18,7 +18,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor
 from skeleton_ds.localization import load_skeleton, masked
 from skeleton_ds.prompt import verbalizer_token_ids
-from skeleton_ds.stages.common import subset
+from skeleton_ds.tasks import subset
 from skeleton_ds.tasks import _REGISTRY, Example, get_task, load_split
 from test_distributed import launch
 

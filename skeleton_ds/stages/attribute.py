@@ -30,7 +30,8 @@ from skeleton_ds.attribution import (UnitRecorder, all_reduce_sums, finish_score
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.localization import load_skeleton
-from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record, subset
+from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record
+from skeleton_ds.tasks import subset
 from skeleton_ds.stages.settings import RecordsSettings
 
 PARTIAL_FORMAT = "skeleton_ds.attribution-partial/1"

@@ -19,7 +19,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.loading import load_backbone, resolve_model_path
 from skeleton_ds.model_identity import check_identity
 from skeleton_ds.prompt import PromptedClassifier, read_task_record, verbalizer_token_ids
-from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, get_task, load_split
+from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, describe_subset, get_task, load_split, subset
 from skeleton_ds.ui import Reporter
 
 
@@ -30,14 +30,6 @@ def generic_spec(cfg: Config) -> GenericTaskSpec | None:
     return GenericTaskSpec(train_file=cfg.train_file, dev_file=cfg.dev_file, text_columns=cfg.text_columns,
                            label_column=cfg.label_column, label_names=cfg.label_names, template=cfg.template,
                            verbalizer=cfg.verbalizer)
-
-
-def subset(items: list, limit: int, seed: int) -> list:
-    """A seeded random subset (file order is often sorted by label or source)."""
-    if not limit or limit >= len(items):
-        return items
-    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return [items[i] for i in keep.tolist()]
 
 
 class TaskModelRun:
@@ -51,12 +43,14 @@ class TaskModelRun:
         self.cfg = cfg
 
     def load_examples(self) -> tuple[list, list]:
+        """The capped training and dev examples (tasks.subset), with `dev_selection` saying which dev examples."""
         cfg = self.cfg
         self.generic = generic_spec(cfg)
         self.task = get_task(cfg.task, self.generic)
         train = subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
-        dev = subset(load_split(self.task, "dev", cfg.data_dir, self.generic), cfg.max_eval_examples, cfg.seed)
-        return train, dev
+        dev = load_split(self.task, "dev", cfg.data_dir, self.generic)
+        self.dev_selection = describe_subset(cfg.max_eval_examples, len(dev), cfg.seed)
+        return train, subset(dev, cfg.max_eval_examples, cfg.seed)
 
     def build_model(self, ds_config: dict, train: list, dev: list, *, readout: str, prompt_length: int,
                     max_length: int, model_name: str | None = None, layer_widths: bool = True) -> PromptedClassifier:

@@ -225,6 +225,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
                                  max_length=self.max_length, padding_side=self.backbone.adapter.padding_side)
             labels = [e.label for e in self.dev_set]
             summary = {"task": self.task.name, "split": "dev", "metrics": metrics, "dev_examples": len(self.dev_set),
+                       "dev_selection": self.dev_selection,
                        "dev_majority": max(labels.count(c) for c in set(labels)) / len(labels),  # did it learn?
                        "train_examples": len(self.train_set), "steps": self.total_steps,
                        "global_batch": self.global_batch, "world_size": self.dist.world_size,
@@ -252,7 +253,7 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         self.train()
         metrics = self.evaluate()
         self.save(metrics)
-        self.report.metrics_table(f"{self.task.name} dev", metrics, caption=f"{len(self.dev_set)} examples")
+        self.report.metrics_table(f"{self.task.name} dev", metrics, caption=f"{self.dev_selection} examples")
         self.cleanup()
         return metrics
 
@@ -342,6 +343,6 @@ class RetuneRecipe(PromptTuningRecipe):
             checkpoint.write_manifest(self.compact_dir)
         torch.distributed.barrier()
         self.report.metrics_table(f"{self.task.name} dev, skeleton", {f"{k} before": v for k, v in before.items()}
-                                  | {f"{k} after": v for k, v in metrics.items()}, caption=f"{len(self.dev_set)} examples")
+                                  | {f"{k} after": v for k, v in metrics.items()}, caption=f"{self.dev_selection} examples")
         self.cleanup()
         return metrics

@@ -260,8 +260,7 @@ def zero_shot(full: Path, cfg: ReproduceConfig, task: str, seed: int) -> float:
     """The floor: the base model's dev accuracy with the task's template and verbalizer and no soft prompt,
     on the same dev examples (FULL/zero_shot.json, reused while the prompt record it was made with stands)."""
     from skeleton_ds.inference import InferenceConfig, Predictor
-    from skeleton_ds.stages.common import subset
-    from skeleton_ds.tasks import load_split
+    from skeleton_ds.tasks import load_split, subset
 
     prompt_id = read_record(full, "prompt")["id"]
     path = full / "zero_shot.json"
@@ -271,7 +270,7 @@ def zero_shot(full: Path, cfg: ReproduceConfig, task: str, seed: int) -> float:
             return done["accuracy"]
     predictor = Predictor.from_prompt(cfg.model, full / "prompt", InferenceConfig(device="cpu", dtype="fp32"),
                                       zero_shot=True)
-    # the pipeline's dev subset (stages.common.subset); a generic task reads its own files through task_flags
+    # the pipeline's dev subset (tasks.subset); a generic task reads its own files through task_flags
     dev = subset(load_split(predictor.task, "dev", cfg.data_dir), cfg.plan(task)["dev"], seed)
     accuracy = predictor.evaluate(dev)["metrics"]["accuracy"]
     write_json(path, {"accuracy": accuracy, "dev_examples": len(dev), "prompt_settings_id": prompt_id})
