@@ -113,3 +113,50 @@ def local_fraction(params: Iterable[torch.nn.Parameter]) -> float:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
     return local / max(total, 1)
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether ZeRO-3 partitions `param` (each rank holds a shard in ds_tensor, whether or not the full value is
+    materialised at the moment: that varies by rank, so it never decides which collective runs)."""
+    return hasattr(param, "ds_id") and getattr(param, "ds_tensor", None) is not None
+
+
+@torch.no_grad()
+def rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """weight[ids] for a frozen 2-D (or 1-D) weight, without gathering all of it under ZeRO-3.
+
+    A rank holds one contiguous slice of the flattened weight (ds_tensor, from rank x its size). The ranks first
+    agree on the union of the ids they need (their batches differ), then each copies the parts of those rows that
+    fall in its slice into a zero buffer of [union, row width], and one all-reduce adds the buffers up. Reading a
+    few label rows of a 151,936-row LM head, or the embedding rows of a batch's tokens, so moves kilobytes instead
+    of the whole matrix on every rank. No gradient reaches the weight. A collective under ZeRO-3: every rank
+    calls it (every rank runs the same forward)."""
+    if not is_partitioned(weight):
+        return weight[ids]
+    shape = tuple(weight.ds_shape)
+    width = shape[1] if len(shape) == 2 else 1
+    group = getattr(weight, "ds_process_group", None)
+    shard = weight.ds_tensor.view(-1)
+    start = weight.ds_tensor.ds_numel * torch.distributed.get_rank(group=group)
+    wanted = _union(torch.unique(ids.flatten()).to(shard.device), group)
+    positions = (wanted.unsqueeze(1) * width + torch.arange(width, device=shard.device)).flatten()
+    local = (positions >= start) & (positions < start + shard.numel())
+    out = torch.zeros(positions.numel(), dtype=shard.dtype, device=shard.device)
+    out[local] = shard[positions[local] - start]
+    torch.distributed.all_reduce(out, group=group)
+    picked = out.view(len(wanted), width)[torch.searchsorted(wanted, ids.flatten().to(shard.device))]
+    return picked.view(*ids.shape, width) if len(shape) == 2 else picked.view(ids.shape)
+
+
+def _union(ids: torch.Tensor, group) -> torch.Tensor:
+    """The sorted union of every rank's `ids` (1-D, unique), the same on every rank (two small collectives)."""
+    size = torch.distributed.get_world_size(group=group)
+    counts = [torch.zeros(1, dtype=torch.long, device=ids.device) for _ in range(size)]
+    torch.distributed.all_gather(counts, torch.tensor([len(ids)], device=ids.device), group=group)
+    longest = int(max(c.item() for c in counts))
+    padded = torch.full((longest,), -1, dtype=torch.long, device=ids.device)
+    padded[:len(ids)] = ids
+    found = [torch.empty_like(padded) for _ in range(size)]
+    torch.distributed.all_gather(found, padded, group=group)
+    every = torch.cat(found)
+    return torch.unique(every[every >= 0])

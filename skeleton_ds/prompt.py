@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skeleton_ds import checkpoint
+from skeleton_ds import checkpoint, distributed
 from skeleton_ds.architectures import ArchAdapter
 from skeleton_ds.data import ENCODING
 from skeleton_ds.errors import UserError
@@ -82,7 +82,7 @@ class PromptedClassifier(nn.Module):
         """Label logits [batch, num_labels]. `answer_index` indexes the un-prompted input. With `hidden_layers`
         (distillation), also the hidden states at the answer position: (logits, answer_states(...))."""
         batch = input_ids.shape[0]
-        tokens = self.backbone.get_input_embeddings()(input_ids)
+        tokens = token_embeddings(self.backbone.get_input_embeddings(), input_ids)
         prompt = self.prompt(batch).to(tokens.dtype)
         n = prompt.shape[1]
         embeds = torch.cat([prompt, tokens], dim=1)
@@ -128,17 +128,23 @@ class PromptedClassifier(nn.Module):
         return label_logits(self.backbone.get_output_embeddings(), answer, self.label_token_ids)
 
 
-def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a few vocabulary entries: a [labels, hidden] slice instead of the [vocab, hidden] product.
+def token_embeddings(embedding: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of a batch's tokens. A plain frozen embedding table partitioned by ZeRO-3 is read row by
+    row (distributed.rows: only the batch's tokens move) instead of through its module, whose hook would gather
+    the whole table on every rank (151,936 x 1,536 for Qwen2.5); anything else is called as it is."""
+    if type(embedding) is nn.Embedding and distributed.is_partitioned(embedding.weight) \
+            and not embedding.weight.requires_grad:
+        return distributed.rows(embedding.weight, input_ids)
+    return embedding(input_ids)
 
-    Under ZeRO-3 the projection is partitioned and only its own forward hook may gather it
-    (gathering it by hand inside the engine's forward breaks ZeRO-3's bookkeeping), so there the
-    full row at the answer position is computed and the label entries picked from it.
-    """
-    if hasattr(vocab_projection.weight, "ds_id"):
-        return vocab_projection(hidden)[:, token_ids].float()
-    bias = vocab_projection.bias[token_ids] if vocab_projection.bias is not None else None
-    return F.linear(hidden, vocab_projection.weight[token_ids], bias).float()
+
+def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids) -> torch.Tensor:
+    """Logits of a few vocabulary entries: a [labels, hidden] slice instead of the [vocab, hidden] product. Under
+    ZeRO-3 only those rows are read from the ranks' shards (distributed.rows), never the whole projection."""
+    ids = torch.as_tensor(token_ids, device=hidden.device)
+    bias = distributed.rows(vocab_projection.bias, ids) if vocab_projection.bias is not None else None
+    return F.linear(hidden, distributed.rows(vocab_projection.weight, ids).to(hidden.dtype),
+                    None if bias is None else bias.to(hidden.dtype)).float()
 
 
 def verbalizer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
