@@ -4,11 +4,13 @@ ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory 
     python launch/scale_run.py                               # tinyllama-1.1b shape -> docs/results/scale_run.{json,md}
     python launch/scale_run.py --shape small                 # a few MB, for a smoke test (docs/results/scale_run_small.*)
     python launch/scale_run.py --runs zero0,zero3 --work runs/scale --keep-base
+    python launch/scale_run.py --shape qwen2.5-1.5b --runs zero0_tuned,zero3_tuned   # real weights (models fetch first)
 
 1. Builds a random-init LLaMA of the shape (TinyLlama: hidden 2048, 22 layers, 32 heads / 4 KV heads,
    intermediate 5632, vocab 32000; 1.1B parameters, fp32) once, as sharded safetensors
    (`save_pretrained(max_shard_size=--shard-size)`), with a small word-level tokenizer, and a
-   synthetic two-class CSV task. `--keep-base` reuses a finished base in --work.
+   synthetic two-class CSV task. `--keep-base` reuses a finished base in --work. A real shape
+   (`--shape qwen2.5-1.5b`) uses the packaged model's converted checkpoint instead: nothing is built.
 2. Runs each stage (prompt, attribute, localize, convert, retune) as its own launch, as a user would:
    `deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ... --stages S` (and
    zero3_offload.json), and `python launch/train.py --config ds_configs/zero0.json ... --stages S`, with
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -68,6 +71,8 @@ SHAPES = {
     "small": dict(LLAMA, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256),
 }
+REAL = ("qwen2.5-1.5b",)
+"""Shapes with real weights: the packaged alias's converted checkpoint is the base (nothing is built)."""
 RUNS = {  # name: (DeepSpeed config, ranks; 0 = plain python, no launcher)
     "zero0": ("ds_configs/zero0.json", 0),
     "zero3": ("ds_configs/zero3.json", 2),
@@ -142,6 +147,19 @@ def build_base(shape: str, directory: Path, shard_size: str) -> dict:
             "shard_size": shard_size, "system_memory_mib": round(psutil.virtual_memory().total / MIB)}
     (directory / "scale_run_base.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def real_base(alias: str) -> tuple[Path, dict]:
+    """A packaged model's converted checkpoint (fetched and converted once: skeleton-ds models fetch ALIAS)."""
+    import psutil
+
+    from skeleton_ds.packaged_models import resolve_model_path
+
+    base = Path(resolve_model_path(alias))
+    parameters = sum(math.prod(info["shape"]) for shard in sorted(base.glob("*.safetensors"))
+                     for name, info in read_header(shard)[0].items())
+    return base, {"parameters": parameters, "real_weights": alias, "shard_size": "as converted",
+                  "system_memory_mib": round(psutil.virtual_memory().total / MIB)}
 
 
 def checkpoint_summary(directory: Path) -> dict:
@@ -298,7 +316,7 @@ def stage_command(config: str, ranks: int, stage: str, base: Path, files: tuple[
 
 
 def stage_flags(shape: str, steps: int, batch: int) -> list[str]:
-    align = "64" if shape == "tinyllama-1.1b" else "32"
+    align = "32" if shape == "small" else "64"
     return ["--batch-size", str(batch), "--prompt-length", "4", "--max-length", "32", "--max-steps", str(steps),
             "--max-train-examples", "16", "--max-eval-examples", "4", "--attr-examples", "4", "--save-every", "1000",
             "--seed", "0", "--ffn-keep", "0.3", "--head-keep", "0.5", "--align", align]
@@ -467,16 +485,18 @@ def summary_table(result: dict) -> list[str]:
 def markdown(result: dict) -> str:
     header, rows = table(result)
     base = result["base"]
-    lines = [f"# Scale run: {result['shape']} ({base['parameters'] / 1e9:.2f}B parameters, fp32, random weights)", "",
+    weights = f"real weights (`--model {base['real_weights']}`)" if base.get("real_weights") else "random weights"
+    built = (f"The packaged model's converted checkpoint, used as it is." if base.get("real_weights") else
+             f"Built (random init, then save_pretrained) in {base['seconds']} s at a peak RSS of "
+             f"{base['build_peak_rss_mib']} MiB: one copy of the model.")
+    lines = [f"# Scale run: {result['shape']} ({base['parameters'] / 1e9:.2f}B parameters, fp32, {weights})", "",
              f"Measured {result['date']} on {result['environment']['machine']}.", "", "Command:", "", "```bash",
              result["command"], "```", "",
              "Summary: the largest rank's peak RSS per training stage, in MiB, and its ratio to ZeRO-0:", "",
              *summary_table(result), "",
              f"Base checkpoint: {base['checkpoint_mib']:.0f} MiB in {base['shards']} safetensors shards "
              f"(`save_pretrained(max_shard_size=\"{base['shard_size']}\")`, largest shard {base['largest_shard_mib']:.0f} MiB); "
-             f"largest tensor `{base['largest_tensor']}` {base['largest_tensor_mib']:.0f} MiB. Built (random init, "
-             f"then save_pretrained) in {base['seconds']} s at a peak RSS of {base['build_peak_rss_mib']} MiB: one copy "
-             f"of the model.", "",
+             f"largest tensor `{base['largest_tensor']}` {base['largest_tensor_mib']:.0f} MiB. {built}", "",
              "Stage flags (every run): `" + " ".join(result["stage_flags"]) + "`", "",
              "Runs: " + "; ".join(f"`{run}` {r['launcher']} x {r['ranks']}, {r['config']}"
                                   + (" + " + " ".join(f"{k}={v}" for k, v in r["env"].items()) if r["env"] else "")
@@ -544,7 +564,8 @@ def print_result(result: dict, json_path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES) + list(REAL),
+                   help="a random-weights LLaMA shape, or a packaged real model (fetched first: skeleton-ds models fetch)")
     p.add_argument("--runs", default=",".join(RUNS),
                    help=f"comma list of {','.join(RUNS)}, each also as NAME_tuned (glibc mmap threshold 1 MiB and, "
                         f"for ZeRO-3, --stage3-limit)")
@@ -590,10 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     if not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
     base = args.work / "base"
-    if not (args.keep_base and (base / "scale_run_base.json").is_file()):
-        print(f"[scale_run] building the {args.shape} base model in {base} (shards of {args.shard_size}) ...", flush=True)
-        build_base(args.shape, base, args.shard_size)
-    info = json.loads((base / "scale_run_base.json").read_text()) | checkpoint_summary(base)
+    if args.shape in REAL:
+        base, info = real_base(args.shape)
+        info |= checkpoint_summary(base)
+    else:
+        if not (args.keep_base and (base / "scale_run_base.json").is_file()):
+            print(f"[scale_run] building the {args.shape} base model in {base} (shards of {args.shard_size}) ...", flush=True)
+            build_base(args.shape, base, args.shard_size)
+        info = json.loads((base / "scale_run_base.json").read_text()) | checkpoint_summary(base)
     print(f"[scale_run] base: {info['parameters'] / 1e6:.1f}M parameters, {info['checkpoint_mib']:.0f} MiB in "
           f"{info['shards']} shards, largest tensor {info['largest_tensor_mib']:.0f} MiB", flush=True)
     files = write_task(args.work / "data", 32, 8)
