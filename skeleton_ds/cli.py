@@ -328,6 +328,9 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout-ms", type=float, default=30_000,
                    help="a request not answered by then gets 504 and is withdrawn")
     p.add_argument("--stall-s", type=float, default=60.0, help="/healthz fails while one pass has run longer")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /healthz (else 401); default: the "
+                        "SKELETON_DS_API_KEY environment variable, else no key")
     p.add_argument("--static", choices=("auto", "on", "off"), default="auto",
                    help="skeleton mode, decoders: passes at bucketed static shapes (see infer --static); auto: on for CUDA")
     p.add_argument("--warmup-buckets", action="store_true",
@@ -356,10 +359,14 @@ def serve(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install 'skeleton-ds[serve]'") from None
     from skeleton_ds.inference import InferenceConfig
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SKELETON_DS_API_KEY")
     settings = server.ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
                                     max_body_bytes=args.max_body_bytes,
                                     batching=batching, max_queue=args.max_queue,
-                                    timeout_ms=args.timeout_ms, stall_s=args.stall_s)
+                                    timeout_ms=args.timeout_ms, stall_s=args.stall_s, api_key=api_key)
+    if api_key is None and not server.is_loopback(args.host):
+        print(f"skeleton_ds: warning: serving on {args.host} without an API key: anyone who reaches the port can use "
+              f"it; pass --api-key KEY (or set SKELETON_DS_API_KEY)", file=sys.stderr, flush=True)
     # One merged request is one forward pass: the model's batch size is the batcher's.
     cfg = InferenceConfig(device=args.device, dtype=args.dtype, batch_size=args.max_batch, static=args.static,
                           warmup_buckets=args.warmup_buckets)

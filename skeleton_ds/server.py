@@ -30,6 +30,7 @@ task's stage-1 prompt), the baseline the skeletons are measured against; its pas
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -83,6 +84,10 @@ class _Request:
     examples: list[Example]
     future: Future
     enqueued: float  # time.monotonic()
+    deadline: float = math.inf  # past it the caller has been answered 504: never computed
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
 
 
 @dataclass
@@ -106,17 +111,22 @@ class Batcher:
 
     Overload: at most `max_queue` examples wait (0: no bound); `submit` refuses more with `Overloaded`, whose
     retry hint is the time the queue takes to drain at the measured rate. A caller that stops waiting cancels
-    its future, and the worker drops it unrun. `predict` is only ever called from the worker thread; an
+    its future, and the worker drops it unrun; a request past its deadline (`timeout_s` after it was queued,
+    when the caller answers 504) is dropped too, also from a pass taken but not yet run, so no pass computes
+    for a client that has gone (`expired` counts them). `predict` is only ever called from the worker thread; an
     exception there fails that pass's requests only, and the worker goes on. `on_batch(task, examples,
     seconds)` is told about every pass.
     """
 
     def __init__(self, predict: Predict, *, max_batch: int = 32, max_wait_s: float = 0.005, policy: str = "per-task",
-                 max_queue: int = 0, on_batch: Callable[[str, int, float], None] | None = None):
+                 max_queue: int = 0, on_batch: Callable[[str, int, float], None] | None = None,
+                 timeout_s: float = math.inf):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._predict, self._on_batch = predict, on_batch
         self.max_batch, self.max_wait_s, self.policy, self.max_queue = max_batch, max_wait_s, policy, max_queue
+        self.timeout_s = timeout_s
+        self.expired = 0  # requests dropped unrun past their deadline
         self._queues: dict[str, _Queue] = {}  # insertion order is the round-robin order
         self._turn = 0  # index in the round-robin order where the next search starts
         self._waiting = 0  # examples queued, all tasks
@@ -139,7 +149,8 @@ class Batcher:
                 raise Overloaded(f"the server is at capacity ({self._waiting} examples queued, at most "
                                  f"{self.max_queue}): retry after {retry} s", retry)
             queue = self._queues.setdefault(task, _Queue())
-            queue.requests.append(_Request(task, list(examples), future, time.monotonic()))
+            now = time.monotonic()
+            queue.requests.append(_Request(task, list(examples), future, now, now + self.timeout_s))
             queue.examples += len(examples)
             self._waiting += len(examples)
             self._cond.notify()
@@ -171,6 +182,9 @@ class Batcher:
     def _run(self) -> None:
         while (turn := self._next_turn()) is not None:
             task, requests = turn
+            requests = self._unexpired(requests)
+            if not requests:
+                continue
             mixed = self.policy == "cross-task"
             examples = [(r.task, e) if mixed else e for r in requests for e in r.examples]
             start = self._busy_since = time.monotonic()
@@ -230,11 +244,25 @@ class Batcher:
             wake = deadline if wake is None else min(wake, deadline)
         return None, wake
 
+    def _unexpired(self, requests: list[_Request]) -> list[_Request]:
+        """A taken pass less the requests whose deadline has passed since (their callers have been answered 504)."""
+        now = time.monotonic()
+        kept = [r for r in requests if not r.expired(now)]
+        for r in requests:
+            if r.expired(now):
+                self.expired += 1
+                r.future.set_exception(TimeoutError("withdrawn: past its deadline before its pass ran"))
+        return kept
+
     def _pop(self, queue: _Queue) -> _Request | None:
-        """The head request, or None when its caller has gone (a cancelled future): dropped unrun."""
+        """The head request, or None when its caller has gone (a cancelled future, or past its deadline):
+        dropped unrun."""
         head = queue.requests.popleft()
         queue.examples -= len(head.examples)
         self._waiting -= len(head.examples)
+        if head.expired(time.monotonic()) and head.future.cancel():
+            self.expired += 1
+            return None
         return head if head.future.set_running_or_notify_cancel() else None
 
     def _take(self, queue: _Queue, limit: int) -> list[_Request]:
@@ -259,7 +287,8 @@ class Batcher:
             for k in range(len(order)):
                 index = (start + k) % len(order)
                 queue = self._queues[order[index]]
-                while queue.requests and queue.requests[0].future.cancelled():
+                now = time.monotonic()
+                while queue.requests and (queue.requests[0].future.cancelled() or queue.requests[0].expired(now)):
                     self._pop(queue)  # the caller has gone
                 if not queue.requests or (taken and size + len(queue.requests[0].examples) > self.max_batch):
                     continue
@@ -290,6 +319,14 @@ class Metrics:
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.registry.register(_CacheCollector(model))
 
+    def watch_expired(self, batcher: "Batcher") -> None:
+        """skeleton_requests_expired_total: requests dropped unrun past their deadline (work not done for a
+        client already answered 504)."""
+        expired = Counter("skeleton_requests_expired", "Requests dropped unrun past their --timeout-ms deadline",
+                          registry=self.registry)
+        expired.inc(0)
+        self._expired = (expired, batcher)
+
     def observe_request(self, task: str, status: int, seconds: float) -> None:
         self.requests.labels(task, str(status)).inc()
         self.latency.labels(task).observe(seconds)
@@ -299,6 +336,9 @@ class Metrics:
         self.batch_seconds.labels(task).observe(seconds)
 
     def text(self) -> bytes:
+        if hasattr(self, "_expired"):
+            counter, batcher = self._expired
+            counter.inc(batcher.expired - counter._value.get())  # the batcher's count, read when scraped
         return generate_latest(self.registry)
 
 
@@ -341,8 +381,12 @@ class ServeSettings:
     max_queue: int = 4096  # examples waiting, all tasks; more: 503 (0: no bound)
     timeout_ms: float = 30_000  # a request not answered by then: 504
     stall_s: float = 60.0  # /healthz fails while one pass has run longer
+    api_key: str | None = None  # every route but /healthz then needs "Authorization: Bearer <key>" (else 401)
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api-key (or SKELETON_DS_API_KEY) is empty: give a key, or leave it unset to serve "
+                            "without one")
         for name in ("max_batch", "max_inputs", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -386,7 +430,8 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) ->
     metrics = Metrics(model)
     batcher = Batcher(_predict(model, settings.batching), max_batch=settings.max_batch,
                       max_wait_s=settings.max_wait_ms / 1000, policy=settings.batching, max_queue=settings.max_queue,
-                      on_batch=metrics.observe_batch)
+                      on_batch=metrics.observe_batch, timeout_s=settings.timeout_ms / 1000)
+    metrics.watch_expired(batcher)
     names = list(model.task_names())
 
     @asynccontextmanager
@@ -396,6 +441,20 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) ->
 
     app = FastAPI(title="skeleton_ds", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.metrics, app.state.model = batcher, metrics, model
+
+    if settings.api_key is not None:
+        expected = f"Bearer {settings.api_key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            """Every route but /healthz needs the key; a missing or wrong one is refused before the body is read
+            or anything is queued. Compared in constant time (hmac.compare_digest)."""
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path != "/healthz" and not hmac.compare_digest(given, expected):
+                return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>' (the "
+                                              "server's --api-key or SKELETON_DS_API_KEY)"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.exception_handler(HTTPException)  # unknown path, wrong method: the same {"error"} body as ours
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -515,6 +574,16 @@ def _kind(value: object) -> str:
 
 
 # ----------------------------------------------------------------- running it
+def is_loopback(host: str) -> bool:
+    """Whether `host` binds to this machine only (a name is resolved; one that does not resolve counts as not)."""
+    import ipaddress
+
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads: a port in use fails at once, in one line.
     Port 0 takes a free port (the address printed at start names it)."""

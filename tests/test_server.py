@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import uvicorn
@@ -565,6 +565,79 @@ def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():
     finally:
         batcher.close()
     assert all("gone" not in texts for _, texts in recorder.calls) and batcher.waiting() == 0
+
+
+def test_a_request_past_its_deadline_is_never_computed():
+    """Its caller has been answered 504 but has not yet withdrawn it (the handler's timer and the worker race):
+    the worker drops it when it reaches the queue's head, counts it, and computes only the live requests."""
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=0.0, timeout_s=0.3)
+    try:
+        blocker = batcher.submit("hold", _examples("hold"))
+        assert recorder.entered.wait(TIMEOUT)
+        late = batcher.submit("a", _examples("late"))
+        time.sleep(0.4)  # past its deadline, still queued behind the held pass
+        recorder.release.set()
+        blocker.result(TIMEOUT)
+        fresh = batcher.submit("a", _examples("fresh"))
+        assert fresh.result(TIMEOUT) == [{"label": "a:fresh"}]
+        assert late.cancelled() and batcher.expired == 1
+    finally:
+        batcher.close()
+    assert all("late" not in texts for _, texts in recorder.calls)
+
+
+def test_a_pass_drops_its_requests_that_expired_after_it_was_taken():
+    from skeleton_ds.server import _Request
+
+    batcher = Batcher(_Recorder(), timeout_s=10)
+    try:
+        now = time.monotonic()
+        live, gone = (_Request("a", _examples(t), Future(), now, now + d) for t, d in (("live", 10), ("gone", -1)))
+        for r in (live, gone):
+            r.future.set_running_or_notify_cancel()  # taken into the pass
+        assert batcher._unexpired([live, gone]) == [live]
+        assert isinstance(gone.future.exception(0), TimeoutError) and batcher.expired == 1
+    finally:
+        batcher.close()
+
+
+# ------------------------------------------------------------ the API key
+def test_an_api_key_guards_every_route_but_healthz(model):
+    server = ServerThread(create_app(model, ServeSettings(max_batch=16, max_inputs=8, api_key="s3cret")))
+    try:
+        key = {"Authorization": "Bearer s3cret"}
+        assert _call(server.url, "/healthz")[0] == 200  # probes need no key
+        for path, body in (("/v1/tasks", None), ("/metrics", None), ("/v1/classify", {"task": "first", "inputs": ["x"]})):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                status, answer = _call(server.url, path, body, headers=headers)
+                assert status == 401 and "API key" in answer["error"], (path, headers)
+        assert _call(server.url, "/v1/tasks", headers=key)[0] == 200
+        status, answer = _call(server.url, "/v1/classify", {"task": "first", "inputs": ["a good movie"]}, headers=key)
+        assert status == 200 and answer["predictions"][0]["label"] in ("neg", "pos")
+        # Refused before the queue: only the one keyed classify request was ever counted.
+        status, text = _call(server.url, "/metrics", headers=key)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        assert _total(samples, "skeleton_requests_total") == 1
+    finally:
+        server.stop()
+
+
+def test_serving_beyond_loopback_without_a_key_warns(tiny_models, tmp_path, capsys):
+    from skeleton_ds.server import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("no-such-host.invalid")
+    missing = str(tmp_path / "nowhere")
+    assert run_command(serve, ["--base", str(tiny_models["llama"]), "--task-dir", missing, "--host", "0.0.0.0",
+                               "--port", "0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
+    assert run_command(serve, ["--base", str(tiny_models["llama"]), "--task-dir", missing, "--host", "0.0.0.0",
+                               "--port", "0", "--api-key", "k"]) == 2
+    assert "without an API key" not in capsys.readouterr().err
+    assert run_command(serve, ["--base", str(tiny_models["llama"]), "--task-dir", missing, "--api-key", " "]) == 2
+    assert "--api-key" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- the command
