@@ -115,6 +115,18 @@ def local_fraction(params: Iterable[torch.nn.Parameter]) -> float:
     return local / max(total, 1)
 
 
+def parameter(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """`module.<name>` without side effects: under ZeRO-3, reading a parameter as an attribute inside a forward
+    pass gathers its full value on every rank (DeepSpeed's ZeROOrderedDict.__getitem__), which is what reading a
+    few of its rows (`rows`) avoids."""
+    return dict.get(module._parameters, name)
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape, also while ZeRO-3 holds only a shard of it."""
+    return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
+
+
 def is_partitioned(param: torch.Tensor) -> bool:
     """Whether ZeRO-3 partitions `param` (each rank holds a shard in ds_tensor, whether or not the full value is
     materialised at the moment: that varies by rank, so it never decides which collective runs)."""

@@ -132,9 +132,9 @@ def token_embeddings(embedding: nn.Module, input_ids: torch.Tensor) -> torch.Ten
     """The input embeddings of a batch's tokens. A plain frozen embedding table partitioned by ZeRO-3 is read row by
     row (distributed.rows: only the batch's tokens move) instead of through its module, whose hook would gather
     the whole table on every rank (151,936 x 1,536 for Qwen2.5); anything else is called as it is."""
-    if type(embedding) is nn.Embedding and distributed.is_partitioned(embedding.weight) \
-            and not embedding.weight.requires_grad:
-        return distributed.rows(embedding.weight, input_ids)
+    weight = distributed.parameter(embedding, "weight")
+    if type(embedding) is nn.Embedding and distributed.is_partitioned(weight) and not weight.requires_grad:
+        return distributed.rows(weight, input_ids)
     return embedding(input_ids)
 
 
@@ -142,8 +142,9 @@ def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids) -
     """Logits of a few vocabulary entries: a [labels, hidden] slice instead of the [vocab, hidden] product. Under
     ZeRO-3 only those rows are read from the ranks' shards (distributed.rows), never the whole projection."""
     ids = torch.as_tensor(token_ids, device=hidden.device)
-    bias = distributed.rows(vocab_projection.bias, ids) if vocab_projection.bias is not None else None
-    return F.linear(hidden, distributed.rows(vocab_projection.weight, ids).to(hidden.dtype),
+    weight, bias = (distributed.parameter(vocab_projection, name) for name in ("weight", "bias"))
+    bias = distributed.rows(bias, ids) if bias is not None else None
+    return F.linear(hidden, distributed.rows(weight, ids).to(hidden.dtype),
                     None if bias is None else bias.to(hidden.dtype)).float()
 
 
@@ -163,20 +164,18 @@ def verbalizer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
     return ids
 
 
-def initial_prompt(embedding_weight: torch.Tensor, length: int, init: str, tokenizer, seed: int) -> torch.Tensor:
-    """Start from real token embeddings, which trains faster than random vectors (Lester et al.)."""
+def initial_prompt_ids(vocab: int, length: int, init: str, tokenizer, seed: int) -> list[int]:
+    """The tokens whose embeddings a prompt starts from: real token embeddings train faster than random vectors
+    (Lester et al.). `init` "text:<words>" repeats those words' tokens; "vocab" draws seeded non-special ones."""
     if init.startswith("text:"):
         ids = tokenizer.encode(init[5:], add_special_tokens=False)
         if not ids:
             raise UserError(f"--prompt-init {init!r} encodes to no tokens")
-        ids = (ids * (length // len(ids) + 1))[:length]
-    else:
-        special = set(tokenizer.all_special_ids)
-        vocab = embedding_weight.shape[0]
-        generator = torch.Generator().manual_seed(seed)
-        candidates = torch.tensor([i for i in range(vocab) if i not in special])
-        ids = candidates[torch.randint(len(candidates), (length,), generator=generator)].tolist()
-    return embedding_weight[torch.tensor(ids)].detach().float().clone()
+        return (ids * (length // len(ids) + 1))[:length]
+    special = set(tokenizer.all_special_ids)
+    generator = torch.Generator().manual_seed(seed)
+    candidates = torch.tensor([i for i in range(vocab) if i not in special])
+    return candidates[torch.randint(len(candidates), (length,), generator=generator)].tolist()
 
 
 def task_record(task: Task, *, readout: str, label_token_ids: list[int] | None, model: str, model_path: str,

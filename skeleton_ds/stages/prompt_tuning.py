@@ -27,7 +27,7 @@ from skeleton_ds.distill import loss as distill_loss
 from skeleton_ds.ds_config import resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
 from skeleton_ds.model_identity import check_identity
-from skeleton_ds.prompt import PromptedClassifier, initial_prompt, task_record
+from skeleton_ds.prompt import PromptedClassifier, initial_prompt_ids, task_record
 from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record
 from skeleton_ds.stages.settings import RecordsSettings
@@ -59,10 +59,10 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
     def initial_values(self, model: PromptedClassifier) -> dict[str, torch.Tensor]:
         """Stage 1 starts from vocabulary (or text) embeddings and a seeded head."""
         cfg = self.cfg
-        embeddings = self.backbone.model.get_input_embeddings().weight
-        with distributed.gathered([embeddings]):
-            init = {"prompt": initial_prompt(embeddings, cfg.prompt_length, cfg.prompt_init, self.backbone.tokenizer,
-                                             cfg.seed)}
+        embeddings = distributed.parameter(self.backbone.model.get_input_embeddings(), "weight")
+        ids = initial_prompt_ids(distributed.full_shape(embeddings)[0], cfg.prompt_length, cfg.prompt_init,
+                                 self.backbone.tokenizer, cfg.seed)
+        init = {"prompt": distributed.rows(embeddings, torch.tensor(ids)).detach().float().clone()}
         if model.head is not None:
             torch.manual_seed(cfg.seed)  # identical head init on every rank
             model.head.reset_parameters()
