@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Carry a results table's progress to another machine (or past a purged scratch disk): the light files of its
-# runs only (records, prompts, scores, metrics), never the compact models or resume checkpoints.
+# runs only (records, prompts, scores, metrics), never the compact models, resume checkpoints or the teacher's
+# outputs (megabytes per run; a finished run is read from its records without them, an unfinished one
+# recomputes them).
 #
 #   bash launch/table_state.sh save runs/reproduce-smollm2 docs/results/reproduce_smollm2-135m.runs.tar.gz
 #   bash launch/table_state.sh load docs/results/reproduce_smollm2-135m.runs.tar.gz runs/reproduce-smollm2
@@ -21,7 +23,7 @@ case "$1" in
     partial="$(dirname "$archive")/.$(basename "$archive").partial"
     # sorted names and fixed owners, so an unchanged table gives the same archive contents
     tar --sort=name --owner=0 --group=0 --numeric-owner -czf "$partial" -C "$runs" \
-      --exclude='*/compact' --exclude='*/checkpoints' --exclude='.*.partial' \
+      --exclude='*/compact' --exclude='*/checkpoints' --exclude='*/teacher.safetensors' --exclude='.*.partial' \
       --exclude='*.log' --exclude='*.log.*' .
     mv "$partial" "$archive"  # complete or absent
     echo "table_state: saved $(tar -tzf "$archive" | grep -vc '/$') files of $runs to $archive ($(du -h "$archive" | cut -f1))"
