@@ -73,6 +73,7 @@ TABLES = {
     "study_retune": _same(lambda r: _script("study_retune").markdown(r)),
     "study_layers": _same(lambda r: _script("study_layers").markdown(r)),
     "scale_run": _scale_run,
+    "scale_run_qwen2.5-1.5b": _scale_run,
     "reproduce": _reproduce,
     "reproduce_smollm2-135m": _reproduce,
     "load_test_minilm64": _same(lambda r: _script("load_test").markdown(r)),
@@ -85,7 +86,7 @@ TABLES = {
 GUIDE = {name: "benchmark.md" for name in TABLES if name.startswith("bench_")} | {"bench_static_cpu": "inference.md"}
 GUIDE |= {name: "results.md" for name in TABLES if name.startswith(("study_", "reproduce", "measured"))}
 GUIDE |= {name: "serving.md" for name in TABLES if name.startswith(("load_test_", "soak_", "profile_mixed_"))}
-GUIDE["scale_run"] = "cluster.md"
+GUIDE |= {name: "cluster.md" for name in TABLES if name.startswith("scale_run")}
 
 
 def guide_text(name: str) -> str:
