@@ -6,6 +6,7 @@ changed step is refused before any work."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -79,8 +80,22 @@ def test_each_step_is_a_valid_compact_model_within_the_one_before(arch, tiny_mod
     assert "ffn-0.75 with these settings" in capsys.readouterr().out.replace("\n", "")
     made = (step / "attribution.safetensors").stat().st_mtime_ns
     assert run_command(train, _argv(tiny_models[arch], sentiment_files, out, "--keep-schedule", "0.625,0.5")) == 2
-    assert "made from the keep schedule's earlier steps" in capsys.readouterr().err
+    assert "made from what the keep schedule redoes" in capsys.readouterr().err
     assert not (out / "steps" / "ffn-0.625").exists() and (step / "attribution.safetensors").stat().st_mtime_ns == made
+
+
+def test_finished_steps_are_reused_when_only_the_teacher_is_new(tiny_models, sentiment_files, tmp_path, capsys):
+    """A first step whose scores were copied in (as a study shares them) and a shared stage with work to do that
+    no step reads (the teacher, without distillation): nothing is stale, the schedule runs."""
+    out = tmp_path / "run"
+    assert run_command(train, _argv(tiny_models["llama"], sentiment_files, out, "--stages", "prompt,attribute")) == 0
+    step = out / "steps" / "ffn-0.75"
+    step.mkdir(parents=True)
+    shutil.copytree(out / "prompt", step / "prompt")
+    shutil.copy(out / "attribution.safetensors", step / "attribution.safetensors")
+    (out / "attribution.safetensors").unlink()
+    assert run_command(train, _argv(tiny_models["llama"], sentiment_files, out, *SCHEDULE)) == 0, capsys.readouterr().err
+    assert "stage attribute is complete" in capsys.readouterr().out  # the copied scores were used
 
 
 def test_a_run_killed_mid_schedule_resumes_to_the_same_result(tiny_models, sentiment_files, tmp_path):

@@ -147,17 +147,26 @@ def run_schedule(cfg: Config) -> dict:
     settings up to the first phase with work to do; the phases after it read what it makes), then run in
     turn. DIR/metrics.json summarises the last step and lists every step."""
     shared, steps = schedule.phases(cfg)
-    redone = None  # the first phase with work to do: what every later step starts from is made anew
-    for phase in ([shared] if shared else []) + steps:
-        if redone is None:
-            ready = phase.previous_step is None or lineage.read_record(phase.previous_step, "retune") is not None
-            redone = phase if not ready or plan_stages(phase).run else None
+    stale: tuple[Config, tuple[str, ...]] | None = None  # the first phase with work, and what it makes stale
+    if shared is not None:
+        run = plan_stages(shared).run
+        if "prompt" in run:
+            stale = (shared, schedule.STEP_STAGES)
+        elif run and RunSettings(cfg).resolved["teacher_outputs"]:  # a new teacher: distilled re-tuning redone
+            stale = (shared, ("retune",))
+    for step in steps:
+        if stale is None:
+            if step.output != cfg.output and step.output.is_dir():
+                schedule.mirror_shared(cfg, step)  # the shared outputs it will read, so its plan sees them
+            ready = step.previous_step is None or lineage.read_record(step.previous_step, "retune") is not None
+            if not ready or plan_stages(step).run:
+                stale = (step, schedule.STEP_STAGES)
             continue
-        stale = [s for s in phase.stages if s in schedule.STEP_STAGES and RECIPES[s](phase).done()]
-        if stale and not cfg.overwrite:
-            raise UserError(f"{phase.output} holds finished stages ({', '.join(stale)}) made from the keep schedule's "
-                            f"earlier steps, which this run redoes from {redone.output}: pass --overwrite to redo "
-                            f"them too, or choose another --output")
+        found = [s for s in step.stages if s in stale[1] and RECIPES[s](step).done()]
+        if found and not cfg.overwrite:
+            raise UserError(f"{step.output} holds finished stages ({', '.join(found)}) made from what the keep "
+                            f"schedule redoes in {stale[0].output}: pass --overwrite to redo them too, or choose "
+                            f"another --output")
     summary = run_pipeline(shared) if shared else {}
     rows = []
     for step in steps:
