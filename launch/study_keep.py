@@ -16,8 +16,12 @@ Every cell re-tunes for the same number of optimizer steps (--retune-epochs over
 schedule shares them out over its steps), so no candidate wins by training longer; nothing reads dev but the
 reported evaluation. Cells share the stage-1 prompt, and those that score the same way share the base pass's
 scores. A cell finished with the same settings is read from its records (stages.pipeline.is_retuned), so the
-study resumes from its light files (launch/table_state.sh save OUTPUT ...) in a later session. Writes
-OUTPUT/study.{json,md,png}; with --docs also docs/results/study_keep.{json,md,png}.
+study resumes from its light files in a later session:
+
+    bash launch/table_state.sh save runs/study-keep docs/results/study_keep.runs.tar.gz    # before the session ends
+    bash launch/table_state.sh load docs/results/study_keep.runs.tar.gz runs/study-keep    # in the next one
+
+Writes OUTPUT/study.{json,md,png}; with --docs also docs/results/study_keep.{json,md,png}.
 """
 
 from __future__ import annotations
