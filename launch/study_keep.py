@@ -109,7 +109,8 @@ def _row(name: str, fields: dict, cfg: Config) -> dict:
             "before": retune["before_retune"]["accuracy"], "after": retune["metrics"]["accuracy"],
             "steps": [{"ffn_keep": s["ffn_keep"], "before": s["before_retune"]["accuracy"],
                        "after": s["after_retune"]["accuracy"]} for s in summary.get("keep_schedule", [])],
-            "retune_steps": retune["steps"] * max(1, len(cfg.keep_schedule)),
+            "retune_steps": sum(json.loads((Path(s["run"]) / "retune" / "metrics.json").read_text())["steps"]
+                                for s in summary["keep_schedule"]) if summary.get("keep_schedule") else retune["steps"],
             "ffn_sizes": skeleton["ffn_sizes"], "parameters_full": conversion["parameters_full"],
             "parameters_kept": conversion.get("parameters_kept", conversion["parameters_compact"]),
             "run": str(cfg.output), "run_provenance": retune["provenance"]}

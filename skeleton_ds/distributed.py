@@ -133,16 +133,27 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id") and getattr(param, "ds_tensor", None) is not None
 
 
+def readable_shard(param: torch.Tensor) -> bool:
+    """Whether `rows` can read `param` from its shard: ZeRO-3 partitions it and the shard is in memory (not swapped
+    out to NVMe, where only DeepSpeed's own gather brings it back). The same on every rank (a config setting)."""
+    if not is_partitioned(param):
+        return False
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    return getattr(param.ds_tensor, "final_location", None) != OffloadDeviceEnum.nvme
+
+
 @torch.no_grad()
 def rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """weight[ids] for a frozen 2-D (or 1-D) weight, without gathering all of it under ZeRO-3.
+    """weight[ids] for a frozen 2-D (or 1-D) weight, without gathering all of it under ZeRO-3 (`readable_shard`).
 
     A rank holds one contiguous slice of the flattened weight (ds_tensor, from rank x its size). The ranks first
     agree on the union of the ids they need (their batches differ), then each copies the parts of those rows that
     fall in its slice into a zero buffer of [union, row width], and one all-reduce adds the buffers up. Reading a
     few label rows of a 151,936-row LM head, or the embedding rows of a batch's tokens, so moves kilobytes instead
-    of the whole matrix on every rank. No gradient reaches the weight. A collective under ZeRO-3: every rank
-    calls it (every rank runs the same forward)."""
+    of the whole matrix on every rank. The collectives run on the rank's device (a shard offloaded to CPU memory
+    is copied from there). No gradient reaches the weight. A collective under ZeRO-3: every rank calls it (every
+    rank runs the same forward)."""
     if not is_partitioned(weight):
         return weight[ids]
     shape = tuple(weight.ds_shape)
@@ -150,13 +161,15 @@ def rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     group = getattr(weight, "ds_process_group", None)
     shard = weight.ds_tensor.view(-1)
     start = weight.ds_tensor.ds_numel * torch.distributed.get_rank(group=group)
-    wanted = _union(torch.unique(ids.flatten()).to(shard.device), group)
-    positions = (wanted.unsqueeze(1) * width + torch.arange(width, device=shard.device)).flatten()
+    here = ids.device  # the rank's device: where its collectives run
+    wanted = _union(torch.unique(ids.flatten()), group)
+    index = torch.int32 if (int(wanted.max()) + 1) * width < 2**31 else torch.long  # half the index memory
+    positions = (wanted.to(index).unsqueeze(1) * width + torch.arange(width, dtype=index, device=here)).flatten()
     local = (positions >= start) & (positions < start + shard.numel())
-    out = torch.zeros(positions.numel(), dtype=shard.dtype, device=shard.device)
-    out[local] = shard[positions[local] - start]
+    out = torch.zeros(positions.numel(), dtype=shard.dtype, device=here)
+    out[local] = shard[(positions[local] - start).to(shard.device)].to(here)
     torch.distributed.all_reduce(out, group=group)
-    picked = out.view(len(wanted), width)[torch.searchsorted(wanted, ids.flatten().to(shard.device))]
+    picked = out.view(len(wanted), width)[torch.searchsorted(wanted, ids.flatten())]
     return picked.view(*ids.shape, width) if len(shape) == 2 else picked.view(ids.shape)
 
 

@@ -293,7 +293,7 @@ def read_records(lines: Iterable[str], task: Task, source: str) -> list[Example]
 
 
 def evaluation_examples(task: Task, data_dir: Path | None, split: str, limit: int = 0,
-                        seed: int = 0) -> tuple[list[Example], str]:
+                        seed: int | None = None) -> tuple[list[Example], str]:
     """A labelled split of a built-in task (from --data-dir, else the Hub), capped as train caps it (the same
     seeded subset for the same cap and seed), and which examples those are, in words."""
     from skeleton_ds.tasks import describe_subset, load_split, subset
@@ -302,6 +302,8 @@ def evaluation_examples(task: Task, data_dir: Path | None, split: str, limit: in
     if task.hub is None:
         raise UserError(f"task {task.name!r} has no built-in data: evaluate it with --input FILE (JSON Lines records "
                         f"with a label field)")
+    if limit and seed is None:
+        raise ValueError("a capped split needs the seed that selects it (train's --seed)")
     examples = load_split(task, split, data_dir)
     return subset(examples, limit, seed), describe_subset(limit, len(examples), seed)
 

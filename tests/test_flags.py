@@ -138,9 +138,8 @@ LATER = {  # flag: (stages to redo, extra argv, probe(run, default_run) -> bool)
     "retune_lr": ("retune", ["--retune-lr", "0.5"],
                   lambda r, d: _retune(r)["settings"]["values"]["lr"] == 0.5
                   and _retune(r)["metrics"]["loss"] != _retune(d)["metrics"]["loss"]),
-    "keep_checkpoints": ("retune", ["--save-every", "1", "--keep-checkpoints", "1"],
-                         lambda r, d: len(list((r / "checkpoints" / "retune").glob("step*"))) == 1
-                         and len(list((d / "checkpoints" / "retune").glob("step*"))) == 1),
+    "keep_checkpoints": ("retune", ["--save-every", "1", "--keep-checkpoints", "3"],  # the default keeps 2
+                         lambda r, d: len(list((r / "checkpoints" / "retune").glob("step*"))) == 3 < _retune(r)["steps"]),
     "save_every": ("retune", ["--save-every", "1", "--keep-checkpoints", "50"],
                    lambda r, d: len(list((r / "checkpoints" / "retune").glob("step*"))) == _retune(r)["steps"] > 1),
 }

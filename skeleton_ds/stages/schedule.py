@@ -13,7 +13,7 @@ skeleton.json, compact model and re-tuning; the last step is DIR itself, so DIR/
 indices, like every skeleton) and DIR/compact are what verify, infer and serve read, as after a one-shot
 run. Stage 1 and the teacher run once, in DIR, and are copied into each step. The re-tuning budget
 (--retune-epochs, else --epochs) is shared evenly over the steps: a schedule trains the prompt for as many
-optimizer steps as one-shot localization does.
+optimizer steps as one-shot localization does (each step rounds its share up, so at most one more per step).
 
 Each step is planned and run like any run (by skeleton_ds.stages.pipeline, which drives the phases here): finished steps with the same settings are
 reused, a killed run resumes mid-schedule with --resume, and a step whose settings changed is refused
