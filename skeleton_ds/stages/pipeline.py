@@ -151,9 +151,10 @@ def _changed_outputs(cfg: Config) -> list[str]:
 
 
 def run_schedule(cfg: Config) -> dict:
-    """A keep schedule (skeleton_ds.stages.schedule): every phase planned before any work (refusing changed
-    settings up to the first phase with work to do; the phases after it read what it makes), then run in
-    turn. DIR/metrics.json summarises the last step and lists every step."""
+    """A keep schedule (skeleton_ds.stages.schedule): every phase planned before any work, up to the first one whose
+    outputs change (new settings, or new at all); a later step holding finished stages made from what that changes
+    is refused then, without --overwrite. Then every phase runs in turn. DIR/metrics.json summarises the last step
+    and lists every step."""
     shared, steps = schedule.phases(cfg)
     stale: tuple[Config, tuple[str, ...]] | None = None  # the first phase whose outputs change, what that makes stale
     if shared is not None:
