@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import shutil
 import sys
@@ -43,6 +42,7 @@ from skeleton_ds.cli import run_command  # noqa: E402
 from skeleton_ds.config import Config  # noqa: E402
 from skeleton_ds.errors import UserError  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
+from study_retune import chosen, slug  # noqa: E402  (launch/ is on sys.path when a script here runs)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 KL = {"distill_kl": 1.0}
@@ -61,10 +61,6 @@ CANDIDATES: dict[str, dict] = {  # name -> Config fields on top of the protocol 
 }
 SCORING = ("scorer", "ig_steps", "attr_positions", "attr_reduce", "attr_examples")
 """Fields that change the scores: a cell that sets none of them copies the base pass's scores."""
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
 
 
 def schedule_to(keep: float) -> tuple[float, ...]:
@@ -134,17 +130,11 @@ def markdown(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    by_slug = {slug(name): name for name in CANDIDATES}
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in only if n not in by_slug]
-    if unknown:
-        raise UserError(f"--only takes candidates by run-directory name ({', '.join(by_slug)}); unknown: "
-                        f"{', '.join(unknown)}")
+    names = chosen(args.only, CANDIDATES)
     try:
         keeps = [float(k) for k in args.keeps.split(",") if k.strip()]
     except ValueError:
         raise UserError(f"--keeps takes a comma list of numbers, got {args.keeps!r}") from None
-    names = [by_slug[n] for n in only] or list(CANDIDATES)
 
     from skeleton_ds.cli import _quiet_libraries
     from skeleton_ds.plots import plot_study

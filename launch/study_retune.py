@@ -62,6 +62,17 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
 
 
+def chosen(only: str, candidates) -> list[str]:
+    """The candidates --only names by run-directory name (a comma list; empty: all of them, in order)."""
+    by_slug = {slug(name): name for name in candidates}
+    picked = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in picked if n not in by_slug]
+    if unknown:
+        raise UserError(f"--only takes candidates by run-directory name ({', '.join(by_slug)}); unknown: "
+                        f"{', '.join(unknown)}")
+    return [by_slug[n] for n in picked] or list(candidates)
+
+
 def _stage(argv: list[str]) -> None:
     code = run_command(train, argv)
     if code:
@@ -90,13 +101,7 @@ def markdown(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    by_slug = {slug(name): name for name in CANDIDATES}
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in only if n not in by_slug]
-    if unknown:
-        raise UserError(f"--only takes candidates by run directory name ({', '.join(by_slug)}); unknown: "
-                        f"{', '.join(unknown)}")
-    names = [by_slug[n] for n in only] or list(CANDIDATES)
+    names = chosen(args.only, CANDIDATES)
     common = ["--model", args.model, "--task", "sst2", "--config", args.config,
               "--max-train-examples", str(args.max_train_examples), "--max-eval-examples", str(args.max_eval_examples),
               "--attr-examples", str(args.attr_examples)] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
