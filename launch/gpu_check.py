@@ -46,9 +46,11 @@ VERBALIZER = "w5,w6"  # two words of the random model's tokenizer (skeleton_ds.b
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (the check) | cpu (a dry run)")
-    p.add_argument("--output", "--out", type=Path, default=Path(os.environ.get("OUT") or "runs/gpu-check"), metavar="DIR",
+    p.add_argument("--output", "--out", type=Path, default=Path(os.environ.get("OUT") or "runs/gpu-check"),
+                   metavar="DIR",
                    help="where gpu_check.json and the bench records go (default $OUT, else runs/gpu-check; --out: "
                         "deprecated alias)")
     p.add_argument("--data-dir", type=Path, default=REPO / ".device" / "data", help="holds SST-2/{train,dev}.tsv")
@@ -83,7 +85,8 @@ def prepare(args: argparse.Namespace) -> None:
 
 def _record(args: argparse.Namespace) -> dict:
     commit_file = REPO / ".device" / "commit"
-    return {"provenance": provenance(), "prepared_from": commit_file.read_text().strip() if commit_file.is_file() else None,
+    return {"provenance": provenance(),
+            "prepared_from": commit_file.read_text().strip() if commit_file.is_file() else None,
             "settings": {k: str(v) for k, v in vars(args).items() if k not in ("prepare_data", "train_one")}}
 
 
@@ -101,7 +104,8 @@ def bench_phase(args: argparse.Namespace, record: dict) -> None:
     aligns = [int(a) for a in args.aligns.split(",")]
     cuda = args.device.startswith("cuda")
     start = time.perf_counter()
-    base = random_base(args.bench_shape, args.work / f"base-{args.bench_shape}", torch.bfloat16 if cuda else torch.float32,
+    base = random_base(args.bench_shape, args.work / f"base-{args.bench_shape}",
+                       torch.bfloat16 if cuda else torch.float32,
                        torch.device(args.device))  # built once for every bench below
     record["bench_base_seconds"] = round(time.perf_counter() - start, 1)
     common = dict(shape=args.bench_shape, base_dir=base, device=args.device, dtype="bf16" if cuda else "fp32",
@@ -191,8 +195,9 @@ def train_phase(args: argparse.Namespace, record: dict) -> None:
 
     env = without_rendezvous(os.environ)
     for zero in (int(z) for z in args.zero.split(",")):
-        argv = [sys.executable, __file__, "--train-one", str(zero), "--device", args.device, "--output", str(args.output),
-                "--work", str(args.work), "--data-dir", str(args.data_dir), "--train-shape", args.train_shape, "--examples", str(args.examples)]
+        argv = [sys.executable, __file__, "--train-one", str(zero), "--device", args.device,
+                "--output", str(args.output), "--work", str(args.work), "--data-dir", str(args.data_dir),
+                "--train-shape", args.train_shape, "--examples", str(args.examples)]
         start = time.perf_counter()
         done = subprocess.run(argv, env=env, cwd=REPO)
         entry = {"returncode": done.returncode, "seconds": round(time.perf_counter() - start, 1)}

@@ -1,4 +1,5 @@
-"""The README's headline tables (the quick start, results, speed), rendered from the result JSONs they summarise (docs/results/).
+"""The README's headline tables (the quick start, results, speed), rendered from the result JSONs they summarise
+(docs/results/).
 
     python launch/headlines.py            # print the three tables (with their source lines), for the README
     python launch/headlines.py --check    # exit 1, naming the lines, if the README's copy differs
@@ -112,7 +113,8 @@ def first_run_table(results: Path = RESULTS) -> str:
     f, m = row["figures"], row["figures"]["metrics"]
     mb = f["installed_mb"]
     built = ", ".join(f["extensions_built"]) or "nothing"
-    lines = ["| step (fresh clone; empty torch-extension, Hugging Face and skeleton_ds caches) | time | what it gives |",
+    lines = ["| step (fresh clone; empty torch-extension, Hugging Face and skeleton_ds caches) | time | "
+             "what it gives |",
              "|---|---|---|",
              f"| set-up: `bash launch/setup.sh` | {f['setup_seconds']:.0f} s | `.venv` of {f['venv_mb'] / 1e3:.1f} GB: "
              f"torch {mb['torch']} MB, DeepSpeed {mb['deepspeed']} MB, transformers {mb['transformers']} MB, "
@@ -121,7 +123,8 @@ def first_run_table(results: Path = RESULTS) -> str:
              f"| first line: all five stages, MiniLM on SST-2 | {f['train_seconds']:.0f} s | dev accuracy: full "
              f"prompt-tuned {m['full_prompt_tuned']['accuracy']:.3f}, skeleton before re-tuning "
              f"{m['skeleton_before_retune']['accuracy']:.3f}, after {m['skeleton_after_retune']['accuracy']:.3f}; "
-             f"{_millions(m['parameters_full'])} -> {_millions(m['parameters_compact'])} parameters; compiled: {built} |"]
+             f"{_millions(m['parameters_full'])} -> {_millions(m['parameters_compact'])} parameters; "
+             f"compiled: {built} |"]
     if "test_seconds" in f:
         lines.append(f"| second line: the test suite | {f['test_seconds'] / 60:.0f} min (set-up again "
                      f"{f['setup_again_seconds']:.0f} s) | {f['test_summary']} |")

@@ -162,9 +162,11 @@ def markdown(report: dict) -> str:
     """The serving guide's tables: throughput and latency per popularity, client count and serving; then memory."""
     lines = [f"{report['tasks']} tasks on {report['base']}, {report['requests']} requests of "
              f"{report['inputs_per_request']} input(s) per loop ({report['date']}): `{report['command']}`", "",
-             "| popularity | clients | serving | requests/s | p50 ms | p99 ms | mean batch | ms per pass | machine load |",
+             "| popularity | clients | serving | requests/s | p50 ms | p99 ms | mean batch | ms per pass | "
+             "machine load |",
              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['popularity']} | {r['clients']} | {r['serving']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
+    lines += [f"| {r['popularity']} | {r['clients']} | {r['serving']} | {r['requests_per_s']:.1f} | "
+              f"{r['p50_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {r['mean_pass_ms']:.1f} | {r['load_1min']:.1f} |"
               for r in report["runs"]]
     lines += ["", "| serving | model MiB (shared + per task) | process resident MiB |", "|---|---|---|"]

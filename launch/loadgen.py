@@ -75,7 +75,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -263,6 +263,8 @@ def open_loop(server: Server, work: list[tuple[str, bytes]], order: list[int], r
     answered = sum(statuses.values())
     return {"sent": len(order), "answered": answered, "lost": len(lost), "first_lost": lost[:3],
             "statuses": {str(k): v for k, v in sorted(statuses.items())}, "wall_s": round(wall, 1),
-            "offered_per_s": round(len(order) / schedule[-1], 2), "answered_200_per_s": round(statuses.get(200, 0) / wall, 2),
+            "offered_per_s": round(len(order) / schedule[-1], 2),
+            "answered_200_per_s": round(statuses.get(200, 0) / wall, 2),
             **(percentiles(latencies) if latencies else {}),
-            "late_sends": len(late), "p99_late_ms": round(sorted(late)[int(0.99 * (len(late) - 1))] * 1e3, 1) if late else 0.0}
+            "late_sends": len(late),
+            "p99_late_ms": round(sorted(late)[int(0.99 * (len(late) - 1))] * 1e3, 1) if late else 0.0}

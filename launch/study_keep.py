@@ -117,7 +117,8 @@ def markdown(record: dict) -> str:
     se = (full * (1 - full) / n) ** 0.5
     lines = [f"Full prompt tuning: {full:.3f} on {n} dev examples ({record['model']}, SST-2, "
              f"{record['max_train_examples']} training examples; one standard error about {se:.3f}). Every cell "
-             f"re-tunes for {record['retune_epochs']:g} epoch(s) of optimizer steps, shared out over a schedule's steps.",
+             f"re-tunes for {record['retune_epochs']:g} epoch(s) of optimizer steps, shared out over a "
+             "schedule's steps.",
              "", "| candidate | FFN keep | before re-tuning | after re-tuning | gap to full | parameters kept |",
              "|---|---|---|---|---|---|"]
     for r in sorted(record["rows"], key=lambda r: (-r["ffn_keep"], list(CANDIDATES).index(r["candidate"]))):
@@ -155,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cell_config(base, args.output / f"keep{keep:g}-{slug(name)}", keep, fields)
             _share(base.output, cfg.output, "prompt")
             if not set(fields) & set(SCORING):  # the base pass's scores: the cell's own, or its first step's
-                first = cfg.output / "steps" / f"ffn-{cfg.keep_schedule[0]:g}" if len(cfg.keep_schedule) > 1 else cfg.output
+                first = (cfg.output / "steps" / f"ffn-{cfg.keep_schedule[0]:g}" if len(cfg.keep_schedule) > 1
+                         else cfg.output)
                 _share(base.output, first, "attribution.safetensors")
             if not is_retuned(cfg):
                 print(f"study_keep: {name} at keep {keep:g} -> {cfg.output}", flush=True)
                 run_pipeline(cfg)
             rows.append(_row(name, fields, cfg))
-            print(f"study_keep: {name} at keep {keep:g}: before {rows[-1]['before']:.3f}, after {rows[-1]['after']:.3f}",
-                  flush=True)
+            print(f"study_keep: {name} at keep {keep:g}: before {rows[-1]['before']:.3f}, "
+                  f"after {rows[-1]['after']:.3f}", flush=True)
     command = "python launch/study_keep.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     record = {"provenance": provenance(command), "command": command, "model": args.model,
               "max_train_examples": args.max_train_examples, "attr_examples": args.attr_examples,
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.output / "study.md", markdown(record))
     points = [{"task": stage, "scorer": r["candidate"], "ffn_keep": r["ffn_keep"], "accuracy": r[key]}
               for stage, key in (("before re-tuning", "before"), ("after re-tuning", "after")) for r in rows]
-    plot_study(points, {"after re-tuning": record["full_prompt_tuned"], "before re-tuning": record["full_prompt_tuned"]},
+    plot_study(points, {"after re-tuning": record["full_prompt_tuned"],
+                        "before re-tuning": record["full_prompt_tuned"]},
                args.output / "study.png", title=f"{args.model} SST-2: dev accuracy per recipe "
                                                  f"(full prompt tuning {record['full_prompt_tuned']:.3f})")
     print(markdown(record))

@@ -2,7 +2,8 @@
 
     python launch/study_localization.py --data-dir ../shared/data --output runs/study
     python launch/study_localization.py --data-dir ../shared/data --output runs/study-rte --tasks rte --ratios 0.1,0.3
-    python launch/study_localization.py --data-dir ../shared/data --output runs/study-5k --attr-examples 4000 --attr-reduce mean-abs
+    python launch/study_localization.py --data-dir ../shared/data --output runs/study-5k --attr-examples 4000 \\
+        --attr-reduce mean-abs
 
 Per task: prompt-tune once (stage 1, kept in OUTPUT/<task>/prompt and reused by later runs with the
 same settings), score every unit with each scorer (attribution, random, weight-magnitude,
@@ -19,7 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -33,7 +34,8 @@ PROMPT_KEYS = ("model", "max_train_examples", "epochs", "seed", "data_dir")  # w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Localization study: dev accuracy of FFN-masked prompted models per scorer.")
+    p = argparse.ArgumentParser(description="Localization study: dev accuracy of FFN-masked prompted models "
+                                            "per scorer.")
     p.add_argument("--data-dir", type=Path, default=None, help="read GLUE/SuperGLUE files from DIR/<TASK>/")
     p.add_argument("--output", type=Path, default=Path("runs/study"), help="study directory (one sub-run per task)")
     p.add_argument("--model", default="minilm", help="HF model id or local directory; 'minilm' = packaged MiniLM")
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="0.2,0.3,0.5", help="comma list of FFN keep ratios in (0, 1]")
     p.add_argument("--scorers", default=",".join(SCORER_ORDER), help="comma list of scorers")
     p.add_argument("--max-train-examples", type=int, default=4000, help="training examples for prompt tuning (0: all)")
-    p.add_argument("--attr-examples", type=int, default=0, help="training examples scored (0: all, as the pipeline does)")
+    p.add_argument("--attr-examples", type=int, default=0,
+                   help="training examples scored (0: all, as the pipeline does)")
     p.add_argument("--attr-reduce", default="abs-sum", help="abs-sum | mean-abs | signed (attribution scorer)")
     p.add_argument("--align", type=int, default=64, help="kept FFN count per layer is a multiple of this")
     p.add_argument("--epochs", type=float, default=1.0, help="prompt-tuning epochs")

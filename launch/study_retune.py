@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="read GLUE/SuperGLUE files from DIR/<TASK>/")
     p.add_argument("--output", type=Path, default=Path("runs/study-retune"))
     p.add_argument("--prompt-from", type=Path, default=None,
-                   help="a finished stage-1 prompt directory with this protocol's settings (else trained in OUTPUT/base)")
+                   help="a finished stage-1 prompt directory with this protocol's settings "
+                        "(else trained in OUTPUT/base)")
     p.add_argument("--only", default="", help="comma list of candidates to run, by their run directory names "
                    "(default: all): " + ", ".join(map(slug, CANDIDATES)))
     p.add_argument("--model", default="smollm2-135m")
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     names = chosen(args.only, CANDIDATES)
     common = ["--model", args.model, "--task", "sst2", "--config", args.config,
               "--max-train-examples", str(args.max_train_examples), "--max-eval-examples", str(args.max_eval_examples),
-              "--attr-examples", str(args.attr_examples)] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
+              "--attr-examples", str(args.attr_examples)] + (["--data-dir", str(args.data_dir)]
+                                                             if args.data_dir else [])
     base = args.output / "base"
     start = time.perf_counter()
     if args.prompt_from is not None:

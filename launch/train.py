@@ -1,7 +1,7 @@
 """Run the Skeleton pipeline stages under DeepSpeed ZeRO (prompt, attribute, localize, convert, retune).
 
     deepspeed launch/train.py --config ds_configs/zero3.json --model minilm --task sst2 --output runs/sst2
-    deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ...   # 2 ranks (CPU ranks over gloo without GPUs)
+    deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ...   # 2 ranks (gloo CPU ranks if no GPU)
     python launch/train.py --config ds_configs/zero2.json ...                   # one process, no launcher
 
 Same as `skeleton-ds train ...`; `--help` lists every flag. `--stages` picks a subset; the stages are

@@ -17,7 +17,7 @@ Units:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

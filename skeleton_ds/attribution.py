@@ -33,7 +33,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class UnitRecorder:
         return None if scaled is out else scaled
 
     @contextmanager
-    def recording(self) -> Iterator["UnitRecorder"]:
+    def recording(self) -> Iterator[UnitRecorder]:
         handles = []
         for layer in self.adapter.layer_modules(self.model):
             site = layer.get_submodule(self.adapter.ffn_site)

@@ -47,14 +47,16 @@ def read_prompt_dir(directory: Path, identity: dict, name: str | None = None) ->
         checkpoint.verify_manifest(directory)
     prompt_dir = directory / "prompt" if (directory / "prompt" / "prompt.safetensors").is_file() else directory
     if not (prompt_dir / "prompt.safetensors").is_file() or not (prompt_dir / "task.json").is_file():
-        raise UserError(f"--task-dir {directory} holds no stage-1 prompt (DIR/prompt/prompt.safetensors and task.json): "
+        raise UserError(f"--task-dir {directory} holds no stage-1 prompt "
+                        f"(DIR/prompt/prompt.safetensors and task.json): "
                         f"run the pipeline's prompt stage first")
     record = checkpoint.read_json(prompt_dir / "task.json", "task record")
     label = name or record["task"]
     if record["base_model"].get("config_sha256") != identity["config_sha256"]:
         raise UserError(f"task {label!r} ({prompt_dir}): its prompt was trained on "
                         f"{record['base_model'].get('name_or_path')!r}, not on the base {identity['name_or_path']!r} "
-                        f"(a re-tuned prompt belongs to its compact model): serve DIR/prompt with the base it was tuned on")
+                        f"(a re-tuned prompt belongs to its compact model): "
+                        f"serve DIR/prompt with the base it was tuned on")
     return PromptEntry(label, prompt_dir, record, task_from_record(record),
                        checkpoint.load_tensors(prompt_dir / "prompt.safetensors"))
 
@@ -79,8 +81,8 @@ class PromptTuningModel:
         self.causal = backbone.adapter.causal
         device, dtype = cfg.torch_device(), cfg.torch_dtype()
         self.predictors = {  # one per task, for its encoding and its prompted model; all on the one backbone
-            name: Predictor(prompted(self.backbone, backbone.adapter, e.record, e.task, e.prompt, device, dtype), e.task,
-                            e.record, backbone.tokenizer, self.cfg, source=f"full {base} + {e.directory}")
+            name: Predictor(prompted(self.backbone, backbone.adapter, e.record, e.task, e.prompt, device, dtype),
+                            e.task, e.record, backbone.tokenizer, self.cfg, source=f"full {base} + {e.directory}")
             for name, e in self.tasks.items()}
         self.device = device
         self._lock = threading.Lock()

@@ -1,7 +1,9 @@
 """How much faster a compact checkpoint answers than what users run today, measured in one process.
 
-    python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data --output runs/bench/llama-160m
-    python launch/bench.py --shape minilm --run-dir runs/minilm-sst2 --data-dir ../shared/data --output runs/bench/minilm
+    python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data \\
+        --output runs/bench/llama-160m
+    python launch/bench.py --shape minilm --run-dir runs/minilm-sst2 --data-dir ../shared/data \\
+        --output runs/bench/minilm
     python launch/bench.py --shape llama3-8b --device cuda --dtype bf16 --output runs/bench/llama3-8b   # GPU only
 
 Contenders, all answering the same inputs in the same process:
@@ -40,7 +42,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -123,7 +125,8 @@ class BenchConfig:
         if bad:
             raise UserError(f"--quant takes 8bit and/or 4bit, got {', '.join(bad)}")
         if not self.lengths or len(set(self.lengths)) < len(self.lengths) or set(self.lengths) - set(LENGTHS):
-            raise UserError(f"--lengths takes a comma list of {', '.join(LENGTHS)} (each once), got {','.join(self.lengths)}")
+            raise UserError(f"--lengths takes a comma list of {', '.join(LENGTHS)} (each once), "
+                            f"got {','.join(self.lengths)}")
         if "sst2" in self.lengths and self.data_dir is None:
             raise UserError("--lengths sst2 reads SST-2/dev.tsv under --data-dir: pass it (e.g. ../shared/data)")
         if self.keep_mode not in ("uniform", "global") or (self.protect_outliers and self.protect_outliers <= 1):
@@ -205,7 +208,8 @@ def bytes_read(config: dict, *, batch: int, text: int, head: str, labels: int, e
     """Bytes one forward must read at least: every layer's projection weights and the output rows it
     computes, once per batch, plus the embedding rows of its input tokens. Not counted (so this stays a
     lower bound): norms, biases, activations, the cached prompt keys and values."""
-    weights = sum(attn + ffn for attn, ffn, _ in _layers(config)) + _head_rows(config, head, labels) * config["hidden_size"]
+    weights = (sum(attn + ffn for attn, ffn, _ in _layers(config))
+               + _head_rows(config, head, labels) * config["hidden_size"])
     return float(element_bytes * (weights + batch * text * config["hidden_size"]))
 
 
@@ -449,9 +453,11 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     base_groups = full.model.backbone.config.num_key_value_heads if decoder else 1
     geometry = full.model.adapter.geometry(full.model.backbone.config)
     if decoder and cfg.head_keep < 1 and geometry.loadable_groups(keep_count(base_groups, cfg.head_keep)) < base_groups:
-        plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps if k < 1 and (not cfg.head_ffn_keeps or k in cfg.head_ffn_keeps)]
+        plans += [(k, cfg.head_keep) for k in cfg.ffn_keeps
+                  if k < 1 and (not cfg.head_ffn_keeps or k in cfg.head_ffn_keeps)]
     elif decoder and cfg.head_keep < 1:  # (LLaMA-3-8B and TinyLlama at 0.75: the head count rounds to all)
-        _note(f"--head-keep {cfg.head_keep:g} rounds to all {base_groups} KV groups of {cfg.shape}: no head-pruned rows")
+        _note(f"--head-keep {cfg.head_keep:g} rounds to all {base_groups} KV groups of {cfg.shape}: "
+              f"no head-pruned rows")
     graphs = cfg.graphs and decoder  # static shapes (CUDA: a captured graph per bucket)
     reused = work / "compact-0.3-1.0" if cfg.quant or cfg.compile or graphs else None  # variants below reload it
     for ffn_keep, head_keep in plans:
@@ -478,7 +484,8 @@ def build_contenders(cfg: BenchConfig, work: Path) -> tuple[list[Contender], Tas
     variants += [("compact-0.3-compiled", {"compile": True})] if cfg.compile else []
     if graphs:
         variants.append(("compact-0.3-graphs", {"static": "on"}))
-        contenders.append(_ours("full-graphs", Predictor.from_prompt(str(base), prompt_dir, replace(infer, static="on"))))
+        contenders.append(_ours("full-graphs",
+                                Predictor.from_prompt(str(base), prompt_dir, replace(infer, static="on"))))
     for name, override in variants:  # the FFN-0.3 compact model served differently
         out = work / "compact-0.3-1.0"
         if not out.is_dir():
@@ -643,7 +650,8 @@ class Machine:
     peak_bytes_per_s: float
 
 
-def workload_cost(c: Contender, w: Workload, cfg: BenchConfig, machine: Machine) -> tuple[float, float | None, str | None]:
+def workload_cost(c: Contender, w: Workload, cfg: BenchConfig, machine: Machine
+                  ) -> tuple[float, float | None, str | None]:
     """(FLOPs, roofline seconds, what limits it) of one call on the workload, summed over its batches.
     No roofline for bitsandbytes weights: their kernels compute in a precision whose peak is not measured."""
     flops = roofline = compute = memory = 0.0
@@ -783,7 +791,8 @@ def _table(result: dict) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         roofline = "-" if r.get("roofline_ms") is None else f"{r['roofline_ms']:.1f} ({r['roofline_limit']})"
         cells = [r["contender"], _inputs_cell(result, r), str(r["batch"]), f"{r['parameters'] / 1e6:.1f}",
-                 f"{r['weight_mib']:.0f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", f"{r['gflop']:.1f}",
+                 f"{r['weight_mib']:.0f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+                 f"{r['gflop']:.1f}",
                  f"{r['ms_median']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f})", f"{r['examples_per_s']:.1f}",
                  roofline, _percent(r.get("of_roofline"))]
         cells += [f"{r[f'speedup_vs_{ref}']:.2f} ({r[f'flop_ratio_vs_{ref}']:.2f}, "
@@ -837,4 +846,5 @@ def print_summary(result: dict, output: Path) -> None:
     for prof in result["profiles"]:
         ops = ", ".join(f"{o['op']} {o['ms']:.1f}" for o in prof["top_ops"])
         print(f"profile {prof['contender']} batch {prof['batch']}: {prof['wall_ms']:.1f} ms wall, "
-              f"{prof['aten_self_ms']:.1f} ms in operators ({100 * prof['outside_ops_share']:.1f}% outside); top: {ops}")
+              f"{prof['aten_self_ms']:.1f} ms in operators ({100 * prof['outside_ops_share']:.1f}% outside); "
+              f"top: {ops}")

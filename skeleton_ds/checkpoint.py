@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -150,7 +150,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def unreadable_as_user_error(path: Path, fix: str = "re-run the stage that wrote it with --overwrite") -> Iterator[None]:
+def unreadable_as_user_error(path: Path,
+                             fix: str = "re-run the stage that wrote it with --overwrite") -> Iterator[None]:
     """A truncated or corrupt safetensors file becomes one UserError naming it. `path` may be a
     directory of shards: the first unreadable one is named."""
     from safetensors import SafetensorError

@@ -9,7 +9,7 @@ import errno
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from skeleton_ds.errors import UserError
 from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -109,7 +109,8 @@ def infer(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="skeleton-ds infer", description=infer.__doc__)
     m = p.add_argument_group("model: --checkpoint, or --base with --prompt")
-    m.add_argument("--checkpoint", type=Path, help="compact checkpoint directory (DIR/compact); its manifest is verified")
+    m.add_argument("--checkpoint", type=Path,
+                   help="compact checkpoint directory (DIR/compact); its manifest is verified")
     m.add_argument("--base", help="full base model (local directory, Hub id, 'minilm' or 'smollm2-135m')")
     m.add_argument("--prompt", type=Path, help="stage-1 (or retune) prompt directory for --base")
     m.add_argument("--revision", default=None, help="Hub revision of --base")
@@ -125,10 +126,12 @@ def infer(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--seed", type=int, default=Config.seed, help="which subset --max-examples takes (train's --seed)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
-    r.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    r.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
     r.add_argument("--quant", default="none", help="none | 8bit | 4bit (bitsandbytes NF4)")
     r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--no-prompt-cache", action="store_true", help="decoders: recompute the prompt's keys/values per batch")
+    r.add_argument("--no-prompt-cache", action="store_true",
+                   help="decoders: recompute the prompt's keys/values per batch")
     r.add_argument("--compile", action="store_true", help="torch.compile the forward")
     r.add_argument("--static", choices=("auto", "on", "off"), default="auto",
                    help="decoders: run at bucketed static shapes (lengths in steps of 32, batches in powers of 2), "
@@ -173,7 +176,8 @@ def infer(argv: Sequence[str] | None = None) -> int:
         examples, selection = evaluation_examples(task, args.data_dir, args.split, args.max_examples, args.seed)
         result = predictor.evaluate(examples)
         print(json.dumps(result | {"split": args.split, "selection": selection}))
-        print(f"skeleton_ds: {task.name} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+        print(f"skeleton_ds: {task.name} {args.split}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
               + f" over {selection} examples, {result['examples_per_s']:.1f} examples/s", file=sys.stderr)
         return 0
     examples = read_records(lines, task, source)
@@ -187,8 +191,8 @@ def infer(argv: Sequence[str] | None = None) -> int:
         write_text(Path(args.output), text)
     metrics = label_accuracy(predictions, examples, task)
     if metrics:
-        print(f"skeleton_ds: {len(examples)} labelled records: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-              file=sys.stderr)
+        print(f"skeleton_ds: {len(examples)} labelled records: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr)
     return 0
 
 
@@ -206,9 +210,11 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", "--out", type=Path, default=None, metavar="DIR",
                    help="where bench.json and bench.png go (default runs/bench/SHAPE; --out: deprecated alias)")
     p.add_argument("--device", default=d.device, help="auto | cuda | cpu")
-    p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    p.add_argument("--dtype", default=d.dtype,
+                   help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma list (default 32,1)")
-    p.add_argument("--text-length", type=int, default=d.text_length, help="fixed inputs: tokens per example (default 128)")
+    p.add_argument("--text-length", type=int, default=d.text_length,
+                   help="fixed inputs: tokens per example (default 128)")
     p.add_argument("--lengths", type=lambda v: tuple(x for x in v.split(",") if x), default=d.lengths,
                    help=f"input groups, comma list of {', '.join(LENGTHS)}: fixed = --text-length random tokens; sst2 "
                         "= SST-2 dev lengths through the task template, length-sorted batches (needs --data-dir)")
@@ -218,15 +224,18 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 1.0,0.5,0.3,0.2)")
-    p.add_argument("--head-keep", type=float, default=d.head_keep, help="decoders: also compacts with this KV-group keep")
+    p.add_argument("--head-keep", type=float, default=d.head_keep,
+                   help="decoders: also compacts with this KV-group keep")
     p.add_argument("--keep-mode", default=d.keep_mode,
                    help="uniform | global: compacts with per-layer widths (from --run-dir's scores), timed as our "
                         "loaders run them, each layer at its own width")
     p.add_argument("--protect-outliers", type=float, default=d.protect_outliers, metavar="FACTOR",
                    help="as the localize flag: keep FFN neurons with peak |activation| >= FACTOR x the layer median")
-    p.add_argument("--run-dir", type=Path, default=None, help="minilm, smollm2-135m: pipeline output whose prompt and scores to use")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="minilm, smollm2-135m: pipeline output whose prompt and scores to use")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for a packaged model with --run-dir")
+                   help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for a packaged model "
+                        "with --run-dir")
     p.add_argument("--quant", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                    help="also time the FFN-0.3 compact in these bitsandbytes modes: 8bit,4bit")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")
@@ -300,7 +309,8 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(argv: Sequence[str] | None = None) -> int:
-    """Serve many tasks on one shared base model over HTTP, batched: as skeletons, or as plain prompt tuning (--mode)."""
+    """Serve many tasks on one shared base model over HTTP, batched: as skeletons, or as plain prompt tuning
+    (--mode)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="skeleton-ds serve", description=serve.__doc__)
@@ -332,14 +342,16 @@ def serve(argv: Sequence[str] | None = None) -> int:
                    help="require 'Authorization: Bearer KEY' on every route but /healthz (else 401); default: the "
                         "SKELETON_DS_API_KEY environment variable, else no key")
     p.add_argument("--static", choices=("auto", "on", "off"), default="auto",
-                   help="skeleton mode, decoders: passes at bucketed static shapes (see infer --static); auto: on for CUDA")
+                   help="skeleton mode, decoders: passes at bucketed static shapes (see infer --static); "
+                        "auto: on for CUDA")
     p.add_argument("--warmup-buckets", action="store_true",
                    help="with static shapes: build every bucket of a task when it is loaded, not on a request")
     p.add_argument("--no-batching", action="store_true", help="the same as --batching off (deprecated)")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (larger: 413)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(list(argv) if argv is not None else None)
     if not args.base and args.mode != "compact":
@@ -356,7 +368,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     try:
         from skeleton_ds import server
     except ImportError as e:
-        raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install 'skeleton-ds[serve]'") from None
+        raise UserError(f"serving needs the serve extra ({e.name} is missing): "
+                        f"pip install 'skeleton-ds[serve]'") from None
     from skeleton_ds.inference import InferenceConfig
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("SKELETON_DS_API_KEY")
@@ -460,7 +473,8 @@ def models(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(list(argv) if argv is not None else None)
     if args.action == "list":
         for alias, spec in packaged_models.PACKAGED.items():
-            where = f"{spec.parts.count} packages {spec.parts.distribution.format(n='N')}" if spec.parts else spec.distribution
+            where = (f"{spec.parts.count} packages {spec.parts.distribution.format(n='N')}" if spec.parts
+                     else spec.distribution)
             state = "installed" if packaged_models.installed(spec) else f"not installed: {spec.install}"
             print(f"{alias:14} {spec.hub_id:40} {where} ({state})")
         return 0

@@ -73,7 +73,8 @@ class Config:
     align: int = 64
     # auto: the architecture's (architectures.ArchAdapter: decoders global + 20, encoders uniform + off)
     keep_mode: str = "auto"  # uniform (same count per layer) | global (one threshold across layers)
-    protect_outliers: float | None = None  # keep FFN neurons whose peak |activation| >= this x the layer median (0: off)
+    # keep FFN neurons whose peak |activation| >= this x the layer median (0: off)
+    protect_outliers: float | None = None
     # conversion (stage 4)
     allow_pickle: bool = False
     slice_lm_head: bool = False
@@ -88,7 +89,8 @@ class Config:
     def validate(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
-            raise UserError(f"unknown stage(s) {', '.join(unknown)}: --stages takes a comma list of {', '.join(STAGES)}")
+            raise UserError(f"unknown stage(s) {', '.join(unknown)}: "
+                            f"--stages takes a comma list of {', '.join(STAGES)}")
         positive = {"prompt_length": self.prompt_length, "max_length": self.max_length, "lr": self.lr,
                     "head_lr": self.head_lr, "save_every": self.save_every, "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():
@@ -118,7 +120,8 @@ class Config:
                    "compensate": ("none", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, name)!r}")
         for name in ("ffn_keep", "head_keep"):
             if not 0 < getattr(self, name) <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
@@ -225,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-tuning: also match these layers' outputs at the answer position (with --distill-hidden)")
     t.add_argument("--prompt-init", default="vocab", help="'vocab' or 'text:<init words>'")
     t.add_argument("--readout", default="auto", help="auto | verbalizer (LM/MLM head) | head (trained classifier)")
-    t.add_argument("--precision", default="auto", help="auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16")
+    t.add_argument("--precision", default="auto",
+                   help="auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16")
     t.add_argument("--quant", default="none",
                    help="none | 8bit | 4bit: load the frozen backbone in bitsandbytes 8-bit or NF4 weights (stages "
                         "prompt, attribute, retune; one device per rank, not with ZeRO-3)")
@@ -261,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "peak (the massive activations of trained decoders); 0: off; default: 20 for decoders, "
                         "off for encoders")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="convert a base checkpoint stored as pickle (.bin); refused by default: loading a pickle can run code")
+                   help="convert a base checkpoint stored as pickle (.bin); refused by default: loading a pickle "
+                        "can run code")
     p.add_argument("--slice-lm-head", action="store_true",
                    help="decoders: keep only the verbalizer rows of the LM head in the compact model")
     p.add_argument("--compensate", default="none",

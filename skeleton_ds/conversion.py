@@ -25,7 +25,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -183,7 +183,8 @@ def compensation_tensors(files: list[Path], adapter: ArchAdapter, skeleton: Skel
             flag = adapter.ffn_out_bias
             for path in adapter.ffn_in:  # the flag adds these too: zeros change nothing
                 name = _layer_tensor(where, adapter, i, path, "weight")[:-len("weight")] + "bias"
-                tensors[name] = (info["dtype"], [size], lambda dtype=info["dtype"]: torch.zeros(size, dtype=_DTYPES[dtype]))
+                tensors[name] = (info["dtype"], [size],
+                                 lambda dtype=info["dtype"]: torch.zeros(size, dtype=_DTYPES[dtype]))
 
         def fold(file=file, weight=weight, bias=bias, kept=kept, mean=means[i]) -> torch.Tensor:
             w = _read(file, weight)
@@ -324,12 +325,14 @@ def compensation_means(scores: Path, geometry: Geometry, base_model: dict) -> li
     means = [tensors.get(f"ffn_mean.{i}") for i in range(geometry.layers)]
     if any(m is None or m.shape != (geometry.ffn_size,) for m in means):
         raise UserError(f"{scores} holds no mean FFN activations for this model (written by an older version, or "
-                        f"for another model): redo --stages attribute with --overwrite, or convert with --compensate none")
+                        f"for another model): redo --stages attribute with --overwrite, "
+                        f"or convert with --compensate none")
     return means
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                    "generation_config.json")
 
 
 def local_model_dir(name: str, revision: str | None = None) -> Path:
@@ -343,16 +346,19 @@ def local_model_dir(name: str, revision: str | None = None) -> Path:
         patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated: one line for the user
-        raise UserError(f"cannot fetch {name!r} from the Hugging Face Hub ({type(e).__name__}): pass a local directory") from None
+        raise UserError(f"cannot fetch {name!r} from the Hugging Face Hub ({type(e).__name__}): "
+                        f"pass a local directory") from None
 
 
-def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None) -> tuple[torch.Tensor, frozenset[str], list[int]]:
+def _label_head(files: list[Path], adapter: ArchAdapter, prompt_dir: Path | None
+                ) -> tuple[torch.Tensor, frozenset[str], list[int]]:
     """The verbalizer rows of the output head (or of the tied input embedding), and the names to drop."""
     if not adapter.causal or prompt_dir is None:
         raise UserError("--slice-lm-head needs a decoder model and --prompt (its verbalizer decides the rows kept)")
     record = read_task_record(prompt_dir, "stage-1 task record")
     if record["readout"] != "lm":
-        raise UserError(f"--slice-lm-head needs a prompt trained with the LM verbalizer readout, not {record['readout']!r}")
+        raise UserError(f"--slice-lm-head needs a prompt trained with the LM verbalizer readout, "
+                        f"not {record['readout']!r}")
     where = {name: f for f in files for name in _header(f)}
     heads = [n for n in where if n.endswith("lm_head.weight")]
     source = heads[0] if heads else next(n for n in where if n.endswith("embed_tokens.weight"))  # tied embeddings
@@ -391,7 +397,8 @@ def convert(base: str, skeleton_path: Path, prompt_dir: Path | None, out: Path, 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: pass --overwrite to replace it")
     config_dict = json.loads((base_dir / "config.json").read_text())
-    label_head, drop, label_ids = _label_head(files, adapter, prompt_dir) if slice_lm_head else (None, frozenset(), None)
+    label_head, drop, label_ids = (_label_head(files, adapter, prompt_dir) if slice_lm_head
+                                   else (None, frozenset(), None))
     produced, flag = {}, None
     if compensate == "mean":
         means = compensation_means(Path(scores or Path(skeleton_path).parent / "attribution.safetensors"), geometry,

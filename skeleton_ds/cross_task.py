@@ -13,7 +13,8 @@ a task narrowed (its FFN neurons, its kept heads) writes the task's values into 
 pads with zeros to the base width, so the head reshape and rotary embeddings see base shapes; the FFN pads
 only to the widest task in the pass. The projection that reads them back (FFN down, attention output) reads
 only the task's own first columns, so the padding never reaches a result: a padded head attends to zero
-values, outputs zeros, and is never read. A decoder's prompt keys and values stay per task (each computed once on the task's own
+values, outputs zeros, and is never read. A decoder's prompt keys and values stay per task (each computed once on
+the task's own
 compact model) and are placed into each row's slots of the pass's cache, padded the same way.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ class RoutedLinear(nn.Module):
 
 def routed_paths(adapter: ArchAdapter) -> dict[str, tuple[str, bool]]:
     """The projections inside one layer that a skeleton may slice: path -> (narrowed side, padded to base width)."""
-    return {**{p: ("out", False) for p in adapter.ffn_in}, **{p: ("out", True) for p in (adapter.q_proj, *adapter.kv_proj)},
+    return {**{p: ("out", False) for p in adapter.ffn_in},
+            **{p: ("out", True) for p in (adapter.q_proj, *adapter.kv_proj)},
             adapter.ffn_out: ("in", False), adapter.attn_out: ("in", False)}
 
 

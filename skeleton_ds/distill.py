@@ -49,7 +49,8 @@ def loss(student_logits: torch.Tensor, student_hidden: dict[str, torch.Tensor], 
                                               log_target=True, reduction="batchmean")
     if hidden:
         names = [name for name in teacher if name != LOGITS]
-        total = total + hidden * sum(F.mse_loss(student_hidden[n].float(), teacher[n].float()) for n in names) / len(names)
+        total = total + hidden * sum(F.mse_loss(student_hidden[n].float(), teacher[n].float())
+                                     for n in names) / len(names)
     return total
 
 

@@ -13,7 +13,7 @@ import os
 import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 

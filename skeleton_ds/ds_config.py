@@ -80,7 +80,8 @@ def resolve_ds_config(path: Path, *, world_size: int, batch_size: int, lr: float
     try:
         cfg = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise UserError(f"DeepSpeed config {path} is not valid JSON "
+                        f"(line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"DeepSpeed config {path} must be a JSON object")
     autos = [k for k, v in cfg.items() if v == "auto"]

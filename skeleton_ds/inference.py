@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -96,7 +96,8 @@ class PromptCachedDecoder(nn.Module):
         self.prompt_length = model.prompt.embedding.shape[0]
         self.prompt_kv = prompt_key_values(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_index: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
 
         batch, n = input_ids.shape[0], self.prompt_length
@@ -137,7 +138,7 @@ class Predictor:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_checkpoint(cls, directory: Path, cfg: InferenceConfig = InferenceConfig()) -> "Predictor":
+    def from_checkpoint(cls, directory: Path, cfg: InferenceConfig = InferenceConfig()) -> Predictor:
         """A compact checkpoint (DIR/compact): its manifest is verified before anything is loaded."""
         directory = Path(directory)
         if not directory.is_dir():
@@ -153,7 +154,7 @@ class Predictor:
 
     @classmethod
     def from_prompt(cls, base: str, prompt_dir: Path, cfg: InferenceConfig = InferenceConfig(),
-                    revision: str | None = None, zero_shot: bool = False) -> "Predictor":
+                    revision: str | None = None, zero_shot: bool = False) -> Predictor:
         """The full base model with a stage-1 (or re-tuned) prompt, through the same code as a compact one.
         `zero_shot`: the same template and verbalizer without the soft prompt (the floor prompt tuning lifts)."""
         prompt_dir = Path(prompt_dir)
@@ -164,7 +165,7 @@ class Predictor:
 
     @classmethod
     def _build(cls, model_name: str, prompt_dir: Path, cfg: InferenceConfig, *, source: str, compact: bool,
-               revision: str | None = None, zero_shot: bool = False) -> "Predictor":
+               revision: str | None = None, zero_shot: bool = False) -> Predictor:
         record = read_task_record(prompt_dir)
         tensors = checkpoint.load_tensors(prompt_dir / "prompt.safetensors")
         if zero_shot:

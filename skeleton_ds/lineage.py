@@ -113,5 +113,6 @@ def lineage_problems(run: Path) -> list[tuple[str, str]]:
             if present is not None and present.get("id") != recorded_id:
                 problems.append((str(run / OUTPUTS[stage][0]),
                                  f"was built from another {upstream} output than {run / OUTPUTS[upstream][0]} "
-                                 f"(recorded id {recorded_id}, present {present.get('id')}): redo {stage} with --overwrite"))
+                                 f"(recorded id {recorded_id}, present {present.get('id')}): "
+                                 f"redo {stage} with --overwrite"))
     return problems

@@ -269,7 +269,8 @@ def load_backbone(name: str, ds_config: dict | None = None, *, readout: str, rev
     archs = " ".join(config.architectures or [])
     has_mlm_head = not adapter.causal and ("MaskedLM" in archs or "ForPreTraining" in archs)
     if readout == "verbalizer" and not (adapter.causal or has_mlm_head):
-        raise UserError(f"--readout verbalizer needs an LM or MLM head, and {name} has none ({archs}): use --readout head")
+        raise UserError(f"--readout verbalizer needs an LM or MLM head, and {name} has none ({archs}): "
+                        f"use --readout head")
     label_head_file = Path(path) / "label_head.safetensors"
     label_head = None
     if label_head_file.is_file():

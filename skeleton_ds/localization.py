@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def outliers(peaks: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def protect_outliers(scores: dict[str, torch.Tensor], geometry: Geometry, factor: float,
-                     within: "Skeleton | None" = None) -> dict[str, torch.Tensor]:
+                     within: Skeleton | None = None) -> dict[str, torch.Tensor]:
     """Scores with every outlier neuron ranked above all others (by its peak), so any keep ratio keeps it
     and the per-layer counts do not change. With `within`, outliers are found among its neurons only (the
     others' peaks were not measured)."""
@@ -91,7 +91,7 @@ def protect_outliers(scores: dict[str, torch.Tensor], geometry: Geometry, factor
     return out
 
 
-def restricted(scores: dict[str, torch.Tensor], geometry: Geometry, within: "Skeleton") -> dict[str, torch.Tensor]:
+def restricted(scores: dict[str, torch.Tensor], geometry: Geometry, within: Skeleton) -> dict[str, torch.Tensor]:
     """Unit scores with every unit outside `within` at -inf: a later step of a keep schedule selects among the
     units the step before kept, whatever the scores of the others say."""
     out = dict(scores)
@@ -123,7 +123,8 @@ def select(scores: dict[str, torch.Tensor], geometry: Geometry, *, ffn_keep: flo
     else:
         ffn_counts = [keep_count(geometry.ffn_size, c / geometry.ffn_size, align)
                       for c in _global_counts(ffn_scores, ffn_keep, min(ffn_floor, ffn_keep))]
-        head_counts = [keep_count(geometry.kv_heads, c / geometry.kv_heads) for c in _global_counts(head_scores, head_keep)]
+        head_counts = [keep_count(geometry.kv_heads, c / geometry.kv_heads)
+                       for c in _global_counts(head_scores, head_keep)]
     skeleton = Skeleton(ffn=[top_units(s, c) for s, c in zip(ffn_scores, ffn_counts)],
                         heads=[top_units(s, c) for s, c in zip(head_scores, head_counts)])
     if within is not None and any(not set(new) <= set(old) for new, old in zip(skeleton.ffn + skeleton.heads,
@@ -167,7 +168,8 @@ def masked(model: nn.Module, adapter: ArchAdapter, geometry: Geometry, skeleton:
         else:
             handles.append(site.register_forward_hook(lambda m, args, out, keep=keep: keep(out)))
         attn_out = layer.get_submodule(adapter.attn_out)
-        handles.append(attn_out.register_forward_pre_hook(lambda m, args, k=head_mask: (args[0] * k.to(args[0]),) + args[1:]))
+        handles.append(attn_out.register_forward_pre_hook(
+            lambda m, args, k=head_mask: (args[0] * k.to(args[0]),) + args[1:]))
     try:
         yield
     finally:
@@ -198,7 +200,8 @@ def unit_problems(layers: list[list[int]], size: int, unit: str) -> list[str]:
         if not isinstance(kept, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in kept):
             problems.append(f"layer {i}: {unit} indices must be a list of integers")
         elif any(not 0 <= k < size for k in kept):
-            problems.append(f"layer {i}: {unit} index out of range [0, {size}): {[k for k in kept if not 0 <= k < size][:5]}")
+            problems.append(f"layer {i}: {unit} index out of range [0, {size}): "
+                            f"{[k for k in kept if not 0 <= k < size][:5]}")
         elif len(set(kept)) != len(kept):
             problems.append(f"layer {i}: duplicate {unit} indices")
         elif kept != sorted(kept):
@@ -225,6 +228,7 @@ def load_skeleton(path, geometry: Geometry | None = None) -> tuple[Skeleton, dic
         problems = unit_problems(skeleton.ffn, geometry.ffn_size, "FFN") + \
             unit_problems(skeleton.heads, geometry.kv_heads, "KV-group")
         if problems:
-            raise UserError(f"{path} does not fit this model ({geometry.layers} layers, {geometry.ffn_size} FFN neurons, "
+            raise UserError(f"{path} does not fit this model ({geometry.layers} layers, "
+                            f"{geometry.ffn_size} FFN neurons, "
                             f"{geometry.kv_heads} KV groups): {problems[0]}; redo --stages localize")
     return skeleton, record

@@ -148,9 +148,10 @@ def compact_card(directory: Path) -> str:
     architecture = (config.get("architectures") or [""])[0]
     auto = next((f"AutoModel{suffix}" for suffix in ("ForCausalLM", "ForMaskedLM") if architecture.endswith(suffix)),
                 "AutoModel")
-    lines += ["", "## How to load it", "", "`DIR` is this directory. With skeleton_ds (the prompt, the label readout and "
-              "each layer at its own width):", "", "```bash", "skeleton-ds infer --checkpoint DIR --input -   # text lines "
-              "or JSON Lines in, labels out", "```", "", "With plain transformers (no custom code; layers a per-layer "
+    lines += ["", "## How to load it", "", "`DIR` is this directory. With skeleton_ds (the prompt, the label readout "
+              "and each layer at its own width):", "", "```bash",
+              "skeleton-ds infer --checkpoint DIR --input -   # text lines or JSON Lines in, labels out", "```", "",
+              "With plain transformers (no custom code; layers a per-layer "
               "skeleton keeps narrower are zero-padded to the widest, so this computes at the padded width):", "",
               "```python", f"from transformers import {auto}", f"model = {auto}.from_pretrained(\"DIR\")",
               "```", "", "## Made by", "",
@@ -174,7 +175,8 @@ def peft_card(prompt_record: dict, metrics: dict | None, adapter_config: dict, m
                             "tags": ["skeleton-ds", "prompt-tuning", f"task:{task}"]}),
              f"# {task}: a soft prompt for {prompt_record.get('model', base)}", "",
              f"A PEFT prompt-tuning adapter ({adapter_config['num_virtual_tokens']} virtual tokens of width "
-             f"{adapter_config['token_dim']}) exported by skeleton_ds from a prompt it trained on the frozen base model.",
+             f"{adapter_config['token_dim']}) exported by skeleton_ds from a prompt it trained on the frozen "
+             "base model.",
              "", "| | |", "|---|---|", *_base_lines(prompt_record.get("base_model") or {"name": base}),
              *_task_lines(prompt_record, None),
              f"| label tokens | {prompt_record.get('label_token_ids')} (`readout.json`) |"]
@@ -190,16 +192,19 @@ def peft_card(prompt_record: dict, metrics: dict | None, adapter_config: dict, m
     if readout["readout"] == "lm":
         lines += ["```python", "import json", "import torch", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  'readout = json.load(open("DIR/readout.json"))', f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+                  'readout = json.load(open("DIR/readout.json"))',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
                   f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "DIR").eval()',
                   f'text = readout["input_template"].format({fields})', "with torch.no_grad():",
-                  '    logits = model(**tokenizer(text, return_tensors="pt")).logits[0, -1, readout["label_token_ids"]]',
+                  '    logits = model(**tokenizer(text, return_tensors="pt"))'
+                  '.logits[0, -1, readout["label_token_ids"]]',
                   'print(readout["label_names"][int(logits.argmax())])', "```", ""]
     else:
         auto = "AutoModelForMaskedLM" if readout["readout"] == "mlm" else "AutoModel"
         lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}",
                   f"model = PeftModel.from_pretrained({auto}.from_pretrained(\"{base}\"), \"DIR\")", "```", ""]
-    lines += ["## Made by", "", f"skeleton_ds {made_by.get('version', '?')}, code `{made_by.get('code_version', '?')}`, "
+    lines += ["## Made by", "", f"skeleton_ds {made_by.get('version', '?')}, "
+              f"code `{made_by.get('code_version', '?')}`, "
               f"{str(made_by.get('date', '?'))[:10]}: `{made_by.get('command', '?')}`.", ""]
     return "\n".join(lines)
 

@@ -41,5 +41,6 @@ def directory_config_hash(directory) -> str:
 
 def check_identity(recorded: dict, actual: dict, what: str) -> None:
     if recorded.get("config_sha256") != actual["config_sha256"]:
-        raise UserError(f"{what} was made for base model {recorded.get('name_or_path')!r}, not {actual['name_or_path']!r} "
+        raise UserError(f"{what} was made for base model {recorded.get('name_or_path')!r}, "
+                        f"not {actual['name_or_path']!r} "
                         f"(config hashes differ): pass the same --model, or redo the stage with --overwrite")

@@ -22,7 +22,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -92,7 +93,8 @@ def read_task_dir(directory: Path, base_identity: dict, name: str | None = None)
     base_hash = base_identity["config_sha256"]
     if skeleton_record["base_model"].get("config_sha256") != base_hash:
         raise UserError(f"task {label!r} ({directory}) was localized for base model "
-                        f"{skeleton_record['base_model'].get('name_or_path')!r}, not {base_identity['name_or_path']!r}: "
+                        f"{skeleton_record['base_model'].get('name_or_path')!r}, "
+                        f"not {base_identity['name_or_path']!r}: "
                         f"serve it with that --base")
     prompt_base = record["base_model"].get("config_sha256")
     if prompt_base != base_hash and not (compact_dir.is_dir() and prompt_base == directory_config_hash(compact_dir)):
@@ -250,7 +252,8 @@ class MultiTaskModel:
         self._routed = cross_task.RoutedBackbone(self.backbone.model, self.adapter) if mix_tasks else None
         self._lock = threading.Lock()
         self.task_bytes = {name: self._materialise(entry).owned for name, entry in self.tasks.items()}
-        too_large = [f"{name} owns {size / 2**20:.1f} MiB" for name, size in self.task_bytes.items() if size > self.budget]
+        too_large = [f"{name} owns {size / 2**20:.1f} MiB" for name, size in self.task_bytes.items()
+                     if size > self.budget]
         if too_large:
             raise UserError(f"{len(too_large)} task(s) larger than the whole cache budget of {self.budget / 2**20:.1f} "
                             f"MiB ({'; '.join(too_large)}), which would be re-built on every request: raise "
@@ -264,8 +267,8 @@ class MultiTaskModel:
         base = self.backbone.model
         slices = layer_slices(self.adapter, self.geometry, skeleton)
         flag = self.adapter.ffn_out_bias if compensated and self.adapter.ffn_out_bias != "native" else None
-        config = type(base.config).from_dict(compact_config(base.config.to_dict(), self.adapter, self.geometry, skeleton,
-                                                            bias_flag=flag))
+        config = type(base.config).from_dict(compact_config(base.config.to_dict(), self.adapter, self.geometry,
+                                                            skeleton, bias_flag=flag))
         config._attn_implementation = base.config._attn_implementation
         with torch.device("meta"):
             model = type(base)(config)
@@ -275,7 +278,8 @@ class MultiTaskModel:
             state[name] = cut.apply(tensor) if cut else tensor
             owned += tensor_bytes([state[name]]) if cut else 0
         paths = [self.adapter.ffn_out, *(self.adapter.ffn_in if flag else ())]
-        folded = re.compile(rf"(?:^|\.){re.escape(self.adapter.layers)}\.\d+\.({'|'.join(map(re.escape, paths))})\.bias$")
+        folded = re.compile(rf"(?:^|\.){re.escape(self.adapter.layers)}\.\d+\."
+                            rf"({'|'.join(map(re.escape, paths))})\.bias$")
         for name in model.state_dict():  # compensation's biases, from the task's compact checkpoint
             if compensated and folded.search(name) and (source := _same_tensor(name, compensated)) is not None:
                 state[name] = compensated[source].to(self.device, self.dtype)

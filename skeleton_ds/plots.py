@@ -50,7 +50,8 @@ def plot_skeleton(scores: dict[str, torch.Tensor], skeleton, geometry, ffn_png: 
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * geometry.layers + 2), 3.4))
     kept = [len(h) for h in skeleton.heads]
     ax.bar(range(geometry.layers), kept, color="tab:blue", label="kept")
-    ax.bar(range(geometry.layers), [geometry.kv_heads - k for k in kept], bottom=kept, color="lightgray", label="removed")
+    ax.bar(range(geometry.layers), [geometry.kv_heads - k for k in kept], bottom=kept, color="lightgray",
+           label="removed")
     ax.set_xlabel("layer")
     ax.set_ylabel("attention KV groups")
     ax.set_title(f"Attention KV groups kept per layer\n({geometry.heads_per_group} query head(s) per group)")
@@ -163,8 +164,10 @@ def plot_layers(results: list[dict], png: Path) -> None:
     for ax, r in zip(axes[0], results):
         names = [f"{b['layers'][0]}-{b['layers'][-1]}\n({b['ffn_kept'] / b['ffn_total']:.2f})" for b in r["blocks"]]
         x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [b["pruned_alone"] for b in r["blocks"]], width=0.4, label="only this block pruned")
-        ax.bar([i + 0.2 for i in x], [b["restored"] for b in r["blocks"]], width=0.4, label="skeleton, this block whole")
+        ax.bar([i - 0.2 for i in x], [b["pruned_alone"] for b in r["blocks"]], width=0.4,
+               label="only this block pruned")
+        ax.bar([i + 0.2 for i in x], [b["restored"] for b in r["blocks"]], width=0.4,
+               label="skeleton, this block whole")
         ax.axhline(r["unpruned"], color="black", ls="--", lw=1, label="unpruned")
         ax.axhline(r["skeleton"], color="grey", ls=":", lw=1.2, label="whole skeleton")
         ax.set_xticks(list(x))

@@ -113,7 +113,8 @@ class PromptedClassifier(nn.Module):
             return (text_states * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
         return text_states[torch.arange(text_states.shape[0], device=text_states.device), answer_index]
 
-    def read_labels(self, text_states: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
+    def read_labels(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
+                    answer_index: torch.Tensor) -> torch.Tensor:
         """Label logits from the final states of the text positions (prompt positions already cut off).
 
         Shared by the plain forward and by inference paths that never compute the prompt's
@@ -160,11 +161,12 @@ def verbalizer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
     for word in words:
         pieces = tokenizer.encode("a " + word, add_special_tokens=False)[len(prefix):]
         if len(pieces) != 1:
-            raise UserError(f"verbalizer word {word!r} is {len(pieces)} tokens for this tokenizer, and the label is read "
-                            f"from one: choose single-token words with --verbalizer")
+            raise UserError(f"verbalizer word {word!r} is {len(pieces)} tokens for this tokenizer, "
+                            f"and the label is read from one: choose single-token words with --verbalizer")
         ids.append(pieces[0])
     if len(set(ids)) != len(ids):
-        raise UserError(f"verbalizer words {', '.join(words)} do not map to distinct first tokens: choose others with --verbalizer")
+        raise UserError(f"verbalizer words {', '.join(words)} do not map to distinct first tokens: "
+                        f"choose others with --verbalizer")
     return ids
 
 

@@ -42,7 +42,8 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -328,7 +329,7 @@ class Metrics:
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.registry.register(_CacheCollector(model))
 
-    def watch_expired(self, batcher: "Batcher") -> None:
+    def watch_expired(self, batcher: Batcher) -> None:
         """skeleton_requests_expired_total: requests dropped unrun past their deadline (work not done for a
         client already answered 504), read from the batcher's own count at each scrape."""
         self.registry.register(_ExpiredCollector(batcher))
@@ -346,7 +347,7 @@ class Metrics:
 
 
 class _ExpiredCollector:
-    def __init__(self, batcher: "Batcher"):
+    def __init__(self, batcher: Batcher):
         self.batcher = batcher
 
     def collect(self) -> Iterator:
@@ -370,8 +371,8 @@ class _CacheCollector:
                 family.add_metric([task], getattr(s, what))
             yield family
         memory = self.model.memory()
-        resident = GaugeMetricFamily("skeleton_resident_bytes", "Bytes held: the shared base, and the cached tasks' own",
-                                     labels=["part"])
+        resident = GaugeMetricFamily("skeleton_resident_bytes",
+                                     "Bytes held: the shared base, and the cached tasks' own", labels=["part"])
         resident.add_metric(["shared"], memory["shared_bytes"])
         resident.add_metric(["cache"], memory["cache_bytes"])
         yield resident
@@ -472,7 +473,8 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) ->
 
     @app.exception_handler(HTTPException)  # unknown path, wrong method: the same {"error"} body as ours
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, status_code=exc.status_code)
+        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                            status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -546,7 +548,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes, the most this server takes (--max-body-bytes)")
+            raise ApiError(413, f"the request body is over {limit} bytes, "
+                                f"the most this server takes (--max-body-bytes)")
     return bytes(body)
 
 
@@ -584,7 +587,8 @@ def _examples(model: ServedModel, task: str, inputs: list) -> list[Example]:
 
 
 def _kind(value: object) -> str:
-    return "nothing" if value is None else f"a JSON {type(value).__name__.replace('dict', 'object').replace('str', 'string')}"
+    return ("nothing" if value is None
+            else f"a JSON {type(value).__name__.replace('dict', 'object').replace('str', 'string')}")
 
 
 # ----------------------------------------------------------------- running it

@@ -1,7 +1,8 @@
 """Decoder inference at fixed shapes, so a GPU runs it as captured graphs instead of ~1,000 kernel launches.
 
 A batch of b inputs of at most l tokens runs as a bucket (B, L): B the smallest batch bucket >= b (1, 2,
-4, ..., the batch size) and L the smallest multiple of `LENGTH_STEP` >= l, or the task's max length. Everything a pass touches is allocated once and written in place:
+4, ..., the batch size) and L the smallest multiple of `LENGTH_STEP` >= l, or the task's max length.
+Everything a pass touches is allocated once and written in place:
 - the prompt's keys and values, computed once (prompt_key_values) and written once into one buffer per
   layer sized for the largest bucket, [B_max, kv heads, prompt + L_max, head dim]; a bucket's cache is a
   view of it, [:B, :, :prompt + L], whose text positions each pass overwrites (a transformers StaticCache);
@@ -35,7 +36,7 @@ class Buckets:
     lengths: tuple[int, ...]
 
     @classmethod
-    def up_to(cls, batch_size: int, max_length: int) -> "Buckets":
+    def up_to(cls, batch_size: int, max_length: int) -> Buckets:
         batches = [1]
         while batches[-1] * 2 < batch_size:
             batches.append(batches[-1] * 2)
@@ -127,7 +128,8 @@ class StaticPromptDecoder(nn.Module):
             cache = StaticCache(config=self.model.backbone.config, max_cache_len=n + length)
             for layer, (k, v) in zip(cache.layers, self._prompt_cache):
                 layer.keys, layer.values = k[:batch, :, :n + length], v[:batch, :, :n + length]
-                layer.batch_size, layer.num_heads, layer.k_head_dim, layer.v_head_dim = batch, k.shape[1], k.shape[3], v.shape[3]
+                (layer.batch_size, layer.num_heads, layer.k_head_dim,
+                 layer.v_head_dim) = batch, k.shape[1], k.shape[3], v.shape[3]
                 layer.device, layer.cumulative_length = self.device, torch.tensor(n, device=self.device)
                 layer.is_initialized = True
                 for tensor in (layer.keys, layer.values, layer.cumulative_length):
@@ -166,7 +168,8 @@ class StaticPromptDecoder(nn.Module):
                                                 cache=cache, use_cache=True).last_hidden_state
         return self.model.read_labels(states, text_mask, answer)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_index: torch.Tensor) -> torch.Tensor:
         batch, length = input_ids.shape
         B, L = self.buckets.shape(batch, length)
         slot, n = self._slot(B, L), self.prompt_length

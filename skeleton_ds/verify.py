@@ -106,7 +106,8 @@ def check_skeleton(report: _Report, path: Path) -> dict | None:
             report.bad(str(path), f"keeps {len(ffn[0])} FFN neurons per layer, but ffn_keep {record['ffn_keep']} with "
                                   f"align {record.get('align')} gives {expected}")
     if len(report.findings) == before:
-        report.ok(str(path), f"{geometry.layers} layers, FFN {sum(map(len, ffn))}/{geometry.layers * geometry.ffn_size} "
+        report.ok(str(path), f"{geometry.layers} layers, "
+                             f"FFN {sum(map(len, ffn))}/{geometry.layers * geometry.ffn_size} "
                              f"kept, KV groups {sum(map(len, heads))}/{geometry.layers * geometry.kv_heads} kept")
     return record
 
@@ -123,7 +124,8 @@ def check_prompt(report: _Report, directory: Path, hidden_size: int | None, iden
     if shape is None:
         report.bad(where, "has no 'prompt' tensor")
     elif shape[0] != record.get("prompt_length"):
-        report.bad(where, f"prompt has {shape[0]} positions, task.json says prompt_length {record.get('prompt_length')}")
+        report.bad(where, f"prompt has {shape[0]} positions, "
+                          f"task.json says prompt_length {record.get('prompt_length')}")
     elif hidden_size and shape[1] != hidden_size:
         report.bad(where, f"prompt width {shape[1]} != the model's hidden size {hidden_size}: made for another model")
     if record.get("readout") == "head":
@@ -131,11 +133,13 @@ def check_prompt(report: _Report, directory: Path, hidden_size: int | None, iden
         if head != [len(record.get("label_names", [])), shape[1] if shape else None]:
             report.bad(where, f"head.weight {head} does not fit {len(record.get('label_names', []))} labels")
     if record.get("encoding") != ENCODING:
-        report.bad(str(directory / "task.json"), f"trained on inputs encoded as {record.get('encoding', 'template pieces')}"
-                                                 f", not {ENCODING}: re-run its stages with this version")
+        report.bad(str(directory / "task.json"),
+                   f"trained on inputs encoded as {record.get('encoding', 'template pieces')}"
+                   f", not {ENCODING}: re-run its stages with this version")
     if identities and record.get("base_model", {}).get("config_sha256") not in identities:
-        report.bad(str(directory / "task.json"), f"made for base model {record.get('base_model', {}).get('name_or_path')!r}, "
-                                                 f"not the model these artifacts belong to")
+        report.bad(str(directory / "task.json"),
+                   f"made for base model {record.get('base_model', {}).get('name_or_path')!r}, "
+                   f"not the model these artifacts belong to")
     if len(report.findings) == before:
         report.ok(where, f"prompt {shape}, task {record.get('task')}, readout {record.get('readout')}")
     return record
@@ -231,7 +235,8 @@ def check_run(report: _Report, run: Path) -> None:
     if any((run / "checkpoints" / "teacher").glob("rank*.safetensors")) and "teacher" not in done:
         report.bad("stage teacher", "unfinished (partial rows saved): run the same command with --resume")
     if "teacher" in done:
-        rows = {name: info.get("shape", [None])[0] for name, info in (_tensors(report, stages["teacher"]) or {}).items()}
+        rows = {name: info.get("shape", [None])[0]
+                for name, info in (_tensors(report, stages["teacher"]) or {}).items()}
         if len(set(rows.values())) > 1:
             report.bad(str(stages["teacher"]), f"its outputs cover different numbers of examples: {rows}")
     report.ok("stages complete", ", ".join(done) or "none")

@@ -72,7 +72,8 @@ def _mean_gold_logprob(rec, items) -> torch.Tensor:
 def test_scores_are_exactly_activation_times_gradient(arch, stage, trained, tiny_models, sentiment_files, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained[arch] / "prompt", out / "prompt")
-    rec = _attribution(arch, stage, tiny_models, sentiment_files, out, "--attr-reduce", "signed", "--attr-include-prompt")
+    rec = _attribution(arch, stage, tiny_models, sentiment_files, out, "--attr-reduce", "signed",
+                       "--attr-include-prompt")
     signed, n = rec.score()
     assert n == len(rec.train_set) == 96
 

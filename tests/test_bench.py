@@ -42,12 +42,14 @@ def test_bench_tiny_writes_table_json_and_png(tmp_path, capsys):
     assert result["peaks"]["matmul_tflop_per_s"] > 0 and result["peaks"]["copy_gb_per_s"] > 0
     names = {r["contender"] for r in result["rows"]}
     assert {"peft", "peft-full-logits", "full", "compact-1", "compact-0.5", "compact-0.3", "compact-0.2"} <= names
-    assert {(r["lengths"], r["batch"]) for r in result["rows"]} == {("fixed", 4), ("fixed", 1), ("sst2", 4), ("sst2", 1)}
+    assert ({(r["lengths"], r["batch"]) for r in result["rows"]}
+            == {("fixed", 4), ("fixed", 1), ("sst2", 4), ("sst2", 1)})
     for row in result["rows"]:  # every row reports its time, roofline and share (their sizes are not asserted)
         assert row["ms_q1"] <= row["ms_median"] <= row["ms_q3"] and row["examples_per_s"] > 0
         assert row["roofline_ms"] > 0 and row["roofline_limit"] in ("FLOPs", "bytes")
         assert row["of_roofline"] == pytest.approx(row["roofline_ms"] / row["ms_median"], rel=1e-2, abs=1e-3)
-        assert row["of_flop_ratio_vs_peft"] == pytest.approx(row["speedup_vs_peft"] / row["flop_ratio_vs_peft"], rel=1e-2)
+        assert row["of_flop_ratio_vs_peft"] == pytest.approx(row["speedup_vs_peft"] / row["flop_ratio_vs_peft"],
+                                                             rel=1e-2)
         assert row["tflop_per_s"] == pytest.approx(row["gflop"] * row["batches"] / row["ms_median"] / row["batches"],
                                                    rel=2e-2)
     workloads = {(w["lengths"], w["batch"]): w for w in result["workloads"]}
@@ -112,8 +114,10 @@ def test_roofline_arithmetic_on_known_numbers():
     # Weights read once per batch: 2 layers x (attention 64*16*(2*4+2*2) + FFN 256*64*3) + 2 label rows x 64,
     # plus the input tokens' embedding rows (3 x 10 x 64), in 4-byte floats.
     layer = 64 * 16 * 12 + 256 * 64 * 3
-    assert bytes_read(TINY, batch=3, text=10, head="labels", labels=2, element_bytes=4) == 4 * (2 * layer + 2 * 64 + 3 * 10 * 64)
-    assert bytes_read(TINY, batch=3, text=10, head="vocab-last", labels=2, element_bytes=2) == 2 * (2 * layer + 512 * 64 + 3 * 10 * 64)
+    assert (bytes_read(TINY, batch=3, text=10, head="labels", labels=2, element_bytes=4)
+            == 4 * (2 * layer + 2 * 64 + 3 * 10 * 64))
+    assert (bytes_read(TINY, batch=3, text=10, head="vocab-last", labels=2, element_bytes=2)
+            == 2 * (2 * layer + 512 * 64 + 3 * 10 * 64))
     # The share of the roofline a row reports is roofline / measured: a time at the roofline reads 100%.
     machine = Machine(element_bytes=4, peak_flop_per_s=1e9, peak_bytes_per_s=1e9)
     workload = Workload("fixed", 2, [[Encoded([5] * 10, 9, 0)] * 2])
@@ -134,7 +138,8 @@ def test_sst2_batches_are_length_sorted_whole_batches_at_spread_quantiles():
     lengths = list(range(10, 50))  # 40 sorted lengths: 10 batches of 4
     w = sst2_workload(lengths, batch=4, examples=8, vocab=100, seed=0)
     assert [[len(e.input_ids) for e in b] for b in w.batches] == [[18, 19, 20, 21], [38, 39, 40, 41]]
-    assert w.widths() == [21, 41] and w.record()["padding_share"] == pytest.approx(1 - (78 + 158) / (4 * 21 + 4 * 41), abs=1e-4)
+    assert w.widths() == [21, 41] and w.record()["padding_share"] == pytest.approx(1 - (78 + 158) / (4 * 21 + 4 * 41),
+                                                                                   abs=1e-4)
     assert all(e.answer_index == len(e.input_ids) - 1 for b in w.batches for e in b)
 
 

@@ -39,7 +39,8 @@ def test_unknown_task(tiny_models, tmp_path, capsys):
 def test_missing_data_files(tiny_models, tmp_path, capsys):
     out = tmp_path / "run"
     (tmp_path / "data").mkdir()
-    code, err = _run(_base(tiny_models["llama"], out) + ["--task", "sst2", "--data-dir", str(tmp_path / "data")], capsys)
+    code, err = _run(_base(tiny_models["llama"], out) + ["--task", "sst2", "--data-dir", str(tmp_path / "data")],
+                     capsys)
     _assert_clean_error(code, err, out, "SST-2")
 
 

@@ -40,11 +40,12 @@ def _means_file(model_dir, path, geometry: Geometry) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(("arch", "ffn_keep", "head_keep", "mode"),
-                         [("llama", 0.3, 0.5, "uniform"), ("llama", 0.5, 1.0, "global"), ("bert-head", 0.3, 1.0, "uniform"),
-                          ("bert-mlm", 0.5, 1.0, "global")])
+                         [("llama", 0.3, 0.5, "uniform"), ("llama", 0.5, 1.0, "global"),
+                          ("bert-head", 0.3, 1.0, "uniform"), ("bert-mlm", 0.5, 1.0, "global")])
 def test_compensated_compact_equals_masked_model_with_means(arch, ffn_keep, head_keep, mode, tiny_models, tmp_path):
     base = tiny_models[arch]
-    skeleton, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=ffn_keep, head_keep=head_keep, mode=mode)
+    skeleton, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=ffn_keep, head_keep=head_keep,
+                                        mode=mode)
     means = _means_file(base, tmp_path / "attribution.safetensors", geometry)
     convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "compact", compensate="mean")
     convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "plain")
@@ -100,7 +101,8 @@ def test_scores_without_means_are_refused(tiny_models, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def compensated_runs(tiny_models, sentiment_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("compensated")
-    return {arch: run_stages(tiny_models[arch], sentiment_files, root / arch, "--ffn-keep", "0.5", "--compensate", "mean",
+    return {arch: run_stages(tiny_models[arch], sentiment_files, root / arch, "--ffn-keep", "0.5",
+                             "--compensate", "mean",
                              *(("--head-keep", "0.5") if arch == "llama" else ()))
             for arch in ("llama", "bert-head")}
 

@@ -49,7 +49,8 @@ CASES = [("llama", 0.3, 0.5, "uniform"), ("llama", 0.5, 0.5, "global"), ("qwen2"
 @pytest.mark.parametrize(("arch", "ffn_keep", "head_keep", "mode"), CASES)
 def test_compact_model_equals_masked_full_model(arch, ffn_keep, head_keep, mode, tiny_models, tmp_path):
     base = tiny_models[arch]
-    skeleton, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=ffn_keep, head_keep=head_keep, mode=mode)
+    skeleton, geometry = write_skeleton(base, tmp_path / "skeleton.json", ffn_keep=ffn_keep, head_keep=head_keep,
+                                        mode=mode)
     if mode == "global":
         assert not skeleton.is_uniform(), "the case must exercise per-layer padding"
     counts = convert(str(base), tmp_path / "skeleton.json", None, tmp_path / "compact")
@@ -215,7 +216,8 @@ def test_uniform_head_keep_rounds_to_a_loadable_count():
     from skeleton_ds.architectures import Geometry
 
     def groups(hidden, heads, kv, keep):
-        geometry = Geometry(layers=1, ffn_size=64, heads=heads, kv_heads=kv, head_dim=hidden // heads, hidden_size=hidden)
+        geometry = Geometry(layers=1, ffn_size=64, heads=heads, kv_heads=kv, head_dim=hidden // heads,
+                            hidden_size=hidden)
         scores = {"ffn.0": torch.rand(64), "heads.0": torch.rand(kv)}
         return len(select(scores, geometry, ffn_keep=1.0, head_keep=keep, align=64, mode="uniform").heads[0])
 

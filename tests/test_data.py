@@ -81,7 +81,8 @@ def test_ds_config_resolution(tmp_path):
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"]) == (32, 8)
     assert cfg["optimizer"]["params"]["lr"] == 0.1
     assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False  # CPU: fp32
-    assert resolve_ds_config(DS_CONFIGS / "zero2.json", world_size=2, batch_size=6, lr=1, precision="bf16")["bf16"]["enabled"]
+    assert resolve_ds_config(DS_CONFIGS / "zero2.json", world_size=2, batch_size=6, lr=1,
+                             precision="bf16")["bf16"]["enabled"]
     with pytest.raises(UserError, match="multiple of 3"):
         resolve_ds_config(DS_CONFIGS / "zero2.json", world_size=3, batch_size=0, lr=0.1, precision="auto")
     auto = tmp_path / "auto.json"

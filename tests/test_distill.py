@@ -60,14 +60,16 @@ def test_teacher_holds_the_full_models_outputs_and_retuning_adds_the_terms(tiny_
     t = 3.0  # --distill-temperature (not the default 2, so the test sees the flag)
     p_teacher = F.softmax(teacher["logits"][:8] / t, -1)
     kl = (p_teacher * (p_teacher.log() - F.log_softmax(s_logits / t, -1))).sum(-1).mean()
-    mse = ((s_states["final"] - teacher["final"][:8]) ** 2).mean() + ((s_states["layer.0"] - teacher["layer.0"][:8]) ** 2).mean()
+    mse = (((s_states["final"] - teacher["final"][:8]) ** 2).mean()
+           + ((s_states["layer.0"] - teacher["layer.0"][:8]) ** 2).mean())
     expected = F.cross_entropy(s_logits, student["labels"]) + 0.7 * t * t * kl + 0.3 * mse / 2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (0.7 * t * t * kl + 0.3 * mse / 2).item() > 1e-4  # the terms are there, not zero
 
 
 def test_teacher_is_stored_once_reused_and_refused_when_its_data_changed(tiny_models, tmp_path, capsys):
-    train_file, dev_file = write_sentiment_csv(tmp_path / "train.csv", 48, 1), write_sentiment_csv(tmp_path / "dev.csv", 16, 2)
+    train_file, dev_file = (write_sentiment_csv(tmp_path / "train.csv", 48, 1),
+                            write_sentiment_csv(tmp_path / "dev.csv", 16, 2))
     out = tmp_path / "run"
     argv = _argv(tiny_models["llama"], (train_file, dev_file), out, 2, *DISTILL)
     assert run_command(train, argv) == 0

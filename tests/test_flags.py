@@ -53,9 +53,11 @@ STAGE1 = {  # flag: (extra argv, probe(recipe, default_recipe) -> bool)
                      lambda r, d: abs(r.scheduler.get_last_lr()[0] - _group_lr(r) / 4) < 1e-12),
     "weight_decay": (["--weight-decay", "0.25"],
                      lambda r, d: r.engine.basic_optimizer.param_groups[0]["weight_decay"] == 0.25),
-    "batch_size": (["--batch-size", "16"], lambda r, d: r.global_batch == 16 and r.steps_per_epoch * 2 == d.steps_per_epoch),
+    "batch_size": (["--batch-size", "16"],
+                   lambda r, d: r.global_batch == 16 and r.steps_per_epoch * 2 == d.steps_per_epoch),
     "max_length": (["--max-length", "8"],
-                   lambda r, d: max(len(e.input_ids) for e in r.train_set) <= 8 < max(len(e.input_ids) for e in d.train_set)),
+                   lambda r, d: max(len(e.input_ids) for e in r.train_set) <= 8
+                   < max(len(e.input_ids) for e in d.train_set)),
     "seed": (["--seed", "9"], lambda r, d: not torch.equal(r.model.prompt.embedding, d.model.prompt.embedding)),
     "max_train_examples": (["--max-train-examples", "40"], lambda r, d: len(r.train_set) == 40 < len(d.train_set)),
     "max_eval_examples": (["--max-eval-examples", "10"], lambda r, d: len(r.dev_set) == 10 < len(d.dev_set)),
@@ -65,7 +67,8 @@ STAGE1 = {  # flag: (extra argv, probe(recipe, default_recipe) -> bool)
     "revision": (["--revision", "v2"], lambda r, d: r.settings_record()["values"]["base"]["revision"] == "v2"
                  and d.settings_record()["values"]["base"]["revision"] is None),
     "ds_config": (["--config", str(DS_CONFIGS / "zero3.json")],
-                  lambda r, d: r.ds_config["zero_optimization"]["stage"] == 3 != d.ds_config["zero_optimization"]["stage"]),
+                  lambda r, d: r.ds_config["zero_optimization"]["stage"] == 3
+                  != d.ds_config["zero_optimization"]["stage"]),
 }
 
 
@@ -83,7 +86,8 @@ def test_a_stage1_flag_acts(flag, default_recipe, tiny_models, sentiment_files, 
     if flag == "model":
         extra = ["--model", str(tiny_models["qwen2"])]
         probe = lambda r, d: r.backbone.model.config.model_type == "qwen2" != d.backbone.model.config.model_type  # noqa: E731
-    recipe = PromptTuningRecipe(config_from_args(_argv(tiny_models["llama"], sentiment_files, tmp_path / "run", *extra)))
+    recipe = PromptTuningRecipe(config_from_args(_argv(tiny_models["llama"], sentiment_files, tmp_path / "run",
+                                                       *extra)))
     recipe.setup()
     assert probe(recipe, default_recipe), flag
 
@@ -105,7 +109,8 @@ def _retune(run):
 
 LATER = {  # flag: (stages to redo, extra argv, probe(run, default_run) -> bool)
     "scorer": ("attribute,localize", ["--scorer", "random"],
-               lambda r, d: _attribution(r)[1]["scorer"] == "random" and _skeleton(r)["layers"] != _skeleton(d)["layers"]),
+               lambda r, d: _attribution(r)[1]["scorer"] == "random"
+               and _skeleton(r)["layers"] != _skeleton(d)["layers"]),
     "attr_reduce": ("attribute", ["--attr-reduce", "max"],
                     lambda r, d: not torch.equal(_attribution(r)[0]["ffn.0"], _attribution(d)[0]["ffn.0"])),
     "attr_positions": ("attribute", ["--attr-positions", "answer"],
@@ -128,7 +133,8 @@ LATER = {  # flag: (stages to redo, extra argv, probe(run, default_run) -> bool)
     "keep_mode": ("localize", ["--keep-mode", "uniform"],
                   lambda r, d: len(set(_skeleton(r)["ffn_sizes"])) == 1 < len(set(_skeleton(d)["ffn_sizes"]))),
     "protect_outliers": ("localize", ["--protect-outliers", "1.5"],
-                         lambda r, d: _skeleton(r)["protect_outliers"] == 1.5 and _skeleton(r)["layers"] != _skeleton(d)["layers"]),
+                         lambda r, d: _skeleton(r)["protect_outliers"] == 1.5
+                         and _skeleton(r)["layers"] != _skeleton(d)["layers"]),
     "slice_lm_head": ("convert", ["--slice-lm-head"],
                       lambda r, d: (r / "compact" / "label_head.safetensors").is_file()
                       and not (d / "compact" / "label_head.safetensors").exists()),
@@ -139,7 +145,8 @@ LATER = {  # flag: (stages to redo, extra argv, probe(run, default_run) -> bool)
                   lambda r, d: _retune(r)["settings"]["values"]["lr"] == 0.5
                   and _retune(r)["metrics"]["loss"] != _retune(d)["metrics"]["loss"]),
     "keep_checkpoints": ("retune", ["--save-every", "1", "--keep-checkpoints", "3"],  # the default keeps 2
-                         lambda r, d: len(list((r / "checkpoints" / "retune").glob("step*"))) == 3 < _retune(r)["steps"]),
+                         lambda r, d: len(list((r / "checkpoints" / "retune").glob("step*"))) == 3
+                         < _retune(r)["steps"]),
     "save_every": ("retune", ["--save-every", "1", "--keep-checkpoints", "50"],
                    lambda r, d: len(list((r / "checkpoints" / "retune").glob("step*"))) == _retune(r)["steps"] > 1),
 }

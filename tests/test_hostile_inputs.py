@@ -12,7 +12,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -118,7 +118,8 @@ CASES = [
     Case("ds-zero-section-not-object", train, _prompt_stage(ds={"train_batch_size": 8, "zero_optimization": 3}),
          needles=("zero_optimization", "object"), removed=("prompt",)),
     Case("ds-inconsistent-batch", train,
-         _prompt_stage(ds={"train_batch_size": 8, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2}),
+         _prompt_stage(ds={"train_batch_size": 8, "train_micro_batch_size_per_gpu": 3,
+                           "gradient_accumulation_steps": 2}),
          needles=("inconsistent",), removed=("prompt",)),
     Case("ds-not-an-object", train, _prompt_stage(ds=[{"train_batch_size": 8}]),
          needles=("JSON object",), removed=("prompt",)),
@@ -137,13 +138,14 @@ CASES = [
          needles=("bad.csv", "maybe"), removed=("prompt",)),
     Case("data-empty-file", train, _prompt_stage(data=("empty.csv", "dev.csv")), _write(Path("empty.csv"), ""),
          needles=("empty.csv",), removed=("prompt",)),
-    Case("data-header-only", train, _prompt_stage(data=("train.csv", "empty.csv")), _write(Path("empty.csv"), CSV_HEADER),
-         needles=("empty.csv", "no examples"), removed=("prompt",)),
+    Case("data-header-only", train, _prompt_stage(data=("train.csv", "empty.csv")),
+         _write(Path("empty.csv"), CSV_HEADER), needles=("empty.csv", "no examples"), removed=("prompt",)),
     Case("data-jsonl-broken-line", train, _prompt_stage(data=("bad.jsonl", "dev.csv")),
          _write(Path("bad.jsonl"), '{"text": "a good movie", "label": "pos"}\n{"text": "bad", "label": \n'),
          needles=("bad.jsonl", "line 2"), removed=("prompt",)),
     Case("data-missing-column", train, _prompt_stage(data=("bad.csv", "dev.csv")),
-         _write(Path("bad.csv"), "sentence,label\na good movie,pos\n"), needles=("bad.csv", "text"), removed=("prompt",)),
+         _write(Path("bad.csv"), "sentence,label\na good movie,pos\n"), needles=("bad.csv", "text"),
+         removed=("prompt",)),
     # --- model checkpoints ---------------------------------------------------------------------------
     Case("base-model-truncated", train, _prompt_stage(), _truncate("llama/model.safetensors"),
          needles=("model.safetensors",), removed=("prompt",)),
@@ -170,13 +172,15 @@ CASES = [
          _edit_json("run/skeleton.json", lambda r: r["layers"][0].__setitem__("heads", [-1])),
          needles=("skeleton.json", "out of range"), removed=("compact",)),
     Case("skeleton-for-another-base", train, _train("--stages", "convert"),
-         _edit_json("run/skeleton.json", lambda r: r["base_model"].update(config_sha256="0" * 64, name_or_path="other")),
+         _edit_json("run/skeleton.json",
+                    lambda r: r["base_model"].update(config_sha256="0" * 64, name_or_path="other")),
          needles=("skeleton.json", "other"), removed=("compact",)),
     Case("skeleton-not-json", train, _train("--stages", "convert"), _write(Path("run/skeleton.json"), "{layers: ["),
          needles=("skeleton.json", "JSON"), removed=("compact",)),
     Case("convert-disk-full", convert,
          lambda work, models: ["--base", str(models["llama"]), "--skeleton", str(work / "run/skeleton.json"),
-                               "--prompt", str(work / "run/prompt"), "--output", str(work / "run/compact"), "--overwrite"],
+                               "--prompt", str(work / "run/prompt"), "--output", str(work / "run/compact"),
+                               "--overwrite"],
          needles=("No space left", "free"), removed=("compact",)),
     # --- infer ---------------------------------------------------------------------------------------
     Case("infer-bit-flipped-weights", infer,
@@ -274,15 +278,18 @@ VERIFY_CASES = [
     ("bit-flipped-weights", _flip_data("run/compact/model.safetensors"), "compact", "model.safetensors"),
     ("truncated-shard", _truncate("run/compact/model.safetensors", 0.9), "compact", "truncated"),
     ("manifest-missing", lambda w: (w / "run/compact/manifest.json").unlink(), "compact", "manifest.json"),
-    ("skeleton-duplicate", _edit_json("run/skeleton.json", lambda r: r["layers"][1]["ffn"].__setitem__(1, r["layers"][1]["ffn"][0])),
+    ("skeleton-duplicate", _edit_json("run/skeleton.json",
+                                      lambda r: r["layers"][1]["ffn"].__setitem__(1, r["layers"][1]["ffn"][0])),
      "run", "duplicate"),
     ("skeleton-sizes-disagree", _edit_json("run/compact/skeleton.json", lambda r: r["layers"][0]["ffn"].pop()),
      "compact", "ffn_sizes"),
-    ("prompt-wrong-length", _edit_json("run/prompt/task.json", lambda r: r.update(prompt_length=9)), "run", "prompt_length"),
+    ("prompt-wrong-length", _edit_json("run/prompt/task.json", lambda r: r.update(prompt_length=9)),
+     "run", "prompt_length"),
     ("leftover-staging", lambda w: (w / "run/.prompt.partial-x").mkdir(), "run", "interrupted write"),
     ("unfinished-stage", lambda w: (shutil.rmtree(w / "run/prompt"),
                                     (w / "run/checkpoints/prompt").mkdir(parents=True, exist_ok=True),
-                                    (w / "run/checkpoints/prompt/latest").write_text("step00000002")), "run", "--resume"),
+                                    (w / "run/checkpoints/prompt/latest").write_text("step00000002")),
+     "run", "--resume"),
 ]
 
 

@@ -18,12 +18,13 @@ from conftest import REPO
 
 PACKAGE = REPO / "skeleton_ds"
 
-SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", "tasks", "data", "prompt", "distributed",
-                                        "ds_config", "model_identity", "quantization", "loading", "config", "ui",
-                                        "plots", "preemption", "cluster", "provenance", "lineage", "packaged_models",
-                                        "widths", "model_card")}
-ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localization", "conversion", "interop", "inference", "bench",
-                                            "multitask", "verify", "static_shapes", "cross_task", "baselines")}
+SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", "tasks", "data", "prompt",
+                                        "distributed", "ds_config", "model_identity", "quantization", "loading",
+                                        "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
+                                        "packaged_models", "widths", "model_card")}
+ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localization", "conversion", "interop",
+                                            "inference", "bench", "multitask", "verify", "static_shapes",
+                                            "cross_task", "baselines")}
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
 TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server"}
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")

@@ -68,7 +68,8 @@ def test_card_names_what_the_records_hold_before_and_after_retuning(arch, conver
 def test_card_names_the_code_and_how_to_load(converted):
     card = (converted["llama"] / "compact" / CARD).read_text()
     assert "skeleton-ds infer --checkpoint DIR --input -" in card
-    assert "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"DIR\")" in card
+    assert ("from transformers import AutoModelForCausalLM\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"DIR\")" in card)
     assert "## Made by\n\nskeleton_ds " in card and "code `" in card
     assert "base_model:" not in card.split("---")[1]  # a local directory is not a Hub id
 

@@ -25,10 +25,10 @@ TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor
 def runs(tiny_models, sentiment_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("multitask")
     return {
-        "llama-a": run_stages(tiny_models["llama"], sentiment_files, root / "llama-a", "--ffn-keep", "0.5", "--head-keep",
-                        "0.5", "--seed", "1"),
-        "llama-b": run_stages(tiny_models["llama"], sentiment_files, root / "llama-b", "--ffn-keep", "0.25", "--keep-mode",
-                        "global", "--seed", "2"),
+        "llama-a": run_stages(tiny_models["llama"], sentiment_files, root / "llama-a", "--ffn-keep", "0.5",
+                        "--head-keep", "0.5", "--seed", "1"),
+        "llama-b": run_stages(tiny_models["llama"], sentiment_files, root / "llama-b", "--ffn-keep", "0.25",
+                        "--keep-mode", "global", "--seed", "2"),
         "bert": run_stages(tiny_models["bert-head"], sentiment_files, root / "bert", "--ffn-keep", "0.5"),
     }
 
@@ -122,8 +122,8 @@ def test_minilm_shared_weight_task_equals_its_compact_checkpoint(tmp_path):
     compact = compact_checkpoint(base, prompt, None, tmp_path / "compact", ffn_keep=0.3, head_keep=1.0, align=64,
                                  slice_lm_head=False)
     registry = MultiTaskModel("minilm", [f"sst={compact}"], cfg=CPU)
-    torch.testing.assert_close(_logits(registry._resident("sst").predictor), _logits(Predictor.from_checkpoint(compact, CPU)),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(registry._resident("sst").predictor),
+                               _logits(Predictor.from_checkpoint(compact, CPU)), rtol=1e-4, atol=1e-5)
     memory = registry.memory()
     # The task owns its sliced FFN (6 layers x 448 of 1536 neurons) and its prompt and head; the rest is shared.
     assert memory["tasks"]["sst"] < 0.25 * memory["shared_bytes"]

@@ -145,7 +145,8 @@ def test_the_installed_requirements_are_satisfied(venv, tmp_path):
         "        unmet.append(f'{req} (installed: {found})')\n"
         "print(json.dumps({'unmet': unmet, 'file': skeleton_ds.__file__, 'configs': str(packaged_dir()),\n"
         "                  'names': packaged_names(),\n"
-        "                  'metadata': str(dist.locate_file('')), 'extras': dist.metadata.get_all('Provides-Extra')}))\n")
+        "                  'metadata': str(dist.locate_file('')), "
+        "'extras': dist.metadata.get_all('Provides-Extra')}))\n")
     found = json.loads(_run([str(_bin(venv, "python")), "-c", script], cwd=tmp_path).stdout)
     assert found["unmet"] == []
     _assert_from(venv, found["file"])
@@ -201,8 +202,8 @@ def test_installed_serving_imports_neither_deepspeed_nor_bitsandbytes(venv, inst
         "(name,) = model.task_names()\n"
         "answers = model.predict(name, model.parse_inputs(name, ['the movie was good']))\n"
         "print(json.dumps({'file': skeleton_ds.__file__, 'answers': len(answers),\n"
-        "                  'modules': sorted(m for m in sys.modules if m.split('.')[0] in %r)}))\n"
-        % (NEVER_IN_INFERENCE,))
+        "                  'modules': "
+        f"sorted(m for m in sys.modules if m.split('.')[0] in {NEVER_IN_INFERENCE!r})}}))\n")
     found = json.loads(_run([str(_bin(venv, "python")), "-c", script, str(tiny_models["llama"]), str(installed_run)],
                             cwd=tmp_path).stdout.splitlines()[-1])
     _assert_from(venv, found["file"])
@@ -233,5 +234,6 @@ def _run(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     a failure shows the command's own output."""
     environ = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED} | {"HF_HUB_OFFLINE": "1"} | env
     result = subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{argv[:3]} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"{argv[:3]} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                                    f"{result.stderr[-3000:]}")
     return result

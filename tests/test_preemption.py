@@ -190,7 +190,8 @@ def test_teacher_pass_stopped_by_signal_resumes_to_the_same_outputs(tiny_models,
     _ok(resumed)
     assert "resumed the teacher pass" in resumed.stdout
     assert not partial.exists(), "partial rows are removed once the outputs are written"
-    one, two = load_file(str(tmp_path / "straight" / "teacher.safetensors")), load_file(str(out / "teacher.safetensors"))
+    one, two = (load_file(str(tmp_path / "straight" / "teacher.safetensors")),
+                load_file(str(out / "teacher.safetensors")))
     assert sorted(one) == sorted(two) == ["final", "layer.1", "logits"] and one["logits"].shape[0] == 96
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=0)

@@ -86,7 +86,8 @@ def test_zero3_offload_config_trains(tiny_models, sentiment_files, tmp_path):
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 @pytest.mark.parametrize("arch", ["llama", "bert-head"])
-def test_quantized_frozen_backbone_trains_the_prompt_and_scores_units(arch, quant, wide_models, sentiment_files, tmp_path):
+def test_quantized_frozen_backbone_trains_the_prompt_and_scores_units(arch, quant, wide_models, sentiment_files,
+                                                                       tmp_path):
     """bitsandbytes weights for the frozen backbone on one device (ZeRO-2): the prompt still learns and
     attribution still gets activation gradients through the quantized layers."""
     import bitsandbytes as bnb
@@ -125,7 +126,8 @@ def test_quantized_backbone_is_refused_under_zero3(tiny_models, sentiment_files,
     from skeleton_ds.cli import run_command, train
 
     argv = ["--model", str(tiny_models["llama"]), "--config", str(DS_CONFIGS / "zero3.json"), "--output",
-            str(tmp_path / "run"), "--batch-size", "8", "--max-steps", "1", "--quant", "8bit", *generic_flags(sentiment_files)]
+            str(tmp_path / "run"), "--batch-size", "8", "--max-steps", "1", "--quant", "8bit",
+            *generic_flags(sentiment_files)]
     assert run_command(train, argv) == 2
     err = capsys.readouterr().err
     assert "ZeRO-3" in err and "zero2.json" in err and not (tmp_path / "run" / "prompt").exists()

@@ -25,7 +25,8 @@ def test_outside_a_checkout_the_package_version_names_the_code(tmp_path):
     import shutil
 
     shutil.copytree(REPO / "skeleton_ds", tmp_path / "skeleton_ds")
-    out = subprocess.run([sys.executable, "-c", "from skeleton_ds.provenance import code_version; print(code_version())"],
+    out = subprocess.run([sys.executable, "-c",
+                          "from skeleton_ds.provenance import code_version; print(code_version())"],
                          cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("skeleton-ds ")
 

@@ -17,7 +17,8 @@ def test_guide_table_names_its_source(name):
 
 
 def test_source_line_names_the_commit_or_says_it_is_unknown():
-    recorded = {"provenance": {"code_version": "abc1234", "date": "2026-12-01T10:00:00Z", "command": "skeleton-ds bench",
+    recorded = {"provenance": {"code_version": "abc1234", "date": "2026-12-01T10:00:00Z",
+                               "command": "skeleton-ds bench",
                                "device": {"cpu": "Xeon", "cpu_cores": 2, "load_average_1min": 0.1}}}
     assert source_line(recorded, "docs/x.json") == ("Source: `docs/x.json`, made by commit `abc1234` on 2026-12-01 "
                                                     "(Xeon, 2 cores, load 0.1): `skeleton-ds bench`.")

@@ -144,14 +144,16 @@ def test_measured_table_keeps_what_the_tests_measured(tmp_path):
     import subprocess
 
     shutil.copy(RESULTS / "bench_llama-160m_cpu.json", tmp_path)
-    run = subprocess.run([sys.executable, "launch/measured.py", "--rows", "streaming,bench_cpu", "--docs", str(tmp_path)],
+    run = subprocess.run([sys.executable, "launch/measured.py", "--rows", "streaming,bench_cpu", "--docs",
+                          str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     record = json.loads((tmp_path / "measured.json").read_text())
     rows = {r["key"]: r["figures"] for r in record["rows"]}
     assert rows.keys() == {"streaming", "bench_cpu"}
     assert rows["streaming"]["passed"] == 1 and 0 < rows["streaming"]["rss_growth_mib"] < rows["streaming"]["bound_mib"]
-    bench = next(r for r in _record("bench_llama-160m_cpu")["rows"] if r["contender"] == "compact-0.3" and r["batch"] == 32)
+    bench = next(r for r in _record("bench_llama-160m_cpu")["rows"]
+                 if r["contender"] == "compact-0.3" and r["batch"] == 32)
     assert rows["bench_cpu"]["speedup_vs_peft"] == bench[f"speedup_vs_{rows['bench_cpu']['peft']}"]
     assert (tmp_path / "measured.md").read_text() == _script("measured").markdown(record)
 

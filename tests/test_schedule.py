@@ -89,7 +89,8 @@ def test_each_step_is_a_valid_compact_model_within_the_one_before(arch, tiny_mod
         shutil.rmtree(step / name)
     last = (out / "attribution.safetensors").stat().st_mtime_ns
     assert run_command(train, _argv(tiny_models[arch], sentiment_files, out, *SCHEDULE)) == 0
-    assert (step / "compact" / "manifest.json").is_file() and (out / "attribution.safetensors").stat().st_mtime_ns == last
+    assert ((step / "compact" / "manifest.json").is_file()
+            and (out / "attribution.safetensors").stat().st_mtime_ns == last)
 
 
 def test_finished_steps_are_reused_when_only_the_teacher_is_new(tiny_models, sentiment_files, tmp_path, capsys):
@@ -102,7 +103,8 @@ def test_finished_steps_are_reused_when_only_the_teacher_is_new(tiny_models, sen
     shutil.copytree(out / "prompt", step / "prompt")
     shutil.copy(out / "attribution.safetensors", step / "attribution.safetensors")
     (out / "attribution.safetensors").unlink()
-    assert run_command(train, _argv(tiny_models["llama"], sentiment_files, out, *SCHEDULE)) == 0, capsys.readouterr().err
+    assert run_command(train, _argv(tiny_models["llama"], sentiment_files, out, *SCHEDULE)) == 0, \
+        capsys.readouterr().err
     assert "stage attribute is complete" in capsys.readouterr().out  # the copied scores were used
 
 

@@ -177,7 +177,8 @@ def test_many_clients_across_many_tasks_with_eviction_answer_as_sequential_reque
     root = tmp_path_factory.mktemp("many")
     flags = [("--ffn-keep", "0.5"), ("--ffn-keep", "0.25", "--keep-mode", "global"), ("--head-keep", "0.5"),
              ("--ffn-keep", "0.75", "--seed", "5"), ("--ffn-keep", "0.5", "--compensate", "mean", "--seed", "6")]
-    dirs = [f"t{i}={run_stages(tiny_models['llama'], sentiment_files, root / f't{i}', *f)}" for i, f in enumerate(flags)]
+    dirs = [f"t{i}={run_stages(tiny_models['llama'], sentiment_files, root / f't{i}', *f)}"
+            for i, f in enumerate(flags)]
     cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=16)
     probe = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg)
     model = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg, mix_tasks=True,
@@ -443,7 +444,8 @@ def test_soak_smoke_run_answers_or_refuses_every_request(tiny_models, task_dirs,
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     record = json.loads(out.read_text())
     checks = record["checks"]
-    assert checks["nothing_lost"] and checks["answered_once"] and checks["only_200_503_504"] and checks["healthy_after"], \
+    assert (checks["nothing_lost"] and checks["answered_once"] and checks["only_200_503_504"]
+            and checks["healthy_after"]), \
         (checks, record["soak"], record["server_counted"], run.stderr[-2000:])
     assert record["soak"]["sent"] == sum(record["soak"]["statuses"].values()) > 0
     assert missing_fields(record) == []
@@ -608,7 +610,8 @@ def test_an_api_key_guards_every_route_but_healthz(model):
     try:
         key = {"Authorization": "Bearer s3cret"}
         assert _call(server.url, "/healthz")[0] == 200  # probes need no key
-        for path, body in (("/v1/tasks", None), ("/metrics", None), ("/v1/classify", {"task": "first", "inputs": ["x"]})):
+        for path, body in (("/v1/tasks", None), ("/metrics", None),
+                           ("/v1/classify", {"task": "first", "inputs": ["x"]})):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 status, answer = _call(server.url, path, body, headers=headers)
                 assert status == 401 and "API key" in answer["error"], (path, headers)

@@ -53,7 +53,8 @@ def run(finished, tmp_path):
     (["--scorer", "random"], ["attribute: scorer attribution -> random"]),
     (["--lr", "0.05", "--stages", "retune"], ["retune: lr 0.1 -> 0.05"]),
     (["--lr", "0.05"], ["prompt: lr 0.1 -> 0.05", "retune: lr 0.1 -> 0.05"]),
-    (["--compensate", "mean", "--head-keep", "0.5"], ["localize: head_keep 1.0 -> 0.5", "convert: compensate none -> mean"]),
+    (["--compensate", "mean", "--head-keep", "0.5"],
+     ["localize: head_keep 1.0 -> 0.5", "convert: compensate none -> mean"]),
     (["--retune-lr", "0.05"], ["retune: lr 0.1 -> 0.05"]),  # re-tuning's own budget: stage 1 unchanged
     (["--keep-mode", "uniform"], ["localize: keep_mode global -> uniform"]),  # the decoder default, as recorded
     (["--protect-outliers", "0"], ["localize: protect_outliers 20.0 -> 0.0"]),
@@ -105,7 +106,8 @@ def test_overwrite_redoes_the_changed_stage_and_what_follows(tiny_models, sentim
     assert summary["skeleton_after_retune"] != old_retune["metrics"] or \
         summary["skeleton_before_retune"] != old_retune["before_retune"]
     assert summary["settings_ids"]["localize"] == skeleton["settings"]["id"]
-    assert missing_fields(summary) == [] and missing_fields(json.loads((run / "retune" / "metrics.json").read_text())) == []
+    assert (missing_fields(summary) == []
+            and missing_fields(json.loads((run / "retune" / "metrics.json").read_text())) == [])
     # The same flags again: everything is reused.
     assert run_command(train, _argv(tiny_models["llama"], sentiment_files, run, "--ffn-keep", "0.25")) == 0
     assert capsys.readouterr().out.count("skipping") == len(STAGES)
@@ -134,7 +136,8 @@ def test_retune_budget_is_its_own(tiny_models, sentiment_files, tmp_path):
 
 
 def test_redoing_a_stage_removes_unrequested_outputs_made_from_it(tiny_models, sentiment_files, run, capsys):
-    argv = _argv(tiny_models["llama"], sentiment_files, run, "--ffn-keep", "0.25", "--stages", "localize", "--overwrite")
+    argv = _argv(tiny_models["llama"], sentiment_files, run, "--ffn-keep", "0.25", "--stages", "localize",
+                 "--overwrite")
     assert run_command(train, argv) == 0
     assert "removed the convert outputs" in capsys.readouterr().out
     assert not (run / "compact").exists() and not (run / "retune").exists() and not (run / "conversion.json").exists()

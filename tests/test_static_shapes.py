@@ -87,7 +87,8 @@ def test_static_path_is_bit_identical_to_eager_on_the_same_padded_batch(arch, ru
 
 def test_static_path_equals_the_plain_full_model_with_the_prompt(runs, tiny_models):
     """No prompt cache on the reference side: the full model runs the prompt's positions itself."""
-    plain = Predictor.from_prompt(str(tiny_models["llama"]), runs["llama"] / "prompt", replace(EAGER, prompt_cache=False))
+    plain = Predictor.from_prompt(str(tiny_models["llama"]), runs["llama"] / "prompt",
+                                  replace(EAGER, prompt_cache=False))
     static = Predictor.from_prompt(str(tiny_models["llama"]), runs["llama"] / "prompt", STATIC)
     items = static.encode(_examples(11))
     torch.testing.assert_close(static.logits(items), plain.logits(items), rtol=1e-5, atol=1e-5)
@@ -103,7 +104,8 @@ def test_inputs_longer_than_the_largest_bucket_are_refused(runs):
 
 
 def test_static_is_off_on_cpu_by_default_and_refuses_a_bad_value():
-    assert not InferenceConfig(device="cpu").static_shapes() and InferenceConfig(device="cpu", static="on").static_shapes()
+    assert (not InferenceConfig(device="cpu").static_shapes()
+            and InferenceConfig(device="cpu", static="on").static_shapes())
     with pytest.raises(UserError, match="--static must be auto, on or off"):
         InferenceConfig(device="cpu", static="yes")
 
@@ -151,7 +153,8 @@ def test_a_served_task_runs_static_and_counts_its_prompt_cache(runs, tiny_models
     assert isinstance(served["on"]._resident("t").predictor.forward, StaticPromptDecoder)
     on, off = (served[k].predict("t", examples) for k in ("on", "off"))
     assert [a["label"] for a in on] == [a["label"] for a in off]
-    assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-5 for a, b in zip(on, off) for k in a["probabilities"])
+    assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-5
+               for a, b in zip(on, off) for k in a["probabilities"])
     # the static path holds its prompt cache sized for the largest bucket: counted against the cache budget
     assert served["on"].memory()["tasks"]["t"] > served["off"].memory()["tasks"]["t"]
 

@@ -61,7 +61,8 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
         else:  # a keep schedule's later step: the compact model the step before made, with its re-tuned prompt
             compact, prompt = previous_step(cfg)
             skeleton, meta = load_skeleton(compact / "skeleton.json")
-            self.within, self.base_geometry = {"ffn": skeleton.ffn, "heads": skeleton.heads}, Geometry(**meta["geometry"])
+            self.within, self.base_geometry = ({"ffn": skeleton.ffn, "heads": skeleton.heads},
+                                               Geometry(**meta["geometry"]))
             self.base_identity = record["base_model"]
             self.build_prompted_base(read_prompt_record(prompt, cfg), prompt, model_name=str(compact),
                                      layer_widths=False)  # padded: every layer as wide as the widest
@@ -96,7 +97,8 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
         with recorder.recording(), self.report.progress(len(starts), done, scorer) as bar:
             for b in range(done, len(starts)):
                 start = starts[b]
-                weights = torch.tensor([1.0 if start + k < real else 0.0 for k in range(len(indices[start:start + micro]))])
+                weights = torch.tensor([1.0 if start + k < real else 0.0
+                                        for k in range(len(indices[start:start + micro]))])
                 batch = self.collate([self.train_set[j] for j in indices[start:start + micro]])
                 score_batch(self.engine.module, batch, weights.to(distributed.device()), recorder,
                             prompt_length=self.prompt_length, geometry=geometry, scorer=scorer,
@@ -121,7 +123,8 @@ class AttributionRecipe(RecordsSettings, TaskModelRun):
         """What must match for partial sums to be resumable: the stage's settings record, the scorer
         actually run, the prompt scored, and the sharding (world size, micro batch)."""
         blob = json.dumps({"settings": self.settings_record()["id"], "scorer": scorer, "batches": batches,
-                           "world_size": self.dist.world_size, "micro": self.ds_config["train_micro_batch_size_per_gpu"],
+                           "world_size": self.dist.world_size,
+                           "micro": self.ds_config["train_micro_batch_size_per_gpu"],
                            "prompt": checkpoint.sha256(self.prompt_dir / "prompt.safetensors")}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

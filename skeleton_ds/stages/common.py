@@ -151,5 +151,6 @@ def read_prompt_record(prompt_dir: Path, cfg: Config) -> dict:
         raise UserError(f"{prompt_dir} has no trained prompt: run --stages prompt first (same --output)")
     record = read_task_record(prompt_dir, "stage-1 task record")
     if record["task"] != cfg.task:
-        raise UserError(f"{prompt_dir} was trained for task {record['task']!r}, not {cfg.task!r}: pass --task {record['task']}")
+        raise UserError(f"{prompt_dir} was trained for task {record['task']!r}, not {cfg.task!r}: "
+                        f"pass --task {record['task']}")
     return record

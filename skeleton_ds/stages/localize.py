@@ -54,7 +54,8 @@ class LocalizeRecipe(RecordsSettings):
         skeleton = select(scores, geometry, ffn_keep=cfg.ffn_keep, head_keep=cfg.head_keep, align=cfg.align,
                           mode=keep_mode, protect=protect, within=within)
         if os.environ.get("RANK", "0") == "0":
-            plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png", cfg.output / "skeleton_heads.png")
+            plot_skeleton(scores, skeleton, geometry, cfg.output / "skeleton_ffn.png",
+                          cfg.output / "skeleton_heads.png")
             record = skeleton_record(skeleton, meta, keep_mode=keep_mode, ffn_keep=cfg.ffn_keep,
                                      head_keep=cfg.head_keep, align=cfg.align, protect_outliers=protect)
             record["settings"] = self.settings_record()

@@ -207,7 +207,8 @@ def summarize(cfg: Config, stage_seconds: dict) -> dict:
         "skeleton_after_retune": retune.get("metrics"),
         "ffn_keep": skeleton.get("ffn_keep"), "head_keep": skeleton.get("head_keep"),
         "ffn_sizes": skeleton.get("ffn_sizes"),
-        "parameters_full": conversion.get("parameters_full"), "parameters_compact": conversion.get("parameters_compact"),
+        "parameters_full": conversion.get("parameters_full"),
+        "parameters_compact": conversion.get("parameters_compact"),
         "parameters_kept": conversion.get("parameters_kept", conversion.get("parameters_compact")),
         "stage_seconds": stage_seconds,
         "settings_ids": {s: (lineage.read_record(cfg.output, s) or {}).get("id") for s in STAGES},
@@ -216,7 +217,8 @@ def summarize(cfg: Config, stage_seconds: dict) -> dict:
 
 def _table_rows(summary: dict) -> dict[str, float]:
     rows = {}
-    for key, label in (("full_prompt_tuned", "full model, prompt-tuned"), ("skeleton_before_retune", "skeleton, before retune"),
+    for key, label in (("full_prompt_tuned", "full model, prompt-tuned"),
+                       ("skeleton_before_retune", "skeleton, before retune"),
                        ("skeleton_after_retune", "skeleton, after retune")):
         if summary.get(key):
             rows[f"{label}: accuracy"] = summary[key]["accuracy"]

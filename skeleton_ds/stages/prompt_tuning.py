@@ -210,7 +210,8 @@ class PromptTuningRecipe(RecordsSettings, TaskModelRun):
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stop and self.step < self.total_steps:
                     raise preemption.Preempted(
-                        f"{self.stage} stopped on {preemption.signal_name()} after step {self.step}/{self.total_steps}; "
+                        f"{self.stage} stopped on {preemption.signal_name()} after step "
+                        f"{self.step}/{self.total_steps}; "
                         f"checkpoint {self.ckpt_dir / self._latest_checkpoint()}: run the same command with --resume")
         self.train_seconds = time.perf_counter() - t0
 
@@ -348,6 +349,7 @@ class RetuneRecipe(PromptTuningRecipe):
             checkpoint.write_manifest(self.compact_dir)
         torch.distributed.barrier()
         self.report.metrics_table(f"{self.task.name} dev, skeleton", {f"{k} before": v for k, v in before.items()}
-                                  | {f"{k} after": v for k, v in metrics.items()}, caption=f"{self.dev_selection} examples")
+                                  | {f"{k} after": v for k, v in metrics.items()},
+                                  caption=f"{self.dev_selection} examples")
         self.cleanup()
         return metrics

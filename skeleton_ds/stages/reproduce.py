@@ -28,7 +28,6 @@ the pipeline's error naming them.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -110,7 +109,8 @@ DECODER = ModelPlan(
            "rte": dict(seeds=1, train=1000, attr=300, dev=0, epochs=1.0)},
     variants={"attribution": Variant("attribution", localize=DECODER_LOCALIZE),
               "attribution+comp": Variant("attribution", "mean", DECODER_LOCALIZE),
-              "attribution-uniform": Variant("attribution", localize=("--keep-mode", "uniform", "--protect-outliers", "0"),
+              "attribution-uniform": Variant("attribution",
+                                             localize=("--keep-mode", "uniform", "--protect-outliers", "0"),
                                              tasks=SST2_ONLY),
               "random": Variant("random", localize=DECODER_LOCALIZE),
               "weight-magnitude": Variant("weight-magnitude", localize=DECODER_LOCALIZE),
@@ -191,7 +191,8 @@ class ReproduceConfig:
 
     @property
     def docs_stem(self) -> str:
-        """docs/results/reproduce.* for the packaged MiniLM (the first table), docs/results/reproduce_<model>.* otherwise."""
+        """docs/results/reproduce.* for the packaged MiniLM (the first table),
+        docs/results/reproduce_<model>.* otherwise."""
         return "reproduce" if self.model == "minilm" else f"reproduce_{Path(self.model).name}"
 
     def plan(self, task: str) -> dict:

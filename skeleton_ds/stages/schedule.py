@@ -15,7 +15,8 @@ run. Stage 1 and the teacher run once, in DIR, and are copied into each step. Th
 (--retune-epochs, else --epochs) is shared evenly over the steps: a schedule trains the prompt for as many
 optimizer steps as one-shot localization does (each step rounds its share up, so at most one more per step).
 
-Each step is planned and run like any run (by skeleton_ds.stages.pipeline, which drives the phases here): finished steps with the same settings are
+Each step is planned and run like any run (by skeleton_ds.stages.pipeline, which drives the phases here):
+finished steps with the same settings are
 reused, a killed run resumes mid-schedule with --resume, and a step whose settings changed is refused
 without --overwrite; a later step records the id of the re-tuning it started from, so redoing a step makes
 every step after it stale.
@@ -54,7 +55,8 @@ def step_configs(cfg: Config) -> list[Config]:
         last = i == len(schedule) - 1
         steps.append(replace(cfg, output=cfg.output if last else step_dir(cfg, keep), ffn_keep=keep, keep_schedule=(),
                              previous_step=steps[-1].output if steps else None, retune_epochs=budget,
-                             stages=cfg.stages if last else tuple(s for s in lineage.STAGE_ORDER if s not in ("prompt",))))
+                             stages=cfg.stages if last
+                             else tuple(s for s in lineage.STAGE_ORDER if s not in ("prompt",))))
     return steps
 
 

@@ -71,7 +71,8 @@ class RunSettings:
         path, config = self._model_config
         identity = model_identity(cfg.model, path, config, cfg.revision)
         weights = {"weights_sha256": identity["weights_sha256"]} if "weights_sha256" in identity else {}
-        return {"name": cfg.model, "revision": identity["revision"], "config_sha256": identity["config_sha256"], **weights}
+        return {"name": cfg.model, "revision": identity["revision"], "config_sha256": identity["config_sha256"],
+                **weights}
 
     @cached_property
     def task(self) -> dict:

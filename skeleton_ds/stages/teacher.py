@@ -107,7 +107,8 @@ class TeacherRecipe(RecordsSettings, TaskModelRun):
 
     # ----------------------------------------------------------- partial rows
     def _signature(self, batches: int) -> str:
-        blob = json.dumps({"settings": self.settings_record()["id"], "batches": batches, "world_size": self.dist.world_size,
+        blob = json.dumps({"settings": self.settings_record()["id"], "batches": batches,
+                           "world_size": self.dist.world_size,
                            "micro": self.ds_config["train_micro_batch_size_per_gpu"],
                            "prompt": checkpoint.sha256(self.prompt_dir / "prompt.safetensors")}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
