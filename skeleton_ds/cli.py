@@ -396,7 +396,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         else:
             model = MultiTaskModel(args.base, args.task_dir, cache_bytes=args.cache_bytes, cfg=cfg,
                                    mix_tasks=settings.batching == "cross-task")  # checks the dirs and sizes
-        app = server.create_app(model, settings)
+        app = server.create_app(model, settings, batcher_thread=False)  # passes on this thread: server.run
         policy = ("no batching" if settings.batching == "off" else
                   f"{settings.batching} batching up to {settings.max_batch} examples, {settings.max_wait_ms:g} ms")
         if args.mode == "skeleton":

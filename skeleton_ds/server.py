@@ -11,7 +11,7 @@ Why a batcher: a forward pass over 32 examples costs far less than 32 passes ove
 requests are merged into one pass. With many tasks and a long-tail load, one task's queue rarely holds
 more than one request, so by default (`--batching cross-task`) a pass mixes tasks: the shared modules run
 once over all its rows and each task's sliced projections on its own rows (skeleton_ds.cross_task). The
-policy (`Batcher`) in README words: **one worker thread runs every forward pass; each task has a FIFO
+policy (`Batcher`) in README words: **one worker runs every forward pass; each task has a FIFO
 queue; a pass takes whole requests round-robin across the waiting tasks, one request per task per round,
 up to `--max-batch` examples in all, so every waiting task gets a share of each pass.** A pass starts when
 `--max-batch` examples wait or the oldest request has waited `--max-wait-ms`; a request is never split,
@@ -22,6 +22,12 @@ Under overload the server refuses rather than queueing without bound: at most `-
 wait (a request beyond gets 503 with Retry-After), and a request not answered within `--timeout-ms` gets
 504 and is withdrawn. `/healthz` fails (503) when the worker has stopped or one pass has run longer than
 `--stall-s`. A failure inside a pass answers 500 with an incident id; the details go to the server log.
+
+Which thread runs the passes: `run` serves HTTP from a second thread and runs the passes on the main
+thread, the one that loaded the model. libgomp keeps one pool of OpenMP threads per thread that starts a
+parallel region; a second pool on the same cores counts as more threads than CPUs, and libgomp then
+spins only briefly before it puts a worker to sleep, so every small operator paid a futex wake. Passes run
+from a fresh thread measured 1.7x slower than from the main thread (docs/results/profile_server.json).
 
 `--mode prompt-tuning` serves plain prompt tuning instead (`PromptTuningModel`: the full base, each
 task's stage-1 prompt), the baseline the skeletons are measured against; its passes mix tasks the same way.
@@ -34,6 +40,7 @@ import hmac
 import json
 import logging
 import math
+import signal
 import socket
 import threading
 import time
@@ -121,11 +128,14 @@ class Batcher:
     for a client that has gone (`expired` counts them). `predict` is only ever called from the worker thread; an
     exception there fails that pass's requests only, and the worker goes on. `on_batch(task, examples,
     seconds)` is told about every pass.
+
+    The worker is the batcher's own thread, or with `thread=False` whichever thread calls `work()` (it
+    returns once `close()` is called): `run` gives it the main thread, where the model's OpenMP pool lives.
     """
 
     def __init__(self, predict: Predict, *, max_batch: int = 32, max_wait_s: float = 0.005, policy: str = "per-task",
                  max_queue: int = 0, on_batch: Callable[[str, int, float], None] | None = None,
-                 timeout_s: float = math.inf):
+                 timeout_s: float = math.inf, thread: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._predict, self._on_batch = predict, on_batch
@@ -139,8 +149,11 @@ class Batcher:
         self._busy_since: float | None = None  # when the pass now running started
         self._cond = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="skeleton-ds-batcher", daemon=True)
-        self._worker.start()
+        self._working, self._stopped = threading.Event(), threading.Event()
+        self._working_thread: threading.Thread | None = None
+        self._worker = threading.Thread(target=self.work, name="skeleton-ds-batcher", daemon=True) if thread else None
+        if self._worker is not None:
+            self._worker.start()
 
     def submit(self, task: str, examples: Sequence[Example]) -> Future:
         """Queue one request; the future gets its predictions, in order, or the exception of its pass.
@@ -162,7 +175,17 @@ class Batcher:
         return future
 
     def alive(self) -> bool:
-        return self._worker.is_alive()
+        """The worker has not stopped (with thread=False, also before `work()` is first called)."""
+        return not self._stopped.is_set()
+
+    def worker_thread(self) -> str | None:
+        """The name of the thread that runs the passes (None before it starts)."""
+        return None if self._working_thread is None else self._working_thread.name
+
+    @property
+    def own_thread(self) -> bool:
+        """Whether the passes run on the batcher's own thread (else on the caller of `work()`)."""
+        return self._worker is not None
 
     def busy_seconds(self) -> float:
         """How long the pass now running has run (0 when idle): a stalled worker shows here."""
@@ -173,15 +196,32 @@ class Batcher:
         return self._waiting
 
     def close(self) -> None:
-        """Stop the worker after its current pass; requests still queued fail."""
+        """Stop the worker after its current pass; requests still queued fail. Safe to call twice."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._worker.join()
-        for queue in self._queues.values():
-            for request in queue.requests:
-                if request.future.set_running_or_notify_cancel():
-                    request.future.set_exception(RuntimeError("the server shut down before answering"))
+        if self._worker is not None:
+            self._worker.join()
+        elif self._working.is_set() and threading.current_thread() is not self._working_thread:
+            self._stopped.wait()
+        with self._cond:
+            left = [r for queue in self._queues.values() for r in queue.requests]
+            for queue in self._queues.values():
+                queue.requests.clear()
+                queue.examples = 0
+            self._waiting = 0
+        for request in left:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(RuntimeError("the server shut down before answering"))
+
+    def work(self) -> None:
+        """Run passes until `close()`: the worker loop, on the batcher's own thread or (thread=False) the caller's."""
+        self._working_thread = threading.current_thread()
+        self._working.set()
+        try:
+            self._run()
+        finally:
+            self._stopped.set()
 
     # ------------------------------------------------------------ the worker
     def _run(self) -> None:
@@ -440,12 +480,14 @@ def _predict(model: ServedModel, policy: str) -> Predict:
     return predict
 
 
-def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The FastAPI app; its batcher (app.state.batcher) starts now and stops when the app shuts down."""
+def create_app(model: ServedModel, settings: ServeSettings = ServeSettings(), *,
+               batcher_thread: bool = True) -> FastAPI:
+    """The FastAPI app; its batcher (app.state.batcher) stops when the app shuts down. It starts now on its
+    own thread, or with batcher_thread=False when `run` gives it the calling (main) thread."""
     metrics = Metrics(model)
     batcher = Batcher(_predict(model, settings.batching), max_batch=settings.max_batch,
                       max_wait_s=settings.max_wait_ms / 1000, policy=settings.batching, max_queue=settings.max_queue,
-                      on_batch=metrics.observe_batch, timeout_s=settings.timeout_ms / 1000)
+                      on_batch=metrics.observe_batch, timeout_s=settings.timeout_ms / 1000, thread=batcher_thread)
     metrics.watch_expired(batcher)
     names = list(model.task_names())
 
@@ -510,7 +552,8 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings()) ->
         else:
             status = "ok"
         return JSONResponse({"status": status, "tasks": len(names), "queued_examples": batcher.waiting(),
-                             "pass_seconds": round(busy, 3)}, status_code=200 if status == "ok" else 503)
+                             "pass_seconds": round(busy, 3), "worker_thread": batcher.worker_thread()},
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     def metrics_text() -> Response:
@@ -624,8 +667,36 @@ def address(sock: socket.socket) -> str:
 
 
 def run(app, sock: socket.socket, log_level: str = "warning") -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM shut down gracefully)."""
+    """Serve until interrupted (Ctrl-C / SIGTERM shut down gracefully). An app made with
+    batcher_thread=False runs its passes on this thread, which must be the main thread (the one that
+    loaded the model), and HTTP on another (why: the module docstring)."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
-    server.run(sockets=[sock])
+    batcher: Batcher = app.state.batcher
+    if batcher.own_thread:
+        server.run(sockets=[sock])
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("run() drives the batcher's passes on the main thread: call it from there")
+
+    def stop(signum: int, _frame) -> None:  # what uvicorn does in the main thread: graceful, then forced
+        server.force_exit = server.should_exit and signum == signal.SIGINT
+        server.should_exit = True
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            batcher.close()  # the lifespan closes it too; this covers an HTTP side that failed to start
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=serve_http, name="skeleton-ds-http", daemon=True)
+    http.start()
+    try:
+        batcher.work()  # returns when the app shuts down
+    finally:
+        server.should_exit = True
+        http.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

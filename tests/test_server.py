@@ -532,6 +532,43 @@ def test_batcher_failure_fails_only_its_pass_and_the_worker_survives():
     assert not batcher.alive()
 
 
+def test_batcher_on_the_callers_thread_runs_passes_there_until_closed():
+    """thread=False: the passes run on whoever calls work() (the server's main thread); close() from another
+    thread ends work() after its pass and fails what is still queued."""
+    recorder, ran_on = _Recorder(), []
+
+    def recording(task, examples):
+        ran_on.append(threading.current_thread().name)
+        return recorder(task, examples)
+
+    batcher = Batcher(recording, max_batch=4, max_wait_s=0.0, thread=False)
+    assert not batcher.own_thread and batcher.alive() and batcher.worker_thread() is None
+    worker = threading.Thread(target=batcher.work, name="the-callers-thread")
+    worker.start()
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["a1"]), ("b", ["b1"])])
+        assert results == [[{"label": "a:a1"}], [{"label": "b:b1"}]]
+        assert batcher.worker_thread() == "the-callers-thread"
+        recorder.release.clear()
+        recorder.entered.clear()
+        held = batcher.submit("hold", _examples("hold again"))
+        assert recorder.entered.wait(TIMEOUT)
+        queued = batcher.submit("a", _examples("never run"))
+        closer = threading.Thread(target=batcher.close)
+        closer.start()
+        recorder.release.set()
+        closer.join(TIMEOUT)
+        assert not closer.is_alive()  # close() waited for the pass, then returned
+    finally:
+        recorder.release.set()
+        batcher.close()
+        worker.join(TIMEOUT)
+    assert not worker.is_alive() and not batcher.alive()
+    assert set(ran_on) == {"the-callers-thread"}
+    assert held.result(TIMEOUT) == [{"label": "hold:hold again"}]
+    assert isinstance(queued.exception(TIMEOUT), RuntimeError)
+
+
 def test_cross_task_batcher_mixes_tasks_round_robin_one_request_each():
     recorder = _Recorder()
     batcher = Batcher(recorder, max_batch=4, max_wait_s=0.05, policy="cross-task")
@@ -684,11 +721,13 @@ def test_launch_script_serves_until_stopped(tiny_models, task_dirs):
         first_line = _read_line(process, timeout=60)
         assert "serving 1 tasks (first)" in first_line and "no batching" in first_line, first_line
         url = first_line.rsplit(" on ", 1)[1].split()[0]
-        assert _call(url, "/healthz")[0] == 200
+        status, health = _call(url, "/healthz")
+        assert status == 200 and health["worker_thread"] == "MainThread", health  # passes run where torch loaded
         assert _classify(url, "first", ["a good movie"])[0]["label"] in ("neg", "pos")
     finally:
         process.terminate()
         process.wait(timeout=20)
+    assert process.returncode == 0, process.stderr.read()[-2000:]  # SIGTERM: a graceful exit
 
 
 def _read_line(process: subprocess.Popen, timeout: float) -> str:
