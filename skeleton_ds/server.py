@@ -27,7 +27,7 @@ Which thread runs the passes: `run` serves HTTP from a second thread and runs th
 thread, the one that loaded the model. libgomp keeps one pool of OpenMP threads per thread that starts a
 parallel region; a second pool on the same cores counts as more threads than CPUs, and libgomp then
 spins only briefly before it puts a worker to sleep, so every small operator paid a futex wake. Passes run
-from a fresh thread measured 1.7x slower than from the main thread (docs/results/profile_server.json).
+from a fresh thread measured 1.9x slower than from the main thread (docs/results/profile_server.json).
 
 `--mode prompt-tuning` serves plain prompt tuning instead (`PromptTuningModel`: the full base, each
 task's stage-1 prompt), the baseline the skeletons are measured against; its passes mix tasks the same way.

@@ -81,11 +81,12 @@ TABLES = {
     "load_test_smollm2": _same(lambda r: _script("load_test").markdown(r)),
     "soak_minilm64": _same(lambda r: _script("soak_test").markdown(r)),
     "profile_mixed_minilm64": _same(lambda r: _script("profile_mixed").markdown(r)),
+    "profile_server": _same(lambda r: _script("profile_server").markdown(r)),
     "measured": _same(lambda r: _script("measured").markdown(r)),
 }
 GUIDE = {name: "benchmark.md" for name in TABLES if name.startswith("bench_")} | {"bench_static_cpu": "inference.md"}
 GUIDE |= {name: "results.md" for name in TABLES if name.startswith(("study_", "reproduce", "measured"))}
-GUIDE |= {name: "serving.md" for name in TABLES if name.startswith(("load_test_", "soak_", "profile_mixed_"))}
+GUIDE |= {name: "serving.md" for name in TABLES if name.startswith(("load_test_", "soak_", "profile_"))}
 GUIDE |= {name: "cluster.md" for name in TABLES if name.startswith("scale_run")}
 
 
