@@ -83,9 +83,9 @@ TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "104
 """A run NAME_tuned is run NAME with glibc's mmap threshold fixed at 1 MiB (TUNED_ENV;
 by default it grows up to 32 MiB as large blocks are freed, and ZeRO-3's gathered weights of 2-32 MiB then stay
 in the heap after release) and, for ZeRO-3, the shipped config with LIMIT_KEYS set to --stage3-limit
-(DeepSpeed's defaults,
-1e9 elements each, keep a gathered parameter while it is used again within 1e9 elements of the module order:
-with a backward pass through frozen weights that is nearly all of a 1B model)."""
+(DeepSpeed's defaults, 1e9 elements each, keep a gathered parameter while it is used again within 1e9
+elements of the module order: with a backward pass through frozen weights that is nearly all of a 1B
+model)."""
 
 # The synthetic task of tests/conftest.py: the label is which sentiment word a sentence holds.
 POSITIVE = ["good", "great", "fine", "nice", "happy"]

@@ -13,9 +13,9 @@ a task narrowed (its FFN neurons, its kept heads) writes the task's values into 
 pads with zeros to the base width, so the head reshape and rotary embeddings see base shapes; the FFN pads
 only to the widest task in the pass. The projection that reads them back (FFN down, attention output) reads
 only the task's own first columns, so the padding never reaches a result: a padded head attends to zero
-values, outputs zeros, and is never read. A decoder's prompt keys and values stay per task (each computed once on
-the task's own
-compact model) and are placed into each row's slots of the pass's cache, padded the same way.
+values, outputs zeros, and is never read. A decoder's prompt keys and values stay per task (each computed
+once on the task's own compact model) and are placed into each row's slots of the pass's cache, padded the
+same way.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Inputs are encoded as every other tool encodes them: on the real SmolLM2 and MiniLM tokenizers, for every
 registered task and readout, `data.encode` gives the plain tokenization of the rendered template (written here
 with str.format, independently of data.encode's rendering); a text that must be cut stays within
---max-length, each field
-keeping its start."""
+--max-length, each field keeping its start."""
 
 from __future__ import annotations
 

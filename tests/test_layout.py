@@ -22,9 +22,12 @@ SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", 
                                         "distributed", "ds_config", "model_identity", "quantization", "loading",
                                         "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
                                         "packaged_models", "widths", "model_card")}
+BENCH_ORDER = [f"skeleton_ds.bench.{m}" for m in ("config", "cost", "fixtures", "workloads", "contenders", "timing",
+                                                  "report", "run")]
+"""The benchmark's modules, each importing only those before it (the package re-exports them all)."""
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localization", "conversion", "interop",
                                             "inference", "bench", "multitask", "verify", "static_shapes",
-                                            "cross_task", "baselines")}
+                                            "cross_task", "baselines")} | set(BENCH_ORDER)
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
 TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server"}
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")
@@ -132,6 +135,13 @@ def test_no_import_cycle(graph):
 
 def test_imports_point_down(graph):
     assert layer_violations(graph) == []
+
+
+def test_the_benchmark_modules_import_in_one_order(graph):
+    assert {m for m in graph if m.startswith("skeleton_ds.bench.")} == set(BENCH_ORDER)
+    upward = [f"{m} imports {t}" for i, m in enumerate(BENCH_ORDER) for t in sorted(graph[m])
+              if t in BENCH_ORDER[i:] or t == "skeleton_ds.bench"]
+    assert not upward, f"the benchmark's modules import only those before them in BENCH_ORDER: {upward}"
 
 
 def test_checks_catch_violations(tmp_path):

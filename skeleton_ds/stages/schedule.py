@@ -15,9 +15,9 @@ run. Stage 1 and the teacher run once, in DIR, and are copied into each step. Th
 (--retune-epochs, else --epochs) is shared evenly over the steps: a schedule trains the prompt for as many
 optimizer steps as one-shot localization does (each step rounds its share up, so at most one more per step).
 
-Each step is planned and run like any run (by skeleton_ds.stages.pipeline, which drives the phases here):
-finished steps with the same settings are
-reused, a killed run resumes mid-schedule with --resume, and a step whose settings changed is refused
+Each step is planned and run like any run (by skeleton_ds.stages.pipeline, which drives the phases
+here): finished steps with the same settings are reused, a killed run resumes mid-schedule with --resume,
+and a step whose settings changed is refused
 without --overwrite; a later step records the id of the re-tuning it started from, so redoing a step makes
 every step after it stale.
 """
