@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from skeleton_ds.errors import UserError
-from skeleton_ds.lineage import STAGE_ORDER
+from skeleton_ds.stage_specs import STAGE_ORDER
 from skeleton_ds.tasks import check_task_parts
 
 STAGES = STAGE_ORDER

@@ -18,19 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
-STAGE_ORDER = ("prompt", "attribute", "localize", "convert", "teacher", "retune")
-
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "prompt": (), "attribute": ("prompt",), "localize": ("attribute",), "convert": ("localize", "prompt"),
-    "teacher": ("prompt",), "retune": ("convert", "teacher")}
-"""The stage outputs each stage reads (convert ships the stage-1 prompt with the compact model; the teacher
-is the full model with that prompt, whose outputs re-tuning distills from)."""
-
-OUTPUTS: dict[str, tuple[str, ...]] = {
-    "prompt": ("prompt",), "attribute": ("attribution.safetensors",),
-    "localize": ("skeleton.json", "skeleton_ffn.png", "skeleton_heads.png"),
-    "convert": ("compact", "conversion.json"), "teacher": ("teacher.safetensors",), "retune": ("retune",)}
-"""Each stage's outputs in a run directory, relative to it (removed when an upstream stage is redone)."""
+from skeleton_ds.stage_specs import SPEC, STAGE_ORDER
 
 
 def record_id(stage: str, values: dict, upstream: dict) -> str:
@@ -44,24 +32,24 @@ def make_record(stage: str, values: dict, upstream: dict[str, str | None]) -> di
 
 def read_record(run: Path, stage: str) -> dict | None:
     """The settings record of a finished stage in `run`, or None (not finished, unreadable, or made
-    before settings were recorded)."""
+    before settings were recorded). Where it lives is the stage's `StageSpec.record`."""
     from safetensors import SafetensorError, safe_open
 
-    run = Path(run)
+    if stage not in SPEC:
+        raise ValueError(f"unknown stage {stage!r}")
+    file, _, key = SPEC[stage].record.partition("#")
+    path = Path(run) / file
     try:
-        if stage in ("prompt", "retune"):
-            return json.loads((run / stage / "metrics.json").read_text()).get("settings")
-        if stage in ("attribute", "teacher"):
-            with safe_open(str(run / OUTPUTS[stage][0]), "pt") as f:
+        if not key:  # a safetensors file: the record is its "settings" metadata
+            with safe_open(str(path), "pt") as f:
                 raw = (f.metadata() or {}).get("settings")
             return json.loads(raw) if raw else None
-        if stage == "localize":
-            return json.loads((run / "skeleton.json").read_text()).get("settings")
-        if stage == "convert":
-            return json.loads((run / "compact" / "config.json").read_text()).get("skeleton_ds", {}).get("settings")
+        value = json.loads(path.read_text())
+        for part in key.split("."):
+            value = value.get(part, {})
+        return value or None
     except (OSError, ValueError, AttributeError, SafetensorError):
         return None
-    raise ValueError(f"unknown stage {stage!r}")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -111,8 +99,8 @@ def lineage_problems(run: Path) -> list[tuple[str, str]]:
         for upstream, recorded_id in record.get("upstream", {}).items():
             present = records.get(upstream)
             if present is not None and present.get("id") != recorded_id:
-                problems.append((str(run / OUTPUTS[stage][0]),
-                                 f"was built from another {upstream} output than {run / OUTPUTS[upstream][0]} "
+                problems.append((str(run / SPEC[stage].outputs[0]),
+                                 f"was built from another {upstream} output than {run / SPEC[upstream].outputs[0]} "
                                  f"(recorded id {recorded_id}, present {present.get('id')}): "
                                  f"redo {stage} with --overwrite"))
     return problems

@@ -21,7 +21,7 @@ PACKAGE = REPO / "skeleton_ds"
 SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", "tasks", "data", "prompt",
                                         "distributed", "ds_config", "model_identity", "quantization", "loading",
                                         "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
-                                        "packaged_models", "widths", "model_card")}
+                                        "packaged_models", "widths", "model_card", "stage_specs")}
 BENCH_ORDER = [f"skeleton_ds.bench.{m}" for m in ("config", "cost", "fixtures", "workloads", "contenders", "timing",
                                                   "report", "run")]
 """The benchmark's modules, each importing only those before it (the package re-exports them all)."""

@@ -32,22 +32,19 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.localization import load_skeleton
 from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record
 from skeleton_ds.tasks import subset
-from skeleton_ds.stages.settings import RecordsSettings
+from skeleton_ds.stages.recipe import RecipeBase
 
 PARTIAL_FORMAT = "skeleton_ds.attribution-partial/1"
 
 
-class AttributionRecipe(RecordsSettings, TaskModelRun):
+class AttributionRecipe(RecipeBase, TaskModelRun):
     stage = "attribute"
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, planned: dict | None = None):
+        super().__init__(cfg, planned)
         self.prompt_dir = cfg.output / "prompt"
         self.out_file = cfg.output / "attribution.safetensors"
         self.partial_file = cfg.output / "checkpoints" / "attribute" / "partial.safetensors"
-
-    def done(self) -> bool:
-        return self.out_file.is_file()
 
     def setup(self) -> None:
         cfg = self.cfg

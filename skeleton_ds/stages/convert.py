@@ -16,22 +16,19 @@ from skeleton_ds import checkpoint, distributed
 from skeleton_ds.config import Config
 from skeleton_ds.conversion import convert, summary_line
 from skeleton_ds.errors import UserError
-from skeleton_ds.stages.settings import RecordsSettings
+from skeleton_ds.stages.recipe import RecipeBase
 
 
-class ConvertRecipe(RecordsSettings):
+class ConvertRecipe(RecipeBase):
     """Stage 4 inside the pipeline: rank 0 converts from the on-disk base checkpoint (streaming,
     never holding the model) while the other ranks wait; every rank validates first so a bad input
     stops all of them with the same message."""
 
     stage = "convert"
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, planned: dict | None = None):
+        super().__init__(cfg, planned)
         self.out = cfg.output / "compact"
-
-    def done(self) -> bool:
-        return (self.out / "manifest.json").is_file()
 
     def run(self) -> dict:
         cfg = self.cfg

@@ -21,19 +21,16 @@ from skeleton_ds.config import Config
 from skeleton_ds.loading import resolve_model_path
 from skeleton_ds.localization import Skeleton, check_scores, select, skeleton_record
 from skeleton_ds.model_identity import check_identity, model_identity
-from skeleton_ds.stages.settings import RecordsSettings
+from skeleton_ds.stages.recipe import RecipeBase
 
 
-class LocalizeRecipe(RecordsSettings):
+class LocalizeRecipe(RecipeBase):
     stage = "localize"
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, planned: dict | None = None):
+        super().__init__(cfg, planned)
         self.source = cfg.output / "attribution.safetensors"
         self.out_file = cfg.output / "skeleton.json"
-
-    def done(self) -> bool:
-        return self.out_file.is_file()
 
     def run(self) -> Skeleton:
         from transformers import AutoConfig

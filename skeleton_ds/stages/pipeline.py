@@ -24,17 +24,14 @@ from skeleton_ds.stages import schedule
 from skeleton_ds.config import STAGES, Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.provenance import provenance
-from skeleton_ds.stages.attribute import AttributionRecipe
-from skeleton_ds.stages.convert import ConvertRecipe
-from skeleton_ds.stages.localize import LocalizeRecipe
-from skeleton_ds.stages.prompt_tuning import PromptTuningRecipe, RetuneRecipe
+from skeleton_ds.stage_specs import SPEC
+from skeleton_ds.stages.recipe import recipe_class
 from skeleton_ds.stages.settings import RunSettings
-from skeleton_ds.stages.teacher import TeacherRecipe
 from skeleton_ds.ui import Reporter
 
-RECIPES = {"prompt": PromptTuningRecipe, "attribute": AttributionRecipe, "localize": LocalizeRecipe,
-           "convert": ConvertRecipe, "teacher": TeacherRecipe, "retune": RetuneRecipe}
-assert tuple(RECIPES) == STAGES
+
+def _done(cfg: Config, stage: str) -> bool:
+    return recipe_class(stage)(cfg).done()
 
 
 def _is_main() -> bool:
@@ -63,9 +60,9 @@ def plan_stages(cfg: Config, settings: RunSettings | None = None) -> Plan:
         if stage not in cfg.stages:
             current[stage] = (recorded or {}).get("id")
             continue
-        record = settings.record(stage, {u: current.get(u) for u in lineage.UPSTREAM[stage]})
+        record = settings.record(stage, {u: current.get(u) for u in SPEC[stage].upstream})
         records[stage], current[stage] = record, record["id"]
-        if not RECIPES[stage](cfg).done():
+        if not _done(cfg, stage):
             first = first or stage
             continue
         found = lineage.value_changes(recorded, record)
@@ -83,14 +80,14 @@ def plan_stages(cfg: Config, settings: RunSettings | None = None) -> Plan:
     run = requested[requested.index(first):] if first else []
     later = STAGES[STAGES.index(first) + 1:] if first else ()
     remove = [s for s in later if s not in cfg.stages
-              and any((cfg.output / name).exists() for name in lineage.OUTPUTS[s])]
+              and any((cfg.output / name).exists() for name in SPEC[s].outputs)]
     return Plan(records, run, [s for s in requested if s not in run], remove, changes)
 
 
 def _remove_outputs(cfg: Config, stages: list[str]) -> None:
     """Outputs of unrequested stages that a stage redone now makes stale: removed, never left looking current."""
     for stage in stages:
-        for name in lineage.OUTPUTS[stage]:
+        for name in SPEC[stage].outputs:
             path = cfg.output / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -114,8 +111,7 @@ def run_pipeline(cfg: Config) -> dict:
                   f"(--overwrite redoes it)")
         _remove_outputs(cfg, plan.remove)
     for stage in plan.run:
-        recipe = RECIPES[stage](cfg)
-        recipe.planned = plan.records[stage]
+        recipe = recipe_class(stage)(cfg, plan.records[stage])
         if preemption.agreed_stop():  # a stop asked for during the last stage's evaluation or saving
             raise preemption.Preempted(f"stopped on {preemption.signal_name()} before stage {stage}; finished stages "
                                        f"are kept: run the same command with --resume")
@@ -171,7 +167,7 @@ def run_schedule(cfg: Config) -> dict:
             if not ready or "retune" in _changed_outputs(step):
                 stale = (step, schedule.STEP_STAGES)
             continue
-        found = [s for s in step.stages if s in stale[1] and RECIPES[s](step).done()]
+        found = [s for s in step.stages if s in stale[1] and _done(step, s)]
         if found and not cfg.overwrite:
             raise UserError(f"{step.output} holds finished stages ({', '.join(found)}) made from what the keep "
                             f"schedule changes in {stale[0].output}: pass --overwrite to redo them too, or choose "

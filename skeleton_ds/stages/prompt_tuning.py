@@ -30,25 +30,22 @@ from skeleton_ds.model_identity import check_identity
 from skeleton_ds.prompt import PromptedClassifier, initial_prompt_ids, task_record
 from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record
-from skeleton_ds.stages.settings import RecordsSettings
+from skeleton_ds.stages.recipe import RecipeBase
 
 KILL_AFTER_STEP_ENV = "SKELETON_DS_KILL_AFTER_STEP"
 """Test hook, "STAGE:STEP" (e.g. "retune:2"): SIGKILL this process right after that optimizer step of
 that stage, to exercise a real crash and resume."""
 
 
-class PromptTuningRecipe(RecordsSettings, TaskModelRun):
+class PromptTuningRecipe(RecipeBase, TaskModelRun):
     """Stage 1 (and, through RetuneRecipe, stage 5)."""
 
     stage = "prompt"
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, planned: dict | None = None):
+        super().__init__(cfg, planned)
         self.out_dir = cfg.output / self.stage
         self.ckpt_dir = cfg.output / "checkpoints" / self.stage
-
-    def done(self) -> bool:
-        return (self.out_dir / "prompt.safetensors").is_file()
 
     def model_spec(self) -> dict:
         """Which model to load and how its prompt is shaped (stage 1: from the flags)."""
@@ -273,8 +270,8 @@ class RetuneRecipe(PromptTuningRecipe):
 
     stage = "retune"
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, planned: dict | None = None):
+        super().__init__(cfg, planned)
         self.compact_dir = cfg.output / "compact"
         self.prompt_dir = cfg.output / "prompt"
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from skeleton_ds import checkpoint, distributed, lineage
+from skeleton_ds.stage_specs import STAGE_ORDER
 from skeleton_ds.config import Config
 
 SHARED = ("prompt", "teacher")
@@ -38,7 +39,7 @@ SHARED = ("prompt", "teacher")
 
 COPIED = ("prompt", "teacher.safetensors")
 
-STEP_STAGES = tuple(s for s in lineage.STAGE_ORDER if s not in SHARED)
+STEP_STAGES = tuple(s for s in STAGE_ORDER if s not in SHARED)
 """The stages every step runs: a step's outputs are made from the step before."""
 
 
@@ -56,7 +57,7 @@ def step_configs(cfg: Config) -> list[Config]:
         steps.append(replace(cfg, output=cfg.output if last else step_dir(cfg, keep), ffn_keep=keep, keep_schedule=(),
                              previous_step=steps[-1].output if steps else None, retune_epochs=budget,
                              stages=cfg.stages if last
-                             else tuple(s for s in lineage.STAGE_ORDER if s not in ("prompt",))))
+                             else tuple(s for s in STAGE_ORDER if s not in ("prompt",))))
     return steps
 
 

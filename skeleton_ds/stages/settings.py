@@ -20,32 +20,7 @@ from skeleton_ds.ds_config import param_dtype, resolve_ds_config
 from skeleton_ds.errors import UserError
 from skeleton_ds.loading import resolve_model_path
 from skeleton_ds.model_identity import model_identity
-
-STAGE_FLAGS: dict[str, tuple[str, ...]] = {
-    "prompt": ("prompt_length", "prompt_init", "readout", "epochs", "max_steps", "lr", "head_lr", "warmup_steps",
-               "weight_decay", "max_length", "seed", "max_train_examples", "max_eval_examples", "quant"),
-    "attribute": ("scorer", "attr_reduce", "attr_positions", "ig_steps", "attr_examples", "attr_include_prompt",
-                  "seed", "max_train_examples", "quant"),
-    "localize": ("ffn_keep", "head_keep", "align", "keep_mode", "protect_outliers"),
-    "convert": ("compensate", "slice_lm_head"),
-    "teacher": ("teacher_outputs", "seed", "max_train_examples"),
-    "retune": ("epochs", "max_steps", "lr", "head_lr", "warmup_steps", "weight_decay", "seed", "max_train_examples",
-               "max_eval_examples", "quant", "distill_kl", "distill_temperature", "distill_hidden", "distill_layers"),
-}
-"""Each stage's own flags (Config field names) that change its output."""
-
-STAGE_OVERRIDES: dict[str, dict[str, str]] = {"retune": {"epochs": "retune_epochs", "lr": "retune_lr"}}
-"""Flags a stage takes from its own option when that is set (non-zero): re-tuning's budget."""
-
-READS_PREVIOUS_STEP = ("attribute", "retune")
-"""In a keep schedule's later step, the stages that start from the step before (its compact model and re-tuned
-prompt): their records carry that step's re-tuning record id, so a redone step makes the next one stale."""
-
-USES = {"prompt": ("base", "task", "batch"), "attribute": ("base", "task", "batch"), "localize": (),
-        "convert": ("base",), "teacher": ("base", "task", "batch"), "retune": ("task", "batch")}
-"""Which shared parts each stage depends on: the base model, the task and its data, the global batch
-and precision (the DeepSpeed config as resolved for this run)."""
-
+from skeleton_ds.stage_specs import SPEC
 
 class RunSettings:
     """The expected settings record of every stage for one Config, each shared part computed once."""
@@ -114,7 +89,7 @@ class RunSettings:
         """A flag as `stage` uses it: resolved for this architecture, or the stage's own override."""
         if name in self.resolved:
             return self.resolved[name]
-        override = STAGE_OVERRIDES.get(stage, {}).get(name)
+        override = SPEC[stage].overrides.get(name)
         return (override and getattr(self.cfg, override)) or getattr(self.cfg, name)
 
     @cached_property
@@ -129,11 +104,13 @@ class RunSettings:
         return {"previous_step": record["id"]}
 
     def values(self, stage: str) -> dict:
-        own = {name: checkpoint.json_value(self.value(stage, name)) for name in STAGE_FLAGS[stage]}
-        own |= self.previous_step if stage in READS_PREVIOUS_STEP else {}
-        shared = {"base": self.base} if "base" in USES[stage] else {}
-        shared |= {"task": self.task} if "task" in USES[stage] else {}
-        return shared | own | (self.batch if "batch" in USES[stage] else {})
+        """The settings `stage` records: the shared parts it uses, then its own flags (its StageSpec)."""
+        spec = SPEC[stage]
+        own = {name: checkpoint.json_value(self.value(stage, name)) for name in spec.flags}
+        own |= self.previous_step if spec.reads_previous_step else {}
+        shared = {"base": self.base} if "base" in spec.uses else {}
+        shared |= {"task": self.task} if "task" in spec.uses else {}
+        return shared | own | (self.batch if "batch" in spec.uses else {})
 
     def record(self, stage: str, upstream: dict[str, str | None]) -> dict:
         """The stage's record; an input this configuration does not read is no input of it (re-tuning reads the
@@ -145,20 +122,5 @@ class RunSettings:
     def on_disk(self, stage: str) -> dict:
         """The record `stage` would write now, reading its inputs' records from the run directory
         (a recipe run on its own, outside the pipeline's plan)."""
-        upstream = {u: (lineage.read_record(self.cfg.output, u) or {}).get("id") for u in lineage.UPSTREAM[stage]}
+        upstream = {u: (lineage.read_record(self.cfg.output, u) or {}).get("id") for u in SPEC[stage].upstream}
         return self.record(stage, upstream)
-
-
-
-class RecordsSettings:
-    """A recipe that writes its settings record into its output: the one the pipeline planned, or,
-    run on its own, the one its flags and the inputs on disk give."""
-
-    stage = ""
-    cfg: Config
-    planned: dict | None = None
-
-    def settings_record(self) -> dict:
-        if self.planned is None:
-            self.planned = RunSettings(self.cfg).on_disk(self.stage)
-        return self.planned

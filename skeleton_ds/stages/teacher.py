@@ -29,22 +29,19 @@ from skeleton_ds import checkpoint, data, distill, distributed, preemption
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record
-from skeleton_ds.stages.settings import RecordsSettings
+from skeleton_ds.stages.recipe import RecipeBase
 
 PARTIAL_FORMAT = "skeleton_ds.teacher-partial/1"
 
 
-class TeacherRecipe(RecordsSettings, TaskModelRun):
+class TeacherRecipe(RecipeBase, TaskModelRun):
     stage = "teacher"
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, planned: dict | None = None):
+        super().__init__(cfg, planned)
         self.prompt_dir = cfg.output / "prompt"
         self.out_file = cfg.output / "teacher.safetensors"
         self.partial_dir = cfg.output / "checkpoints" / "teacher"
-
-    def done(self) -> bool:
-        return self.out_file.is_file()
 
     def outputs(self) -> list[str]:
         return self.settings_record()["values"]["teacher_outputs"]
