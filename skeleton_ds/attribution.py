@@ -43,11 +43,8 @@ from skeleton_ds import checkpoint, distributed
 from skeleton_ds.architectures import ArchAdapter, Geometry
 from skeleton_ds.errors import UserError
 
-SCORERS = ("attribution", "integrated-gradients", "random", "weight-magnitude", "activation-magnitude")
-REDUCTIONS = ("abs-sum", "mean-abs", "signed", "max")
-POSITIONS = ("text", "answer")
-"""Where contributions are counted: every text token (and the prompt's with include_prompt), or only the
-position the label is read at (the mask token, or a decoder's last token)."""
+# The scorers, reductions and positions a run may ask for are Config's (skeleton_ds.config: --scorer,
+# --attr-reduce, --attr-positions), validated there once.
 GRADIENT_SCORERS = ("attribution", "integrated-gradients")
 
 

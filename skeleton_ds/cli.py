@@ -56,6 +56,8 @@ def convert(argv: Sequence[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
+    from skeleton_ds.config import add_flag
+
     p = argparse.ArgumentParser(prog="skeleton-ds convert", description=convert.__doc__)
     p.add_argument("--base", required=True, help="base model: local directory, Hub id, 'minilm' or 'smollm2-135m'")
     p.add_argument("--skeleton", required=True, type=Path, help="skeleton.json from the localize stage")
@@ -63,12 +65,10 @@ def convert(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", "--out", required=True, type=Path, metavar="DIR",
                    help="the compact checkpoint directory to create, atomically (--out: deprecated alias)")
     p.add_argument("--revision", default=None)
-    p.add_argument("--allow-pickle", action="store_true", help="accept a pickle (.bin) base checkpoint")
+    add_flag(p, "allow_pickle")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--slice-lm-head", action="store_true",
-                   help="decoders: keep only the verbalizer rows of the LM head (needs --prompt)")
-    p.add_argument("--compensate", default="none", choices=("none", "mean"),
-                   help="mean: fold removed FFN neurons' mean activations into the FFN output bias")
+    add_flag(p, "slice_lm_head", help="decoders: keep only the verbalizer rows of the LM head (needs --prompt)")
+    add_flag(p, "compensate", enforce_choices=True)  # the setting train's --compensate is: one definition
     p.add_argument("--scores", type=Path, default=None,
                    help="attribution.safetensors with the mean activations (default: beside --skeleton)")
     args = p.parse_args(list(argv) if argv is not None else None)
@@ -124,20 +124,12 @@ def infer(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--max-examples", type=int, default=0, help="evaluate a seeded subset of N examples, the one "
                    "train's --max-eval-examples N selects with the same --seed (0: all)")
     i.add_argument("--seed", type=int, default=Config.seed, help="which subset --max-examples takes (train's --seed)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
-    r.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    r = _runtime_flags(p)
     r.add_argument("--quant", default="none", help="none | 8bit | 4bit (bitsandbytes NF4)")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--no-prompt-cache", action="store_true",
                    help="decoders: recompute the prompt's keys/values per batch")
     r.add_argument("--compile", action="store_true", help="torch.compile the forward")
-    r.add_argument("--static", choices=("auto", "on", "off"), default="auto",
-                   help="decoders: run at bucketed static shapes (lengths in steps of 32, batches in powers of 2), "
-                        "on CUDA as a captured CUDA graph per bucket; auto: on for CUDA, off on CPU")
-    r.add_argument("--warmup-buckets", action="store_true",
-                   help="with static shapes: build (capture, compile) every bucket at load instead of on first use")
     args = p.parse_args(list(argv) if argv is not None else None)
     if bool(args.checkpoint) == bool(args.base or args.prompt) or (args.base and not args.prompt) \
             or (args.prompt and not args.base):
@@ -203,19 +195,18 @@ def bench(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
     from skeleton_ds.bench import LENGTHS, SHAPES, BenchConfig
+    from skeleton_ds.config import comma_list, float_list, int_list
 
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="skeleton-ds bench", description=bench.__doc__)
     p.add_argument("--shape", default=d.shape, help=" | ".join(SHAPES))
     p.add_argument("--output", "--out", type=Path, default=None, metavar="DIR",
                    help="where bench.json and bench.png go (default runs/bench/SHAPE; --out: deprecated alias)")
-    p.add_argument("--device", default=d.device, help="auto | cuda | cpu")
-    p.add_argument("--dtype", default=d.dtype,
-                   help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
-    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma list (default 32,1)")
+    _runtime_flags(p, static=False)
+    p.add_argument("--batch-sizes", type=int_list, default=d.batch_sizes, help="comma list (default 32,1)")
     p.add_argument("--text-length", type=int, default=d.text_length,
                    help="fixed inputs: tokens per example (default 128)")
-    p.add_argument("--lengths", type=lambda v: tuple(x for x in v.split(",") if x), default=d.lengths,
+    p.add_argument("--lengths", type=comma_list, default=d.lengths,
                    help=f"input groups, comma list of {', '.join(LENGTHS)}: fixed = --text-length random tokens; sst2 "
                         "= SST-2 dev lengths through the task template, length-sorted batches (needs --data-dir)")
     p.add_argument("--sst2-examples", type=int, default=d.sst2_examples,
@@ -223,7 +214,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt-length", type=int, default=d.prompt_length, help="soft prompt tokens (default 20)")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--ffn-keeps", type=_floats, default=d.ffn_keeps, help="comma list (default 1.0,0.5,0.3,0.2)")
+    p.add_argument("--ffn-keeps", type=float_list, default=d.ffn_keeps, help="comma list (default 1.0,0.5,0.3,0.2)")
     p.add_argument("--head-keep", type=float, default=d.head_keep,
                    help="decoders: also compacts with this KV-group keep")
     p.add_argument("--keep-mode", default=d.keep_mode,
@@ -236,13 +227,13 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for a packaged model "
                         "with --run-dir")
-    p.add_argument("--quant", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
+    p.add_argument("--quant", type=comma_list, default=(),
                    help="also time the FFN-0.3 compact in these bitsandbytes modes: 8bit,4bit")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the built checkpoints here (default: a temp dir)")
     p.add_argument("--base-dir", type=Path, default=None,
                    help="random shapes: time this saved base of the shape (e.g. WORK_DIR/base of an earlier run) "
                         "instead of building one")
-    p.add_argument("--head-ffn-keeps", type=_floats, default=(),
+    p.add_argument("--head-ffn-keeps", type=float_list, default=(),
                    help="the FFN keeps that also get a head-pruned compact (default: every one below 1)")
     p.add_argument("--skip-peft", action="store_true", help="leave out the PEFT contender")
     p.add_argument("--peft-full-logits", action="store_true",
@@ -271,10 +262,8 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
     import shlex
     from pathlib import Path
 
+    from skeleton_ds.config import comma_list as names, float_list
     from skeleton_ds.stages.reproduce import PLANS, ReproduceConfig
-
-    def names(value: str) -> tuple[str, ...]:
-        return tuple(t for t in value.split(",") if t)
 
     p = argparse.ArgumentParser(prog="skeleton-ds reproduce", description=reproduce.__doc__)
     p.add_argument("--data-dir", type=Path, required=True, help="GLUE/SuperGLUE files (../shared/data)")
@@ -284,7 +273,7 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
                                                      "smollm2-135m gets the decoder plan)")
     p.add_argument("--tasks", type=names, default=(), help="comma list; default: the plan's ("
                    + "; ".join(f"{kind}: {','.join(plan.tasks)}" for kind, plan in PLANS.items()) + ")")
-    p.add_argument("--ffn-keeps", type=_floats, default=(), help="comma list; default: the plan's ("
+    p.add_argument("--ffn-keeps", type=float_list, default=(), help="comma list; default: the plan's ("
                    + "; ".join(f"{kind}: {','.join(map(str, plan.ffn_keeps))}" for kind, plan in PLANS.items()) + ")")
     p.add_argument("--variants", type=names, default=(), help="comma list of the plan's skeletons; default: all ("
                    + "; ".join(f"{kind}: {','.join(plan.variants)}" for kind, plan in PLANS.items()) + ")")
@@ -341,17 +330,10 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /healthz (else 401); default: the "
                         "SKELETON_DS_API_KEY environment variable, else no key")
-    p.add_argument("--static", choices=("auto", "on", "off"), default="auto",
-                   help="skeleton mode, decoders: passes at bucketed static shapes (see infer --static); "
-                        "auto: on for CUDA")
-    p.add_argument("--warmup-buckets", action="store_true",
-                   help="with static shapes: build every bucket of a task when it is loaded, not on a request")
     p.add_argument("--no-batching", action="store_true", help="the same as --batching off (deprecated)")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (larger: 413)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cpu")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    _runtime_flags(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(list(argv) if argv is not None else None)
     if not args.base and args.mode != "compact":
@@ -490,12 +472,27 @@ def models(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _ints(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(",") if v.strip())
+def _runtime_flags(p, *, static: bool = True):
+    """--device and --dtype (and --static, --warmup-buckets), the runtime flags infer, serve and bench share:
+    defined here once, their defaults InferenceConfig's. Returns the group, for a command's own runtime flags."""
+    from skeleton_ds.inference import InferenceConfig
+
+    d = InferenceConfig()
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=d.device, help="auto (cuda when available) | cuda | cpu | cuda:N")
+    r.add_argument("--dtype", default=d.dtype,
+                   help="auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32")
+    if static:
+        r.add_argument("--static", choices=("auto", "on", "off"), default=d.static,
+                       help="decoders (serve: skeleton mode): run at bucketed static shapes (lengths in steps of 32, "
+                            "batches in powers of 2), on CUDA as a captured CUDA graph per bucket; auto: on for CUDA, "
+                            "off on CPU")
+        r.add_argument("--warmup-buckets", action="store_true", default=d.warmup_buckets,
+                       help="with static shapes: build (capture, compile) every bucket when a model is loaded instead "
+                            "of on first use")
+    return r
 
 
-def _floats(value: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in value.split(",") if v.strip())
 
 
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {

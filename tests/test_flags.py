@@ -17,6 +17,7 @@ import torch
 from conftest import DS_CONFIGS, REPO, generic_flags
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import Config, build_parser, config_from_args
+from skeleton_ds.errors import UserError
 from skeleton_ds.stages.prompt_tuning import PromptTuningRecipe
 
 
@@ -33,6 +34,31 @@ def test_each_parser_default_is_the_config_default():
                       if action.dest in defaults and action.default != defaults[action.dest]}
     assert resolved_later == {"ffn_keep"}  # None in the parser: the keep schedule's last entry, else Config's 0.3
 
+
+
+def test_every_flag_is_generated_from_its_field():
+    """One definition per setting: each Config field but the internal one is a train flag with its help text,
+    and the parser knows no setting Config lacks."""
+    actions = {a.dest: a for a in build_parser()._actions if a.dest not in ("help", "local_rank")}
+    for f in fields(Config):
+        if f.metadata.get("internal"):
+            assert f.name not in actions, f.name
+        else:
+            assert f.name in actions and actions[f.name].help, f"{f.name}: no flag, or a flag without help"
+    assert set(actions) <= {f.name for f in fields(Config)}
+
+
+def test_a_setting_another_command_takes_is_the_same_definition(tmp_path, capsys):
+    """convert's --compensate is train's: the same choices, refused by the parser where no Config checks it."""
+    from skeleton_ds.cli import convert
+
+    with pytest.raises(SystemExit) as exit_:
+        convert(["--base", "b", "--skeleton", "s.json", "--output", str(tmp_path / "c"), "--compensate", "median"])
+    assert exit_.value.code == 2
+    choices = Config.__dataclass_fields__["compensate"].metadata["choices"]
+    assert f"(choose from {', '.join(map(repr, choices))})" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--compensate must be one of none, mean"):
+        Config(compensate="median")
 
 # ------------------------------------------------------------------ stage 1: seen after setup()
 def _group_lr(recipe, group=0):

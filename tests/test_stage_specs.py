@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from skeleton_ds.config import STAGES, Config
-from skeleton_ds.stage_specs import SPEC, SPECS, STAGE_ORDER
+from skeleton_ds.stage_specs import SPECS, STAGE_ORDER
 from skeleton_ds.stages.recipe import Recipe, recipe_class
 
 RESOLVED = {"keep_mode", "protect_outliers", "teacher_outputs"}  # RunSettings.resolved: derived from flags
