@@ -8,7 +8,7 @@ from pathlib import Path
 
 from skeleton_ds.errors import UserError
 from skeleton_ds.stage_specs import STAGE_ORDER
-from skeleton_ds.tasks import check_task_parts
+from skeleton_ds.tasks import GenericTaskSpec, check_task_parts
 
 STAGES = STAGE_ORDER
 """Pipeline stages this build implements, in run order."""
@@ -201,6 +201,14 @@ class Config:
         from skeleton_ds.ds_config import resolve_config_path  # a path, or a packaged config's name
 
         self.ds_config = resolve_config_path(self.ds_config)
+
+    def generic_spec(self) -> GenericTaskSpec | None:
+        """The --task generic file and column settings (None for a registered task)."""
+        if self.task != "generic":
+            return None
+        return GenericTaskSpec(train_file=self.train_file, dev_file=self.dev_file, text_columns=self.text_columns,
+                               label_column=self.label_column, label_names=self.label_names, template=self.template,
+                               verbalizer=self.verbalizer)
 
     def _validate_schedule(self) -> None:
         schedule = self.keep_schedule

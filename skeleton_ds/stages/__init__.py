@@ -1,10 +1,14 @@
 """Stage orchestration, the top layer: one recipe per pipeline stage and the pipeline that runs them.
 
-    common.py         TaskModelRun (shared stage setup), read_prompt_record, subset, generic_spec
+    recipe.py         the Recipe interface the pipeline drives, RecipeBase, recipe_class (from the StageSpec)
+    common.py         TaskModelRun (the recipe base of stages that run the model), read_prompt_record
     prompt_tuning.py  stage 1 PromptTuningRecipe, stage 5 RetuneRecipe
     attribute.py      stage 2 AttributionRecipe (drives skeleton_ds.attribution)
     localize.py       stage 3 LocalizeRecipe (drives skeleton_ds.localization)
     convert.py        stage 4 ConvertRecipe (drives skeleton_ds.conversion)
+    teacher.py        TeacherRecipe: the full model's outputs that re-tuning distills from
+    settings.py       the settings record each stage writes (its StageSpec's flags and shared parts)
+    schedule.py       the steps of a keep schedule (iterative localization)
     pipeline.py       run_pipeline, summarize
     reproduce.py      the results table: every task x keep x scorer control, through run_pipeline
 

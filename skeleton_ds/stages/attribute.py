@@ -32,12 +32,11 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.localization import load_skeleton
 from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record
 from skeleton_ds.tasks import subset
-from skeleton_ds.stages.recipe import RecipeBase
 
 PARTIAL_FORMAT = "skeleton_ds.attribution-partial/1"
 
 
-class AttributionRecipe(RecipeBase, TaskModelRun):
+class AttributionRecipe(TaskModelRun):
     stage = "attribute"
 
     def __init__(self, cfg: Config, planned: dict | None = None):

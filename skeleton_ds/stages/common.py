@@ -16,31 +16,42 @@ from skeleton_ds import checkpoint, data, distributed
 from skeleton_ds.config import Config
 from skeleton_ds.ds_config import param_dtype, resolve_ds_config, zero_stage
 from skeleton_ds.errors import UserError
-from skeleton_ds.loading import load_backbone, resolve_model_path
+from skeleton_ds.loading import Backbone, load_backbone, resolve_model_path
 from skeleton_ds.model_identity import check_identity
+from skeleton_ds.stages.recipe import RecipeBase
 from skeleton_ds.prompt import PromptedClassifier, read_task_record, verbalizer_token_ids
-from skeleton_ds.tasks import GenericTaskSpec, compute_metrics, describe_subset, get_task, load_split, subset
+from skeleton_ds.tasks import GenericTaskSpec, Task, compute_metrics, describe_subset, get_task, load_split, subset
 from skeleton_ds.ui import Reporter
 
 
 def generic_spec(cfg: Config) -> GenericTaskSpec | None:
-    """The --task generic file and column settings (None for a registered task)."""
-    if cfg.task != "generic":
-        return None
-    return GenericTaskSpec(train_file=cfg.train_file, dev_file=cfg.dev_file, text_columns=cfg.text_columns,
-                           label_column=cfg.label_column, label_names=cfg.label_names, template=cfg.template,
-                           verbalizer=cfg.verbalizer)
+    """The --task generic file and column settings (None for a registered task): Config.generic_spec."""
+    return cfg.generic_spec()
 
 
-class TaskModelRun:
-    """Shared by every stage that runs the prompted model over a task's data: validation of the
+class TaskModelRun(RecipeBase):
+    """The recipe base of every stage that runs the prompted model over a task's data: validation of the
     inputs (before any process group or file exists), the process group, the frozen backbone, the
     encoded splits and the PromptedClassifier."""
 
-    stage = ""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, planned: dict | None = None):
+        super().__init__(cfg, planned)
+        # What setup() builds (load_examples, build_model, build_prompted_base), declared here: None until then.
+        self.generic: GenericTaskSpec | None = None
+        self.task: Task | None = None
+        self.dev_selection: str | None = None
+        self.ds_config: dict | None = None
+        self.dist: distributed.Dist | None = None
+        self.report: Reporter | None = None
+        self.backbone: Backbone | None = None
+        self.backbone_local_fraction: float | None = None
+        self.readout: str | None = None
+        self.label_token_ids: list[int] | None = None
+        self.train_set: list[data.Encoded] = []
+        self.dev_set: list[data.Encoded] = []
+        self.model: PromptedClassifier | None = None
+        self.prompt_length: int | None = None
+        self.engine = None  # the DeepSpeed engine a recipe's setup() makes around the model
 
     def load_examples(self) -> tuple[list, list]:
         """The capped training and dev examples (tasks.subset), with `dev_selection` saying which dev examples."""

@@ -30,14 +30,13 @@ from skeleton_ds.model_identity import check_identity
 from skeleton_ds.prompt import PromptedClassifier, initial_prompt_ids, task_record
 from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.common import TaskModelRun, previous_step, read_prompt_record
-from skeleton_ds.stages.recipe import RecipeBase
 
 KILL_AFTER_STEP_ENV = "SKELETON_DS_KILL_AFTER_STEP"
 """Test hook, "STAGE:STEP" (e.g. "retune:2"): SIGKILL this process right after that optimizer step of
 that stage, to exercise a real crash and resume."""
 
 
-class PromptTuningRecipe(RecipeBase, TaskModelRun):
+class PromptTuningRecipe(TaskModelRun):
     """Stage 1 (and, through RetuneRecipe, stage 5)."""
 
     stage = "prompt"

@@ -52,11 +52,10 @@ class RunSettings:
     @cached_property
     def task(self) -> dict:
         """The task (with a generic task's template, columns and labels) and a sha256 per data file."""
-        from skeleton_ds.stages.common import generic_spec
         from skeleton_ds.tasks import get_task, split_file
 
         cfg = self.cfg
-        spec = generic_spec(cfg)
+        spec = cfg.generic_spec()
         task = get_task(cfg.task, spec, decoder=adapter_for(self._model_config[1].model_type).causal)
         data = {}
         for split in ("train", "dev"):

@@ -29,12 +29,11 @@ from skeleton_ds import checkpoint, data, distill, distributed, preemption
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
 from skeleton_ds.stages.common import TaskModelRun, read_prompt_record
-from skeleton_ds.stages.recipe import RecipeBase
 
 PARTIAL_FORMAT = "skeleton_ds.teacher-partial/1"
 
 
-class TeacherRecipe(RecipeBase, TaskModelRun):
+class TeacherRecipe(TaskModelRun):
     stage = "teacher"
 
     def __init__(self, cfg: Config, planned: dict | None = None):
