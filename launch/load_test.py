@@ -39,7 +39,10 @@ from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
 SERVINGS = {"cross-task": Serving("skeleton", "cross-task"), "per-task": Serving("skeleton", "per-task"),
-            "prompt-tuning": Serving("prompt-tuning", "cross-task"), "compact": Serving("compact", "per-task")}
+            "prompt-tuning": Serving("prompt-tuning", "cross-task"), "compact": Serving("compact", "per-task"),
+            "always-mixed": Serving("skeleton", "cross-task", mix_min=0)}
+"""Ways of serving --servings picks from (default: the first four). always-mixed is cross-task batching that mixes
+tasks however few examples wait (the server's --mix-min 0), for comparing the light-load rule."""
 
 
 def task_dirs(args: argparse.Namespace) -> list[str]:
@@ -114,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", required=True, help="the shared base model (local directory, Hub id, or an alias)")
     p.add_argument("--task-dir", action="append", default=[], metavar="[NAME=]DIR", help="repeat for each task")
     p.add_argument("--task-list", type=Path, default=None, help="a file of [NAME=]DIR lines (many tasks)")
-    p.add_argument("--servings", type=lambda v: [s for s in v.split(",") if s], default=list(SERVINGS),
+    p.add_argument("--servings", type=lambda v: [s for s in v.split(",") if s], default=list(SERVINGS)[:4],
                    help=f"comma list of {','.join(SERVINGS)}")
     p.add_argument("--requests", type=int, default=400, help="requests per loop")
     p.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",") if c.strip()], default=[8, 32],

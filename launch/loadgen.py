@@ -33,11 +33,17 @@ class Serving:
 
     mode: str  # skeleton | prompt-tuning | compact
     batching: str  # cross-task | per-task | off
+    mix_min: int | None = None  # cross-task: the server's --mix-min (None: its default)
 
     @property
     def label(self) -> str:
         what = {"skeleton": "skeletons", "prompt-tuning": "plain prompt tuning", "compact": "separate compact models"}
-        return f"{what[self.mode]}, {self.batching}"
+        mixing = "" if self.mix_min is None else f" (mixing from {self.mix_min} waiting)"
+        return f"{what[self.mode]}, {self.batching}{mixing}"
+
+    def flags(self) -> list[str]:
+        return ["--mode", self.mode, "--batching", self.batching,
+                *(() if self.mix_min is None else ("--mix-min", str(self.mix_min)))]
 
 
 class Server:
@@ -46,7 +52,7 @@ class Server:
     def __init__(self, serving: Serving, base: str, task_dirs: list[str], *, extra: list[str] = (),
                  threads: int | None = None, start_timeout: float = 600):
         command = [sys.executable, str(REPO / "launch" / "serve.py"), "--base", base, "--port", "0",
-                   "--host", "127.0.0.1", "--mode", serving.mode, "--batching", serving.batching, *extra,
+                   "--host", "127.0.0.1", *serving.flags(), *extra,
                    *itertools.chain.from_iterable(("--task-dir", d) for d in task_dirs)]
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)

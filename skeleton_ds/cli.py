@@ -322,6 +322,10 @@ def serve(argv: Sequence[str] | None = None) -> int:
                         "request alone (comparisons)")
     p.add_argument("--max-batch", type=int, default=32, help="most examples in one pass, all its tasks together")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to merge with")
+    p.add_argument("--mix-min", type=int, default=8, metavar="N",
+                   help="cross-task batching: mix tasks in a pass only when at least N examples wait; fewer, and the "
+                        "task with the oldest request runs alone (light load: one-task passes answer sooner); 0: "
+                        "always mix (default 8)")
     p.add_argument("--max-queue", type=int, default=4096,
                    help="most examples waiting, all tasks; a request beyond gets 503 with Retry-After (0: no bound)")
     p.add_argument("--timeout-ms", type=float, default=30_000,
@@ -358,7 +362,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     settings = server.ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
                                     max_body_bytes=args.max_body_bytes,
                                     batching=batching, max_queue=args.max_queue,
-                                    timeout_ms=args.timeout_ms, stall_s=args.stall_s, api_key=api_key)
+                                    timeout_ms=args.timeout_ms, stall_s=args.stall_s, api_key=api_key,
+                                    mix_min=args.mix_min)
     if api_key is None and not server.is_loopback(args.host):
         print(f"skeleton_ds: warning: serving on {args.host} without an API key: anyone who reaches the port can use "
               f"it; pass --api-key KEY (or set SKELETON_DS_API_KEY)", file=sys.stderr, flush=True)

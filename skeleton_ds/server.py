@@ -115,6 +115,9 @@ class Batcher:
     - "cross-task": a pass takes whole requests round-robin across the tasks that have any, one request per
       task per round, until `max_batch` examples; `predict(MIXED, [(task, example), ...])` runs it. Every
       waiting task gets a share of each pass, so a burst on one task delays another by at most one pass.
+      With fewer than `mix_min` examples waiting (light load), the task with the oldest request runs alone
+      instead (`predict(task, examples)`): a mixed pass of a few rows from as many tasks costs as much per row
+      as one-task passes, and holds every row until the slowest finishes.
     - "per-task": a pass holds one task's requests; the ready tasks take turns (round-robin), so a burst on
       one task delays another by at most one pass per busy task. `predict(task, examples)`.
     - "off": every request is its own pass, at once (the comparison baseline).
@@ -135,12 +138,13 @@ class Batcher:
 
     def __init__(self, predict: Predict, *, max_batch: int = 32, max_wait_s: float = 0.005, policy: str = "per-task",
                  max_queue: int = 0, on_batch: Callable[[str, int, float], None] | None = None,
-                 timeout_s: float = math.inf, thread: bool = True):
+                 timeout_s: float = math.inf, thread: bool = True, mix_min: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._predict, self._on_batch = predict, on_batch
         self.max_batch, self.max_wait_s, self.policy, self.max_queue = max_batch, max_wait_s, policy, max_queue
         self.timeout_s = timeout_s
+        self.mix_min = mix_min  # cross-task: fewer examples waiting than this, and the oldest task runs alone
         self.expired = 0  # requests dropped unrun past their deadline
         self._queues: dict[str, _Queue] = {}  # insertion order is the round-robin order
         self._turn = 0  # index in the round-robin order where the next search starts
@@ -230,7 +234,7 @@ class Batcher:
             requests = self._unexpired(requests)
             if not requests:
                 continue
-            mixed = self.policy == "cross-task"
+            mixed = task == MIXED
             examples = [(r.task, e) if mixed else e for r in requests for e in r.examples]
             start = self._busy_since = time.monotonic()
             try:
@@ -270,6 +274,10 @@ class Batcher:
             oldest = min(self._queues[n].requests[0].enqueued for n in names)
             if self._waiting < self.max_batch and now < oldest + self.max_wait_s:
                 return None, oldest + self.max_wait_s
+            if self._waiting < self.mix_min:  # light load: a mixed pass would cost more than it shares
+                name = min(names, key=lambda n: self._queues[n].requests[0].enqueued)
+                requests = self._take(self._queues[name], self.max_batch)
+                return ((name, requests) if requests else None), None
             requests = self._take_round_robin()
             return ((MIXED, requests) if requests else None), None
         order = list(self._queues)
@@ -437,6 +445,8 @@ class ServeSettings:
     timeout_ms: float = 30_000  # a request not answered by then: 504
     stall_s: float = 60.0  # /healthz fails while one pass has run longer
     api_key: str | None = None  # every route but /healthz then needs "Authorization: Bearer <key>" (else 401)
+    mix_min: int = 8  # cross-task: mix tasks in a pass only when at least this many examples wait (measured:
+    # docs/serving.md; 0 mixes whatever waits, which at 8 clients served 0.72x the requests/s)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -445,7 +455,7 @@ class ServeSettings:
         for name in ("max_batch", "max_inputs", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "max_queue"):
+        for name in ("max_wait_ms", "max_queue", "mix_min"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(self, name)}")
         for name in ("timeout_ms", "stall_s"):
@@ -474,8 +484,10 @@ def _predict(model: ServedModel, policy: str) -> Predict:
         raise UserError("this model cannot mix tasks in one pass: build it with MultiTaskModel(..., mix_tasks=True), "
                         "or serve with --batching per-task")
 
-    def predict(_queue: str, tagged: list) -> list[dict]:
-        return model.predict_mixed(tagged)
+    def predict(queue: str, examples: list) -> list[dict]:
+        if queue != MIXED:  # a one-task pass (light load, Batcher.mix_min): the task's own model, no routing
+            return model.predict(queue, examples)
+        return model.predict_mixed(examples)
 
     return predict
 
@@ -487,7 +499,8 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings(), *,
     metrics = Metrics(model)
     batcher = Batcher(_predict(model, settings.batching), max_batch=settings.max_batch,
                       max_wait_s=settings.max_wait_ms / 1000, policy=settings.batching, max_queue=settings.max_queue,
-                      on_batch=metrics.observe_batch, timeout_s=settings.timeout_ms / 1000, thread=batcher_thread)
+                      on_batch=metrics.observe_batch, timeout_s=settings.timeout_ms / 1000, thread=batcher_thread,
+                      mix_min=settings.mix_min)
     metrics.watch_expired(batcher)
     names = list(model.task_names())
 

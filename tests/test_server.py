@@ -34,7 +34,8 @@ from skeleton_ds.tasks import Example
 
 TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine",
          "a sad ugly film", "very happy scene", "the story was poor"]
-SETTINGS = ServeSettings(max_batch=16, max_wait_ms=30, max_inputs=8, max_body_bytes=4096)
+# mix_min=0: passes mix whatever waits, so these few requests exercise mixed passes (the default waits for 8)
+SETTINGS = ServeSettings(max_batch=16, max_wait_ms=30, max_inputs=8, max_body_bytes=4096, mix_min=0)
 TIMEOUT = 30  # seconds, every HTTP call
 
 
@@ -183,7 +184,7 @@ def test_many_clients_across_many_tasks_with_eviction_answer_as_sequential_reque
     probe = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg)
     model = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg, mix_tasks=True,
                            cache_bytes=max(probe.task_bytes.values()))
-    server = ServerThread(create_app(model, ServeSettings(max_batch=16, max_wait_ms=20)))
+    server = ServerThread(create_app(model, ServeSettings(max_batch=16, max_wait_ms=20, mix_min=0)))
     try:
         jobs = [(f"t{i % 5}", TEXTS[(i * 3) % len(TEXTS)]) for i in range(60)]
         alone = {job: _classify(server.url, *job[:1], [job[1]])[0] for job in set(jobs)}  # one at a time
@@ -308,7 +309,8 @@ def test_overload_gives_503_then_504_a_stall_fails_healthz_and_the_server_recove
     queued ones get 504 at their deadline, /healthz reports the stalled worker; once the pass ends, the
     next good request succeeds and /healthz is green again."""
     gated = _Gated(model)
-    settings = ServeSettings(max_batch=16, max_wait_ms=0, max_inputs=8, max_queue=8, timeout_ms=1500, stall_s=0.5)
+    settings = ServeSettings(max_batch=16, max_wait_ms=0, max_inputs=8, max_queue=8, timeout_ms=1500, stall_s=0.5,
+                             mix_min=0)  # _Gated holds mixed passes
     server = ServerThread(create_app(gated, settings))
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -581,6 +583,24 @@ def test_cross_task_batcher_mixes_tasks_round_robin_one_request_each():
     # a1, b1, c1; b2 did); the next pass starts with the task after the last one served.
     assert recorder.calls[1:] == [("*", ["a1", "b1", "c1", "b2"]), ("*", ["a2", "a3", "a4"])]
     assert results[1] == [{"label": "a:a2"}, {"label": "a:a3"}] and results[5] == [{"label": "b:b2"}]
+
+
+def test_cross_task_batcher_runs_the_oldest_task_alone_below_mix_min():
+    """Light load (fewer than mix_min examples waiting): the task with the oldest request runs alone, through
+    the one-task predict; from mix_min waiting, passes mix tasks again."""
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=8, max_wait_s=0.0, policy="cross-task", mix_min=4)
+    try:
+        results = _run_queued(batcher, recorder, [("a", ["a1"]), ("b", ["b1"]), ("a", ["a2"])])
+        assert recorder.calls[1:] == [("a", ["a1", "a2"]), ("b", ["b1"])]  # 3 waiting < 4: one task per pass
+        assert results == [[{"label": "a:a1"}], [{"label": "b:b1"}], [{"label": "a:a2"}]]
+        recorder.calls.clear()
+        recorder.entered.clear()
+        recorder.release.clear()
+        _run_queued(batcher, recorder, [("a", ["a3"]), ("b", ["b2"]), ("c", ["c1"]), ("a", ["a4"])])
+        assert recorder.calls[1:] == [("*", ["a3", "b2", "c1", "a4"])]  # 4 waiting: one mixed pass
+    finally:
+        batcher.close()
 
 
 def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():
