@@ -47,7 +47,6 @@ import random
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -58,8 +57,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from skeleton_ds.checkpoint import read_header  # noqa: E402
-from skeleton_ds.distributed import without_rendezvous  # noqa: E402
+from skeleton_ds.checkpoint import read_header, write_text  # noqa: E402
+from skeleton_ds.distributed import free_port, without_rendezvous  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
 STAGES = ("prompt", "attribute", "localize", "convert", "retune")
@@ -283,12 +282,6 @@ class TreeSampler:
 
 
 # --------------------------------------------------------------------- runs
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_config(run: str, work: Path, limit: int | None) -> tuple[str, int]:
     """(DeepSpeed config path, ranks) of a run; a ZeRO-3 NAME_tuned run gets a patched copy in WORK/ds_configs."""
     shipped, ranks = RUNS[run.removesuffix("_tuned")]
@@ -305,7 +298,7 @@ def run_config(run: str, work: Path, limit: int | None) -> tuple[str, int]:
 def _launcher(ranks: int) -> list[str]:
     python = Path(sys.executable)
     if ranks:
-        return [str(python.parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+        return [str(python.parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
     return [str(python)]
 
 
@@ -543,19 +536,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def print_result(result: dict, json_path: Path) -> None:
     from skeleton_ds.ui import print_table
 
@@ -617,8 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(args.json.read_text())
         if args.notes is not None:
             result["notes"] = args.notes.read_text()
-            _atomic_write(args.json, json.dumps(result, indent=2) + "\n")
-        _atomic_write(args.md, markdown(result))
+            write_text(args.json, json.dumps(result, indent=2) + "\n")
+        write_text(args.md, markdown(result))
         print_result(result, args.json)
         return 0
     if not _has_cuda():
@@ -656,8 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.notes is not None:
             result["notes"] = args.notes.read_text()
         # after every run: a crash keeps the finished ones
-        _atomic_write(args.json, json.dumps(result, indent=2) + "\n")
-        _atomic_write(args.md, markdown(result))
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
+        write_text(args.md, markdown(result))
     print_result(result, args.json)
     return 0
 

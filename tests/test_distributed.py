@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +15,17 @@ from safetensors.torch import load_file
 
 from conftest import DS_CONFIGS, REPO, generic_flags, max_abs, max_abs_diff
 from skeleton_ds.config import STAGES
-from skeleton_ds.distributed import without_rendezvous
+from skeleton_ds.distributed import free_port, without_rendezvous
 from skeleton_ds.stages.prompt_tuning import KILL_AFTER_STEP_ENV
 
 pytestmark = pytest.mark.multirank
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(ranks: int, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N launch/train.py ...` (CPU ranks over gloo here), or plain python for N=0."""
     if ranks:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), "launch/train.py", *argv]
+               "--master_port", str(free_port()), "launch/train.py", *argv]
     else:
         cmd = [sys.executable, "launch/train.py", *argv]
     # In-process tests of this session joined a world of one and exported its rendezvous variables;

@@ -21,8 +21,8 @@ import torch
 
 from conftest import REPO
 from skeleton_ds.cluster import write_hostfile
-from skeleton_ds.distributed import without_rendezvous
-from test_distributed import _argv, _free_port, _ok, _prompt, launch
+from skeleton_ds.distributed import free_port, without_rendezvous
+from test_distributed import _argv, _ok, _prompt, launch
 
 pytestmark = pytest.mark.multirank
 
@@ -79,7 +79,7 @@ def test_two_launchers_as_two_nodes_match_one_node_with_two_ranks(tiny_models, s
     _ok(launch(2, _argv(model, sentiment_files, tmp_path / "one-node", 3, *flags)))
 
     hostfile = write_hostfile(tmp_path / "hostfile", ["node0", "node1"], 1)
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "two-nodes"
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
     procs = run_nodes([node_command(hostfile, r, port, _argv(model, sentiment_files, out, 3, *flags)) for r in (0, 1)],
@@ -102,7 +102,7 @@ def test_a_failed_node_takes_the_other_down(tiny_models, sentiment_files, tmp_pa
     """Node 1 fails at once (a node rank outside the hostfile); node 0 would wait for it at the
     rendezvous until the timeout, so it is killed with its rank, and nothing of it survives."""
     hostfile = write_hostfile(tmp_path / "hostfile", ["node0", "node1"], 1)
-    port = _free_port()
+    port = free_port()
     argv = _argv(tiny_models["llama"], sentiment_files, tmp_path / "out", 3, "--max-steps", "2", "--stages", "prompt")
     bad = node_command(hostfile, 1, port, argv)
     bad[bad.index("--node_rank") + 1] = "2"

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from conftest import REPO, max_abs, max_abs_diff
 from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, STEP_DELAY_ENV
-from test_distributed import _argv, _free_port, _ok, _prompt, launch
+from skeleton_ds.distributed import free_port
+from test_distributed import _argv, _ok, _prompt, launch
 
 pytestmark = pytest.mark.multirank
 
@@ -29,7 +30,7 @@ def start(ranks: int, argv: list[str], delay: float) -> subprocess.Popen:
     """Like test_distributed.launch, but returns at once; every step / attribution batch sleeps `delay`."""
     if ranks:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), "launch/train.py", *argv]
+               "--master_port", str(free_port()), "launch/train.py", *argv]
     else:
         cmd = [sys.executable, "launch/train.py", *argv]
     env = without_rendezvous(os.environ) | {STEP_DELAY_ENV: str(delay)}
