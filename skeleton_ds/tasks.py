@@ -292,6 +292,11 @@ def _read_json(path: Path) -> Table:
     raise UserError(f"{path} must hold a JSON list of objects or an object mapping ids to objects.")
 
 
+# Our own readers, not `datasets.load_dataset("csv"/"json", ...)`: on the real files of ../shared/data (datasets
+# 5.2, 2026-12-07) it refuses RTE/train.tsv (pandas: "Expected 4 fields in line 2166, saw 5", the extra empty
+# field GLUE rows carry) and reads QNLI/train_subset/*.json (an object mapping ids to examples) as one row. It
+# reads SST-2, RTE/dev and QNLI/dev TSVs and the SuperGLUE JSON Lines the same as these (labels as ints). These
+# readers also keep each row's line for errors and write no cache per rank.
 _READERS: dict[str, Callable[[Path], Table]] = {
     ".tsv": lambda p: _read_delimited(p, delimiter="\t", quoting=csv.QUOTE_NONE),
     ".csv": lambda p: _read_delimited(p),
