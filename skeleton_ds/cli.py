@@ -302,6 +302,9 @@ def serve(argv: Sequence[str] | None = None) -> int:
     (--mode)."""
     import argparse
 
+    from skeleton_ds.serve_settings import POLICIES, ServeSettings
+
+    d = ServeSettings()  # every default below is the settings' own
     p = argparse.ArgumentParser(prog="skeleton-ds serve", description=serve.__doc__)
     p.add_argument("--base", help="the shared base model: local directory, Hub id, 'minilm' or 'smollm2-135m'")
     p.add_argument("--task-dir", action="append", default=[], metavar="[NAME=]DIR",
@@ -316,27 +319,29 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="bytes of task-owned weights kept (LRU; default: half the device memory free once the base "
                         "is loaded); a task larger than this is refused at start; skeleton mode only")
-    p.add_argument("--batching", choices=("cross-task", "per-task", "off"), default=None,
+    p.add_argument("--batching", choices=POLICIES, default=None,
                    help="cross-task (default; --mode compact: per-task): a pass mixes tasks, shared modules once, "
                         "each task's slices on its rows; per-task: one task per pass, tasks in turn; off: every "
                         "request alone (comparisons)")
-    p.add_argument("--max-batch", type=int, default=32, help="most examples in one pass, all its tasks together")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to merge with")
-    p.add_argument("--mix-min", type=int, default=8, metavar="N",
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="most examples in one pass, all its tasks together")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="longest a request waits for others to merge with")
+    p.add_argument("--mix-min", type=int, default=d.mix_min, metavar="N",
                    help="cross-task batching: mix tasks in a pass only when at least N examples wait; fewer, and the "
                         "task with the oldest request runs alone (light load: one-task passes answer sooner); 0: "
-                        "always mix (default 8)")
-    p.add_argument("--max-queue", type=int, default=4096,
+                        f"always mix (default {d.mix_min})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="most examples waiting, all tasks; a request beyond gets 503 with Retry-After (0: no bound)")
-    p.add_argument("--timeout-ms", type=float, default=30_000,
+    p.add_argument("--timeout-ms", type=float, default=d.timeout_ms,
                    help="a request not answered by then gets 504 and is withdrawn")
-    p.add_argument("--stall-s", type=float, default=60.0, help="/healthz fails while one pass has run longer")
+    p.add_argument("--stall-s", type=float, default=d.stall_s, help="/healthz fails while one pass has run longer")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /healthz (else 401); default: the "
                         "SKELETON_DS_API_KEY environment variable, else no key")
     p.add_argument("--no-batching", action="store_true", help="the same as --batching off (deprecated)")
-    p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (more: 413)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (larger: 413)")
+    p.add_argument("--max-inputs", type=int, default=d.max_inputs, help="most inputs in one request (more: 413)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (larger: 413)")
     _runtime_flags(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(list(argv) if argv is not None else None)
@@ -359,7 +364,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     from skeleton_ds.inference import InferenceConfig
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("SKELETON_DS_API_KEY")
-    settings = server.ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
                                     max_body_bytes=args.max_body_bytes,
                                     batching=batching, max_queue=args.max_queue,
                                     timeout_ms=args.timeout_ms, stall_s=args.stall_s, api_key=api_key,

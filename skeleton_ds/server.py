@@ -60,6 +60,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from skeleton_ds.errors import UserError
+from skeleton_ds.serve_settings import POLICIES, ServeSettings  # noqa: F401 - ServeSettings: the server's API
 
 if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTTP layer do not need it
     from skeleton_ds.baselines import PromptTuningModel, SeparateCompactModels
@@ -75,7 +76,6 @@ LOG = logging.getLogger("skeleton_ds.server")
 
 
 # -------------------------------------------------------------------- batching
-POLICIES = ("cross-task", "per-task", "off")
 
 
 class Overloaded(Exception):
@@ -434,40 +434,6 @@ class _CacheCollector:
 
 
 # ------------------------------------------------------------------- HTTP app
-@dataclass(frozen=True)
-class ServeSettings:
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_inputs: int = 256
-    max_body_bytes: int = 1 << 20
-    batching: str = "cross-task"  # a Batcher policy: cross-task | per-task | off
-    max_queue: int = 4096  # examples waiting, all tasks; more: 503 (0: no bound)
-    timeout_ms: float = 30_000  # a request not answered by then: 504
-    stall_s: float = 60.0  # /healthz fails while one pass has run longer
-    api_key: str | None = None  # every route but /healthz then needs "Authorization: Bearer <key>" (else 401)
-    mix_min: int = 8  # cross-task: mix tasks in a pass only when at least this many examples wait (measured:
-    # docs/serving.md; 0 mixes whatever waits, which at 8 clients served 0.72x the requests/s)
-
-    def __post_init__(self) -> None:
-        if self.api_key is not None and not self.api_key.strip():
-            raise UserError("--api-key (or SKELETON_DS_API_KEY) is empty: give a key, or leave it unset to serve "
-                            "without one")
-        for name in ("max_batch", "max_inputs", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "max_queue", "mix_min"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(self, name)}")
-        for name in ("timeout_ms", "stall_s"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.batching not in POLICIES:
-            raise UserError(f"--batching takes {', '.join(POLICIES)}, got {self.batching!r}")
-        if self.max_queue and self.max_queue < self.max_inputs:
-            raise UserError(f"--max-queue {self.max_queue} is below --max-inputs {self.max_inputs}: a request the "
-                            f"server accepts must fit in its queue")
-
-
 class ApiError(Exception):
     """A request the server refuses: its HTTP status, the message the client reads, and any headers."""
 

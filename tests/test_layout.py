@@ -29,7 +29,7 @@ ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localizati
                                             "inference", "bench", "multitask", "verify", "static_shapes",
                                             "cross_task", "baselines")} | set(BENCH_ORDER)
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
-TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server"}
+TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server", "skeleton_ds.serve_settings"}
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")
 
 
