@@ -90,9 +90,9 @@ def study(argv: Sequence[str] | None = None) -> int:
                  max_eval_examples=args.max_eval_examples, attr_examples=args.attr_examples, seed=args.seed,
                  align=args.align)
 
-    from skeleton_ds.cli import _quiet_libraries
+    from skeleton_ds.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from skeleton_ds.attribution import random_scores, weight_magnitude
     from skeleton_ds.localization import masked, outliers, select
     from skeleton_ds.plots import plot_study

@@ -137,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise UserError(f"--keeps takes a comma list of numbers, got {args.keeps!r}") from None
 
-    from skeleton_ds.cli import _quiet_libraries
+    from skeleton_ds.cli import quiet_libraries
     from skeleton_ds.plots import plot_study
     from skeleton_ds.stages.pipeline import is_retuned, run_pipeline
 
-    _quiet_libraries()
+    quiet_libraries()
     base = Config(model=args.model, task="sst2", ds_config=args.config, data_dir=args.data_dir,
                   output=args.output / "base", max_train_examples=args.max_train_examples,
                   max_eval_examples=args.max_eval_examples, attr_examples=args.attr_examples,

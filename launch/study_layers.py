@@ -114,10 +114,10 @@ def study(argv: Sequence[str] | None = None) -> int:
         raise UserError("--block-size must be at least 1 and --max-eval-examples at least 0")
     configs = [run_config(run, args.max_eval_examples) for run in args.runs]  # refuse a bad run before loading a model
 
-    from skeleton_ds.cli import _quiet_libraries
+    from skeleton_ds.cli import quiet_libraries
     from skeleton_ds.plots import plot_layers
 
-    _quiet_libraries()
+    quiet_libraries()
     t_start = time.perf_counter()
     results = [study_run(run, cfg, args.block_size) for run, cfg in zip(args.runs, configs)]
     if os.environ.get("RANK", "0") != "0":

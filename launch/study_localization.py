@@ -101,9 +101,9 @@ def study(argv: Sequence[str] | None = None) -> int:
     for cfg in configs.values():  # every user mistake surfaces before any model is loaded
         _check_reused_prompt(cfg)
 
-    from skeleton_ds.cli import _quiet_libraries
+    from skeleton_ds.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from rich.console import Console
     from rich.table import Table
 

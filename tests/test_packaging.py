@@ -193,10 +193,10 @@ def test_installed_serving_imports_neither_deepspeed_nor_bitsandbytes(venv, inst
     """What `skeleton-ds serve` builds before it listens: the shared-base model and the app."""
     script = (
         "import json, sys, skeleton_ds, skeleton_ds.server as server\n"
-        "from skeleton_ds.cli import _quiet_libraries\n"
+        "from skeleton_ds.cli import quiet_libraries\n"
         "from skeleton_ds.inference import InferenceConfig\n"
         "from skeleton_ds.multitask import MultiTaskModel\n"
-        "_quiet_libraries()\n"
+        "quiet_libraries()\n"
         "model = MultiTaskModel(sys.argv[1], [sys.argv[2]], cfg=InferenceConfig(device='cpu'))\n"
         "app = server.create_app(model, server.ServeSettings())\n"
         "(name,) = model.task_names()\n"
