@@ -146,7 +146,6 @@ def train_one(args: argparse.Namespace) -> None:
     from skeleton_ds.bench import random_base
     from skeleton_ds.config import config_from_args
     from skeleton_ds.inference import InferenceConfig, Predictor
-    from skeleton_ds.stages.common import generic_spec
     from skeleton_ds.stages.pipeline import run_pipeline
     from skeleton_ds.tasks import get_task, load_split
 
@@ -182,7 +181,7 @@ def train_one(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     predictor = Predictor.from_checkpoint(out / "compact", InferenceConfig(device=args.device))
     config = config_from_args(flags)
-    dev = load_split(get_task(config.task, generic_spec(config)), "dev", config.data_dir)[:args.examples]
+    dev = load_split(get_task(config.task, config.generic_spec()), "dev", config.data_dir)[:args.examples]
     result = predictor.evaluate(dev)
     stages["infer"] = {"seconds": round(time.perf_counter() - start, 2), "peak_bytes": peak(),
                        "examples_per_s": result["examples_per_s"], "accuracy": result["metrics"]["accuracy"]}

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "launch"))
 
 from loadgen import Server, Serving, batch_totals, closed_loop, draws, get, warm_up  # noqa: E402
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.checkpoint import write_report  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
 SERVINGS = {"cross-task": Serving("skeleton", "cross-task"), "per-task": Serving("skeleton", "per-task"),
@@ -154,10 +154,9 @@ def main(argv: list[str] | None = None) -> int:
               "clients": args.clients, "popularity": args.popularity, "inputs_per_request": args.inputs_per_request,
               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "server_threads": args.server_threads,
               "runs": rows, "memory": memory, "targets": targets(rows)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, report)
-    write_text(args.output.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    table = markdown(report)
+    write_report(args.output, report, table)
+    print(table)
     return 1 if any(r["failures"] for r in rows) else 0
 
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from load_test import task_dirs  # noqa: E402
 from loadgen import SAMPLES, draws  # noqa: E402
 from skeleton_ds.baselines import PromptTuningModel  # noqa: E402
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.checkpoint import write_report  # noqa: E402
 from skeleton_ds.inference import InferenceConfig  # noqa: E402
 from skeleton_ds.multitask import MultiTaskModel  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
@@ -100,10 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                   sum(len({n for n, _ in b}) for b in batches) / len(batches), 2),
               "ms_per_batch": {label: round(min(ts) * 1e3, 2) for label, ts in timings.items()},
               "mixed_pass_operators": operators}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, report)
-    write_text(args.output.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    table = markdown(report)
+    write_report(args.output, report, table)
+    print(table)
     return 0
 
 

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from load_test import task_dirs  # noqa: E402
 from loadgen import SAMPLES, draws  # noqa: E402
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.checkpoint import write_report  # noqa: E402
 from skeleton_ds.inference import InferenceConfig  # noqa: E402
 from skeleton_ds.multitask import MultiTaskModel  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
@@ -122,10 +122,9 @@ def main(argv: list[str] | None = None) -> int:
               "base": args.base, "tasks": len(dirs), "rows": args.rows, "passes": args.passes,
               "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "median_ms_per_pass": best,
               "fresh_thread_over_main": round(best[WAYS[1]] / best[WAYS[0]], 2)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, report)
-    write_text(args.output.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    table = markdown(report)
+    write_report(args.output, report, table)
+    print(table)
     return 0
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "launch"))
 
 from load_test import task_dirs  # noqa: E402
 from loadgen import Server, Serving, closed_loop, draws, get, open_loop, request, warm_up  # noqa: E402
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
+from skeleton_ds.checkpoint import write_report  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
 ALLOWED = {"200", "503", "504"}
@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
               "max_queue": args.max_queue, "timeout_ms": args.timeout_ms, "max_batch": args.max_batch,
               "capacity": capacity, "offered_per_s": round(rate, 2), "soak": soak, "server_counted": counted,
               "rss_samples": samples, "rss_growth_after_first_minute": round(growth, 4), "checks": checks}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, report)
-    write_text(args.output.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    table = markdown(report)
+    write_report(args.output, report, table)
+    print(table)
     return 0 if all(checks.values()) else 1
 
 

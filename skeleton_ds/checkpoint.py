@@ -107,6 +107,14 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_report(path: Path, record: dict, table: str) -> None:
+    """A measurement's record as PATH (JSON) and its rendered table beside it as PATH.md, each atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    write_text(path.with_suffix(".md"), table)
+
+
 def json_value(value):
     """A config value as JSON of its own type: paths become strings, tuples lists; numbers, booleans
     and None stay what they are."""

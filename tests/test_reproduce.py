@@ -15,7 +15,6 @@ import pytest
 from conftest import REPO, SHARED_DATA
 from skeleton_ds.cli import reproduce, run_command
 from skeleton_ds.config import config_from_args
-from skeleton_ds.stages.common import generic_spec
 from skeleton_ds.tasks import get_task, load_split
 from skeleton_ds.provenance import missing_fields
 from skeleton_ds.stages.reproduce import (ENCODER, PLANS, QUICK, ReproduceConfig, markdown, readme_table,
@@ -127,7 +126,7 @@ def test_every_planned_skeleton_gives_a_valid_stage_command(kind, task, tmp_path
     cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, kind=kind)
     config = config_from_args(stage_flags(task, 0, cfg) + ["--output", str(tmp_path / "run")])
     assert config.resume is True and config.max_train_examples == PLANS[kind].tasks[task]["train"]
-    spec = get_task(config.task, generic_spec(config))  # checks the template against the fields
+    spec = get_task(config.task, config.generic_spec())  # checks the template against the fields
     assert load_split(spec, "dev", config.data_dir)
     retune = PLANS[kind].tasks[task].get("retune_epochs")
     for keep, head, name in cfg.skeletons(task):

@@ -24,11 +24,6 @@ from skeleton_ds.tasks import GenericTaskSpec, Task, compute_metrics, describe_s
 from skeleton_ds.ui import Reporter
 
 
-def generic_spec(cfg: Config) -> GenericTaskSpec | None:
-    """The --task generic file and column settings (None for a registered task): Config.generic_spec."""
-    return cfg.generic_spec()
-
-
 class TaskModelRun(RecipeBase):
     """The recipe base of every stage that runs the prompted model over a task's data: validation of the
     inputs (before any process group or file exists), the process group, the frozen backbone, the
@@ -56,7 +51,7 @@ class TaskModelRun(RecipeBase):
     def load_examples(self) -> tuple[list, list]:
         """The capped training and dev examples (tasks.subset), with `dev_selection` saying which dev examples."""
         cfg = self.cfg
-        self.generic = generic_spec(cfg)
+        self.generic = cfg.generic_spec()
         self.task = get_task(cfg.task, self.generic)
         train = subset(load_split(self.task, "train", cfg.data_dir, self.generic), cfg.max_train_examples, cfg.seed)
         dev = load_split(self.task, "dev", cfg.data_dir, self.generic)
