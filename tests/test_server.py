@@ -730,6 +730,8 @@ def test_cli_bad_input_is_one_error_line(tiny_models, task_dirs, tmp_path, capsy
                       capsys.readouterr().err, "--max-queue 8", "--max-inputs 256")
     _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--timeout-ms", "0"]),
                       capsys.readouterr().err, "--timeout-ms")
+    _assert_one_error(run_command(serve, ["--base", base, "--task-dir", task_dirs[0], "--mix-min", "-1"]),
+                      capsys.readouterr().err, "--mix-min")  # the flag reaches ServeSettings
 
 
 def test_launch_script_serves_until_stopped(tiny_models, task_dirs):
