@@ -71,8 +71,8 @@ def summarize(contenders: list[Contender], workloads: list[Workload], cfg: Bench
             for ref in REFERENCES:
                 if ref in cost:
                     speedup, ratio = median[ref] / q2, cost[ref][0] / flops
-                    row |= {f"speedup_vs_{ref}": round(speedup, 3), f"flop_ratio_vs_{ref}": round(ratio, 3),
-                            f"of_flop_ratio_vs_{ref}": round(speedup / ratio, 3)}
+                    row |= {f"speedup_vs_{ref}": _digits(speedup), f"flop_ratio_vs_{ref}": _digits(ratio),
+                            f"of_flop_ratio_vs_{ref}": _digits(speedup / ratio)}
             rows.append(row | ({"accuracy": accuracy[c.name]} if c.name in accuracy else {}))
     return rows
 
@@ -99,6 +99,11 @@ COST_MODEL = ("FLOPs: every projection over the positions computed (the prompt's
 
 def _inputs_cell(result: dict, row: dict) -> str:
     return f"fixed {result['settings']['text_length']}" if row["lengths"] == "fixed" else "SST-2 dev"
+
+
+def _digits(value: float) -> float:
+    """Four significant digits: a ratio far below 1 (a tiny model's share of its FLOP ratio) keeps its precision."""
+    return float(f"{value:.4g}")
 
 
 def _percent(share: float | None) -> str:
