@@ -13,8 +13,8 @@ tiny shapes is in the test suite (tests/test_gpu_check.py):
    The random base is built once (bench --base-dir) for all of them.
 2. train: for ZeRO-2 and ZeRO-3 (one rank; NCCL on CUDA, gloo on CPU), a random-init --train-shape
    decoder (tinyllama-1.1b) on a slice of SST-2 (the generic task: the random model's word-level tokenizer
-   has no English, so the verbalizer is two of its words): prompt, attribute, localize, convert, retune and
-   infer, each with its wall seconds, seconds per optimizer step (prompt, retune) and peak GPU memory
+   has no English, so the verbalizer is two of its words): prompt, attribute, localize, convert, teacher,
+   retune and infer, each with its wall seconds, seconds per optimizer step (prompt, retune) and peak GPU memory
    (torch.cuda.max_memory_allocated, reset per stage; on CPU the process's peak RSS). The ZeRO
    configs as shipped: their AdamW runs as torch's (DeepSpeed's torch_adam), so nothing is compiled on the device.
 
@@ -39,9 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from skeleton_ds.checkpoint import write_json  # noqa: E402
+from skeleton_ds.stage_specs import STAGE_ORDER  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
 
-TRAIN_STAGES = ("prompt", "attribute", "localize", "convert", "retune")
+TRAIN_STAGES = STAGE_ORDER  # the teacher pass included: decoders distill by default
 VERBALIZER = "w5,w6"  # two words of the random model's tokenizer (skeleton_ds.bench.random_base)
 
 

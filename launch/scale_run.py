@@ -60,8 +60,9 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from skeleton_ds.checkpoint import read_header, write_text  # noqa: E402
 from skeleton_ds.distributed import free_port, without_rendezvous  # noqa: E402
 from skeleton_ds.provenance import provenance  # noqa: E402
+from skeleton_ds.stage_specs import STAGE_ORDER  # noqa: E402
 
-STAGES = ("prompt", "attribute", "localize", "convert", "retune")
+STAGES = STAGE_ORDER  # the teacher pass included: decoders distill by default
 ROWS = ("load", *STAGES)  # "load": a launch that only loads the backbone as the stages do (the load probe)
 LLAMA = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
 SHAPES = {
@@ -437,8 +438,14 @@ def ratios(runs: dict) -> dict:
         a, b = runs[run]["stages"], runs[ref]["stages"]
         out[run] = {stage: {"rss": round(peak(a[stage]) / peak(b[stage]), 3),
                             "anon": round(peak(a[stage], "peak_anon_mib") / peak(b[stage], "peak_anon_mib"), 3),
-                            "vs": ref} for stage in ROWS}
+                            "vs": ref} for stage in measured_rows(runs)}
     return out
+
+
+def measured_rows(runs: dict) -> tuple[str, ...]:
+    """The ROWS a record measured (one made before the teacher stage existed has no teacher row)."""
+    first = next(iter(runs.values()))["stages"]
+    return tuple(stage for stage in ROWS if stage in first)
 
 
 # ------------------------------------------------------------------ report
@@ -446,12 +453,13 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
     """One row per run and rank: peak RSS (anonymous RSS) per stage in MiB, and seconds per step; after each
     ZeRO-3 run, its ratio row (largest rank's peak over the ZeRO-0 peak)."""
     runs, rat = result["runs"], result["ratios"]
-    header = ["run", "rank", *ROWS, "s/step prompt", "s/step retune"]
+    stages = measured_rows(runs)
+    header = ["run", "rank", *stages, "s/step prompt", "s/step retune"]
     rows = []
     for run, r in runs.items():
         for k in range(r["ranks"]):
             row = [run, str(k)]
-            for stage in ROWS:
+            for stage in stages:
                 v = r["stages"][stage]["ranks"].get(str(k))
                 row.append("-" if v is None else f"{max(v['peak_rss_mib'], v['hwm_mib'])} ({v['peak_anon_mib']})")
             steps = r["seconds_per_step"]
@@ -459,7 +467,7 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
             rows.append(row)
         if run in rat:
             rows.append([run, f"/ {rat[run]['prompt']['vs']}"]
-                        + [f"{rat[run][s]['rss']:.2f} ({rat[run][s]['anon']:.2f})" for s in ROWS] + ["", ""])
+                        + [f"{rat[run][s]['rss']:.2f} ({rat[run][s]['anon']:.2f})" for s in stages] + ["", ""])
     return header, rows
 
 

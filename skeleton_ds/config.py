@@ -92,12 +92,14 @@ class Config:
     retune_epochs: float = flag(0.0, "epochs of re-tuning (stage 5); 0: --epochs", group=TUNING, check="non_negative")
     retune_lr: float = flag(0.0, "learning rate of re-tuning; 0: --lr", group=TUNING, check="non_negative")
     # distillation in re-tuning (stage teacher computes the full model's outputs once; see skeleton_ds.distill)
-    distill_kl: float = flag(0.0, "re-tuning: weight of T^2 x KL(teacher || student) between the full model's and the "
-                             "skeleton's label distributions (0: off)", group=TUNING, check="non_negative")
+    distill_kl: float | None = flag(None, "re-tuning: weight of T^2 x KL(teacher || student) between the full model's "
+                                    "and the skeleton's label distributions; 0: off; default: 1 for decoders, off for "
+                                    "encoders", group=TUNING, check="non_negative", parse=float, metavar="W")
     distill_temperature: float = flag(2.0, "re-tuning: the KL term's temperature T", group=TUNING, check="positive")
-    distill_hidden: float = flag(0.0, "re-tuning: weight of the mean squared error between the full model's and the "
-                                 "skeleton's final hidden state at the answer position (0: off)", group=TUNING,
-                                 check="non_negative")
+    distill_hidden: float | None = flag(None, "re-tuning: weight of the mean squared error between the full model's "
+                                        "and the skeleton's final hidden state at the answer position; 0: off; "
+                                        "default: 1 for decoders, off for encoders", group=TUNING,
+                                        check="non_negative", parse=float, metavar="W")
     distill_layers: tuple[int, ...] = flag((), "re-tuning: also match these layers' outputs at the answer position "
                                            "(with --distill-hidden)", group=TUNING, parse=int_list, metavar="L,...")
     batch_size: int = flag(0, "global batch; 0: train_batch_size of the DeepSpeed config", group=TUNING,
@@ -177,7 +179,7 @@ class Config:
                 raise UserError(f"{option} must be one of {', '.join(meta['choices'])}, got {value!r}")
             if meta.get("check") and value is not None and not CHECKS[meta["check"]][0](value):
                 raise UserError(f"{option} {CHECKS[meta['check']][1]}, got {value}")
-        if self.distill_layers and not self.distill_hidden:
+        if self.distill_layers and self.distill_hidden == 0:
             raise UserError("--distill-layers matches those layers' hidden states: give their weight with "
                             "--distill-hidden W (> 0)")
         if any(layer < 0 for layer in self.distill_layers):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import DS_CONFIGS, generic_flags, write_sentiment_csv
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.config import config_from_args
+from skeleton_ds.errors import UserError
 from skeleton_ds.stages.attribute import AttributionRecipe
 from skeleton_ds.stages.prompt_tuning import RetuneRecipe
 from test_distributed import launch
@@ -95,8 +96,34 @@ def test_teacher_is_stored_once_reused_and_refused_when_its_data_changed(tiny_mo
 def test_without_distillation_the_teacher_stage_loads_nothing_and_writes_an_empty_record(tiny_models, sentiment_files,
                                                                                         tmp_path):
     out = tmp_path / "run"
-    assert run_command(train, _argv(tiny_models["llama"], sentiment_files, out, 2, "--stages", "prompt,teacher")) == 0
+    off = ("--distill-kl", "0", "--distill-hidden", "0")  # decoders distill by default
+    assert run_command(train, _argv(tiny_models["llama"], sentiment_files, out, 2, *off, "--stages",
+                                    "prompt,teacher")) == 0
     assert load_file(str(out / "teacher.safetensors")) == {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "bert-mlm", "roberta-mlm"])
+def test_the_architecture_decides_the_default_distillation(arch, tiny_models, sentiment_files, tmp_path):
+    """Decoders re-tune distilled (label KL + final hidden state, docs/results/study_keep.md), encoders on labels
+    alone; the default and the same weights named explicitly are the same run, and --distill-layers without a
+    hidden weight is refused where the architecture gives none."""
+    from skeleton_ds.stages.settings import RunSettings
+
+    decoder = arch in ("llama", "qwen2")
+    settings = RunSettings(config_from_args(_argv(tiny_models[arch], sentiment_files, tmp_path / "a")))
+    values = settings.values("retune")
+    assert (values["distill_kl"], values["distill_hidden"]) == ((1.0, 1.0) if decoder else (0.0, 0.0))
+    assert settings.values("teacher")["teacher_outputs"] == (["logits", "final"] if decoder else [])
+    same = ("--distill-kl", "1", "--distill-hidden", "1") if decoder else ("--distill-kl", "0")
+    named = RunSettings(config_from_args(_argv(tiny_models[arch], sentiment_files, tmp_path / "b", 2, *same)))
+    assert named.values("retune") == values
+    layers = RunSettings(config_from_args(_argv(tiny_models[arch], sentiment_files, tmp_path / "c", 2,
+                                                "--distill-layers", "0")))
+    if decoder:
+        assert layers.values("teacher")["teacher_outputs"] == ["logits", "final", "layer.0"]
+    else:
+        with pytest.raises(UserError, match="--distill-hidden"):
+            layers.values("teacher")
 
 
 @pytest.mark.multirank

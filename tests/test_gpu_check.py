@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.provenance import missing_fields
+from skeleton_ds.stage_specs import STAGE_ORDER
 
 
 @pytest.mark.realdata
@@ -37,7 +38,7 @@ def test_gpu_check_dry_run_on_cpu_writes_every_phase(tmp_path):
     for zero in ("zero2", "zero3"):
         run = record["train"][zero]
         assert run["returncode"] == 0 and run["backend"] == "gloo"
-        assert set(run["stages"]) == {"prompt", "attribute", "localize", "convert", "retune", "infer"}
+        assert set(run["stages"]) == {*STAGE_ORDER, "infer"}
         assert all(s["seconds"] > 0 and s["peak_bytes"] > 0 for s in run["stages"].values())
         assert run["stages"]["prompt"]["seconds_per_step"] > 0 and run["stages"]["retune"]["steps"] > 0
         assert 0 <= run["stages"]["infer"]["accuracy"] <= 1

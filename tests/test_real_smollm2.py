@@ -108,6 +108,10 @@ def test_short_pipeline_predictor_scores_what_the_retune_stage_measured(short_ru
     assert abs(sum(skeleton["ffn_sizes"]) - 0.3 * 30 * 1536) <= 30 * 64  # FFN 0.3 overall, each layer its own
     assert max(skeleton["head_counts"]) <= 3 and abs(sum(skeleton["head_counts"]) - 2 * 30) <= 30  # ~2 of 3 groups
     retune = json.loads((short_run / "retune" / "metrics.json").read_text())
+    settings = retune["settings"]  # re-tuning distilled: the decoder default
+    assert (settings["values"]["distill_kl"], settings["values"]["distill_hidden"]) == (1.0, 1.0)
+    assert "teacher" in settings["upstream"]
+    assert sorted(checkpoint.load_tensors(short_run / "teacher.safetensors")) == ["final", "logits"]
     predictor = Predictor.from_checkpoint(short_run / "compact", InferenceConfig(device="cpu", dtype="fp32"))
     adapter = predictor.model.adapter
     layers = adapter.layer_modules(predictor.model.backbone)
@@ -237,3 +241,31 @@ def test_several_decoder_tasks_are_served_on_one_shared_base(smollm2, short_run,
         rows = [i for i, (n, _) in enumerate(tagged) if n == name]
         torch.testing.assert_close(torch.stack([mixed[i] for i in rows]),
                                    alone.logits(alone.encode([tagged[i][1] for i in rows])), rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_table_distills_every_skeleton_from_one_teacher_pass_but_the_labels_ablation(smollm2, tmp_path):
+    """`skeleton-ds reproduce --model smollm2-135m`, quick: the full run stores the teacher's outputs once, every
+    distilled skeleton re-tunes from that copy, the labels-only ablation depends on no teacher, and a second
+    run redoes nothing."""
+    from skeleton_ds.cli import reproduce, run_command
+    from skeleton_ds.lineage import read_record
+
+    out = tmp_path / "table"
+    argv = ["--data-dir", str(SHARED_DATA), "--model", "smollm2-135m", "--tasks", "sst2", "--seeds", "1",
+            "--ffn-keeps", "0.3", "--variants", "attribution,attribution-labels", "--quick", "--no-docs",
+            "--output", str(out)]
+    assert run_command(reproduce, argv) == 0
+    seed = out / "sst2" / "seed0"
+    teacher = read_record(seed / "full", "teacher")
+    assert teacher["values"]["teacher_outputs"] == ["logits", "final"]
+    for run in ("keep0.3-attribution", "keep0.3-heads0.67-attribution"):
+        retune = read_record(seed / run, "retune")
+        assert retune["upstream"]["teacher"] == teacher["id"] and retune["values"]["distill_hidden"] == 1.0
+    labels = read_record(seed / "keep0.3-attribution-labels", "retune")
+    assert "teacher" not in labels["upstream"] and labels["values"]["distill_kl"] == 0.0
+    table = json.loads((out / "reproduce.json").read_text())["table"]
+    assert {(r["variant"], r["head_keep"]) for r in table} == {("attribution", 1.0), ("attribution-labels", 1.0),
+                                                               ("attribution", 0.67)}
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")}
+    assert run_command(reproduce, argv) == 0  # resumes: nothing is redone
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("retune/metrics.json")} == finished

@@ -139,20 +139,24 @@ def test_every_planned_skeleton_gives_a_valid_stage_command(kind, task, tmp_path
 
 
 def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
-    """The decoder plan: every variant at every keep, activation-magnitude where planned, the head-pruned
-    row; the tables show the zero-shot floor, the head row and its own speed-up."""
+    """The decoder plan: the method at every keep, the controls at 0.3 and 0.2, the labels-only ablation and the
+    head-pruned row on SST-2; the tables show the zero-shot floor, the head row and its own speed-up."""
     cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, model="smollm2-135m", kind="decoder")
     runs = cfg.skeletons("sst2")
-    assert (0.3, 1.0, "activation-magnitude") in runs and (0.5, 1.0, "activation-magnitude") not in runs
-    assert [(k, h) for k, h, _ in runs if h != 1.0] == [(0.3, 0.67)] * 3
-    assert (0.3, 1.0, "attribution-retune3") in runs
-    assert len(runs) == len(set(runs)) == 2 * 5 + 2 + 3
-    # CB (three seeds): the method and its controls only; the ablations and the head row are SST-2's
+    assert {k for k, _, v in runs if v == "attribution"} == {0.2, 0.3, 0.5}
+    assert {k for k, _, v in runs if v == "random"} == {k for k, _, v in runs if v == "weight-magnitude"} == {0.2, 0.3}
+    assert [(k, h, v) for k, h, v in runs if h != 1.0] == [(0.3, 0.67, "attribution")]
+    assert (0.3, 1.0, "attribution-labels") in runs
+    assert len(runs) == len(set(runs)) == 3 + 2 * 2 + 1 + 1
+    # CB (three seeds): the method and its controls only; the ablation and the head row are SST-2's
     cb = cfg.skeletons("cb")
-    assert len(cb) == 2 * 4 + 1 and {v for _, _, v in cb} == {"attribution", "attribution+comp", "random",
-                                                                "weight-magnitude", "activation-magnitude"}
+    assert len(cb) == 3 + 2 * 2 and {v for _, _, v in cb} == {"attribution", "random", "weight-magnitude"}
     assert ReproduceConfig(data_dir=SHARED_DATA, kind="decoder", variants=("random",)).skeletons("sst2") == [
-        (0.3, 1.0, "random"), (0.5, 1.0, "random"), (0.3, 0.67, "random")]
+        (0.2, 1.0, "random"), (0.3, 1.0, "random")]
+    # every variant re-tunes distilled (the decoder default) but the ablation, which turns it off
+    assert "--distill-kl" not in PLANS["decoder"].variants["random"].flags()
+    assert PLANS["decoder"].variants["attribution-labels"].flags()[-4:] == ["--distill-kl", "0", "--distill-hidden",
+                                                                            "0"]
     rows = [dict(task="sst2", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
                  zero_shot=0.4, parameters_full=134_500_000, parameters_compact=90_000_000, train_examples=2000,
                  dev_examples=872, majority=0.5) for s in range(3) for k, h, v in runs]
@@ -163,13 +167,13 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
               "plan": {"sst2": cfg.plan("sst2")},
               "task_order": list(PLANS["decoder"].tasks), "variants": variants, "note": PLANS["decoder"].note,
               "table": aggregate(rows, PLANS["decoder"].tasks, variants), "speedups": {"0.3": 1.5, "0.3/0.67": 1.7}}
-    assert [r["head_keep"] for r in record["table"]][-3:] == [0.67] * 3
+    assert [r["head_keep"] for r in record["table"]][-1:] == [0.67]
     assert record["table"][0]["full_std"] == pytest.approx(0.01)
     table = readme_table(record)
     assert "| zero-shot |" in table and "| 0.400 |" in table and "0.3, heads 0.67" in table and "1.70x" in table
-    assert table.count("\n") == 2 + 3  # header, rule, one row per (keep, head keep)
+    assert table.count("\n") == 2 + 4  # header, rule, one row per (keep, head keep)
     text = markdown(record)
-    assert text.count("| 0.3, heads 0.67 |") == 3 and "--keep-mode global --protect-outliers 20" in text
+    assert text.count("| 0.3, heads 0.67 |") == 1 and "--distill-kl 1 --distill-hidden 1" in text
     assert "cb 3 seed(s), all training examples, all scored, 4 epoch(s) (2 re-tuning)" in markdown(
         record | {"plan": {"sst2": cfg.plan("sst2"), "cb": cfg.plan("cb")}})
 

@@ -13,8 +13,9 @@ import torch
 from conftest import DS_CONFIGS, REPO
 from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.provenance import missing_fields
+from skeleton_ds.stage_specs import STAGE_ORDER
 
-STAGES = ("load", "prompt", "attribute", "localize", "convert", "retune")  # load: the backbone load alone
+STAGES = ("load", *STAGE_ORDER)  # load: the backbone load alone
 
 
 @pytest.mark.multirank

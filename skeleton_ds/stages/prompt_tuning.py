@@ -293,7 +293,10 @@ class RetuneRecipe(PromptTuningRecipe):
     def setup(self) -> None:
         super().setup()
         cfg = self.cfg
-        needed = outputs_needed(cfg.distill_kl, cfg.distill_hidden, cfg.distill_layers)
+        values = self.settings_record()["values"]  # the --distill-* weights as this architecture resolves them
+        self.distill = {"kl": values["distill_kl"], "temperature": values["distill_temperature"],
+                        "hidden": values["distill_hidden"]}
+        needed = outputs_needed(self.distill["kl"], self.distill["hidden"], cfg.distill_layers)
         self.teacher: dict[str, torch.Tensor] = {}
         if needed:
             made_from = (lineage.read_record(cfg.output, "teacher") or {}).get("id")
@@ -301,13 +304,12 @@ class RetuneRecipe(PromptTuningRecipe):
                 raise UserError(f"{cfg.output / 'teacher.safetensors'} was not made with these settings (or is "
                                 f"missing): run --stages teacher,retune with these flags")
             self.teacher = read_teacher(cfg.output / "teacher.safetensors", needed, len(self.train_set))
-            self.distill_layers = hidden_layers(needed) if cfg.distill_hidden else None
+            self.distill_layers = hidden_layers(needed) if self.distill["hidden"] else None
 
     def train_loss(self, micro: list[int]) -> torch.Tensor:
         """Cross-entropy, plus the distillation terms against the teacher's rows of these examples."""
         if not self.teacher:
             return super().train_loss(micro)
-        cfg = self.cfg
         batch = self.collate([self.train_set[i] for i in micro])
         rows = torch.tensor(micro)
         teacher = {name: values[rows].to(distributed.device()) for name, values in self.teacher.items()}
@@ -316,8 +318,7 @@ class RetuneRecipe(PromptTuningRecipe):
         else:
             logits, states = self.engine(batch["input_ids"], batch["attention_mask"], batch["answer_index"],
                                          hidden_layers=self.distill_layers)
-        return F.cross_entropy(logits, batch["labels"]) + distill_loss(
-            logits, states, teacher, kl=cfg.distill_kl, temperature=cfg.distill_temperature, hidden=cfg.distill_hidden)
+        return F.cross_entropy(logits, batch["labels"]) + distill_loss(logits, states, teacher, **self.distill)
 
     def _record_in_compact(self, before: dict, after: dict) -> None:
         """The compact checkpoint's own metrics.json and model card now say what re-tuning measured."""

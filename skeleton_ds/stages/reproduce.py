@@ -1,19 +1,18 @@
 """The results table: a real model on real tasks, Skeleton against honest controls.
 
     skeleton-ds reproduce --data-dir ../shared/data                        # MiniLM, five tasks (about 2 h, 2 cores)
-    skeleton-ds reproduce --data-dir ../shared/data --model smollm2-135m   # the decoder (about 6.5 h; resumes)
+    skeleton-ds reproduce --data-dir ../shared/data --model smollm2-135m   # the decoder (about 10 h; resumes)
     skeleton-ds reproduce --data-dir ../shared/data --tasks cb --seeds 1 --ffn-keeps 0.5 --quick   # minutes
 
 The plan follows the model's architecture (ModelPlan: ENCODER, DECODER). Per task and seed: prompt-tune
-the full model (stage 1) and score every unit (stage 2) once; then build each of the plan's skeletons
-from that prompt and re-tune each the same way (localize, convert, retune):
+the full model (stage 1), score every unit (stage 2) and store the teacher's outputs (a decoder's re-tuning
+distills) once; then build each of the plan's skeletons from that prompt and re-tune each the same way
+(localize, convert, retune):
     attribution            activation x gradient scores (the method; decoders: with their localization)
-    attribution+comp       the same skeleton with bias compensation (--compensate mean)
+    attribution+comp       the same skeleton with bias compensation (--compensate mean; encoders)
+    attribution-labels     the method re-tuned on the labels alone, without distillation (decoders, ablation)
     random                 seeded random scores (control)
     weight-magnitude       L2 norm of each unit's input weights (control)
-    activation-magnitude   mean |activation| on task data, no gradient (Wanda-like control; decoders)
-    attribution-uniform    the paper's uniform allocation (ablation; decoders)
-    attribution-retune3    the method re-tuned for 3 epochs instead of 1 (decoders, keep 0.3)
 and record the dev metric of the full prompt-tuned model, of each skeleton before and after re-tuning,
 the parameter counts (kept: each layer at its own width), the majority-class baseline (did the full
 model learn the task at all?) and, for a verbalizer readout, the zero-shot floor (the base model with
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from skeleton_ds.architectures import DECODER_DEFAULTS
 from skeleton_ds.checkpoint import copy_atomically, write_json, write_text
 from skeleton_ds.config import config_from_args
 from skeleton_ds.errors import UserError
@@ -41,6 +41,7 @@ from skeleton_ds.lineage import read_record
 from skeleton_ds.plots import plot_results
 from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.pipeline import is_retuned, run_pipeline
+from skeleton_ds.stages.settings import RunSettings
 
 @dataclass(frozen=True)
 class Variant:
@@ -48,12 +49,12 @@ class Variant:
 
     scorer: str
     compensate: str = "none"
-    localize: tuple[str, ...] = ()  # extra localize flags (allocation, outlier protection)
+    extra: tuple[str, ...] = ()  # further pipeline flags (an ablation's allocation or re-tuning)
     keeps: tuple[float, ...] | None = None  # only at these FFN keep ratios (None: at every one)
     tasks: tuple[str, ...] | None = None  # only on these tasks (None: on every one)
 
     def flags(self) -> list[str]:
-        return ["--scorer", self.scorer, "--compensate", self.compensate, *self.localize]
+        return ["--scorer", self.scorer, "--compensate", self.compensate, *self.extra]
 
 
 @dataclass(frozen=True)
@@ -92,37 +93,33 @@ ENCODER = ModelPlan(
               "random": Variant("random"), "weight-magnitude": Variant("weight-magnitude")},
     ffn_keeps=(0.2, 0.3, 0.5))
 
-# The decoder plan (SmolLM2-135M: 10x MiniLM's non-embedding parameters). The method is the decoder's
-# localization (docs/results/study_decoder.md): a global threshold across layers and the massive-activation
-# neurons protected. Every control uses the same localization and differs only in its scores. SST-2 also
-# runs the ablations (the paper's uniform allocation, three re-tuning epochs at keep 0.3) and the
-# head-pruned row. Measured on 2 cores (run logs of launch/study_retune.py and of this table): a forward
-# and backward pass of the full model 2.8 SST-2 examples/s (23 tokens) and 0.9 CB examples/s (100 tokens);
-# re-tuning 5/s on a keep-0.3 SST-2 skeleton and 4/s at keep 0.5. Estimated from these: one SST-2 skeleton
-# (2,000 examples, the full dev set before and after) about 10 min, SST-2 about 3 h; a CB seed (4 prompt
-# epochs, nine skeletons re-tuned for 2 epochs of its 250 examples) about 70 min. The plan: about 6.5 h.
-DECODER_LOCALIZE = ("--keep-mode", "global", "--protect-outliers", "20")
+# The decoder plan (SmolLM2-135M: 10x MiniLM's non-embedding parameters). Every variant runs the decoder
+# defaults (skeleton_ds.architectures.DECODER_DEFAULTS): a global threshold across layers, the massive-activation
+# neurons protected (docs/results/study_decoder.md) and re-tuning distilled from the full model, label KL plus
+# the final hidden state (docs/results/study_keep.md). The controls differ from the method only in their scores,
+# re-tuned the same way, so the method, not the recipe, is what beats them; `attribution-labels` is the method
+# re-tuned on the labels alone (the recipe before distillation), which shows what distillation adds. Measured on
+# 2 cores (run logs of launch/study_keep.py and of the first decoder table): a full-model forward and backward
+# pass 2.8 SST-2 examples/s and 0.9 CB examples/s; re-tuning 4-5 SST-2 examples/s. Estimated from these: one
+# SST-2 skeleton about 10 min (2,000 examples, the full dev set before and after), an SST-2 seed about 1.8 h,
+# a CB seed about 1 h, RTE about 1.2 h: the plan about 10 h, resumed across sessions from its light files.
 SST2_ONLY = ("sst2",)
+CONTROL_KEEPS = (0.3, 0.2)
 DECODER = ModelPlan(
-    tasks={"sst2": dict(seeds=1, train=2000, attr=300, dev=0, epochs=1.0),
+    tasks={"sst2": dict(seeds=3, train=2000, attr=300, dev=0, epochs=1.0),
            "cb": dict(seeds=3, train=0, attr=0, dev=0, epochs=4.0, retune_epochs=2.0),
            "rte": dict(seeds=1, train=1000, attr=300, dev=0, epochs=1.0)},
-    variants={"attribution": Variant("attribution", localize=DECODER_LOCALIZE),
-              "attribution+comp": Variant("attribution", "mean", DECODER_LOCALIZE),
-              "attribution-uniform": Variant("attribution",
-                                             localize=("--keep-mode", "uniform", "--protect-outliers", "0"),
-                                             tasks=SST2_ONLY),
-              "random": Variant("random", localize=DECODER_LOCALIZE),
-              "weight-magnitude": Variant("weight-magnitude", localize=DECODER_LOCALIZE),
-              "activation-magnitude": Variant("activation-magnitude", localize=DECODER_LOCALIZE, keeps=(0.3, 0.2)),
-              # the re-tuning budget decides at keep 0.3 (docs/results/study_retune.md)
-              "attribution-retune3": Variant("attribution", localize=(*DECODER_LOCALIZE, "--retune-epochs", "3"),
-                                             keeps=(0.3, 0.2), tasks=SST2_ONLY)},
-    ffn_keeps=(0.3, 0.5),
-    head_rows=(HeadRow(0.3, 0.67, ("attribution", "attribution+comp", "random"), tasks=SST2_ONLY),),
+    variants={"attribution": Variant("attribution"),
+              "attribution-labels": Variant("attribution", extra=("--distill-kl", "0", "--distill-hidden", "0"),
+                                            keeps=(0.3,), tasks=SST2_ONLY),
+              "random": Variant("random", keeps=CONTROL_KEEPS),
+              "weight-magnitude": Variant("weight-magnitude", keeps=CONTROL_KEEPS)},
+    ffn_keeps=(0.2, 0.3, 0.5),
+    head_rows=(HeadRow(0.3, 0.67, ("attribution",), tasks=SST2_ONLY),),
     zero_shot=True,
-    note="localization for every variant but attribution-uniform: --keep-mode global --protect-outliers 20; "
-         "attribution-uniform, attribution-retune3 and the head-pruned row on SST-2 only")
+    note="every variant with the decoder defaults (--keep-mode global, --protect-outliers 20, re-tuning distilled: "
+         "--distill-kl 1 --distill-hidden 1) but attribution-labels (--distill-kl 0 --distill-hidden 0); the "
+         "controls at FFN keep 0.3 and 0.2; attribution-labels and the head-pruned row on SST-2 only")
 PLANS = {"encoder": ENCODER, "decoder": DECODER}
 QUICK = dict(train=64, attr=32, dev=64, epochs=1.0)
 GENERIC_QNLI = ["--task", "generic", "--text-columns", "text_a,text_b", "--label-column", "label",
@@ -253,6 +250,11 @@ def retuned(argv: list[str]) -> bool:
     return is_retuned(config_from_args(argv))
 
 
+def distills(argv: list[str]) -> bool:
+    """Does this skeleton re-tune distilled (the decoder default)? Then the full run's teacher outputs are its."""
+    return bool(RunSettings(config_from_args(argv)).resolved["teacher_outputs"])
+
+
 def _run_name(keep: float, head: float, variant: str) -> str:
     return f"keep{keep:g}-{variant}" if head == 1.0 else f"keep{keep:g}-heads{head:g}-{variant}"
 
@@ -283,7 +285,7 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
     settings are these flags' (and refuses a changed one), so a table never reads back a stale run."""
     base = cfg.output / task / f"seed{seed}"
     common = stage_flags(task, seed, cfg)
-    _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute"])
+    _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute,teacher"])
     full = json.loads((base / "full" / "prompt" / "metrics.json").read_text())
     floor = zero_shot(base / "full", cfg, task, seed) if cfg.model_plan.zero_shot else None
     skeletons = cfg.skeletons(task)
@@ -302,8 +304,12 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
                 copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
             _check_shared(run, base / "full", "attribute")
         head_flags = ["--head-keep", str(head)] if head != 1.0 else []
-        argv = common + ["--output", str(run), "--stages", "attribute,localize,convert,retune",
+        argv = common + ["--output", str(run), "--stages", "attribute,localize,convert,teacher,retune",
                          "--ffn-keep", str(keep), *head_flags, *retune_flags, *variant.flags()]
+        if distills(argv):  # every distilled skeleton reads the full run's teacher outputs
+            if not (run / "teacher.safetensors").exists():
+                copy_atomically(base / "full" / "teacher.safetensors", run / "teacher.safetensors")
+            _check_shared(run, base / "full", "teacher")
         if not retuned(argv):
             _stage(argv)
         retune = json.loads((run / "retune" / "metrics.json").read_text())
@@ -361,7 +367,8 @@ def speedups(cfg: ReproduceConfig, work: Path) -> dict[str, float]:
             return {}
         task = cfg.tasks[0]
         bench = BenchConfig(shape=Path(cfg.model).name, run_dir=cfg.output / task / "seed0" / "full",
-                            data_dir=cfg.data_dir, keep_mode="global", protect_outliers=20.0,
+                            data_dir=cfg.data_dir, keep_mode=DECODER_DEFAULTS.keep_mode,
+                            protect_outliers=DECODER_DEFAULTS.protect_outliers,
                             ffn_keeps=(1.0, *cfg.ffn_keeps), head_keep=heads[0] if heads else 1.0, batch_sizes=(32,),
                             rounds=5, warmup=1, skip_peft=True, output=work / "bench")
     else:

@@ -79,10 +79,12 @@ class RunSettings:
         the default and one naming the same value explicitly are the same run), and settings derived
         from flags: the teacher tensors the --distill-* flags need (its weights alone change no teacher)."""
         cfg = self.cfg
-        keep_mode, protect = adapter_for(self._model_config[1].model_type).localization(
-            cfg.keep_mode, cfg.protect_outliers)
-        return {"keep_mode": keep_mode, "protect_outliers": protect,
-                "teacher_outputs": outputs_needed(cfg.distill_kl, cfg.distill_hidden, cfg.distill_layers)}
+        defaults = adapter_for(self._model_config[1].model_type).resolve(vars(cfg))
+        if cfg.distill_layers and not defaults["distill_hidden"]:
+            raise UserError("--distill-layers matches those layers' hidden states, which this architecture does not "
+                            "distill by default: give their weight with --distill-hidden W (> 0)")
+        return defaults | {"teacher_outputs": outputs_needed(defaults["distill_kl"], defaults["distill_hidden"],
+                                                             cfg.distill_layers)}
 
     def value(self, stage: str, name: str):
         """A flag as `stage` uses it: resolved for this architecture, or the stage's own override."""
