@@ -100,7 +100,7 @@ def test_retuned_compact_checkpoint_scores_what_the_retune_stage_measured(runs, 
 
     out = tmp_path / "run"
     shutil.copytree(runs["llama"], out)
-    run_stages(tiny_models["llama"], sentiment_files, out, "--head-keep", "0.5", "--stages", "retune")
+    run_stages(tiny_models["llama"], sentiment_files, out, "--head-keep", "0.5", "--stages", "teacher,retune")
     retuned = json.loads((out / "retune" / "metrics.json").read_text())["metrics"]
     predictor = Predictor.from_checkpoint(out / "compact", InferenceConfig(device="cpu", batch_size=8))
     result = predictor.evaluate(_dev_examples(sentiment_files[1], predictor))

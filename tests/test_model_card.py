@@ -51,7 +51,7 @@ def test_card_names_what_the_records_hold_before_and_after_retuning(arch, conver
     assert {CARD, METRICS} <= set(json.loads((compact / "manifest.json").read_text())["files"])
 
     run_stages(tiny_models[arch], sentiment_files, out, *(["--head-keep", "0.5", "--keep-mode", "global"]
-                                                          if arch == "llama" else []), "--stages", "retune")
+                                                          if arch == "llama" else []), "--stages", "teacher,retune")
     retune = json.loads((out / "retune" / "metrics.json").read_text())
     metrics = json.loads((compact / METRICS).read_text())
     assert metrics["before_retune"] == retune["before_retune"] and metrics["after_retune"] == retune["metrics"]

@@ -72,6 +72,7 @@ TABLES = {
     "study_decoder": _same(lambda r: _script("study_decoder").markdown(r)),
     "study_retune": _same(lambda r: _script("study_retune").markdown(r)),
     "study_layers": _same(lambda r: _script("study_layers").markdown(r)),
+    "study_keep": _same(lambda r: _script("study_keep").markdown(r)),
     "scale_run": _scale_run,
     "scale_run_qwen2.5-1.5b": _scale_run,
     "reproduce": _reproduce,
