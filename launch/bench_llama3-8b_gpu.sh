@@ -15,7 +15,7 @@ out=${1:-runs/bench}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-# launch/bench.py, less the DeepSpeed logger setup of skeleton-ds's CLI: the benchmark never uses
+# `skeleton-ds bench`, less the DeepSpeed logger setup of skeleton-ds's CLI: the benchmark never uses
 # DeepSpeed, and a GPU box may not have it installed.
 bench() {
     "$py" -c 'import sys, skeleton_ds.cli as c; c._quiet_libraries = lambda: None; sys.exit(c.run_command(c.bench, sys.argv[1:]))' "$@"

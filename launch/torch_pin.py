@@ -2,7 +2,7 @@
 
     .venv/bin/python launch/torch_pin.py constraint   # torch==2.13.0: a pip constraint that keeps this torch
     .venv/bin/python launch/torch_pin.py describe     # one line: version, CPU or CUDA build, size on disk
-    .venv/bin/python launch/torch_pin.py sizes        # JSON {distribution: bytes installed} (launch/measured.py)
+    .venv/bin/python launch/torch_pin.py sizes        # JSON {distribution: bytes installed} (experiments.measured)
 
 The constraint pins the installed distribution's own version (its metadata), never `torch.__version__`: the
 CUDA wheels on the public index are version 2.13.0 while their `__version__` reads 2.13.0+cu130, and a

@@ -263,7 +263,7 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
     from skeleton_ds.config import comma_list as names, float_list
-    from skeleton_ds.stages.reproduce import PLANS, ReproduceConfig
+    from skeleton_ds.experiments.reproduce import PLANS, ReproduceConfig
 
     p = argparse.ArgumentParser(prog="skeleton-ds reproduce", description=reproduce.__doc__)
     p.add_argument("--data-dir", type=Path, required=True, help="GLUE/SuperGLUE files (../shared/data)")
@@ -288,8 +288,8 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
     cfg = ReproduceConfig(**vars(p.parse_args(args)), command=shlex.join(["skeleton-ds", "reproduce", *args]))
     quiet_libraries()
     from skeleton_ds.preemption import stop_on_signals
-    from skeleton_ds.stages.reproduce import markdown
-    from skeleton_ds.stages.reproduce import reproduce as run_reproduce
+    from skeleton_ds.experiments.reproduce import markdown
+    from skeleton_ds.experiments.reproduce import reproduce as run_reproduce
 
     with stop_on_signals():  # SIGUSR1/SIGTERM: the running stage checkpoints; the same command resumes the table
         record = run_reproduce(cfg)
@@ -529,7 +529,8 @@ def reference() -> str:
 
     parts = ["# `skeleton-ds` command reference", "",
              "Generated from the argument parsers by `python launch/cli_reference.py`; `tests/test_docs.py` fails "
-             "when this file is stale. The `launch/*.py` scripts take the same flags as their commands.", ""]
+             "when this file is stale. `deepspeed launch/train.py` takes the flags of `skeleton-ds train`; "
+             "`python -m skeleton_ds CMD` is `skeleton-ds CMD`.", ""]
     previous = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "110"  # argparse wraps to the terminal: fix the width so the file is reproducible
     try:

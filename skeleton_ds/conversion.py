@@ -1,6 +1,6 @@
 """Conversion (stage 4's algorithm): slice a skeleton out of the base checkpoint into a compact, standard model.
 
-    python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --output DIR/compact
+    skeleton-ds convert --base M --skeleton DIR/skeleton.json --prompt DIR/prompt --output DIR/compact
     (inside the pipeline: skeleton_ds/stages/convert.py, `--stages convert` of launch/train.py)
 
 Streaming: the plan (every output tensor's name, dtype and shape) is computed from the base

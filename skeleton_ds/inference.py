@@ -1,8 +1,8 @@
 """Answer a task from a compact checkpoint (or from the full model with its stage-1 prompt), fast.
 
-    python launch/infer.py --checkpoint DIR/compact --data-dir ../shared/data --split validation
-    python launch/infer.py --checkpoint DIR/compact --input records.jsonl > predictions.jsonl
-    python launch/infer.py --base M --prompt DIR/prompt --input -        # the full model, same code
+    skeleton-ds infer --checkpoint DIR/compact --data-dir ../shared/data --split validation
+    skeleton-ds infer --checkpoint DIR/compact --input records.jsonl > predictions.jsonl
+    skeleton-ds infer --base M --prompt DIR/prompt --input -        # the full model, same code
 
 Both sources go through one `Predictor`, so full and compact compare fairly. What makes it fast:
 - decoders: the soft prompt comes first and attention is causal, so its keys and values never depend

@@ -158,7 +158,7 @@ def plot_bench(rows: list[dict], png: Path, title: str = "") -> None:
 def plot_layers(results: list[dict], png: Path) -> None:
     """One subplot per skeleton: per block of layers, the dev accuracy with only that block pruned and with
     the skeleton's other layers pruned (that block whole again), between the unpruned and whole-skeleton
-    lines. `results` rows are launch/study_layers.py's."""
+    lines. `results` rows are skeleton_ds/experiments/study_layers.py's."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.8), squeeze=False)
     for ax, r in zip(axes[0], results):

@@ -159,7 +159,7 @@ def max_abs(tensors: dict) -> float:
 
 @pytest.fixture
 def measured(request) -> dict:
-    """Figures a test measured (`measured["accuracy"] = ...`). launch/measured.py runs the tests with
+    """Figures a test measured (`measured["accuracy"] = ...`). skeleton_ds/experiments/measured.py runs the tests with
     SKELETON_DS_MEASURED set to a folder and builds docs/results/measured.json from what they keep there; in an
     ordinary run nothing is written."""
     figures: dict = {}

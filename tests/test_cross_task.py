@@ -159,7 +159,7 @@ def test_length_buckets_bound_padding_and_pass_size():
 
 
 def test_profile_script_times_three_ways_and_names_the_operators(task_runs, tiny_models, tmp_path):
-    """launch/profile_mixed.py end to end on the tiny LLaMA tasks (bounded: 2 batches, 1 round)."""
+    """skeleton_ds/experiments/profile_mixed.py end to end on the tiny LLaMA tasks (bounded: 2 batches, 1 round)."""
     import json
     import subprocess
     import sys
@@ -168,7 +168,8 @@ def test_profile_script_times_three_ways_and_names_the_operators(task_runs, tiny
     from skeleton_ds.provenance import missing_fields
 
     out = tmp_path / "profile.json"
-    command = [sys.executable, "launch/profile_mixed.py", "--base", str(tiny_models["llama"]), "--rows", "6",
+    command = [sys.executable, "-m", "skeleton_ds.experiments.profile_mixed", "--base", str(tiny_models["llama"]),
+               "--rows", "6",
                "--batches", "2", "--rounds", "1", "--threads", "1", "--output", str(out),
                *(arg for n, d in task_runs["llama"].items() for arg in ("--task-dir", f"{n}={d}"))]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

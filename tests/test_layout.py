@@ -1,4 +1,4 @@
-"""The package's imports point one way: stages -> algorithms -> shared helpers.
+"""The package's imports point one way: experiments -> stages -> algorithms -> shared helpers.
 
 Reads every module under skeleton_ds/ with `ast` (nothing is imported), so it also sees imports
 inside functions, and checks that the graph of imports between skeleton_ds modules has no cycle,
@@ -29,7 +29,9 @@ ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localizati
                                             "inference", "bench", "multitask", "verify", "static_shapes",
                                             "cross_task", "baselines")} | set(BENCH_ORDER)
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
-TOP = {"skeleton_ds", "skeleton_ds.cli", "skeleton_ds.server", "skeleton_ds.serve_settings"}
+TOP = {"skeleton_ds", "skeleton_ds.__main__", "skeleton_ds.cli", "skeleton_ds.server", "skeleton_ds.serve_settings"}
+EXPERIMENTS = "skeleton_ds.experiments"
+"""Beside the library: it imports the library, and nothing in the library imports it but the CLI (`reproduce`)."""
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")
 
 
@@ -97,9 +99,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def in_experiments(module: str) -> bool:
+    return module == EXPERIMENTS or module.startswith(EXPERIMENTS + ".")
+
+
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     bad = []
     for module, targets in sorted(graph.items()):
+        if not in_experiments(module) and module != "skeleton_ds.cli":
+            bad += [f"{module} imports {t}: the library does not import the experiments (only the CLI does)"
+                    for t in sorted(targets) if in_experiments(t)]
         if module in SHARED | ALGORITHMS:
             for target in sorted(targets):
                 if any(target == f or target.startswith(f + ".") for f in FORBIDDEN_BELOW_STAGES):
@@ -124,7 +133,8 @@ def test_the_graph_sees_the_package(graph):
 
 
 def test_every_module_has_a_layer(graph):
-    unplaced = [m for m in graph if m not in SHARED | ALGORITHMS | TOP and not m.startswith("skeleton_ds.stages")]
+    unplaced = [m for m in graph if m not in SHARED | ALGORITHMS | TOP and not m.startswith("skeleton_ds.stages")
+                and not in_experiments(m)]
     assert not unplaced, f"place these modules in a layer in tests/test_layout.py and README 'Layout': {unplaced}"
 
 
@@ -155,12 +165,18 @@ def test_checks_catch_violations(tmp_path):
     (root / "attribution.py").write_text("def f():\n    from skeleton_ds.stages.common import subset\n")
     (root / "checkpoint.py").write_text("from . import localization\n")
     (root / "localization.py").write_text("import skeleton_ds.checkpoint\n")
+    (root / "experiments").mkdir()
+    (root / "experiments" / "__init__.py").write_text("")
+    (root / "experiments" / "study.py").write_text("from skeleton_ds.stages import common\n")  # allowed
+    (root / "stages" / "plan.py").write_text("from skeleton_ds.experiments import study\n")  # not allowed
     graph = import_graph(root)
     assert graph["skeleton_ds.attribution"] == {"skeleton_ds.stages.common"}
     assert layer_violations(graph) == [
         "skeleton_ds.attribution imports skeleton_ds.stages.common: algorithms and shared helpers must not import "
         "stages, the CLI or the Config",
-        "skeleton_ds.checkpoint imports skeleton_ds.localization: shared helpers must not import algorithm modules"]
+        "skeleton_ds.checkpoint imports skeleton_ds.localization: shared helpers must not import algorithm modules",
+        "skeleton_ds.stages.plan imports skeleton_ds.experiments.study: the library does not import the experiments "
+        "(only the CLI does)"]
     assert find_cycle(graph) == ["skeleton_ds.attribution", "skeleton_ds.stages.common", "skeleton_ds.attribution"]
     del graph["skeleton_ds.attribution"]
     assert find_cycle(graph) == ["skeleton_ds.checkpoint", "skeleton_ds.localization", "skeleton_ds.checkpoint"]

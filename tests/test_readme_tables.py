@@ -1,10 +1,10 @@
 """Every measured table in the guides and the README is one a script wrote from its JSON: regenerate each
 docs/results/NAME.md from docs/results/NAME.json and find its table, line for line, in the guide that shows
-it; the README's headline tables are rows picked from the same JSONs (launch/headlines.py)."""
+it; the README's headline tables are rows picked from the same JSONs (skeleton_ds/experiments/headlines.py)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 
@@ -17,12 +17,7 @@ RESULTS = REPO / "docs" / "results"
 
 
 def _script(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "launch" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return importlib.import_module(f"skeleton_ds.experiments.{name}")
 
 
 def _record(name: str) -> dict:
@@ -53,7 +48,7 @@ def _scale_run(record: dict) -> tuple[str, str]:
 
 
 def _reproduce(record: dict) -> tuple[str, str]:
-    from skeleton_ds.stages import reproduce
+    from skeleton_ds.experiments import reproduce
 
     return reproduce.markdown(record), reproduce.readme_table(record)
 
@@ -118,7 +113,7 @@ def test_every_result_json_has_its_table_checked():
 def test_readme_headline_tables_are_rows_of_the_results():
     """The README's results and speed tables are picked from the JSONs, with every source named under them."""
     headlines = _script("headlines")
-    assert headlines.missing_from(README) == [], "README headline tables are stale: run python launch/headlines.py"
+    assert headlines.missing_from(README) == [], "README headline tables are stale: run experiments.headlines"
     for name in ("reproduce_smollm2-135m", "reproduce", "bench_llama-160m_cpu", "bench_llama3-8b_h100"):
         assert f"`docs/results/{name}.json`" in README
 
@@ -141,12 +136,13 @@ def test_bench_tables_record_provenance_peaks_and_the_fair_peft(name):
 
 
 def test_measured_table_keeps_what_the_tests_measured(tmp_path):
-    """launch/measured.py runs a row's test with the `measured` fixture on, and a summary row reads its table."""
+    """experiments.measured runs a row's test with the `measured` fixture on, and a summary row reads its table."""
     import shutil
     import subprocess
 
     shutil.copy(RESULTS / "bench_llama-160m_cpu.json", tmp_path)
-    run = subprocess.run([sys.executable, "launch/measured.py", "--rows", "streaming,bench_cpu", "--docs",
+    run = subprocess.run([sys.executable, "-m", "skeleton_ds.experiments.measured", "--rows", "streaming,bench_cpu",
+                          "--docs",
                           str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -159,6 +155,7 @@ def test_measured_table_keeps_what_the_tests_measured(tmp_path):
     assert rows["bench_cpu"]["speedup_vs_peft"] == bench[f"speedup_vs_{rows['bench_cpu']['peft']}"]
     assert (tmp_path / "measured.md").read_text() == _script("measured").markdown(record)
 
-    refused = subprocess.run([sys.executable, "launch/measured.py", "--rows", "nope", "--docs", str(tmp_path)],
+    refused = subprocess.run([sys.executable, "-m", "skeleton_ds.experiments.measured", "--rows", "nope", "--docs",
+                              str(tmp_path)],
                              cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "choose from" in refused.stderr

@@ -17,7 +17,7 @@ from skeleton_ds.cli import reproduce, run_command
 from skeleton_ds.config import config_from_args
 from skeleton_ds.tasks import get_task, load_split
 from skeleton_ds.provenance import missing_fields
-from skeleton_ds.stages.reproduce import (ENCODER, PLANS, QUICK, ReproduceConfig, markdown, readme_table,
+from skeleton_ds.experiments.reproduce import (ENCODER, PLANS, QUICK, ReproduceConfig, markdown, readme_table,
                                           stage_flags)
 
 
@@ -74,7 +74,7 @@ def test_a_stop_signal_to_the_table_checkpoints_and_the_same_command_resumes(tmp
     """What a batch scheduler sends (SIGTERM) reaches the table between two pipeline runs: the table stops
     with the preemption exit code, keeps what finished, and the same command completes it."""
     from skeleton_ds import preemption
-    from skeleton_ds.stages import reproduce as module
+    from skeleton_ds.experiments import reproduce as module
 
     out = tmp_path / "reproduce"
     argv = ["--data-dir", str(SHARED_DATA), "--tasks", "cb", "--seeds", "1", "--ffn-keeps", "0.5", "--variants",
@@ -160,7 +160,7 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     rows = [dict(task="sst2", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
                  zero_shot=0.4, parameters_full=134_500_000, parameters_compact=90_000_000, train_examples=2000,
                  dev_examples=872, majority=0.5) for s in range(3) for k, h, v in runs]
-    from skeleton_ds.stages.reproduce import aggregate
+    from skeleton_ds.experiments.reproduce import aggregate
 
     variants = list(cfg.variants)
     record = {"model": cfg.model, "date": "2026-12-02", "seconds": 60.0, "command": "c",
@@ -190,7 +190,7 @@ def test_speedups_ask_the_benchmark_for_the_plans_skeletons(model, kind, tmp_pat
     the table looks them up: a head-pruned row by the plan's head keep, whatever share it kept (global
     allocation kept 0.7 of the KV groups for a planned 0.67)."""
     import skeleton_ds.bench as bench
-    from skeleton_ds.stages.reproduce import speedups
+    from skeleton_ds.experiments.reproduce import speedups
 
     asked = []
 

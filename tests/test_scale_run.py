@@ -1,4 +1,4 @@
-"""launch/scale_run.py end to end on the small shape, and the ZeRO-3 loading it measures."""
+"""skeleton_ds/experiments/scale_run.py end to end on the small shape, and the ZeRO-3 loading it measures."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def test_scale_run_small_reports_every_stage_and_rank(tmp_path):
     """2 ZeRO-3 ranks and 1 ZeRO-0 rank (the offload run is the same code path as ZeRO-3 and only slower)."""
     report, md = tmp_path / "scale_run.json", tmp_path / "scale_run.md"
     env = without_rendezvous(os.environ)
-    done = subprocess.run([sys.executable, "launch/scale_run.py", "--shape", "small", "--runs", "zero0,zero3",
+    done = subprocess.run([sys.executable, "-m", "skeleton_ds.experiments.scale_run", "--shape", "small", "--runs",
+                           "zero0,zero3",
                            "--steps", "2", "--work", str(tmp_path / "work"), "--json", str(report), "--md", str(md)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -44,7 +45,7 @@ def test_scale_run_small_reports_every_stage_and_rank(tmp_path):
     assert set(result["ratios"]["zero3"]) == set(STAGES)
     assert result["runs"]["zero3"]["backbone_fraction_on_rank0"] <= 0.55
     text = md.read_text()
-    assert "| prompt |" in text and "python launch/scale_run.py --shape small" in text
+    assert "| prompt |" in text and "python -m skeleton_ds.experiments.scale_run --shape small" in text
 
 
 def test_zero3_load_equals_from_pretrained_and_streams(tiny_models, monkeypatch):

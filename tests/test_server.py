@@ -411,11 +411,12 @@ def test_prompt_tuning_mode_refuses_bad_requests_and_serves_on(prompt_tuning):
 
 
 def test_load_test_smoke_run_measures_four_ways_of_serving_with_provenance(tiny_models, task_dirs, tmp_path):
-    """launch/load_test.py end to end, bounded (a dozen requests per server and loop): skeletons with
+    """skeleton_ds/experiments/load_test.py end to end, bounded (a dozen requests per server and loop): skeletons with
     cross-task and per-task batching, plain prompt tuning, separate compact models; Zipf and uniform
     popularity; its JSON carries the provenance, the memory of each server and the targets' ratios."""
     out = tmp_path / "load_test.json"
-    command = [sys.executable, "launch/load_test.py", "--base", str(tiny_models["llama"]), "--requests", "12",
+    command = [sys.executable, "-m", "skeleton_ds.experiments.load_test", "--base", str(tiny_models["llama"]),
+               "--requests", "12",
                "--clients", "3,32", "--device", "cpu", "--dtype", "fp32", "--output", str(out),
                *(arg for d in task_dirs for arg in ("--task-dir", d))]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -436,10 +437,11 @@ def test_load_test_smoke_run_measures_four_ways_of_serving_with_provenance(tiny_
 
 
 def test_soak_smoke_run_answers_or_refuses_every_request(tiny_models, task_dirs, tmp_path):
-    """launch/soak_test.py for a few seconds at twice the measured capacity, with a small queue and a short
+    """experiments.soak_test for a few seconds at twice the measured capacity, with a small queue and a short
     deadline: every request is answered once (200, 503 or 504), none lost, the server healthy after."""
     out = tmp_path / "soak.json"
-    command = [sys.executable, "launch/soak_test.py", "--base", str(tiny_models["llama"]), "--seconds", "4",
+    command = [sys.executable, "-m", "skeleton_ds.experiments.soak_test", "--base", str(tiny_models["llama"]),
+               "--seconds", "4",
                "--capacity-requests", "60", "--capacity-clients", "4", "--max-queue", "8", "--timeout-ms", "300",
                "--senders", "64", "--device", "cpu", "--output", str(out),
                *(arg for d in task_dirs for arg in ("--task-dir", d))]
@@ -734,9 +736,10 @@ def test_cli_bad_input_is_one_error_line(tiny_models, task_dirs, tmp_path, capsy
                       capsys.readouterr().err, "--mix-min")  # the flag reaches ServeSettings
 
 
-def test_launch_script_serves_until_stopped(tiny_models, task_dirs):
-    """`python launch/serve.py` as a user runs it: prints its address, answers, stops on SIGTERM."""
-    command = [sys.executable, str(REPO / "launch" / "serve.py"), "--base", str(tiny_models["llama"]),
+def test_serve_command_serves_until_stopped(tiny_models, task_dirs):
+    """`skeleton-ds serve` as a user runs it (`python -m skeleton_ds serve`): prints its address, answers, stops on
+    SIGTERM."""
+    command = [sys.executable, "-m", "skeleton_ds", "serve", "--base", str(tiny_models["llama"]),
                "--task-dir", task_dirs[0], "--port", "0", "--device", "cpu", "--no-batching"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

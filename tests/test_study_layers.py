@@ -1,25 +1,21 @@
-"""launch/study_layers.py on a finished tiny run: its ends agree with the pipeline's own numbers and with
+"""experiments.study_layers on a finished tiny run: its ends agree with the pipeline's own numbers and with
 each other, every layer is scored, and a directory that is not a localized run is refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from conftest import run_stages
 from skeleton_ds.errors import UserError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "study_layers.py"
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("study_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from skeleton_ds.experiments import study_layers
+
+    return study_layers
 
 
 def test_layer_study_on_a_finished_run(tiny_models, sentiment_files, tmp_path):

@@ -1,10 +1,10 @@
 """How much faster a compact checkpoint answers than what users run today, measured in one process.
 
-    python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data \\
+    skeleton-ds bench --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data \\
         --output runs/bench/llama-160m
-    python launch/bench.py --shape minilm --run-dir runs/minilm-sst2 --data-dir ../shared/data \\
+    skeleton-ds bench --shape minilm --run-dir runs/minilm-sst2 --data-dir ../shared/data \\
         --output runs/bench/minilm
-    python launch/bench.py --shape llama3-8b --device cuda --dtype bf16 --output runs/bench/llama3-8b   # GPU only
+    skeleton-ds bench --shape llama3-8b --device cuda --dtype bf16 --output runs/bench/llama3-8b   # GPU only
 
 Contenders, all answering the same inputs in the same process:
 - `peft`: the full model with the same prompt through `peft` prompt tuning (PeftModel over the base

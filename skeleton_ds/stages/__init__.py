@@ -10,7 +10,6 @@
     settings.py       the settings record each stage writes (its StageSpec's flags and shared parts)
     schedule.py       the steps of a keep schedule (iterative localization)
     pipeline.py       run_pipeline, summarize
-    reproduce.py      the results table: every task x keep x scorer control, through run_pipeline
 
 Stages may import the algorithm modules and the shared helpers; neither of those imports a stage
 (tests/test_layout.py checks it).

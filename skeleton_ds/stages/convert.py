@@ -1,7 +1,7 @@
 """Pipeline stage 4: the compact model DIR/compact, converted from the base checkpoint and DIR/skeleton.json.
 
     deepspeed launch/train.py --config ds_configs/zero3.json --model M --task T --output DIR --stages convert
-    python launch/convert.py --base M --skeleton DIR/skeleton.json --prompt DIR/prompt \\
+    skeleton-ds convert --base M --skeleton DIR/skeleton.json --prompt DIR/prompt \\
         --output DIR/compact   # on its own
 
 The conversion itself (streaming, slicing, padding) is skeleton_ds.conversion; this stage runs it on

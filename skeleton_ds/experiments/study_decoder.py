@@ -1,7 +1,8 @@
 """Why does a skeleton lose the task on a trained decoder, and what keeps it? Candidates, measured before re-tuning.
 
-    python launch/study_decoder.py --data-dir ../shared/data --output runs/study-decoder
-    python launch/study_decoder.py --data-dir ../shared/data --output runs/study-decoder --keeps 0.7,0.5,0.3 \\
+    python -m skeleton_ds.experiments.study_decoder --data-dir ../shared/data --output runs/study-decoder
+    python -m skeleton_ds.experiments.study_decoder --data-dir ../shared/data --output runs/study-decoder \\
+        --keeps 0.7,0.5,0.3 \\
         --factors 20,100
 
 Prompt-tunes once (OUTPUT/prompt, reused when its recorded settings match), scores the training
@@ -25,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import sys
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from skeleton_ds.checkpoint import write_json, write_text
+from skeleton_ds.cli import run_command
+from skeleton_ds.errors import UserError
+from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.provenance import provenance
 
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
-from skeleton_ds.cli import run_command  # noqa: E402
-from skeleton_ds.errors import UserError  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SCORERS = ("attribution", "attribution-mean-abs", "activation-magnitude", "weight-magnitude", "random")
 """In this order: the baselines without data reuse the activation-magnitude pass."""
 
@@ -161,7 +159,7 @@ def study(argv: Sequence[str] | None = None) -> int:
 
     if os.environ.get("RANK", "0") != "0":
         return 0
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    command = command_line("study_decoder", argv)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "local_rank"}
     settings |= {"keeps": keeps, "factors": factors, "floors": floors, "head_keep": 1.0, "retuned": False,
                  "geometry": {"layers": geometry.layers, "ffn_size": geometry.ffn_size, "kv_heads": geometry.kv_heads}}

@@ -1,8 +1,10 @@
 """Does attribution find the task's neurons? Mask all but the top-scoring FFN neurons and measure dev accuracy.
 
-    python launch/study_localization.py --data-dir ../shared/data --output runs/study
-    python launch/study_localization.py --data-dir ../shared/data --output runs/study-rte --tasks rte --ratios 0.1,0.3
-    python launch/study_localization.py --data-dir ../shared/data --output runs/study-5k --attr-examples 4000 \\
+    python -m skeleton_ds.experiments.study_localization --data-dir ../shared/data --output runs/study
+    python -m skeleton_ds.experiments.study_localization --data-dir ../shared/data --output runs/study-rte --tasks rte \
+        --ratios 0.1,0.3
+    python -m skeleton_ds.experiments.study_localization --data-dir ../shared/data --output runs/study-5k \\
+        --attr-examples 4000 \\
         --attr-reduce mean-abs
 
 Per task: prompt-tune once (stage 1, kept in OUTPUT/<task>/prompt and reused by later runs with the
@@ -16,18 +18,16 @@ table) and OUTPUT/study.png.
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-from skeleton_ds.cli import run_command  # noqa: E402
-from skeleton_ds.errors import UserError  # noqa: E402
+from skeleton_ds.experiments import command_line
+from skeleton_ds.checkpoint import write_json, write_text
+from skeleton_ds.cli import run_command
+from skeleton_ds.errors import UserError
+from skeleton_ds.provenance import provenance
 
 SCORER_ORDER = ("attribution", "random", "weight-magnitude", "activation-magnitude")
 PROMPT_KEYS = ("model", "max_train_examples", "epochs", "seed", "data_dir")  # what the reused stage-1 prompt must match
@@ -189,7 +189,7 @@ def study(argv: Sequence[str] | None = None) -> int:
                  "prompt": {k: getattr(next(iter(configs.values())), k)
                             for k in ("prompt_length", "lr", "head_lr", "max_length", "readout", "batch_size")},
                  "geometry": {"layers": geometry.layers, "ffn_size": geometry.ffn_size, "kv_heads": geometry.kv_heads}}
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    command = command_line("study_localization", argv)
     record = {"provenance": provenance(command), "command": command, "argv": sys.argv, "cwd": os.getcwd(),
               "settings": settings, "tasks": per_task, "results": results, "summary": summary,
               "seconds": round(time.perf_counter() - t_start, 1)}

@@ -1,10 +1,10 @@
 """A measured scale run: the pipeline stages on a ~1.1B-parameter LLaMA under ZeRO-0 (1 rank), ZeRO-3 (2
 ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory sampled.
 
-    python launch/scale_run.py                               # tinyllama-1.1b shape -> docs/results/scale_run.{json,md}
-    python launch/scale_run.py --shape small                 # a few MB: a smoke test (scale_run_small.*)
-    python launch/scale_run.py --runs zero0,zero3 --work runs/scale --keep-base
-    python launch/scale_run.py --shape qwen2.5-1.5b --runs zero0_tuned,zero3_tuned   # real weights (models fetch first)
+    python -m skeleton_ds.experiments.scale_run                # tinyllama-1.1b -> docs/results/scale_run.{json,md}
+    python -m skeleton_ds.experiments.scale_run --shape small  # a few MB: a smoke test (scale_run_small.*)
+    python -m skeleton_ds.experiments.scale_run --runs zero0,zero3 --work runs/scale --keep-base
+    python -m skeleton_ds.experiments.scale_run --shape qwen2.5-1.5b --runs zero0_tuned,zero3_tuned  # real weights
 
 1. Builds a random-init LLaMA of the shape (TinyLlama: hidden 2048, 22 layers, 32 heads / 4 KV heads,
    intermediate 5632, vocab 32000; 1.1B parameters, fp32) once, as sharded safetensors
@@ -32,7 +32,8 @@ reports atomically after every run, and prints a table; --render rewrites the Ma
 from the JSON. A measurement, not a test: tests/test_scale_run.py runs `--shape small` end to end.
 
 docs/results/scale_run.md was made with
-    python launch/scale_run.py --runs zero0,zero0_tuned,zero3_tuned,zero3_offload_tuned --stage3-limit 1e8
+    python -m skeleton_ds.experiments.scale_run --runs zero0,zero0_tuned,zero3_tuned,zero3_offload_tuned \
+        --stage3-limit 1e8
 and docs/results/scale_run_before.md (shipped configs, transformers' loader) by the first version with the defaults.
 """
 
@@ -54,13 +55,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from skeleton_ds.checkpoint import read_header, write_text  # noqa: E402
-from skeleton_ds.distributed import free_port, without_rendezvous  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-from skeleton_ds.stage_specs import STAGE_ORDER  # noqa: E402
+from skeleton_ds.checkpoint import read_header, write_text
+from skeleton_ds.distributed import free_port, without_rendezvous
+from skeleton_ds.experiments import CHECKOUT, command_line
+from skeleton_ds.provenance import provenance
+from skeleton_ds.stage_specs import STAGE_ORDER
 
 STAGES = STAGE_ORDER  # the teacher pass included: decoders distill by default
 ROWS = ("load", *STAGES)  # "load": a launch that only loads the backbone as the stages do (the load probe)
@@ -288,7 +287,7 @@ def run_config(run: str, work: Path, limit: int | None) -> tuple[str, int]:
     shipped, ranks = RUNS[run.removesuffix("_tuned")]
     if not run.endswith("_tuned") or not ranks:
         return shipped, ranks
-    cfg = json.loads((REPO / shipped).read_text())
+    cfg = json.loads((CHECKOUT / shipped).read_text())
     cfg["zero_optimization"].update({k: limit for k in LIMIT_KEYS})
     path = work / "ds_configs" / f"{run}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +327,7 @@ def run_stage(cmd: list[str], log: Path, *, direct: bool, interval: float, watch
     with open(log, "w") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=CHECKOUT, env=env, stdout=f, stderr=subprocess.STDOUT)
         sampler = TreeSampler(proc.pid, direct=direct, interval=interval, watch=watch).start()
         code = proc.wait()
         sampler.stop()
@@ -383,7 +382,8 @@ def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
     result["env"] = env
     for stage in ("load", *STAGES):
         if stage == "load":  # the backbone load alone, as the stages do it: the load probe on every rank
-            cmd = [*_launcher(ranks), "launch/scale_run.py", "--probe-load", str(base), config]
+            cmd = [*_launcher(ranks), "--module" if ranks else "-m", "skeleton_ds.experiments.scale_run",
+                   "--probe-load", str(base), config]  # as a module: the checkout's package (cwd), not a copy
         else:
             cmd = stage_command(config, ranks, stage, base, files, out, flags)
         # the conversion starts when its staging directory appears (a small model's is renamed to compact/ at once)
@@ -526,7 +526,7 @@ def markdown(result: dict) -> str:
             lines.append(f"- {run}: {c['baseline_mib']} -> {c['peak_mib']} MiB, growth **{c['growth_mib']} MiB** = "
                          f"{c['growth_mib'] / base['largest_tensor_mib']:.2f} x the largest tensor (by VmHWM: "
                          f"{hwm} MiB = {hwm / base['largest_tensor_mib']:.2f} x)")
-    lines += ["", "Load probe (`launch/scale_run.py --probe-load`, the backbone load alone under the run's launcher "
+    lines += ["", "Load probe (`scale_run --probe-load`, the backbone load alone under the run's launcher "
                   "and config): seconds, share of the backbone stored per rank, RSS per rank right after loading:", ""]
     for run, r in result["runs"].items():
         after = r["stages"]["load"].get("after_load", {})
@@ -590,9 +590,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--runs takes {', '.join(RUNS)} (each also as NAME_tuned); got {', '.join(bad)}")
     args.stage3_limit = int(args.stage3_limit)
     suffix = "" if args.shape == "tinyllama-1.1b" else f"_{args.shape}"
-    args.work = args.work or REPO / "runs" / "scale" / args.shape
-    args.json = args.json or REPO / "docs" / "results" / f"scale_run{suffix}.json"
-    args.md = args.md or REPO / "docs" / "results" / f"scale_run{suffix}.md"
+    args.work = args.work or CHECKOUT / "runs" / "scale" / args.shape
+    args.json = args.json or CHECKOUT / "docs" / "results" / f"scale_run{suffix}.json"
+    args.md = args.md or CHECKOUT / "docs" / "results" / f"scale_run{suffix}.md"
     return args
 
 
@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     meta = {"format": "skeleton_ds.scale_run/1", "shape": args.shape, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "command": "python launch/scale_run.py " + shlex.join(argv), "stage_flags": flags, "base": info,
+            "command": command_line("scale_run", argv), "stage_flags": flags, "base": info,
             "stage3_limit": args.stage3_limit, "tuned_env": TUNED_ENV,
             "environment": {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                        f"{info['system_memory_mib'] / 1024:.0f} GiB RAM, "

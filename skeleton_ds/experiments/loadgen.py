@@ -1,7 +1,7 @@
 """What the load scripts share: a server in a subprocess, HTTP calls, task popularity, a closed and an open loop.
 
-launch/load_test.py compares ways of serving N tasks under closed-loop load; launch/soak_test.py holds one
-server at twice its capacity for minutes. Both start `launch/serve.py` on 127.0.0.1 and speak plain HTTP
+experiments.load_test compares ways of serving N tasks under closed-loop load; experiments.soak_test holds one
+server at twice its capacity for minutes. Both start `skeleton-ds serve` on 127.0.0.1 and speak plain HTTP
 (http.client, one connection per client thread), so what they measure is what a client sees.
 """
 
@@ -18,9 +18,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+
 SAMPLES = ["a gripping, funny film", "the plot was thin and the acting worse", "quite a nice story",
            "an awful, boring two hours", "the actor was great", "a sad and ugly scene", "very happy ending",
            "it was fine"]
@@ -47,11 +46,11 @@ class Serving:
 
 
 class Server:
-    """`launch/serve.py` in a subprocess on a free port of 127.0.0.1; stopped on exit."""
+    """`skeleton-ds serve` in a subprocess on a free port of 127.0.0.1; stopped on exit."""
 
     def __init__(self, serving: Serving, base: str, task_dirs: list[str], *, extra: list[str] = (),
                  threads: int | None = None, start_timeout: float = 600):
-        command = [sys.executable, str(REPO / "launch" / "serve.py"), "--base", base, "--port", "0",
+        command = [sys.executable, "-m", "skeleton_ds", "serve", "--base", base, "--port", "0",
                    "--host", "127.0.0.1", *serving.flags(), *extra,
                    *itertools.chain.from_iterable(("--task-dir", d) for d in task_dirs)]
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})

@@ -1,8 +1,8 @@
 """The "Measured" table of docs/results.md: run what stands behind each row, keep the figures, write
 docs/results/measured.{json,md}.
 
-    python launch/measured.py --data-dir ../shared/data                 # every row, about 50 min on 2 CPU cores
-    python launch/measured.py --data-dir ../shared/data --rows quickstart,hostile   # these rows; the rest are kept
+    python -m skeleton_ds.experiments.measured --data-dir ../shared/data     # every row, about 50 min on 2 CPU cores
+    python -m skeleton_ds.experiments.measured --data-dir ../shared/data --rows quickstart,hostile   # the rest kept
 
 A row is measured one of three ways: tests (pytest runs them with SKELETON_DS_MEASURED set, and each test keeps
 its figures through the `measured` fixture in tests/conftest.py; pytest's own pass count and time come from its
@@ -18,22 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from collections.abc import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
-from skeleton_ds.provenance import device_description, provenance  # noqa: E402
+from skeleton_ds.checkpoint import write_json, write_text
+from skeleton_ds.experiments import CHECKOUT, command_line
+from skeleton_ds.provenance import device_description, provenance
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ def tests(*selection: str) -> Callable[[argparse.Namespace], dict]:
             report = Path(folder) / "junit.xml"
             env = {**os.environ, "SKELETON_DS_MEASURED": folder}
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                   f"--junitxml={report}", *selection], cwd=REPO, env=env)
+                                   f"--junitxml={report}", *selection], cwd=CHECKOUT, env=env)
             if not report.is_file():
                 raise SystemExit(f"error: pytest did not run {' '.join(selection)} (exit {proc.returncode})")
             suite = ElementTree.parse(report).getroot()
@@ -72,7 +69,7 @@ def tests(*selection: str) -> Callable[[argparse.Namespace], dict]:
 
 def readme_quick_start() -> list[str]:
     """The README's quick-start commands, as written there (one meaning, one place: the README)."""
-    readme = (REPO / "README.md").read_text()
+    readme = (CHECKOUT / "README.md").read_text()
     block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     return [line.strip() for line in block.strip().splitlines()]
 
@@ -96,13 +93,13 @@ def quick_start(args: argparse.Namespace) -> dict:
     table is read back from metrics.json, the test summary from pytest's last line, and what set-up put in
     .venv is sized from its distributions' files."""
     train_line, test_line = readme_quick_start()
-    log = REPO / "runs" / "measured" / "quickstart.log"
+    log = CHECKOUT / "runs" / "measured" / "quickstart.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         clone = root / "skeleton_ds"
-        subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+        subprocess.run(["git", "clone", "--quiet", str(CHECKOUT), str(clone)], check=True)
         (root / "shared").symlink_to(Path(args.data_dir).resolve().parent)
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"), "HF_HOME": str(root / "hf"),
                "SKELETON_DS_CACHE": str(root / "skeleton_ds_cache")}
@@ -219,7 +216,7 @@ ROWS = [
         lambda f: f"one `error:` line each, exit 2, nothing complete-looking left; `verify` names each problem "
                   f"(exit 1); {f['passed']} passed in {f['seconds']:.0f} s"),
     Row("bench_cpu", "Compact vs full vs PEFT speed, LLaMA-160m shape, FFN keep 0.3, batch 32",
-        "`python launch/bench.py --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data --peft-full-logits "
+        "`skeleton-ds bench --shape llama-160m --lengths fixed,sst2 --data-dir ../shared/data --peft-full-logits "
         "--rounds 5` (see Benchmark)",
         from_json("bench_llama-160m_cpu", _bench_row("compact-0.3", 32)),
         lambda f: f"**{f['speedup_vs_peft']:.2f}x** {_peft_name(f)}, **{f['speedup_vs_full']:.2f}x** our full path "
@@ -231,7 +228,7 @@ ROWS = [
         lambda f: f"**{f['speedup_vs_peft']:.2f}x** {_peft_name(f)}, **{f['speedup_vs_full']:.2f}x** our full path "
                   f"({f['of_flop_ratio_vs_peft']:.0%} / {f['of_flop_ratio_vs_full']:.0%} of the FLOP ratios)"),
     Row("serving", "64 MiniLM task skeletons on one base over HTTP, Zipf popularity, 32 closed-loop clients, CPU",
-        "`python launch/load_test.py ...` (see Serving)", from_json("load_test_minilm64", _load_test),
+        "`python -m skeleton_ds.experiments.load_test ...` (see Serving)", from_json("load_test_minilm64", _load_test),
         lambda f: f"**{f['cross']:.0f}** requests/s with cross-task batching vs {f['per_task']:.0f} per-task, "
                   f"{f['prompt_tuning']:.0f} for plain prompt tuning and {f['compact']:.0f} for {f['tasks']} separate "
                   f"compact models; {f['skeleton_mib']:.0f} MiB vs {f['prompt_tuning_mib']:.0f} and "
@@ -253,13 +250,13 @@ def markdown(record: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Measure the Measured table: docs/results/measured.{json,md}.")
-    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
+    p.add_argument("--data-dir", type=Path, default=CHECKOUT.parent / "shared" / "data",
                    help="GLUE/SuperGLUE files for the quick start (default ../shared/data, where the tests read)")
     p.add_argument("--skip-suite", action="store_true", help="quickstart: time set-up and training only, not the "
                    "test command (about 30 minutes on 2 cores)")
     p.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma list of rows to measure: {', '.join(ROW_KEYS)} "
                    "(the others are kept from DOCS/measured.json)")
-    p.add_argument("--docs", type=Path, default=REPO / "docs" / "results",
+    p.add_argument("--docs", type=Path, default=CHECKOUT / "docs" / "results",
                    help="where measured.{json,md} go and tables are read")
     return p
 
@@ -273,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = args.docs / "measured.json"
     kept = {r["key"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
-    command = "python launch/measured.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("measured", argv)
     for row in ROWS:
         if row.key in wanted:
             figures = row.measure(args)

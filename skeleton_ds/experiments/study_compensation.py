@@ -1,7 +1,7 @@
 """Does bias compensation help? The same skeleton converted with and without it, before and after re-tuning.
 
-    python launch/study_compensation.py --data-dir ../shared/data --output runs/compensation
-    python launch/study_compensation.py --data-dir ../shared/data --task rte --ffn-keeps 0.2,0.5
+    python -m skeleton_ds.experiments.study_compensation --data-dir ../shared/data --output runs/compensation
+    python -m skeleton_ds.experiments.study_compensation --data-dir ../shared/data --task rte --ffn-keeps 0.2,0.5
 
 Prompt-tunes and scores once (OUTPUT/base: stages prompt, attribute), then for each FFN keep ratio and
 each of --compensate none / mean runs localize, convert and retune in OUTPUT/keep<K>-<mode> from that
@@ -11,20 +11,16 @@ Writes OUTPUT/study.json and docs/results/study_compensation.{json,md} (the comm
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-from skeleton_ds.cli import run_command, train  # noqa: E402
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
+from skeleton_ds.checkpoint import write_json, write_text
+from skeleton_ds.cli import run_command, train
+from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.provenance import provenance
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             retune = json.loads((run / "retune" / "metrics.json").read_text())
             rows.append({"ffn_keep": keep, "compensate": mode, "before_retune": retune["before_retune"],
                          "after_retune": retune["metrics"], "run": str(run)})
-    command = "python launch/study_compensation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("study_compensation", argv)
     record = {"provenance": provenance(command), "command": command,
               "date": date.today().isoformat(), "task": args.task, "model": args.model,
               "max_train_examples": args.max_train_examples, "seed": args.seed, "full_prompt_tuned": full,

@@ -43,6 +43,7 @@ from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.pipeline import is_retuned, run_pipeline
 from skeleton_ds.stages.settings import RunSettings
 
+
 @dataclass(frozen=True)
 class Variant:
     """One skeleton built from the shared prompt: its scorer, compensation and localize flags."""
@@ -99,7 +100,7 @@ ENCODER = ModelPlan(
 # the final hidden state (docs/results/study_keep.md). The controls differ from the method only in their scores,
 # re-tuned the same way, so the method, not the recipe, is what beats them; `attribution-labels` is the method
 # re-tuned on the labels alone (the recipe before distillation), which shows what distillation adds. Measured on
-# 2 cores (run logs of launch/study_keep.py and of the first decoder table): a full-model forward and backward
+# 2 cores (run logs of experiments.study_keep and of the first decoder table): a full-model forward and backward
 # pass 2.8 SST-2 examples/s and 0.9 CB examples/s; re-tuning 4-5 SST-2 examples/s. Estimated from these: one
 # SST-2 skeleton about 10 min (2,000 examples, the full dev set before and after), an SST-2 seed about 1.8 h,
 # a CB seed about 1 h, RTE about 1.2 h: the plan about 10 h, resumed across sessions from its light files.

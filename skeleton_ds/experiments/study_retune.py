@@ -1,9 +1,9 @@
 """Which decoder skeletons keep the task after re-tuning? Candidates from the masked study, re-tuned.
 
-    python launch/study_retune.py --data-dir ../shared/data --output runs/study-retune \
+    python -m skeleton_ds.experiments.study_retune --data-dir ../shared/data --output runs/study-retune \
         --prompt-from runs/study-decoder/prompt --docs
 
-The protocol of launch/study_decoder.py (SmolLM2-135M, SST-2, 1,600 training examples, 300 scored,
+The protocol of skeleton_ds/experiments/study_decoder.py (SmolLM2-135M, SST-2, 1,600 training examples, 300 scored,
 300 dev), carried through the whole pipeline: for each candidate (a set of localize / retune flags)
 a pipeline run in OUTPUT/<candidate> reuses the one stage-1 prompt (--prompt-from, or one trained in
 OUTPUT/base) and the one attribution pass, then localizes, converts and re-tunes, and the study
@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from skeleton_ds.checkpoint import write_json, write_text
+from skeleton_ds.cli import run_command, train
+from skeleton_ds.errors import UserError
+from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.provenance import provenance
 
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
-from skeleton_ds.cli import run_command, train  # noqa: E402
-from skeleton_ds.errors import UserError  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 UNIFORM = ["--keep-mode", "uniform", "--protect-outliers", "0"]
 DECODER = ["--keep-mode", "global", "--protect-outliers", "20"]  # the decoder defaults
 CANDIDATES = {  # name -> flags on top of the protocol
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                      "parameters_full": conversion["parameters_full"],
                      "parameters_kept": conversion.get("parameters_kept", conversion["parameters_compact"]),
                      "run": str(run), "run_provenance": retune["provenance"]})
-    command = "python launch/study_retune.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("study_retune", argv)
     record = {"provenance": provenance(command), "command": command, "model": args.model,
               "max_train_examples": args.max_train_examples, "dev_examples": full["dev_examples"],
               "full_prompt_tuned": full["metrics"]["accuracy"], "rows": rows,

@@ -1,8 +1,8 @@
 """The README's headline tables (the quick start, results, speed), rendered from the result JSONs they summarise
 (docs/results/).
 
-    python launch/headlines.py            # print the three tables (with their source lines), for the README
-    python launch/headlines.py --check    # exit 1, naming the lines, if the README's copy differs
+    python -m skeleton_ds.experiments.headlines          # print the three tables (with their source lines)
+    python -m skeleton_ds.experiments.headlines --check  # exit 1, naming the lines, if the README's copy differs
 
 Nothing here is measured: each row is picked from a committed result (a results table, a study, a benchmark),
 and each table lists under it the commit, date, machine and command of every JSON it read. The full tables
@@ -16,10 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from skeleton_ds.experiments import CHECKOUT
 from skeleton_ds.provenance import source_line
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "docs" / "results"
+RESULTS = CHECKOUT / "docs" / "results"
 
 
 def _load(results: Path, name: str) -> dict:
@@ -50,7 +50,7 @@ TASK_NAMES = {"sst2": "SST-2", "cb": "CB", "rte": "RTE"}
 def results_table(results: Path = RESULTS) -> str:
     """Dev accuracy of full prompt tuning against the re-tuned skeleton (before re-tuning in brackets), the
     random-neuron control re-tuned the same way, and the compact model's measured speed-up, per results table."""
-    from skeleton_ds.stages.reproduce import speedup_cell
+    from skeleton_ds.experiments.reproduce import speedup_cell
 
     lines = ["| model | task (dev examples, seeds) | full prompt tuning | FFN keep | Skeleton after re-tuning (before) "
              "| random neurons, re-tuned (before) | parameters (compact / full) | speed-up (CPU, batch 32) |",
@@ -108,7 +108,7 @@ def speed_table(results: Path = RESULTS) -> str:
 
 def first_run_table(results: Path = RESULTS) -> str:
     """The quick start as a newcomer meets it: each README command on a fresh clone with empty caches, timed,
-    with what set-up installed and what training ended with (launch/measured.py's quickstart row)."""
+    with what set-up installed and what training ended with (skeleton_ds/experiments/measured.py's quickstart row)."""
     row = next(r for r in _load(results, "measured")["rows"] if r["key"] == "quickstart")
     f, m = row["figures"], row["figures"]["metrics"]
     mb = f["installed_mb"]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if README.md lacks a line of any of them")
     args = p.parse_args(argv)
     if args.check:
-        missing = missing_from((REPO / "README.md").read_text())
+        missing = missing_from((CHECKOUT / "README.md").read_text())
         for line in missing:
             print(f"README lacks: {line}", file=sys.stderr)
         print("headline tables up to date" if not missing else f"{len(missing)} line(s) differ")

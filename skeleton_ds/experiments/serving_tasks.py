@@ -1,6 +1,7 @@
 """Many real tasks for the serving figures: distinct prompts and skeletons on real GLUE/SuperGLUE data.
 
-    python launch/serving_tasks.py --base minilm --data-dir ../shared/data --tasks sst2,rte,cb,qnli --seeds 4 \
+    python -m skeleton_ds.experiments.serving_tasks --base minilm --data-dir ../shared/data --tasks sst2,rte,cb,qnli \
+        --seeds 4 \
         --keeps 0.2,0.3,0.4,0.5 --output runs/serving/minilm
 
 Per task and seed, one pipeline run prompt-tunes and scores on a small subset (`--train-examples`,
@@ -8,7 +9,7 @@ Per task and seed, one pipeline run prompt-tunes and scores on a small subset (`
 skeleton from those scores (the way `skeleton-ds reproduce` builds its skeletons: the prompt and scores
 copied, stages localize and convert), so 4 tasks x 4 seeds x 4 keep ratios are 64 distinct skeletons, 16
 distinct prompts. Not re-tuned: every way of serving answers with the same stage-1 prompts. Writes
-OUT/tasks-N.txt for each `--lists` size, one NAME=DIR line per task (what launch/load_test.py --task-list
+OUT/tasks-N.txt for each `--lists` size, one NAME=DIR line per task (what experiments.load_test --task-list
 reads): the first N of the task x seed x keep grid, ordered so a shorter list spreads over tasks and seeds
 before keep ratios. Finished runs are reused (the pipeline's own settings check).
 """
@@ -20,13 +21,11 @@ import itertools
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from skeleton_ds.config import config_from_args  # noqa: E402
-from skeleton_ds.stages.pipeline import run_pipeline  # noqa: E402
-from skeleton_ds.checkpoint import copy_atomically  # noqa: E402
-from skeleton_ds.stages.reproduce import task_flags  # noqa: E402
+from skeleton_ds.checkpoint import copy_atomically
+from skeleton_ds.config import config_from_args
+from skeleton_ds.experiments import CHECKOUT
+from skeleton_ds.experiments.reproduce import task_flags
+from skeleton_ds.stages.pipeline import run_pipeline
 
 
 def build(args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--config", default="ds_configs/zero2.json")
     p.add_argument("--lists", type=lambda v: [int(n) for n in v.split(",")], default=[16, 64])
-    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "serving" / "minilm", metavar="DIR",
+    p.add_argument("--output", "--out", type=Path, default=CHECKOUT / "runs" / "serving" / "minilm", metavar="DIR",
                    help="where the runs and the tasks-N.txt lists go (--out: deprecated alias)")
     args = p.parse_args(argv)
     built = build(args)

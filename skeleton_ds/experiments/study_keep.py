@@ -1,8 +1,9 @@
 """Which recipe keeps the task at FFN keep 0.3 and 0.2 on a trained decoder? Candidates through the whole pipeline.
 
-    nice -n 19 python launch/study_keep.py --data-dir ../shared/data --output runs/study-keep [--only NAMES] [--docs]
+    nice -n 19 python -m skeleton_ds.experiments.study_keep --data-dir ../shared/data --output runs/study-keep \
+        [--only NAMES] [--docs]
 
-The protocol of launch/study_retune.py (SmolLM2-135M, SST-2, 1,600 training examples, 300 scored, 300 dev;
+The protocol of experiments.study_retune (SmolLM2-135M, SST-2, 1,600 training examples, 300 scored, 300 dev;
 one stage-1 prompt in OUTPUT/base, reused by every cell), at each --keeps value, for each candidate:
 
 - today's recipe (activation x gradient, abs-sum over the text tokens, global keep with the outliers kept);
@@ -28,23 +29,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from skeleton_ds.checkpoint import copy_atomically, write_json, write_text
+from skeleton_ds.cli import run_command
+from skeleton_ds.config import Config
+from skeleton_ds.errors import UserError
+from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.experiments.study_retune import chosen, slug
+from skeleton_ds.provenance import provenance
 
-from skeleton_ds.checkpoint import copy_atomically, write_json, write_text  # noqa: E402
-from skeleton_ds.cli import run_command  # noqa: E402
-from skeleton_ds.config import Config  # noqa: E402
-from skeleton_ds.errors import UserError  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-from study_retune import chosen, slug  # noqa: E402  (launch/ is on sys.path when a script here runs)
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 KL = {"distill_kl": 1.0}
 HIDDEN = {"distill_kl": 1.0, "distill_hidden": 1.0}
 CANDIDATES: dict[str, dict] = {  # name -> Config fields on top of the protocol ("schedule": a keep schedule)
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row(name, fields, cfg))
             print(f"study_keep: {name} at keep {keep:g}: before {rows[-1]['before']:.3f}, "
                   f"after {rows[-1]['after']:.3f}", flush=True)
-    command = "python launch/study_keep.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("study_keep", argv)
     record = {"provenance": provenance(command), "command": command, "model": args.model,
               "max_train_examples": args.max_train_examples, "attr_examples": args.attr_examples,
               "retune_epochs": args.retune_epochs, "dev_examples": full["dev_examples"],

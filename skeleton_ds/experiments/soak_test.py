@@ -1,10 +1,11 @@
 """Hold one server at twice its measured capacity for minutes: nothing lost, nothing answered twice, memory
 flat, and every request answered or refused (503 queue full, 504 past its deadline).
 
-    python launch/soak_test.py --base minilm --task-list runs/serving/minilm/tasks-64.txt --seconds 600 \
+    python -m skeleton_ds.experiments.soak_test --base minilm --task-list runs/serving/minilm/tasks-64.txt \
+        --seconds 600 \
         --output docs/results/soak_minilm64.json
 
-It starts `launch/serve.py` (skeletons, cross-task batching, `--max-queue`, `--timeout-ms`) on 127.0.0.1,
+It starts `skeleton-ds serve` (skeletons, cross-task batching, `--max-queue`, `--timeout-ms`) on 127.0.0.1,
 warms every task, measures the capacity with a closed loop (`--capacity-clients` clients, Zipf popularity),
 then sends requests at `--overload` x that rate for `--seconds` from independent senders (an open loop:
 Poisson arrivals, whatever the answers), sampling the server's resident memory every 10 s. Checked: every
@@ -17,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import shlex
 import sys
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "launch"))
-
-from load_test import task_dirs  # noqa: E402
-from loadgen import Server, Serving, closed_loop, draws, get, open_loop, request, warm_up  # noqa: E402
-from skeleton_ds.checkpoint import write_report  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
+from skeleton_ds.checkpoint import write_report
+from skeleton_ds.experiments import CHECKOUT, command_line
+from skeleton_ds.experiments.load_test import task_dirs
+from skeleton_ds.experiments.loadgen import Server, Serving, closed_loop, draws, get, open_loop, request, warm_up
+from skeleton_ds.provenance import provenance
 
 ALLOWED = {"200", "503", "504"}
 
@@ -63,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "soak" / "soak.json", metavar="FILE",
+    p.add_argument("--output", "--out", type=Path, default=CHECKOUT / "runs" / "soak" / "soak.json", metavar="FILE",
                    help="the JSON record; its summary goes beside it as .md (--out: deprecated alias)")
     args = p.parse_args(argv)
     dirs = task_dirs(args)
-    command = shlex.join(["python", "launch/soak_test.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("soak_test", argv)
     serving = Serving("skeleton", "cross-task")
     extra = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
              "--max-queue", str(args.max_queue), "--timeout-ms", str(args.timeout_ms),

@@ -1,6 +1,6 @@
 """Which layers lose the task? A finished skeleton, pruned and restored one block of layers at a time.
 
-    python launch/study_layers.py --run runs/reproduce-smollm2/sst2/seed0/keep0.3-attribution \
+    python -m skeleton_ds.experiments.study_layers --run runs/reproduce-smollm2/sst2/seed0/keep0.3-attribution \
         --run runs/reproduce-smollm2/sst2/seed0/keep0.5-attribution --docs
 
 For each --run (a pipeline run directory that holds the stage-1 prompt in RUN/prompt and the skeleton in
@@ -22,22 +22,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shlex
 import sys
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from skeleton_ds import checkpoint
+from skeleton_ds.checkpoint import write_json, write_text
+from skeleton_ds.cli import run_command
+from skeleton_ds.config import Config
+from skeleton_ds.errors import UserError
+from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.provenance import provenance
 
-from skeleton_ds import checkpoint  # noqa: E402
-from skeleton_ds.checkpoint import write_json, write_text  # noqa: E402
-from skeleton_ds.cli import run_command  # noqa: E402
-from skeleton_ds.config import Config  # noqa: E402
-from skeleton_ds.errors import UserError  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 PATH_FIELDS = {"output", "ds_config", "data_dir", "train_file", "dev_file"}
 
 
@@ -122,7 +119,7 @@ def study(argv: Sequence[str] | None = None) -> int:
     results = [study_run(run, cfg, args.block_size) for run, cfg in zip(args.runs, configs)]
     if os.environ.get("RANK", "0") != "0":
         return 0
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    command = command_line("study_layers", argv)
     settings = {"runs": [str(r) for r in args.runs], "block_size": args.block_size,
                 "max_eval_examples": args.max_eval_examples, "retuned": False}
     record = {"provenance": provenance(command), "settings": settings, "results": results,

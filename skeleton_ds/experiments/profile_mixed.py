@@ -2,7 +2,8 @@
 skeletons, as one pass per task over the same skeletons, and as one mixed pass of plain prompt tuning over
 the full base; then the operators of the mixed pass (torch.profiler).
 
-    python launch/profile_mixed.py --base minilm --task-list runs/serving/minilm/tasks-64.txt --rows 16 \
+    python -m skeleton_ds.experiments.profile_mixed --base minilm --task-list runs/serving/minilm/tasks-64.txt \
+        --rows 16 \
         --output docs/results/profile_mixed_minilm64.json
 
 The rows are drawn with Zipf popularity (s = 1.1) over the tasks, one input each, as the load test sends them;
@@ -13,27 +14,22 @@ its provenance) and markdown.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "launch"))
+import torch
 
-import torch  # noqa: E402
-
-from load_test import task_dirs  # noqa: E402
-from loadgen import SAMPLES, draws  # noqa: E402
-from skeleton_ds.baselines import PromptTuningModel  # noqa: E402
-from skeleton_ds.checkpoint import write_report  # noqa: E402
-from skeleton_ds.inference import InferenceConfig  # noqa: E402
-from skeleton_ds.multitask import MultiTaskModel  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-from skeleton_ds.tasks import Example  # noqa: E402
-
+from skeleton_ds.baselines import PromptTuningModel
+from skeleton_ds.checkpoint import write_report
+from skeleton_ds.experiments import CHECKOUT, command_line
+from skeleton_ds.experiments.load_test import task_dirs
+from skeleton_ds.experiments.loadgen import SAMPLES, draws
+from skeleton_ds.inference import InferenceConfig
+from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.provenance import provenance
+from skeleton_ds.tasks import Example
 
 WAYS = ("skeletons, one mixed pass", "skeletons, one pass per task", "plain prompt tuning, one mixed pass")
 
@@ -47,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "profile_mixed.json", metavar="FILE",
+    p.add_argument("--output", "--out", type=Path, default=CHECKOUT / "runs" / "profile_mixed.json", metavar="FILE",
                    help="the JSON record; its table goes beside it as .md (--out: deprecated alias)")
     args = p.parse_args(argv)
-    command = shlex.join(["python", "launch/profile_mixed.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("profile_mixed", argv)
     torch.set_num_threads(args.threads)
     dirs = task_dirs(args)
     cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=max(32, args.rows))

@@ -1,9 +1,9 @@
 """Load the HTTP server with a bounded closed loop, four ways of serving the same N tasks, on one machine.
 
-    python launch/load_test.py --base minilm --task-list runs/serving/minilm-64.txt --requests 600 \
+    python -m skeleton_ds.experiments.load_test --base minilm --task-list runs/serving/minilm-64.txt --requests 600 \
         --clients 8,32,64 --popularity zipf,uniform --output docs/results/load_test_minilm64.json
 
-The ways (`--servings`; each `launch/serve.py` on 127.0.0.1, all started at once, loaded in turn so all see
+The ways (`--servings`; each `skeleton-ds serve` on 127.0.0.1, all started at once, loaded in turn so all see
 the same machine, the idle ones only waiting):
 - skeletons, cross-task: one shared base, a pass mixes tasks (the default server);
 - skeletons, per-task: the same server, one task per pass (tasks take turns);
@@ -25,18 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shlex
 import sys
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-sys.path.insert(0, str(REPO / "launch"))
-
-from loadgen import Server, Serving, batch_totals, closed_loop, draws, get, warm_up  # noqa: E402
-from skeleton_ds.checkpoint import write_report  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
+from skeleton_ds.checkpoint import write_report
+from skeleton_ds.experiments import CHECKOUT, command_line
+from skeleton_ds.experiments.loadgen import Server, Serving, batch_totals, closed_loop, draws, get, warm_up
+from skeleton_ds.provenance import provenance
 
 SERVINGS = {"cross-task": Serving("skeleton", "cross-task"), "per-task": Serving("skeleton", "per-task"),
             "prompt-tuning": Serving("prompt-tuning", "cross-task"), "compact": Serving("compact", "per-task"),
@@ -126,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="task popularity: zipf (s = 1.1), uniform; a comma list runs each")
     p.add_argument("--seed", type=int, default=0, help="the task draws' seed")
     p.add_argument("--inputs-per-request", type=int, default=1)
-    p.add_argument("--output", "--out", type=Path, default=REPO / "runs" / "load_test" / "load_test.json",
+    p.add_argument("--output", "--out", type=Path, default=CHECKOUT / "runs" / "load_test" / "load_test.json",
                    metavar="FILE", help="the JSON record; its tables go beside it as .md (--out: deprecated alias)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -147,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dirs = task_dirs(args)
-    command = shlex.join(["python", "launch/load_test.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("load_test", argv)
     rows, memory = run(args, dirs)
     report = {"command": command, "provenance": provenance(command), "date": date.today().isoformat(),
               "base": args.base, "tasks": len(dirs), "task_dirs": dirs, "requests": args.requests,

@@ -1,6 +1,6 @@
 """Why the server's passes were slower than the same passes run alone: the thread that runs them.
 
-    python launch/profile_server.py --base minilm --task-list runs/serving/minilm/tasks-64.txt \\
+    python -m skeleton_ds.experiments.profile_server --base minilm --task-list runs/serving/minilm/tasks-64.txt \\
         --output docs/results/profile_server.json
 
 The same one-task passes (Zipf over the tasks, `--rows` rows each, the load test's mean batch at 32
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import subprocess
 import sys
@@ -30,19 +29,16 @@ import time
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "launch"))
+import torch
 
-import torch  # noqa: E402
-
-from load_test import task_dirs  # noqa: E402
-from loadgen import SAMPLES, draws  # noqa: E402
-from skeleton_ds.checkpoint import write_report  # noqa: E402
-from skeleton_ds.inference import InferenceConfig  # noqa: E402
-from skeleton_ds.multitask import MultiTaskModel  # noqa: E402
-from skeleton_ds.provenance import provenance  # noqa: E402
-from skeleton_ds.tasks import Example  # noqa: E402
+from skeleton_ds.checkpoint import write_report
+from skeleton_ds.experiments import CHECKOUT, command_line
+from skeleton_ds.experiments.load_test import task_dirs
+from skeleton_ds.experiments.loadgen import SAMPLES, draws
+from skeleton_ds.inference import InferenceConfig
+from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.provenance import provenance
+from skeleton_ds.tasks import Example
 
 WAYS = ("main thread (loaded the model)", "fresh thread, model loaded by the main thread",
         "fresh thread, in a process whose main thread runs no operator")
@@ -92,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=2, help="rows per pass (the per-task load test's mean batch)")
     p.add_argument("--passes", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--output", type=Path, default=REPO / "runs" / "profile_server.json", metavar="FILE")
+    p.add_argument("--output", type=Path, default=CHECKOUT / "runs" / "profile_server.json", metavar="FILE")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the third way's process
     args = p.parse_args(argv)
-    command = shlex.join(["python", "launch/profile_server.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("profile_server", argv)
     dirs = task_dirs(args)
     cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=32)
 
