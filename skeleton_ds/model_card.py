@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds import checkpoint, packaged_models
 
 CARD = "README.md"
@@ -119,7 +120,7 @@ def compact_card(directory: Path) -> str:
              f"This is `{base_name}` cut down to the FFN neurons and attention head groups that the task `{task_name}` "
              "needs, found by activation x gradient attribution ([Skeleton](https://arxiv.org/abs/2404.11916)), "
              "with a soft prompt trained for the task. The weights are a standard checkpoint; the prompt is "
-             "`prompt.safetensors` beside them.", "", "| | |", "|---|---|", *_base_lines(base)]
+             "`prompt.safetensors` beside them.", "", *markdown_table(["", ""]), *_base_lines(base)]
     if task:
         lines += _task_lines(task, metrics.get("task"))
     ffn_total = geometry.get("ffn_size", max(sizes)) * len(sizes)
@@ -138,7 +139,7 @@ def compact_card(directory: Path) -> str:
     names = _metric_names(full, before, after)
     lines += ["", "## Dev metrics", ""]
     if names:
-        lines += ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+        lines += [*markdown_table(["model", *names]),
                   "| the full base model, prompt-tuned | " + " | ".join(_cell(full, n) for n in names) + " |",
                   "| this model with the full model's prompt (before re-tuning) | "
                   + " | ".join(_cell(before, n) for n in names) + " |",
@@ -177,7 +178,7 @@ def peft_card(prompt_record: dict, metrics: dict | None, adapter_config: dict, m
              f"A PEFT prompt-tuning adapter ({adapter_config['num_virtual_tokens']} virtual tokens of width "
              f"{adapter_config['token_dim']}) exported by skeleton_ds from a prompt it trained on the frozen "
              "base model.",
-             "", "| | |", "|---|---|", *_base_lines(prompt_record.get("base_model") or {"name": base}),
+             "", *markdown_table(["", ""]), *_base_lines(prompt_record.get("base_model") or {"name": base}),
              *_task_lines(prompt_record, None),
              f"| label tokens | {prompt_record.get('label_token_ids')} (`readout.json`) |"]
     if names:

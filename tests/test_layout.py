@@ -18,7 +18,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "skeleton_ds"
 
-SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "architectures", "tasks", "data", "prompt",
+SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "tables", "architectures", "tasks", "data", "prompt",
                                         "distributed", "ds_config", "model_identity", "quantization", "loading",
                                         "config", "ui", "plots", "preemption", "cluster", "provenance", "lineage",
                                         "packaged_models", "widths", "model_card", "stage_specs")}

@@ -159,3 +159,10 @@ def test_measured_table_keeps_what_the_tests_measured(tmp_path):
                               str(tmp_path)],
                              cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "choose from" in refused.stderr
+
+
+def test_one_markdown_table_helper_writes_header_rule_and_rows():
+    from skeleton_ds.tables import markdown_table
+
+    assert markdown_table(["a", "b"], [[1, "x"]]) == ["| a | b |", "|---|---|", "| 1 | x |"]
+    assert markdown_table(["", ""]) == ["| | |", "|---|---|"]  # an empty cell stays one space wide

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from skeleton_ds import tables
 from skeleton_ds.inference import evaluation_examples
 from skeleton_ds.tasks import Task, compute_metrics
 from skeleton_ds.bench.config import BenchConfig
@@ -133,28 +134,24 @@ def _table(result: dict) -> tuple[list[str], list[list[str]]]:
     return header, table
 
 
-def _markdown_rows(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def markdown_table(result: dict) -> str:
     """The tables as Markdown (bench.md), for READMEs and reports: the rows; when recorded, each
     workload's inputs and the measured peaks with the code version; the profile (--profile)."""
-    lines = _markdown_rows(*_table(result))
+    lines = tables.markdown_table(*_table(result))
     if result.get("workloads"):
-        lines += [""] + _markdown_rows(
+        lines += [""] + tables.markdown_table(
             ["inputs", "batch", "examples per call", "batches", "tokens per example, mean (min-max)", "padding"],
             [[_inputs_cell(result, w), str(w["batch"]), str(w["examples"]), str(w["batches"]),
               f"{w['tokens_mean']:.1f} ({w['tokens_min']}-{w['tokens_max']})", f"{w['padding_share']:.1%}"]
              for w in result["workloads"]])
     if result.get("peaks"):
         p, made = result["peaks"], result["provenance"]
-        lines += [""] + _markdown_rows(
+        lines += [""] + tables.markdown_table(
             ["peak matmul TFLOP/s", "peak copy GB/s", "code", "load average (1 min)", "date"],
             [[f"{p['matmul_tflop_per_s']:.3g} ({p['matmul']})", f"{p['copy_gb_per_s']:.3g} ({p['copy']})",
               made["code_version"], str(made["device"].get("load_average_1min", "-")), made["date"]]])
     if result["profiles"]:  # --profile: where one batch's time goes
-        lines += [""] + _markdown_rows(
+        lines += [""] + tables.markdown_table(
             ["profiled", "batch", "ms wall", "ms in PyTorch operators", "outside operators", "top operators (ms)"],
             [[p["contender"], str(p["batch"]), f"{p['wall_ms']:.1f}", f"{p['aten_self_ms']:.1f}",
               f"{p['outside_ops_share']:.1%}", ", ".join(f"{o['op']} {o['ms']:.1f}" for o in p["top_ops"])]

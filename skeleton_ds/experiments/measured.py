@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.experiments import CHECKOUT, command_line
 from skeleton_ds.provenance import device_description, provenance
@@ -240,7 +241,7 @@ ROW_KEYS = [r.key for r in ROWS]
 def markdown(record: dict) -> str:
     """The table (docs/results/measured.md, and the copy in docs/results.md): one line per row, in ROWS order."""
     rows = {r["key"]: r for r in record["rows"]}
-    lines = ["| what | command | result | measured |", "|---|---|---|---|"]
+    lines = markdown_table(["what", "command", "result", "measured"])
     for row in ROWS:
         if row.key in rows:
             lines.append(f"| {row.what} | {row.command} | {row.result(rows[row.key]['figures'])} | "

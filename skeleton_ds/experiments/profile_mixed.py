@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.baselines import PromptTuningModel
 from skeleton_ds.checkpoint import write_report
 from skeleton_ds.experiments import CHECKOUT, command_line
@@ -106,10 +107,10 @@ def markdown(report: dict) -> str:
     lines = [f"{report['rows']} rows of {report['tasks']} tasks on {report['base']} "
              f"(Zipf; {report['distinct_tasks_per_batch']} "
              f"distinct tasks per batch on average), {report['threads']} torch thread(s), best of the rounds "
-             f"({report['date']}): `{report['command']}`", "", "| how the rows are served | ms per batch |",
-             "|---|---|"]
+             f"({report['date']}): `{report['command']}`", "",
+             *markdown_table(["how the rows are served", "ms per batch"])]
     lines += [f"| {label} | {report['ms_per_batch'][label]:.1f} |" for label in WAYS]  # JSON sorts the keys
-    lines += ["", "| operator in the mixed pass | share of CPU time | calls |", "|---|---|---|"]
+    lines += ["", *markdown_table(["operator in the mixed pass", "share of CPU time", "calls"])]
     lines += [f"| {o['operator']} | {o['share']:.0%} | {o['calls']} |" for o in report["mixed_pass_operators"]]
     return "\n".join(lines) + "\n"
 

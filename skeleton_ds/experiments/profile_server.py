@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_report
 from skeleton_ds.experiments import CHECKOUT, command_line
 from skeleton_ds.experiments.load_test import task_dirs
@@ -128,7 +129,7 @@ def markdown(report: dict) -> str:
     lines = [f"One-task skeleton passes of {report['rows']} rows over {report['tasks']} tasks on {report['base']} "
              f"(Zipf, {report['passes']} passes, median per pass, best of {report['rounds']} interleaved rounds; "
              f"{report['torch_threads']} torch threads; {report['date']}): `{report['command']}`", "",
-             "| where the passes run | ms per pass | vs main thread |", "|---|---|---|"]
+             *markdown_table(["where the passes run", "ms per pass", "vs main thread"])]
     ms = report["median_ms_per_pass"]
     lines += [f"| {way} | {ms[way]:.2f} | {ms[way] / ms[WAYS[0]]:.2f}x |" for way in WAYS]
     return "\n".join(lines) + "\n"

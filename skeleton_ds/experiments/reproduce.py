@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.architectures import DECODER_DEFAULTS
 from skeleton_ds.checkpoint import copy_atomically, write_json, write_text
 from skeleton_ds.config import config_from_args
@@ -444,9 +445,8 @@ def readme_table(record: dict) -> str:
     re-tuning in brackets), the best variant in bold. The markdown file has every number."""
     variants = record.get("variants") or list(ENCODER.variants)
     floor = _floor_columns(record)
-    lines = ["| task (train / dev examples, seeds) | majority | " + ("zero-shot | " if floor else "")
-             + "full model | FFN keep | " + " | ".join(variants) + " | parameters | speed-up |",
-             "|---|---|" + ("---|" if floor else "") + "---|---|" + "---|" * len(variants) + "---|---|"]
+    lines = markdown_table(["task (train / dev examples, seeds)", "majority", *(["zero-shot"] if floor else []),
+                            "full model", "FFN keep", *variants, "parameters", "speed-up"])
     cells: dict[tuple, dict] = {}
     for r in record["table"]:
         cells.setdefault((r["task"], r["ffn_keep"], r.get("head_keep", 1.0)), {})[r["variant"]] = r
@@ -474,9 +474,9 @@ def markdown(record: dict) -> str:
     floor = _floor_columns(record)
     lines = [f"Skeleton on real tasks, {record['model']} ({record['date']}, {record['seconds'] / 60:.0f} min of "
              f"pipeline runs): `{record['command']}`", "",
-             "| task (train / dev examples, seeds) | majority | " + ("zero-shot | " if floor else "")
-             + "full model | FFN keep | variant | before re-tuning | after re-tuning | parameters | speed-up |",
-             "|---|---|" + ("---|" if floor else "") + "---|---|---|---|---|---|---|"]
+             *markdown_table(["task (train / dev examples, seeds)", "majority", *(["zero-shot"] if floor else []),
+                              "full model", "FFN keep", "variant", "before re-tuning", "after re-tuning",
+                              "parameters", "speed-up"])]
     for r in record["table"]:
         lines.append(f"| {_label(record, r)} | "
                      f"{'-' if r['majority'] is None else format(r['majority'], '.3f')} | "

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import read_header, write_text
 from skeleton_ds.distributed import free_port, without_rendezvous
 from skeleton_ds.experiments import CHECKOUT, command_line
@@ -480,7 +481,7 @@ def summary_table(result: dict) -> list[str]:
         return []
     names = {run: ("ZeRO-3 offload" if "offload" in run else "ZeRO-3") + f", {runs[run]['ranks']} ranks (ratio)"
              for run in rat}
-    lines = ["| stage | ZeRO-0 | " + " | ".join(names.values()) + " |", "|---|---|" + "---|" * len(names)]
+    lines = markdown_table(["stage", "ZeRO-0", *names.values()])
     compact = f"retune ({runs[ref]['parameters_compact'] / 1e6:.0f}M compact)"
     for stage in ("prompt", "attribute", "retune"):
         cells = [f"{peak(runs[run]['stages'][stage]):.0f} ({rat[run][stage]['rss']:.2f})" for run in rat]

@@ -22,6 +22,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_report
 from skeleton_ds.experiments import CHECKOUT, command_line
 from skeleton_ds.experiments.load_test import task_dirs
@@ -114,9 +115,8 @@ def markdown(report: dict) -> str:
               else ", ".join(k for k, v in report["checks"].items() if not v) + " FAILED")
     lines = [f"Soak: {report['tasks']} tasks on {report['base']}, {report['seconds'] / 60:g} min at "
              f"{report['overload']:g}x the measured capacity ({report['date']}): `{report['command']}`", "",
-             "| capacity (closed loop) | offered | sent | 200 | 503 | 504 | lost | p99 of 200s ms | "
-             "resident MiB (min / max / last) | checks |",
-             "|---|---|---|---|---|---|---|---|---|---|",
+             *markdown_table(["capacity (closed loop)", "offered", "sent", "200", "503", "504", "lost",
+                              "p99 of 200s ms", "resident MiB (min / max / last)", "checks"]),
              f"| {report['capacity']['requests_per_s']:.1f}/s | {soak['offered_per_s']:.1f}/s | {soak['sent']} | "
              f"{statuses.get('200', 0)} | {statuses.get('503', 0)} | {statuses.get('504', 0)} | {soak['lost']} | "
              f"{soak.get('p99_ms', 0):.0f} | {min(rss) / 2**20:.0f} / {max(rss) / 2**20:.0f} / {rss[-1] / 2**20:.0f} | "

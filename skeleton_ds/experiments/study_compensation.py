@@ -17,6 +17,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.experiments import DOCS, command_line
@@ -43,7 +44,7 @@ def markdown(record: dict) -> str:
     lines = [f"Bias compensation, {record['task']} dev ({record['model']}, {record['max_train_examples']} training "
              f"examples, seed {record['seed']}); full model prompt-tuned: accuracy {full:.4f}.", "",
              f"`{record['command']}` ({record['date']}, {record['seconds']:.0f} s)", "",
-             "| FFN keep | compensation | accuracy before re-tuning | after re-tuning |", "|---|---|---|---|"]
+             *markdown_table(["FFN keep", "compensation", "accuracy before re-tuning", "after re-tuning"])]
     lines += [f"| {r['ffn_keep']:g} | {r['compensate']} | {r['before_retune']['accuracy']:.4f} | "
               f"{r['after_retune']['accuracy']:.4f} |" for r in record["rows"]]
     return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import run_command
 from skeleton_ds.errors import UserError
@@ -190,8 +191,7 @@ def markdown(record: dict) -> str:
     names = list(dict.fromkeys(r["candidate"] for r in results))
     lines = [f"Unpruned prompt-tuned: {record['unpruned']['accuracy']:.3f} on {record['unpruned']['dev_examples']} "
              f"dev examples. FFN neurons masked, attention kept, no re-tuning.", "",
-             "| candidate | " + " | ".join(f"keep {k:g}" for k in keeps) + " | outliers kept (keep "
-             f"{keeps[-1]:g}) |", "|---|" + "---|" * (len(keeps) + 1)]
+             *markdown_table(["candidate", *(f"keep {k:g}" for k in keeps), f"outliers kept (keep {keeps[-1]:g})"])]
     for name in names:
         row = {r["ffn_keep"]: r for r in results if r["candidate"] == name}
         cells = [f"**{row[k]['accuracy']:.3f}**" if row[k]["accuracy"] == best[k] else f"{row[k]['accuracy']:.3f}"

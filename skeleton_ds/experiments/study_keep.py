@@ -35,6 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import copy_atomically, write_json, write_text
 from skeleton_ds.cli import run_command
 from skeleton_ds.config import Config
@@ -117,8 +118,8 @@ def markdown(record: dict) -> str:
              f"{record['max_train_examples']} training examples; one standard error about {se:.3f}). Every cell "
              f"re-tunes for {record['retune_epochs']:g} epoch(s) of optimizer steps, shared out over a "
              "schedule's steps.",
-             "", "| candidate | FFN keep | before re-tuning | after re-tuning | gap to full | parameters kept |",
-             "|---|---|---|---|---|---|"]
+             "", *markdown_table(["candidate", "FFN keep", "before re-tuning", "after re-tuning", "gap to full",
+                                  "parameters kept"])]
     for r in sorted(record["rows"], key=lambda r: (-r["ffn_keep"], list(CANDIDATES).index(r["candidate"]))):
         steps = " (" + ", ".join(f"{s['ffn_keep']:g}: {s['after']:.3f}" for s in r["steps"][:-1]) + ")" \
             if len(r["steps"]) > 1 else ""

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from skeleton_ds import checkpoint
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import run_command
 from skeleton_ds.config import Config
@@ -145,8 +146,8 @@ def markdown(record: dict) -> str:
     for r in record["results"]:
         lines += [f"**{_label(r)}**: unpruned {r['unpruned']:.3f}, whole skeleton {r['skeleton']:.3f} on "
                   f"{r['dev_examples']} dev examples (masked, no re-tuning).", "",
-                  "| layers | FFN kept | only these pruned (cost) | skeleton with these whole (gain) |",
-                  "|---|---|---|---|"]
+                  *markdown_table(["layers", "FFN kept", "only these pruned (cost)",
+                                   "skeleton with these whole (gain)"])]
         for b in r["blocks"]:
             lines.append(f"| {b['layers'][0]}-{b['layers'][-1]} | {b['ffn_kept']} / {b['ffn_total']} "
                          f"({b['ffn_kept'] / b['ffn_total']:.2f}) | {b['pruned_alone']:.3f} "

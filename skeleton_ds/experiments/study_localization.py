@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from skeleton_ds.experiments import command_line
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import run_command
 from skeleton_ds.errors import UserError
@@ -205,9 +206,9 @@ def study(argv: Sequence[str] | None = None) -> int:
 def markdown(record: dict) -> str:
     """The results guide's table: masked dev accuracy per task, scorer and keep ratio (the best per column in bold)."""
     ratios, ffn_size = record["settings"]["ratios"], record["settings"]["geometry"]["ffn_size"]
-    lines = ["| task (unpruned prompt-tuned) | scorer | " + " | ".join(
+    lines = markdown_table(["task (unpruned prompt-tuned)", "scorer", *(
         f"keep {k:g} ({next(r['ffn_kept'] for r in record['results'] if r['ffn_keep'] == k)}/{ffn_size})"
-        for k in ratios) + " |", "|---|---|" + "---|" * len(ratios)]
+        for k in ratios)])
     for task, info in record["tasks"].items():
         mine = [r for r in record["results"] if r["task"] == task]
         best = {k: max(r["accuracy"] for r in mine if r["ffn_keep"] == k) for k in ratios}

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import run_command, train
 from skeleton_ds.errors import UserError
@@ -88,8 +89,8 @@ def markdown(record: dict) -> str:
     full = record["full_prompt_tuned"]
     lines = [f"Full prompt tuning: {full:.3f} on {record['dev_examples']} dev examples ({record['model']}, SST-2, "
              f"{record['max_train_examples']} training examples). Re-tuning: the protocol's epochs unless named.", "",
-             "| candidate | before re-tuning | after re-tuning | gap to full | FFN kept (per layer, first .. last) | "
-             "parameters kept |", "|---|---|---|---|---|---|"]
+             *markdown_table(["candidate", "before re-tuning", "after re-tuning", "gap to full",
+                              "FFN kept (per layer, first .. last)", "parameters kept"])]
     for r in record["rows"]:
         sizes = r["ffn_sizes"]
         lines.append(f"| {r['candidate']} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - full:+.3f} | "
