@@ -263,6 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def as_flags(values: dict) -> list[str]:
+    """The `skeleton-ds train` flags that set these Config fields: the readable record of a typed plan
+    (config_from_args of them gives the same fields)."""
+    argv = []
+    for name, value in values.items():
+        f = Config.__dataclass_fields__[name]
+        option = f.metadata.get("option") or "--" + name.replace("_", "-")
+        if isinstance(f.default, bool):
+            argv += [option] if value else []
+        else:
+            argv += [option, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return argv
+
+
 def config_from_args(argv: list[str] | None = None) -> Config:
     ns = vars(build_parser().parse_args(argv))
     ns.pop("local_rank", None)  # the deepspeed launcher passes it; LOCAL_RANK in the env is what we use

@@ -4,6 +4,7 @@ finished runs instead of redoing them, and a run whose plan changed since is ref
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,11 +15,11 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 from skeleton_ds.cli import reproduce, run_command
-from skeleton_ds.config import config_from_args
+from skeleton_ds.config import as_flags, config_from_args
 from skeleton_ds.tasks import get_task, load_split
 from skeleton_ds.provenance import missing_fields
 from skeleton_ds.experiments.reproduce import (ENCODER, PLANS, QUICK, ReproduceConfig, markdown, readme_table,
-                                          stage_flags)
+                                               stage_config, task_fields)
 
 
 @pytest.mark.realdata
@@ -120,22 +121,24 @@ def test_reproduce_refuses_a_missing_data_dir(tmp_path, capsys):
 
 @pytest.mark.realdata
 @pytest.mark.parametrize(("kind", "task"), [(kind, task) for kind, plan in PLANS.items() for task in plan.tasks])
-def test_every_planned_skeleton_gives_a_valid_stage_command(kind, task, tmp_path):
-    """Each task's and variant's flags pass the pipeline's own validation (a bad template or flag would stop
-    the table hours in)."""
+def test_every_planned_skeleton_is_a_valid_config_that_its_recorded_flags_give(kind, task, tmp_path):
+    """Each task's and variant's plan passes the pipeline's own validation (a bad template or field would stop
+    the table hours in), and the flags the table records for a variant give the same Config as the plan."""
     cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, kind=kind)
-    config = config_from_args(stage_flags(task, 0, cfg) + ["--output", str(tmp_path / "run")])
+    config = stage_config(task, 0, cfg, tmp_path / "run")
     assert config.resume is True and config.max_train_examples == PLANS[kind].tasks[task]["train"]
     spec = get_task(config.task, config.generic_spec())  # checks the template against the fields
     assert load_split(spec, "dev", config.data_dir)
-    retune = PLANS[kind].tasks[task].get("retune_epochs")
     for keep, head, name in cfg.skeletons(task):
         variant = PLANS[kind].variants[name]
-        config = config_from_args(stage_flags(task, 0, cfg) + ["--output", str(tmp_path / "run"), "--ffn-keep",
-                                                               str(keep), "--head-keep", str(head),
-                                                               *(["--retune-epochs", str(retune)] if retune else []),
-                                                               *variant.flags()])
-        assert (config.scorer, config.compensate, config.ffn_keep) == (variant.scorer, variant.compensate, keep)
+        planned = dataclasses.replace(config, ffn_keep=keep, head_keep=head, **variant.fields())
+        assert (planned.scorer, planned.compensate, planned.ffn_keep) == (variant.scorer, variant.compensate, keep)
+        fields = {"model": cfg.model, "ds_config": cfg.config, "seed": 0, "epochs": planned.epochs,
+                  "max_train_examples": planned.max_train_examples, "max_eval_examples": planned.max_eval_examples,
+                  "attr_examples": planned.attr_examples, "retune_epochs": planned.retune_epochs,
+                  "output": planned.output, "resume": True, "ffn_keep": keep, "head_keep": head,
+                  **task_fields(task, cfg.data_dir), **variant.fields()}
+        assert config_from_args(as_flags(fields)) == planned
 
 
 def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
@@ -154,9 +157,9 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     assert ReproduceConfig(data_dir=SHARED_DATA, kind="decoder", variants=("random",)).skeletons("sst2") == [
         (0.2, 1.0, "random"), (0.3, 1.0, "random")]
     # every variant re-tunes distilled (the decoder default) but the ablation, which turns it off
-    assert "--distill-kl" not in PLANS["decoder"].variants["random"].flags()
-    assert PLANS["decoder"].variants["attribution-labels"].flags()[-4:] == ["--distill-kl", "0", "--distill-hidden",
-                                                                            "0"]
+    assert "distill_kl" not in PLANS["decoder"].variants["random"].fields()
+    assert PLANS["decoder"].variants["attribution-labels"].flags()[-4:] == ["--distill-kl", "0.0", "--distill-hidden",
+                                                                            "0.0"]
     rows = [dict(task="sst2", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
                  zero_shot=0.4, parameters_full=134_500_000, parameters_compact=90_000_000, train_examples=2000,
                  dev_examples=872, majority=0.5) for s in range(3) for k, h, v in runs]

@@ -29,14 +29,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
 from skeleton_ds.tables import markdown_table
 from skeleton_ds.architectures import DECODER_DEFAULTS
 from skeleton_ds.checkpoint import copy_atomically, write_json, write_text
-from skeleton_ds.config import config_from_args
+from skeleton_ds.config import Config, as_flags
 from skeleton_ds.errors import UserError
 from skeleton_ds.lineage import read_record
 from skeleton_ds.plots import plot_results
@@ -47,16 +47,20 @@ from skeleton_ds.stages.settings import RunSettings
 
 @dataclass(frozen=True)
 class Variant:
-    """One skeleton built from the shared prompt: its scorer, compensation and localize flags."""
+    """One skeleton built from the shared prompt: its scorer, compensation and any other Config fields."""
 
     scorer: str
     compensate: str = "none"
-    extra: tuple[str, ...] = ()  # further pipeline flags (an ablation's allocation or re-tuning)
+    extra: dict = field(default_factory=dict)  # further Config fields (an ablation's allocation or re-tuning)
     keeps: tuple[float, ...] | None = None  # only at these FFN keep ratios (None: at every one)
     tasks: tuple[str, ...] | None = None  # only on these tasks (None: on every one)
 
+    def fields(self) -> dict:
+        return {"scorer": self.scorer, "compensate": self.compensate, **self.extra}
+
     def flags(self) -> list[str]:
-        return ["--scorer", self.scorer, "--compensate", self.compensate, *self.extra]
+        """The same fields as `skeleton-ds train` flags: the table's record of what each variant ran."""
+        return as_flags(self.fields())
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ DECODER = ModelPlan(
            "cb": dict(seeds=3, train=0, attr=0, dev=0, epochs=4.0, retune_epochs=2.0),
            "rte": dict(seeds=1, train=1000, attr=300, dev=0, epochs=1.0)},
     variants={"attribution": Variant("attribution"),
-              "attribution-labels": Variant("attribution", extra=("--distill-kl", "0", "--distill-hidden", "0"),
+              "attribution-labels": Variant("attribution", extra={"distill_kl": 0.0, "distill_hidden": 0.0},
                                             keeps=(0.3,), tasks=SST2_ONLY),
               "random": Variant("random", keeps=CONTROL_KEEPS),
               "weight-magnitude": Variant("weight-magnitude", keeps=CONTROL_KEEPS)},
@@ -124,10 +128,10 @@ DECODER = ModelPlan(
          "controls at FFN keep 0.3 and 0.2; attribution-labels and the head-pruned row on SST-2 only")
 PLANS = {"encoder": ENCODER, "decoder": DECODER}
 QUICK = dict(train=64, attr=32, dev=64, epochs=1.0)
-GENERIC_QNLI = ["--task", "generic", "--text-columns", "text_a,text_b", "--label-column", "label",
-                "--label-names", "entailment,not_entailment",
-                "--template", "{text_a} Sentence: {text_b} Does the sentence answer the question? Answer: {answer}",
-                "--verbalizer", "yes,no"]
+GENERIC_QNLI = dict(task="generic", text_columns=("text_a", "text_b"), label_column="label",
+                    label_names=("entailment", "not_entailment"),
+                    template="{text_a} Sentence: {text_b} Does the sentence answer the question? Answer: {answer}",
+                    verbalizer=("yes", "no"))
 
 
 def plan_kind(model: str) -> str:
@@ -213,15 +217,16 @@ class ReproduceConfig:
         return runs
 
 
-def _stage(argv: list[str]) -> None:
-    run_pipeline(config_from_args(argv))
+def _stage(config: Config) -> None:
+    run_pipeline(config)
 
 
-def task_flags(task: str, data_dir: Path) -> list[str]:
+def task_fields(task: str, data_dir: Path) -> dict:
+    """The Config fields that name a task and its data."""
     if task == "qnli":  # the shared QNLI training data is a JSON subset: the generic task reads it
         folder = data_dir / "QNLI" / "train_subset"
-        return GENERIC_QNLI + ["--train-file", str(folder / "train.json"), "--dev-file", str(folder / "dev.json")]
-    return ["--task", task, "--data-dir", str(data_dir)]
+        return GENERIC_QNLI | {"train_file": folder / "train.json", "dev_file": folder / "dev.json"}
+    return {"task": task, "data_dir": data_dir}
 
 
 def _seconds(run: Path) -> float:
@@ -229,13 +234,14 @@ def _seconds(run: Path) -> float:
     return sum(json.loads((run / "metrics.json").read_text()).get("stage_seconds", {}).values())
 
 
-def stage_flags(task: str, seed: int, cfg: ReproduceConfig) -> list[str]:
-    """The flags every stage run of a task and seed shares (the pipeline's own command line)."""
+def stage_config(task: str, seed: int, cfg: ReproduceConfig, output: Path) -> Config:
+    """The pipeline configuration every stage run of a task and seed shares, writing to `output`."""
     plan = cfg.plan(task)
-    return ["--model", cfg.model, "--config", cfg.config, "--seed", str(seed), "--epochs", str(plan["epochs"]),
-            "--max-train-examples", str(plan["train"]), "--max-eval-examples", str(plan["dev"]),
-            "--attr-examples", str(plan["attr"]), "--resume",  # an interrupted run continues from its checkpoint
-            *task_flags(task, cfg.data_dir)]
+    return Config(model=cfg.model, ds_config=Path(cfg.config), seed=seed, epochs=plan["epochs"],
+                  max_train_examples=plan["train"], max_eval_examples=plan["dev"], attr_examples=plan["attr"],
+                  retune_epochs=plan.get("retune_epochs", 0.0), output=output,
+                  resume=True,  # an interrupted run continues from its checkpoint
+                  **task_fields(task, cfg.data_dir))
 
 
 def _check_shared(run: Path, full: Path, stage: str) -> None:
@@ -246,15 +252,9 @@ def _check_shared(run: Path, full: Path, stage: str) -> None:
                         f"--output) to rebuild it from the current one")
 
 
-def retuned(argv: list[str]) -> bool:
-    """Is this skeleton finished with exactly these flags' settings (stages.pipeline.is_retuned)? Then its row is
-    read from its records alone."""
-    return is_retuned(config_from_args(argv))
-
-
-def distills(argv: list[str]) -> bool:
+def distills(config: Config) -> bool:
     """Does this skeleton re-tune distilled (the decoder default)? Then the full run's teacher outputs are its."""
-    return bool(RunSettings(config_from_args(argv)).resolved["teacher_outputs"])
+    return bool(RunSettings(config).resolved["teacher_outputs"])
 
 
 def _run_name(keep: float, head: float, variant: str) -> str:
@@ -275,7 +275,7 @@ def zero_shot(full: Path, cfg: ReproduceConfig, task: str, seed: int) -> float:
             return done["accuracy"]
     predictor = Predictor.from_prompt(cfg.model, full / "prompt", InferenceConfig(device="cpu", dtype="fp32"),
                                       zero_shot=True)
-    # the pipeline's dev subset (tasks.subset); a generic task reads its own files through task_flags
+    # the pipeline's dev subset (tasks.subset); a generic task reads its own files through task_fields
     dev = subset(load_split(predictor.task, "dev", cfg.data_dir), cfg.plan(task)["dev"], seed)
     accuracy = predictor.evaluate(dev)["metrics"]["accuracy"]
     write_json(path, {"accuracy": accuracy, "dev_examples": len(dev), "prompt_settings_id": prompt_id})
@@ -286,13 +286,10 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
     """Every run goes through the pipeline, which reuses a finished stage only when its recorded
     settings are these flags' (and refuses a changed one), so a table never reads back a stale run."""
     base = cfg.output / task / f"seed{seed}"
-    common = stage_flags(task, seed, cfg)
-    _stage(common + ["--output", str(base / "full"), "--stages", "prompt,attribute,teacher"])
+    _stage(replace(stage_config(task, seed, cfg, base / "full"), stages=("prompt", "attribute", "teacher")))
     full = json.loads((base / "full" / "prompt" / "metrics.json").read_text())
     floor = zero_shot(base / "full", cfg, task, seed) if cfg.model_plan.zero_shot else None
     skeletons = cfg.skeletons(task)
-    retune = cfg.plan(task).get("retune_epochs")
-    retune_flags = ["--retune-epochs", str(retune)] if retune else []
     full_seconds = _seconds(base / "full") / len(skeletons)  # shared by every skeleton
     rows = []
     for keep, head, name in skeletons:
@@ -305,15 +302,14 @@ def run_task(task: str, seed: int, cfg: ReproduceConfig) -> list[dict]:
             if not (run / "attribution.safetensors").exists():
                 copy_atomically(base / "full" / "attribution.safetensors", run / "attribution.safetensors")
             _check_shared(run, base / "full", "attribute")
-        head_flags = ["--head-keep", str(head)] if head != 1.0 else []
-        argv = common + ["--output", str(run), "--stages", "attribute,localize,convert,teacher,retune",
-                         "--ffn-keep", str(keep), *head_flags, *retune_flags, *variant.flags()]
-        if distills(argv):  # every distilled skeleton reads the full run's teacher outputs
+        config = replace(stage_config(task, seed, cfg, run), ffn_keep=keep, head_keep=head,
+                         stages=("attribute", "localize", "convert", "teacher", "retune"), **variant.fields())
+        if distills(config):  # every distilled skeleton reads the full run's teacher outputs
             if not (run / "teacher.safetensors").exists():
                 copy_atomically(base / "full" / "teacher.safetensors", run / "teacher.safetensors")
             _check_shared(run, base / "full", "teacher")
-        if not retuned(argv):
-            _stage(argv)
+        if not is_retuned(config):  # finished with exactly these settings: its row is read from its records
+            _stage(config)
         retune = json.loads((run / "retune" / "metrics.json").read_text())
         conversion = json.loads((run / "conversion.json").read_text())
         rows.append({"task": task, "seed": seed, "ffn_keep": keep, "head_keep": head, "variant": name,

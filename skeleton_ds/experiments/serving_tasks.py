@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from dataclasses import replace
 import sys
 from pathlib import Path
 
 from skeleton_ds.checkpoint import copy_atomically
-from skeleton_ds.config import config_from_args
+from skeleton_ds.config import Config, comma_list, float_list, int_list
 from skeleton_ds.experiments import CHECKOUT
-from skeleton_ds.experiments.reproduce import task_flags
+from skeleton_ds.experiments.reproduce import task_fields
 from skeleton_ds.stages.pipeline import run_pipeline
 
 
@@ -32,17 +33,16 @@ def build(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """(name, run directory) of every skeleton, spread order: keep ratio last."""
     built = []
     for keep, task, seed in itertools.product(args.keeps, args.tasks, range(args.seeds)):
-        common = ["--model", args.base, "--config", args.config, "--seed", str(seed), "--epochs", "1",
-                  "--max-train-examples", str(args.train_examples), "--max-eval-examples", str(args.eval_examples),
-                  "--attr-examples", str(args.attr_examples), *task_flags(task, args.data_dir)]
         full = args.output / f"{task}-s{seed}"
-        run_pipeline(config_from_args(common + ["--output", str(full), "--stages", "prompt,attribute"]))
+        common = Config(model=args.base, ds_config=Path(args.config), seed=seed, epochs=1.0, output=full,
+                        max_train_examples=args.train_examples, max_eval_examples=args.eval_examples,
+                        attr_examples=args.attr_examples, **task_fields(task, args.data_dir))
+        run_pipeline(replace(common, stages=("prompt", "attribute")))
         run = args.output / f"{task}-s{seed}-k{keep:g}"
         for name in ("prompt", "attribution.safetensors"):
             if not (run / name).exists():
                 copy_atomically(full / name, run / name)
-        run_pipeline(config_from_args(common + ["--output", str(run), "--stages", "localize,convert",
-                                                "--ffn-keep", str(keep)]))
+        run_pipeline(replace(common, output=run, stages=("localize", "convert"), ffn_keep=keep))
         built.append((run.name, run))
     return built
 
@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="minilm")
     p.add_argument("--data-dir", type=Path, required=True)
-    p.add_argument("--tasks", type=lambda v: v.split(","), default=["sst2", "rte", "cb", "qnli"])
+    p.add_argument("--tasks", type=comma_list, default=("sst2", "rte", "cb", "qnli"))
     p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--keeps", type=lambda v: [float(k) for k in v.split(",")], default=[0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--keeps", type=float_list, default=(0.2, 0.3, 0.4, 0.5))
     p.add_argument("--train-examples", type=int, default=256)
     p.add_argument("--attr-examples", type=int, default=64)
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--config", default="ds_configs/zero2.json")
-    p.add_argument("--lists", type=lambda v: [int(n) for n in v.split(",")], default=[16, 64])
+    p.add_argument("--lists", type=int_list, default=(16, 64))
     p.add_argument("--output", "--out", type=Path, default=CHECKOUT / "runs" / "serving" / "minilm", metavar="DIR",
                    help="where the runs and the tasks-N.txt lists go (--out: deprecated alias)")
     args = p.parse_args(argv)
