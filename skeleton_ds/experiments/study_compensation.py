@@ -14,14 +14,17 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
 from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
-from skeleton_ds.cli import run_command, train
+from skeleton_ds.cli import quiet_libraries, run_command
+from skeleton_ds.config import Config, float_list
 from skeleton_ds.experiments import DOCS, command_line
 from skeleton_ds.provenance import provenance
+from skeleton_ds.stages.pipeline import run_pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,31 +53,24 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stage(argv: list[str]) -> None:
-    code = run_command(train, argv)
-    if code:
-        raise SystemExit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    common = ["--model", args.model, "--task", args.task, "--config", args.config, "--seed", str(args.seed),
-              "--max-train-examples", str(args.max_train_examples)]
-    if args.data_dir:
-        common += ["--data-dir", str(args.data_dir)]
+    quiet_libraries()
     base = args.output / "base"
+    common = Config(model=args.model, task=args.task, ds_config=Path(args.config), seed=args.seed, output=base,
+                    max_train_examples=args.max_train_examples, data_dir=args.data_dir)
     start = time.perf_counter()
-    _stage(common + ["--output", str(base), "--stages", "prompt,attribute"])
+    run_pipeline(replace(common, stages=("prompt", "attribute")))
     full = json.loads((base / "prompt" / "metrics.json").read_text())["metrics"]
     rows = []
-    for keep in [float(k) for k in args.ffn_keeps.split(",") if k.strip()]:
+    for keep in float_list(args.ffn_keeps):
         for mode in ("none", "mean"):
             run = args.output / f"keep{keep:g}-{mode}"
             if not (run / "prompt").exists():
                 shutil.copytree(base / "prompt", run / "prompt")
                 shutil.copy(base / "attribution.safetensors", run / "attribution.safetensors")
-            _stage(common + ["--output", str(run), "--stages", "localize,convert,retune", "--ffn-keep", str(keep),
-                             "--compensate", mode])
+            run_pipeline(replace(common, output=run, stages=("localize", "convert", "retune"), ffn_keep=keep,
+                                 compensate=mode))
             retune = json.loads((run / "retune" / "metrics.json").read_text())
             rows.append({"ffn_keep": keep, "compensate": mode, "before_retune": retune["before_retune"],
                          "after_retune": retune["metrics"], "run": str(run)})
@@ -93,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, sys.argv[1:]))

@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     base = Config(model=args.model, task="sst2", ds_config=args.config, data_dir=args.data_dir,
                   output=args.output / "base", max_train_examples=args.max_train_examples,
                   max_eval_examples=args.max_eval_examples, attr_examples=args.attr_examples,
-                  retune_epochs=args.retune_epochs, resume=True)  # an interrupted cell continues
+                  retune_epochs=args.retune_epochs, resume=True,  # an interrupted cell continues
+                  distill_kl=0.0, distill_hidden=0.0)  # "today" re-tuned on labels (before this study's default)
     start = time.perf_counter()
     run_pipeline(replace(base, stages=("prompt", "attribute")))
     full = json.loads((base.output / "prompt" / "metrics.json").read_text())

@@ -19,24 +19,29 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from skeleton_ds.tables import markdown_table
 from skeleton_ds.checkpoint import write_json, write_text
-from skeleton_ds.cli import run_command, train
+from skeleton_ds.cli import quiet_libraries, run_command
+from skeleton_ds.config import Config, as_flags
 from skeleton_ds.errors import UserError
 from skeleton_ds.experiments import DOCS, command_line
 from skeleton_ds.provenance import provenance
+from skeleton_ds.stages.pipeline import run_pipeline
 
-UNIFORM = ["--keep-mode", "uniform", "--protect-outliers", "0"]
-DECODER = ["--keep-mode", "global", "--protect-outliers", "20"]  # the decoder defaults
-CANDIDATES = {  # name -> flags on top of the protocol
-    "uniform, keep 0.5": ["--ffn-keep", "0.5", *UNIFORM],
-    "uniform, keep 0.3": ["--ffn-keep", "0.3", *UNIFORM],
-    "global + protect 20, keep 0.5": ["--ffn-keep", "0.5", *DECODER],
-    "global + protect 20, keep 0.3": ["--ffn-keep", "0.3", *DECODER],
-    "global + protect 20, keep 0.3, 3 re-tuning epochs": ["--ffn-keep", "0.3", *DECODER, "--retune-epochs", "3"],
+UNIFORM = {"keep_mode": "uniform", "protect_outliers": 0.0}
+DECODER = {"keep_mode": "global", "protect_outliers": 20.0}  # the decoder's localization defaults
+CANDIDATES = {  # name -> Config fields on top of the protocol
+    "uniform, keep 0.5": {"ffn_keep": 0.5, **UNIFORM},
+    "uniform, keep 0.3": {"ffn_keep": 0.3, **UNIFORM},
+    "global + protect 20, keep 0.5": {"ffn_keep": 0.5, **DECODER},
+    "global + protect 20, keep 0.3": {"ffn_keep": 0.3, **DECODER},
+    "global + protect 20, keep 0.3, 3 re-tuning epochs": {"ffn_keep": 0.3, **DECODER, "retune_epochs": 3.0},
 }
+LABELS_ONLY = {"distill_kl": 0.0, "distill_hidden": 0.0}
+"""The re-tuning this study measured, before decoders distilled by default (experiments.study_keep)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +77,6 @@ def chosen(only: str, candidates) -> list[str]:
     return [by_slug[n] for n in picked] or list(candidates)
 
 
-def _stage(argv: list[str]) -> None:
-    code = run_command(train, argv)
-    if code:
-        raise SystemExit(code)
-
-
 def _copy(source: Path, target: Path) -> None:
     from skeleton_ds.checkpoint import copy_atomically
 
@@ -101,26 +100,26 @@ def markdown(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = chosen(args.only, CANDIDATES)
-    common = ["--model", args.model, "--task", "sst2", "--config", args.config,
-              "--max-train-examples", str(args.max_train_examples), "--max-eval-examples", str(args.max_eval_examples),
-              "--attr-examples", str(args.attr_examples)] + (["--data-dir", str(args.data_dir)]
-                                                             if args.data_dir else [])
+    quiet_libraries()
     base = args.output / "base"
+    common = Config(model=args.model, task="sst2", ds_config=Path(args.config), data_dir=args.data_dir, output=base,
+                    max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
+                    attr_examples=args.attr_examples, **LABELS_ONLY)
     start = time.perf_counter()
     if args.prompt_from is not None:
         _copy(args.prompt_from, base / "prompt")
-    _stage(common + ["--output", str(base), "--stages", "prompt,attribute"])
+    run_pipeline(replace(common, stages=("prompt", "attribute")))
     full = json.loads((base / "prompt" / "metrics.json").read_text())
     rows = []
     for name in names:
         run = args.output / slug(name)
         _copy(base / "prompt", run / "prompt")
         _copy(base / "attribution.safetensors", run / "attribution.safetensors")
-        _stage(common + ["--output", str(run), *CANDIDATES[name]])
+        run_pipeline(replace(common, output=run, **CANDIDATES[name]))
         retune = json.loads((run / "retune" / "metrics.json").read_text())
         conversion = json.loads((run / "conversion.json").read_text())
         skeleton = json.loads((run / "skeleton.json").read_text())
-        rows.append({"candidate": name, "flags": CANDIDATES[name], "ffn_keep": skeleton["ffn_keep"],
+        rows.append({"candidate": name, "flags": as_flags(CANDIDATES[name]), "ffn_keep": skeleton["ffn_keep"],
                      "before": retune["before_retune"]["accuracy"], "after": retune["metrics"]["accuracy"],
                      "retune_steps": retune["steps"], "retune_seconds": round(retune["train_seconds"], 1),
                      "ffn_sizes": skeleton["ffn_sizes"], "head_counts": skeleton["head_counts"],
