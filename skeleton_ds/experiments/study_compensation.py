@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-examples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--config", default="ds_configs/zero2.json")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/results/study_compensation.*")
+    p.add_argument("--docs", action="store_true", help="also write docs/results/study_compensation.{json,md}")
     return p
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.output / "study.json", record)
     text = markdown(record)
     print(text)
-    if not args.no_docs:
+    if args.docs:
         write_json(DOCS / "study_compensation.json", record)
         write_text(DOCS / "study_compensation.md", text)
     return 0
