@@ -8,7 +8,7 @@
 #   bash launch/table_state.sh load docs/results/reproduce_smollm2-135m.runs.tar.gz runs/reproduce-smollm2
 #
 # `skeleton-ds reproduce` resumes from these alone: a skeleton whose re-tuning record matches the plan's flags
-# is read back from its records (experiments.reproduce.retuned), and the shared prompt and scores of each task and
+# is read back from its records (stages.pipeline.is_retuned), and the shared prompt and scores of each task and
 # seed are reused by the pipeline as usual. A stage that was interrupted mid-way restarts from its beginning.
 set -euo pipefail
 
