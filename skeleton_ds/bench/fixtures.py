@@ -4,6 +4,7 @@ prompt on it, compact models localized and converted from it (tests build their 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,27 +19,44 @@ from skeleton_ds.prompt import task_record
 from skeleton_ds.tasks import Task
 from skeleton_ds.bench.config import SHAPES
 
-def random_base(shape: str, directory: Path, dtype: torch.dtype, device: torch.device) -> Path:
-    """A random-init decoder of the named shape, saved as an ordinary HF directory with a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+def random_base(shape: str | dict, directory: Path, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu", *, words: Sequence[str] | None = None,
+                max_shard_size: str | None = None) -> Path:
+    """A random-init decoder of a named shape (or a config dict with its model_type), saved as an ordinary HF
+    directory with a word-level tokenizer, complete or absent (written aside, then renamed). The tokenizer's
+    words: `words` (a task's vocabulary, with BOS added as LLaMA's does), else w3, w4, ... for the whole
+    vocabulary. `max_shard_size`: saved in shards of this size (safetensors writes one shard at a time)."""
+    import os
+    import shutil
 
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    spec = dict(SHAPES[shape])
+    spec = dict(SHAPES[shape] if isinstance(shape, str) else shape)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=1, eos_token_id=2,
                                   tie_word_embeddings=False)
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True,
+                          **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     del model
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, config.vocab_size)}
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab = specials | ({w: i for i, w in enumerate(words, len(specials))} if words is not None
+                        else {f"w{i}": i for i in range(len(specials), config.vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if words is not None:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="</s>").save_pretrained(directory)
+                            pad_token="</s>").save_pretrained(staging)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
     return directory
 
 

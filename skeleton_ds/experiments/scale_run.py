@@ -116,40 +116,35 @@ def write_task(directory: Path, train: int, dev: int) -> tuple[Path, Path]:
 
 
 def build_base(shape: str, directory: Path, shard_size: str) -> dict:
-    """Random-init LLaMA of `shape`, saved by save_pretrained in shards of `shard_size`, plus a word-level
-    tokenizer (ids < 30; the embedding has the shape's full vocabulary). One copy of the model in
-    memory (no meta-device trick needed); safetensors serialises one shard at a time."""
+    """Random-init LLaMA of `shape` (bench.random_base), saved in shards of `shard_size`, with a word-level
+    tokenizer over the synthetic task's words (the embedding has the shape's full vocabulary). One copy of
+    the model in memory (no meta-device trick needed); safetensors serialises one shard at a time."""
     import psutil
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    from skeleton_ds.bench import random_base
+
     start = time.perf_counter()
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
-                         initializer_range=0.02)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    parameters = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(staging, safe_serialization=True, max_shard_size=shard_size)
-    del model
-    specials = ["<unk>", "<s>", "</s>"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(staging)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
+    config = dict(model_type="llama", **SHAPES[shape])
+    parameters = _parameter_count(config)
+    random_base(config, directory, words=WORDS, max_shard_size=shard_size)
     peak = _status(os.getpid()).get("VmHWM", 0) / 1024
     info = {"parameters": parameters, "seconds": round(time.perf_counter() - start, 1),
             "build_peak_rss_mib": round(peak),
             "shard_size": shard_size, "system_memory_mib": round(psutil.virtual_memory().total / MIB)}
     (directory / "scale_run_base.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def _parameter_count(config: dict) -> int:
+    """The model's parameter count, from a meta-device build (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec,
+                                                                      tie_word_embeddings=False))
+    return sum(p.numel() for p in model.parameters())
 
 
 def real_base(alias: str) -> tuple[Path, dict]:
