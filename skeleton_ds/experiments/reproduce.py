@@ -7,7 +7,7 @@
 The plan follows the model's architecture (ModelPlan: ENCODER, DECODER). Per task and seed: prompt-tune
 the full model (stage 1), score every unit (stage 2) and store the teacher's outputs (a decoder's re-tuning
 distills) once; then build each of the plan's skeletons from that prompt and re-tune each the same way
-(localize, convert, retune):
+(localize, convert, teacher, retune):
     attribution            activation x gradient scores (the method; decoders: with their localization)
     attribution+comp       the same skeleton with bias compensation (--compensate mean; encoders)
     attribution-labels     the method re-tuned on the labels alone, without distillation (decoders, ablation)
