@@ -599,10 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
         result = json.loads(args.json.read_text())
-        if args.notes is not None:
-            result["notes"] = args.notes.read_text()
-            write_text(args.json, json.dumps(result, indent=2) + "\n")
-        write_text(args.md, markdown(result))
+        save(result, args)
         print_result(result, args.json)
         return 0
     if not _has_cuda():
@@ -637,13 +634,17 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         runs[run] = measure(run, args, base, files, flags)
         result = {**meta, "runs": runs, "ratios": ratios(runs)}
-        if args.notes is not None:
-            result["notes"] = args.notes.read_text()
-        # after every run: a crash keeps the finished ones
-        write_text(args.json, json.dumps(result, indent=2) + "\n")
-        write_text(args.md, markdown(result))
+        save(result, args)  # after every run: a crash keeps the finished ones
     print_result(result, args.json)
     return 0
+
+
+def save(result: dict, args) -> None:
+    """The record (with --notes, if given) as --json and its report as --md."""
+    if args.notes is not None:
+        result["notes"] = args.notes.read_text()
+    write_text(args.json, json.dumps(result, indent=2) + "\n")
+    write_text(args.md, markdown(result))
 
 
 def probe_load(model: str, config: str) -> int:

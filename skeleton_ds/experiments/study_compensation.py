@@ -6,7 +6,8 @@
 Prompt-tunes and scores once (OUTPUT/base: stages prompt, attribute), then for each FFN keep ratio and
 each of --compensate none / mean runs localize, convert and retune in OUTPUT/keep<K>-<mode> from that
 prompt and those scores, and collects the dev metrics of the skeleton before and after re-tuning.
-Writes OUTPUT/study.json and docs/results/study_compensation.{json,md} (the command, settings and every result).
+Writes OUTPUT/study.{json,md} and, with --docs, docs/results/study_compensation.{json,md} (the command, settings
+and every result).
 """
 
 import argparse
@@ -19,10 +20,9 @@ from datetime import date
 from pathlib import Path
 
 from skeleton_ds.tables import markdown_table
-from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import quiet_libraries, run_command
 from skeleton_ds.config import Config, float_list
-from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.experiments import command_line, publish
 from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.pipeline import run_pipeline
 
@@ -79,12 +79,9 @@ def main(argv: list[str] | None = None) -> int:
               "date": date.today().isoformat(), "task": args.task, "model": args.model,
               "max_train_examples": args.max_train_examples, "seed": args.seed, "full_prompt_tuned": full,
               "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
-    write_json(args.output / "study.json", record)
     text = markdown(record)
+    publish(args.output, "study_compensation", record, text, docs=args.docs)
     print(text)
-    if args.docs:
-        write_json(DOCS / "study_compensation.json", record)
-        write_text(DOCS / "study_compensation.md", text)
     return 0
 
 

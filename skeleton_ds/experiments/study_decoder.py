@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from skeleton_ds.tables import markdown_table
-from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import run_command
 from skeleton_ds.errors import UserError
-from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.experiments import command_line, publish
 from skeleton_ds.provenance import provenance
 
 SCORERS = ("attribution", "attribution-mean-abs", "activation-magnitude", "weight-magnitude", "random")
@@ -170,15 +168,11 @@ def study(argv: Sequence[str] | None = None) -> int:
               "score_seconds": seconds, "outliers": {"by_factor": layer_outliers, "largest_per_layer": peaks},
               "results": results, "seconds": round(time.perf_counter() - t_start, 1)}
     args.output.mkdir(parents=True, exist_ok=True)
-    write_json(args.output / "study.json", record)
-    write_text(args.output / "study.md", markdown(record))
     plot_study([{"task": args.task, "scorer": r["candidate"], "ffn_keep": r["ffn_keep"], "accuracy": r["accuracy"]}
                 for r in results], {args.task: unpruned["accuracy"]}, args.output / "study.png",
                title=f"{args.model} {args.task}: dev accuracy with FFN neurons masked (no re-tuning); "
                      f"unpruned {unpruned['accuracy']:.3f}")
-    if args.docs:
-        for suffix in ("json", "md", "png"):
-            shutil.copyfile(args.output / f"study.{suffix}", DOCS / f"study_decoder.{suffix}")
+    publish(args.output, "study_decoder", record, markdown(record), docs=args.docs, figure=True)
     print(f"skeleton_ds: decoder study -> {args.output / 'study.json'} ({record['seconds']:.0f} s)")
     return 0
 

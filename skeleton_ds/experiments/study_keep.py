@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from skeleton_ds.tables import markdown_table
-from skeleton_ds.checkpoint import copy_atomically, write_json, write_text
+from skeleton_ds.checkpoint import copy_atomically
 from skeleton_ds.cli import run_command
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
-from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.experiments import command_line, publish
 from skeleton_ds.experiments.study_retune import chosen, slug
 from skeleton_ds.provenance import provenance
 
@@ -171,18 +170,14 @@ def main(argv: list[str] | None = None) -> int:
               "retune_epochs": args.retune_epochs, "dev_examples": full["dev_examples"],
               "full_prompt_tuned": full["metrics"]["accuracy"], "rows": rows,
               "seconds": round(time.perf_counter() - start, 1)}
-    write_json(args.output / "study.json", record)
-    write_text(args.output / "study.md", markdown(record))
     points = [{"task": stage, "scorer": r["candidate"], "ffn_keep": r["ffn_keep"], "accuracy": r[key]}
               for stage, key in (("before re-tuning", "before"), ("after re-tuning", "after")) for r in rows]
     plot_study(points, {"after re-tuning": record["full_prompt_tuned"],
                         "before re-tuning": record["full_prompt_tuned"]},
                args.output / "study.png", title=f"{args.model} SST-2: dev accuracy per recipe "
                                                  f"(full prompt tuning {record['full_prompt_tuned']:.3f})")
+    publish(args.output, "study_keep", record, markdown(record), docs=args.docs, figure=True)
     print(markdown(record))
-    if args.docs:
-        for suffix in ("json", "md", "png"):
-            shutil.copyfile(args.output / f"study.{suffix}", DOCS / f"study_keep.{suffix}")
     return 0
 
 

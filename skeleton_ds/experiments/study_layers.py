@@ -29,11 +29,10 @@ from pathlib import Path
 
 from skeleton_ds import checkpoint
 from skeleton_ds.tables import markdown_table
-from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import run_command
 from skeleton_ds.config import Config
 from skeleton_ds.errors import UserError
-from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.experiments import command_line, publish
 from skeleton_ds.provenance import provenance
 
 PATH_FIELDS = {"output", "ds_config", "data_dir", "train_file", "dev_file"}
@@ -126,10 +125,8 @@ def study(argv: Sequence[str] | None = None) -> int:
     record = {"provenance": provenance(command), "settings": settings, "results": results,
               "seconds": round(time.perf_counter() - t_start, 1)}
     args.output.mkdir(parents=True, exist_ok=True)
-    for folder, stem in [(args.output, "study")] + ([(DOCS, "study_layers")] if args.docs else []):
-        write_json(folder / f"{stem}.json", record)  # each file atomic, in both places
-        write_text(folder / f"{stem}.md", markdown(record))
-        plot_layers(results, folder / f"{stem}.png")
+    plot_layers(results, args.output / "study.png")
+    publish(args.output, "study_layers", record, markdown(record), docs=args.docs, figure=True)
     print(f"skeleton_ds: layer study -> {args.output / 'study.json'} ({record['seconds']:.0f} s)")
     return 0
 

@@ -9,7 +9,7 @@ a pipeline run in OUTPUT/<candidate> reuses the one stage-1 prompt (--prompt-fro
 OUTPUT/base) and the one attribution pass, then localizes, converts and re-tunes, and the study
 collects the dev accuracy before and after re-tuning with the parameters kept. Finished runs are
 reused (the pipeline checks their recorded settings), so the study resumes and grows one candidate at
-a time (--only). Writes OUTPUT/study.json and, with --docs, docs/results/study_retune.{json,md}.
+a time (--only). Writes OUTPUT/study.{json,md} and, with --docs, docs/results/study_retune.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from skeleton_ds.tables import markdown_table
-from skeleton_ds.checkpoint import write_json, write_text
 from skeleton_ds.cli import quiet_libraries, run_command
 from skeleton_ds.config import Config, as_flags
 from skeleton_ds.errors import UserError
-from skeleton_ds.experiments import DOCS, command_line
+from skeleton_ds.experiments import command_line, publish
 from skeleton_ds.provenance import provenance
 from skeleton_ds.stages.pipeline import run_pipeline
 
@@ -131,12 +130,9 @@ def main(argv: list[str] | None = None) -> int:
               "max_train_examples": args.max_train_examples, "dev_examples": full["dev_examples"],
               "full_prompt_tuned": full["metrics"]["accuracy"], "rows": rows,
               "seconds": round(time.perf_counter() - start, 1)}
-    write_json(args.output / "study.json", record)
     text = markdown(record)
+    publish(args.output, "study_retune", record, text, docs=args.docs)
     print(text)
-    if args.docs:
-        write_json(DOCS / "study_retune.json", record)
-        write_text(DOCS / "study_retune.md", text)
     return 0
 
 
