@@ -12,7 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from skeleton_ds.errors import UserError
+from skeleton_ds.packaged_models import PACKAGED
 from skeleton_ds.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+ALIASES = ", ".join(PACKAGED)
 
 
 def quiet_libraries() -> None:
@@ -59,7 +62,7 @@ def convert(argv: Sequence[str] | None = None) -> int:
     from skeleton_ds.config import add_flag
 
     p = argparse.ArgumentParser(prog="skeleton-ds convert", description=convert.__doc__)
-    p.add_argument("--base", required=True, help="base model: local directory, Hub id, 'minilm' or 'smollm2-135m'")
+    p.add_argument("--base", required=True, help=f"base model: local directory, Hub id, a packaged alias ({ALIASES})")
     p.add_argument("--skeleton", required=True, type=Path, help="skeleton.json from the localize stage")
     p.add_argument("--prompt", type=Path, default=None, help="stage-1 prompt directory to ship with the model")
     p.add_argument("--output", "--out", required=True, type=Path, metavar="DIR",
@@ -111,7 +114,7 @@ def infer(argv: Sequence[str] | None = None) -> int:
     m = p.add_argument_group("model: --checkpoint, or --base with --prompt")
     m.add_argument("--checkpoint", type=Path,
                    help="compact checkpoint directory (DIR/compact); its manifest is verified")
-    m.add_argument("--base", help="full base model (local directory, Hub id, 'minilm' or 'smollm2-135m')")
+    m.add_argument("--base", help=f"full base model (local directory, Hub id, a packaged alias ({ALIASES}))")
     m.add_argument("--prompt", type=Path, help="stage-1 (or retune) prompt directory for --base")
     m.add_argument("--revision", default=None, help="Hub revision of --base")
     i = p.add_argument_group("what to answer: --input, or a task split")
@@ -194,7 +197,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
     import shlex
     from pathlib import Path
 
-    from skeleton_ds.bench import LENGTHS, SHAPES, BenchConfig
+    from skeleton_ds.bench import LENGTHS, PACKAGED_READOUT, SHAPES, BenchConfig
     from skeleton_ds.config import comma_list, float_list, int_list
 
     d = BenchConfig()
@@ -223,7 +226,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--protect-outliers", type=float, default=d.protect_outliers, metavar="FACTOR",
                    help="as the localize flag: keep FFN neurons with peak |activation| >= FACTOR x the layer median")
     p.add_argument("--run-dir", type=Path, default=None,
-                   help="minilm, smollm2-135m: pipeline output whose prompt and scores to use")
+                   help=f"{', '.join(PACKAGED_READOUT)}: pipeline output whose prompt and scores to use")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="GLUE files: SST-2 dev for --lengths sst2, and dev accuracy for a packaged model "
                         "with --run-dir")
@@ -278,6 +281,9 @@ def reproduce(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variants", type=names, default=(), help="comma list of the plan's skeletons; default: all ("
                    + "; ".join(f"{kind}: {','.join(plan.variants)}" for kind, plan in PLANS.items()) + ")")
     p.add_argument("--seeds", type=int, default=0, help="seeds per task (default 0: 3 for small tasks, else 1)")
+    p.add_argument("--plan", dest="kind", default="", choices=tuple(PLANS),
+                   help="default: the model's architecture's (encoder or decoder); size: the small SST-2 protocol "
+                        "that compares decoder sizes (tables reproduce_MODEL_size.*)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny subsets, one epoch, no benchmark")
     p.add_argument("--docs", type=Path, default=Path("docs/results"),
                    help="where reproduce[_MODEL].{json,md,png} go (default docs/results)")
@@ -302,11 +308,11 @@ def serve(argv: Sequence[str] | None = None) -> int:
     (--mode)."""
     import argparse
 
-    from skeleton_ds.serve_settings import POLICIES, ServeSettings
+    from skeleton_ds.serving.settings import POLICIES, ServeSettings
 
     d = ServeSettings()  # every default below is the settings' own
     p = argparse.ArgumentParser(prog="skeleton-ds serve", description=serve.__doc__)
-    p.add_argument("--base", help="the shared base model: local directory, Hub id, 'minilm' or 'smollm2-135m'")
+    p.add_argument("--base", help=f"the shared base model: local directory, Hub id, a packaged alias ({ALIASES})")
     p.add_argument("--task-dir", action="append", default=[], metavar="[NAME=]DIR",
                    help="a pipeline output directory or a compact checkpoint, served as NAME (default: its task "
                         "name); repeat for each task")
@@ -346,7 +352,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(list(argv) if argv is not None else None)
     if not args.base and args.mode != "compact":
-        raise UserError("give the shared base model: --base M (a local directory, Hub id, 'minilm' or 'smollm2-135m')")
+        raise UserError(f"give the shared base model: --base M (a local directory, Hub id, a packaged alias "
+                        f"({ALIASES}))")
     if not args.task_dir:
         raise UserError("give at least one task: --task-dir [NAME=]DIR (a pipeline output or a compact checkpoint), "
                         "repeatable")
@@ -357,7 +364,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         raise UserError("--mode compact runs each task on its own model, so a pass cannot mix tasks: use "
                         "--batching per-task (its default) or off")
     try:
-        from skeleton_ds import server
+        from skeleton_ds.serving import server
     except ImportError as e:
         raise UserError(f"serving needs the serve extra ({e.name} is missing): "
                         f"pip install 'skeleton-ds[serve]'") from None
@@ -378,8 +385,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     sock = server.bind(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
         quiet_libraries()
-        from skeleton_ds.baselines import PromptTuningModel, SeparateCompactModels
-        from skeleton_ds.multitask import MultiTaskModel
+        from skeleton_ds.serving.baselines import PromptTuningModel, SeparateCompactModels
+        from skeleton_ds.serving.multitask import MultiTaskModel
 
         if args.mode == "prompt-tuning":
             model = PromptTuningModel(args.base, args.task_dir, cfg=cfg)  # checks the dirs

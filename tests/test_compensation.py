@@ -20,7 +20,7 @@ from skeleton_ds.conversion import convert
 from skeleton_ds.inference import InferenceConfig, Predictor
 from skeleton_ds.localization import load_skeleton, masked
 from skeleton_ds.model_identity import model_identity
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.serving.multitask import MultiTaskModel
 from test_conversion import MODEL_CLASS, write_skeleton
 from test_multitask import _logits
 

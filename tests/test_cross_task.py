@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_stages
 from skeleton_ds.inference import InferenceConfig, Predictor
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.serving.multitask import MultiTaskModel
 from skeleton_ds.tasks import Example
 
 FP32 = InferenceConfig(device="cpu", dtype="fp32", batch_size=4)
@@ -150,7 +150,7 @@ def test_real_minilm_mixed_pass_equals_each_task_alone(tmp_path):
 
 
 def test_length_buckets_bound_padding_and_pass_size():
-    from skeleton_ds.cross_task import length_buckets
+    from skeleton_ds.serving.cross_task import length_buckets
 
     assert length_buckets([5, 6, 9, 10, 30, 31], 32, 2.0) == [range(0, 4), range(4, 6)]  # 10 <= 2 x 5 < 30
     assert length_buckets([5] * 5, 2, 2.0) == [range(0, 2), range(2, 4), range(4, 5)]

@@ -25,11 +25,14 @@ SHARED = {f"skeleton_ds.{m}" for m in ("errors", "checkpoint", "tables", "archit
 BENCH_ORDER = [f"skeleton_ds.bench.{m}" for m in ("config", "cost", "fixtures", "workloads", "contenders", "timing",
                                                   "report", "run")]
 """The benchmark's modules, each importing only those before it (the package re-exports them all)."""
+SERVING_ALGORITHMS = {f"skeleton_ds.serving.{m}" for m in ("multitask", "cross_task", "baselines")}
+"""The serving wing's algorithms (skeleton_ds/serving/): its server and settings are the top floor."""
 ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localization", "conversion", "interop",
-                                            "inference", "bench", "multitask", "verify", "static_shapes",
-                                            "cross_task", "baselines")} | set(BENCH_ORDER)
+                                            "inference", "bench", "verify", "static_shapes")} | set(BENCH_ORDER) \
+    | SERVING_ALGORITHMS
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
-TOP = {"skeleton_ds", "skeleton_ds.__main__", "skeleton_ds.cli", "skeleton_ds.server", "skeleton_ds.serve_settings"}
+TOP = {"skeleton_ds", "skeleton_ds.__main__", "skeleton_ds.cli", "skeleton_ds.serving", "skeleton_ds.serving.server",
+       "skeleton_ds.serving.settings"}
 EXPERIMENTS = "skeleton_ds.experiments"
 """Beside the library: it imports the library, and nothing in the library imports it but the CLI (`reproduce`)."""
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")

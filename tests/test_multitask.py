@@ -13,8 +13,8 @@ import torch
 from conftest import run_stages
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor
-from skeleton_ds.baselines import PromptTuningModel
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.serving.baselines import PromptTuningModel
+from skeleton_ds.serving.multitask import MultiTaskModel
 from skeleton_ds.tasks import Example
 
 CPU = InferenceConfig(device="cpu", batch_size=8)

@@ -192,10 +192,10 @@ def test_installed_infer_imports_neither_deepspeed_nor_bitsandbytes(venv, instal
 def test_installed_serving_imports_neither_deepspeed_nor_bitsandbytes(venv, installed_run, tiny_models, tmp_path):
     """What `skeleton-ds serve` builds before it listens: the shared-base model and the app."""
     script = (
-        "import json, sys, skeleton_ds, skeleton_ds.server as server\n"
+        "import json, sys, skeleton_ds, skeleton_ds.serving.server as server\n"
         "from skeleton_ds.cli import quiet_libraries\n"
         "from skeleton_ds.inference import InferenceConfig\n"
-        "from skeleton_ds.multitask import MultiTaskModel\n"
+        "from skeleton_ds.serving.multitask import MultiTaskModel\n"
         "quiet_libraries()\n"
         "model = MultiTaskModel(sys.argv[1], [sys.argv[2]], cfg=InferenceConfig(device='cpu'))\n"
         "app = server.create_app(model, server.ServeSettings())\n"

@@ -200,7 +200,7 @@ def test_several_decoder_tasks_are_served_on_one_shared_base(smollm2, short_run,
     scores: each layer its own width). Each answers as its own compact checkpoint, owns only its slices
     and prompt, and comes back identical after eviction."""
     from skeleton_ds.bench import compact_checkpoint, synthetic_prompt_dir
-    from skeleton_ds.multitask import MultiTaskModel
+    from skeleton_ds.serving.multitask import MultiTaskModel
 
     cfg = InferenceConfig(device="cpu", dtype="fp32", batch_size=8)
     half = compact_checkpoint(smollm2, short_run / "prompt", None, tmp_path / "half", ffn_keep=0.5, head_keep=1.0,

@@ -216,3 +216,21 @@ def test_speedups_ask_the_benchmark_for_the_plans_skeletons(model, kind, tmp_pat
     if kind == "decoder":
         assert (config.keep_mode, config.protect_outliers, config.head_keep) == ("global", 20.0, 0.67)
         assert config.run_dir == tmp_path / "sst2" / "seed0" / "full"
+
+
+def test_size_plan_is_asked_for_by_name_has_its_own_tables_and_runs_only_on_decoders(tmp_path, capsys):
+    """`--plan size` (the decoder-size comparison): the method at FFN keep 0.5 and 0.3 and the random control at
+    0.3, re-tuned distilled as the decoder default does, on its own seeded 400 dev examples; tables of their own
+    (a decoder's full table keeps its name); refused, before anything is written, on an encoder."""
+    cfg = ReproduceConfig(data_dir=SHARED_DATA, output=tmp_path, model="smollm2-135m", kind="size")
+    assert cfg.decoder and cfg.tasks == ("sst2",)
+    assert cfg.skeletons("sst2") == [(0.3, 1.0, "attribution"), (0.3, 1.0, "random"), (0.5, 1.0, "attribution")]
+    assert cfg.plan("sst2") == dict(seeds=1, train=500, attr=200, dev=400, epochs=2.0, retune_epochs=2.0)
+    assert cfg.docs_stem == "reproduce_smollm2-135m_size"
+    assert ReproduceConfig(data_dir=SHARED_DATA, model="smollm2-135m", kind="decoder").docs_stem == \
+        "reproduce_smollm2-135m"
+    assert ReproduceConfig(data_dir=SHARED_DATA, kind="encoder").docs_stem == "reproduce"
+    out = tmp_path / "out"
+    assert run_command(reproduce, ["--data-dir", str(SHARED_DATA), "--output", str(out), "--plan", "size"]) == 2
+    assert "--plan size is for decoder models and --model minilm is an encoder" in capsys.readouterr().err
+    assert not out.exists()

@@ -26,10 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, run_stages
 from skeleton_ds.cli import run_command, serve
 from skeleton_ds.inference import InferenceConfig
-from skeleton_ds.baselines import PromptTuningModel
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.serving.baselines import PromptTuningModel
+from skeleton_ds.serving.multitask import MultiTaskModel
 from skeleton_ds.provenance import missing_fields
-from skeleton_ds.server import Batcher, Expired, ServeSettings, address, bind, create_app
+from skeleton_ds.serving.server import Batcher, Expired, ServeSettings, address, bind, create_app
 from skeleton_ds.tasks import Example
 
 TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine",
@@ -606,7 +606,7 @@ def test_cross_task_batcher_runs_the_oldest_task_alone_below_mix_min():
 
 
 def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():
-    from skeleton_ds.server import Overloaded
+    from skeleton_ds.serving.server import Overloaded
 
     recorder = _Recorder()
     batcher = Batcher(recorder, max_batch=4, max_wait_s=0.0, max_queue=3)
@@ -649,7 +649,7 @@ def test_a_request_past_its_deadline_is_never_computed():
 
 
 def test_a_pass_drops_its_requests_that_expired_after_it_was_taken():
-    from skeleton_ds.server import _Request
+    from skeleton_ds.serving.server import _Request
 
     batcher = Batcher(_Recorder(), timeout_s=10)
     try:
@@ -687,7 +687,7 @@ def test_an_api_key_guards_every_route_but_healthz(model):
 
 
 def test_serving_beyond_loopback_without_a_key_warns(tiny_models, tmp_path, capsys):
-    from skeleton_ds.server import is_loopback
+    from skeleton_ds.serving.server import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("no-such-host.invalid")

@@ -145,7 +145,7 @@ def test_warm_up_builds_every_bucket_at_load_and_nothing_compiles_after(runs):
 
 
 def test_a_served_task_runs_static_and_counts_its_prompt_cache(runs, tiny_models):
-    from skeleton_ds.multitask import MultiTaskModel
+    from skeleton_ds.serving.multitask import MultiTaskModel
 
     served = {cfg.static: MultiTaskModel(str(tiny_models["llama"]), [f"t={runs['llama']}"], cfg=cfg, mix_tasks=False)
               for cfg in (EAGER, STATIC)}  # one task per pass: static buckets (mixed passes run eager)

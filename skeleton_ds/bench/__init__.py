@@ -17,7 +17,7 @@ Contenders, all answering the same inputs in the same process:
 - `full`: our Predictor on the full model (prompt cache, label-only logits);
 - `compact-F[-hH]`: our Predictor on compact checkpoints at FFN keep F (and KV-group keep H), made by
   the real localize + convert code (random scores for random-weight shapes: speed does not depend on
-  which neurons are kept; the run's attribution scores for `minilm` or `smollm2-135m` with `--run-dir`).
+  which neurons are kept; the run's attribution scores for a packaged model with `--run-dir`).
 Inputs (`--lengths`): `fixed`, one batch of `--text-length` random tokens per example; `sst2`, the
 token counts of real SST-2 dev sentences through the task template, cut into length-sorted batches as
 the Predictor cuts them, so padding and batching costs show.
@@ -27,14 +27,14 @@ max(FLOPs / peak FLOP/s, bytes read / peak bandwidth), the peaks measured in the
 matmul in the run's dtype, a large copy), and the share of it the measured time reaches. The FLOP
 ratio of two contenders is reported beside their speed-up, as a ratio (not a bound). The other decoder
 shapes have random weights (speed does not need trained ones), so only the packaged models (`minilm`,
-`smollm2-135m`) report accuracy.
+`smollm2-135m`, `qwen2.5-1.5b`) report accuracy.
 """
 
 # One module per job, each importing only those listed before it: config (settings, shapes) < cost (FLOPs,
 # bytes, peaks, roofline) < fixtures (checkpoints to time) < workloads (inputs) < contenders < timing <
 # report (rows, costs per workload, tables) < run (tests/test_layout.py checks the order). The names below
 # are the benchmark's API: the CLI, reproduce, the tests and launch/ use them.
-from skeleton_ds.bench.config import LENGTHS, SHAPES, BenchConfig
+from skeleton_ds.bench.config import LENGTHS, PACKAGED_READOUT, SHAPES, BenchConfig
 from skeleton_ds.bench.contenders import Contender, build_contenders, layer_widths
 from skeleton_ds.bench.cost import bytes_read, flop_breakdown, forward_flops, roofline_seconds
 from skeleton_ds.bench.fixtures import compact_checkpoint, random_base, synthetic_prompt_dir
@@ -42,7 +42,8 @@ from skeleton_ds.bench.report import Machine, markdown_table, print_summary, sum
 from skeleton_ds.bench.run import run_bench
 from skeleton_ds.bench.workloads import Workload, sst2_workload
 
-__all__ = ["LENGTHS", "SHAPES", "BenchConfig", "Contender", "Machine", "Workload", "build_contenders", "bytes_read",
+__all__ = ["LENGTHS", "PACKAGED_READOUT", "SHAPES",
+           "BenchConfig", "Contender", "Machine", "Workload", "build_contenders", "bytes_read",
            "compact_checkpoint", "flop_breakdown", "forward_flops", "layer_widths", "markdown_table",
            "print_summary", "random_base", "roofline_seconds", "run_bench", "sst2_workload", "summarize",
            "synthetic_prompt_dir"]

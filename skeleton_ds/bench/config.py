@@ -25,8 +25,9 @@ SHAPES: dict[str, dict] = {
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "minilm": {},  # the real packaged all-MiniLM-L6-v2
     "smollm2-135m": {},  # the real packaged SmolLM2-135M-Instruct (its GGUF converted once)
+    "qwen2.5-1.5b": {},  # the real Qwen2.5-Coder-1.5B-Instruct (opt-in: skeleton-ds models fetch qwen2.5-1.5b)
 }
-PACKAGED_READOUT = {"minilm": "head", "smollm2-135m": "lm"}
+PACKAGED_READOUT = {"minilm": "head", "smollm2-135m": "lm", "qwen2.5-1.5b": "lm"}
 """Shapes with real weights (packaged models) and the readout of a synthetic prompt on them."""
 GPU_ONLY = {"llama3-8b"}
 LENGTHS = ("fixed", "sst2")

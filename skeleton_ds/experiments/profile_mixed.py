@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from skeleton_ds.tables import markdown_table
-from skeleton_ds.baselines import PromptTuningModel
+from skeleton_ds.serving.baselines import PromptTuningModel
 from skeleton_ds.checkpoint import write_report
 from skeleton_ds.experiments import CHECKOUT, command_line
 from skeleton_ds.experiments.load_test import task_dirs
 from skeleton_ds.experiments.loadgen import SAMPLES, draws
 from skeleton_ds.inference import InferenceConfig
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.serving.multitask import MultiTaskModel
 from skeleton_ds.provenance import provenance
 from skeleton_ds.tasks import Example
 

@@ -37,7 +37,7 @@ from skeleton_ds.experiments import CHECKOUT, command_line
 from skeleton_ds.experiments.load_test import task_dirs
 from skeleton_ds.experiments.loadgen import SAMPLES, draws
 from skeleton_ds.inference import InferenceConfig
-from skeleton_ds.multitask import MultiTaskModel
+from skeleton_ds.serving.multitask import MultiTaskModel
 from skeleton_ds.provenance import provenance
 from skeleton_ds.tasks import Example
 

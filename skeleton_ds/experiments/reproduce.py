@@ -3,8 +3,10 @@
     skeleton-ds reproduce --data-dir ../shared/data                        # MiniLM, five tasks (about 2 h, 2 cores)
     skeleton-ds reproduce --data-dir ../shared/data --model smollm2-135m   # the decoder (about 10 h; resumes)
     skeleton-ds reproduce --data-dir ../shared/data --tasks cb --seeds 1 --ffn-keeps 0.5 --quick   # minutes
+    skeleton-ds reproduce --data-dir ../shared/data --model qwen2.5-1.5b --plan size   # one decoder size, SST-2
 
-The plan follows the model's architecture (ModelPlan: ENCODER, DECODER). Per task and seed: prompt-tune
+The plan follows the model's architecture (ModelPlan: ENCODER, DECODER); `--plan size` is the small SST-2
+protocol that compares decoders of different sizes (SIZE). Per task and seed: prompt-tune
 the full model (stage 1), score every unit (stage 2) and store the teacher's outputs (a decoder's re-tuning
 distills) once; then build each of the plan's skeletons from that prompt and re-tune each the same way
 (localize, convert, teacher, retune):
@@ -83,6 +85,7 @@ class ModelPlan:
     head_rows: tuple[HeadRow, ...] = ()
     zero_shot: bool = False  # a verbalizer readout has a floor: the base model with the template, no prompt
     note: str = ""
+    architecture: str = "decoder"  # the models it is for (plan_kind): encoder | decoder
 
 
 # The encoder plan (MiniLM, mean-pooled head: no zero-shot floor). Chosen so the whole table takes about two
@@ -97,7 +100,7 @@ ENCODER = ModelPlan(
            "copa": dict(seeds=3, train=0, attr=0, dev=0, epochs=4.0)},
     variants={"attribution": Variant("attribution"), "attribution+comp": Variant("attribution", "mean"),
               "random": Variant("random"), "weight-magnitude": Variant("weight-magnitude")},
-    ffn_keeps=(0.2, 0.3, 0.5))
+    ffn_keeps=(0.2, 0.3, 0.5), architecture="encoder")
 
 # The decoder plan (SmolLM2-135M: 10x MiniLM's non-embedding parameters). Every variant runs the decoder
 # defaults (skeleton_ds.architectures.DECODER_DEFAULTS): a global threshold across layers, the massive-activation
@@ -126,7 +129,20 @@ DECODER = ModelPlan(
     note="every variant with the decoder defaults (--keep-mode global, --protect-outliers 20, re-tuning distilled: "
          "--distill-kl 1 --distill-hidden 1) but attribution-labels (--distill-kl 0 --distill-hidden 0); the "
          "controls at FFN keep 0.3 and 0.2; attribution-labels and the head-pruned row on SST-2 only")
-PLANS = {"encoder": ENCODER, "decoder": DECODER}
+# Does a larger decoder keep the task better? (SmolLM2-135M against the real Qwen2.5-1.5B, 13x its parameters.) One
+# SST-2 protocol small enough for a 1.5B in fp32 on 2 CPU cores: 500 training examples (2 epochs, and 2 of
+# distilled re-tuning), 200 scored, a seeded 400 of the dev set (one standard error about 2 points); the decoder
+# defaults; the method at FFN keep 0.5 and 0.3, the random control at 0.3. Estimated on 2 cores from a
+# full-model forward and backward pass of about 1 SST-2 example/s for the 1.5B: about 1.5 h; SmolLM2 about 0.3 h.
+SIZE = ModelPlan(
+    tasks={"sst2": dict(seeds=1, train=500, attr=200, dev=400, epochs=2.0, retune_epochs=2.0)},
+    variants={"attribution": Variant("attribution"), "random": Variant("random", keeps=(0.3,))},
+    ffn_keeps=(0.3, 0.5), zero_shot=True,
+    note="the decoder defaults (--keep-mode global, --protect-outliers 20, re-tuning distilled: --distill-kl 1 "
+         "--distill-hidden 1); the random control at FFN keep 0.3, re-tuned the same way")
+PLANS = {"encoder": ENCODER, "decoder": DECODER, "size": SIZE}
+ARCHITECTURE_PLANS = ("encoder", "decoder")
+"""The plans a model gets by its architecture; any other is asked for by name (--plan) and has its own tables."""
 QUICK = dict(train=64, attr=32, dev=64, epochs=1.0)
 GENERIC_QNLI = dict(task="generic", text_columns=("text_a", "text_b"), label_column="label",
                     label_names=("entailment", "not_entailment"),
@@ -162,14 +178,14 @@ class ReproduceConfig:
     quick: bool = False  # tiny subsets, one epoch, no benchmark: a smoke run
     docs: Path | None = Path("docs/results")  # where the table's json/md/png go (None: only OUTPUT/reproduce.json)
     config: str = "ds_configs/zero2.json"
-    kind: str = ""  # encoder | decoder plan; empty: from the model's architecture
+    kind: str = ""  # the plan (PLANS: encoder | decoder | size); empty: the model's architecture's
     command: str = field(default="", compare=False)  # the command line, for the record
 
     def __post_init__(self) -> None:
         if not self.data_dir.is_dir():
             raise UserError(f"--data-dir {self.data_dir} is not a directory: point it at the GLUE/SuperGLUE files")
         if self.kind not in ("", *PLANS):
-            raise UserError(f"the plan kind must be one of {', '.join(PLANS)}, got {self.kind!r}")
+            raise UserError(f"--plan must be one of {', '.join(PLANS)}, got {self.kind!r}")
         self.kind = self.kind or plan_kind(self.model)
         plan = PLANS[self.kind]
         self.tasks = self.tasks or tuple(plan.tasks)
@@ -193,10 +209,23 @@ class ReproduceConfig:
         return PLANS[self.kind]
 
     @property
+    def decoder(self) -> bool:
+        return self.model_plan.architecture == "decoder"
+
+    @property
     def docs_stem(self) -> str:
-        """docs/results/reproduce.* for the packaged MiniLM (the first table),
-        docs/results/reproduce_<model>.* otherwise."""
-        return "reproduce" if self.model == "minilm" else f"reproduce_{Path(self.model).name}"
+        """docs/results/reproduce.* for the packaged MiniLM (the first table), docs/results/reproduce_<model>.*
+        otherwise, and reproduce_<model>_<plan>.* for a plan asked for by name."""
+        stem = "reproduce" if self.model == "minilm" else f"reproduce_{Path(self.model).name}"
+        return stem if self.kind in ARCHITECTURE_PLANS else f"{stem}_{self.kind}"
+
+    def check_architecture(self) -> None:
+        """A plan asked for by name runs only on the architecture it was made for (reads the model's config)."""
+        found = plan_kind(self.model)
+        if self.model_plan.architecture != found:
+            article = "an" if found == "encoder" else "a"
+            raise UserError(f"--plan {self.kind} is for {self.model_plan.architecture} models and --model "
+                            f"{self.model} is {article} {found}: choose another --plan or --model")
 
     def plan(self, task: str) -> dict:
         return self.model_plan.tasks[task] | (QUICK if self.quick else {})
@@ -360,7 +389,7 @@ def speedups(cfg: ReproduceConfig, work: Path) -> dict[str, float]:
     from skeleton_ds.bench import SHAPES, BenchConfig, run_bench
 
     heads = sorted({head for task in cfg.tasks for _, head, _ in cfg.skeletons(task) if head != 1.0})
-    if cfg.kind == "decoder":
+    if cfg.decoder:
         if Path(cfg.model).name not in SHAPES:  # the benchmark builds only the shapes it knows
             return {}
         task = cfg.tasks[0]
@@ -488,13 +517,14 @@ def markdown(record: dict) -> str:
 def reproduce(cfg: ReproduceConfig) -> dict:
     start = time.perf_counter()
     plan = cfg.model_plan
+    cfg.check_architecture()
     # MiniLM's speed-ups come first (a failure shows in minutes); a decoder's need the first task's scores
-    measured = {} if cfg.quick or cfg.kind == "decoder" else speedups(cfg, cfg.output)
+    measured = {} if cfg.quick or cfg.decoder else speedups(cfg, cfg.output)
     rows = []
     for task in sorted(cfg.tasks, key=list(plan.tasks).index, reverse=True):  # the small tasks first
         for seed in range(cfg.seeds or cfg.plan(task)["seeds"]):
             rows += run_task(task, seed, cfg)
-    if not cfg.quick and cfg.kind == "decoder":
+    if not cfg.quick and cfg.decoder:
         measured = speedups(cfg, cfg.output)
     variants = list(cfg.variants)
     record = {"provenance": provenance(cfg.command or None), "command": cfg.command,

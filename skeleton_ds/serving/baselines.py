@@ -1,4 +1,4 @@
-"""The ways of serving N tasks that Skeleton's shared-weight server (skeleton_ds.multitask) is measured
+"""The ways of serving N tasks that Skeleton's shared-weight server (skeleton_ds.serving.multitask) is measured
 against, with the same API, so the same HTTP server and load test run them:
 
 - `PromptTuningModel`: what a prompt-tuning user runs: the one full base model and each task's stage-1
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from skeleton_ds import checkpoint, cross_task
+from skeleton_ds import checkpoint
+from skeleton_ds.serving import cross_task
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, tensor_bytes
-from skeleton_ds.multitask import (CacheStats, base_model_identity, owned_bytes, parse_inputs, prompted, register,
-                                   shared_backbone, storage_bytes)
+from skeleton_ds.serving.multitask import (CacheStats, base_model_identity, owned_bytes, parse_inputs, prompted,
+                                           register, shared_backbone, storage_bytes)
 from skeleton_ds.tasks import Example, Task, task_from_record
 
 

@@ -10,7 +10,7 @@ A bad request gets a 4xx and `{"error": "..."}`, and the server goes on serving.
 Why a batcher: a forward pass over 32 examples costs far less than 32 passes over one, so concurrent
 requests are merged into one pass. With many tasks and a long-tail load, one task's queue rarely holds
 more than one request, so by default (`--batching cross-task`) a pass mixes tasks: the shared modules run
-once over all its rows and each task's sliced projections on its own rows (skeleton_ds.cross_task). The
+once over all its rows and each task's sliced projections on its own rows (skeleton_ds.serving.cross_task). The
 policy (`Batcher`) in README words: **one worker runs every forward pass; each task has a FIFO
 queue; a pass takes whole requests round-robin across the waiting tasks, one request per task per round,
 up to `--max-batch` examples in all, so every waiting task gets a share of each pass.** A pass starts when
@@ -60,11 +60,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from skeleton_ds.errors import UserError
-from skeleton_ds.serve_settings import POLICIES, ServeSettings  # noqa: F401 - ServeSettings: the server's API
+from skeleton_ds.serving.settings import POLICIES, ServeSettings  # noqa: F401 - ServeSettings: the server's API
 
 if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTTP layer do not need it
-    from skeleton_ds.baselines import PromptTuningModel, SeparateCompactModels
-    from skeleton_ds.multitask import MultiTaskModel
+    from skeleton_ds.serving.baselines import PromptTuningModel, SeparateCompactModels
+    from skeleton_ds.serving.multitask import MultiTaskModel
     from skeleton_ds.tasks import Example
 
     ServedModel = MultiTaskModel | PromptTuningModel | SeparateCompactModels
@@ -72,7 +72,7 @@ if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTT
 Predict = Callable[[str, "list[Example]"], "list[dict]"]
 UNKNOWN_TASK = "-"  # the metrics label of requests that name no registered task (bounded label values)
 MIXED = "*"  # the batch metrics label of a pass that mixes tasks
-LOG = logging.getLogger("skeleton_ds.server")
+LOG = logging.getLogger("skeleton_ds.serving.server")
 
 
 # -------------------------------------------------------------------- batching

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from skeleton_ds.errors import UserError
 
 POLICIES = ("cross-task", "per-task", "off")
-"""The batching policies (skeleton_ds.server.Batcher)."""
+"""The batching policies (skeleton_ds.serving.server.Batcher)."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ MLM head) are the base model's own tensors, by reference. Materialised tasks liv
 by a byte budget (only the bytes a task owns count), least recently used evicted first.
 
 The contenders served the same way (plain prompt tuning, separate compact models) are in
-skeleton_ds/baselines.py.
+skeleton_ds/serving/baselines.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from skeleton_ds import checkpoint, cross_task, data, widths
+from skeleton_ds import checkpoint, data, widths
+from skeleton_ds.serving import cross_task
 from skeleton_ds.conversion import compact_config, layer_slices, slice_for
 from skeleton_ds.errors import UserError
 from skeleton_ds.inference import InferenceConfig, Predictor, parse_record, tensor_bytes
@@ -226,7 +227,7 @@ class MultiTaskModel:
     larger than the whole budget is refused then, with the numbers, rather than re-materialised on every
     request later.
 
-    `mix_tasks` (default): passes may mix tasks (`predict_mixed`, skeleton_ds.cross_task): the shared modules
+    `mix_tasks` (default): passes may mix tasks (`predict_mixed`, skeleton_ds.serving.cross_task): the shared modules
     run once over the whole batch and each task's sliced projections on its own rows. A pass holds the weights
     of every task in it until it ends, so a pass with more tasks than the cache holds briefly exceeds the
     budget. Mixed passes run at eager shapes; `mix_tasks=False` serves one task per pass, at static shapes
