@@ -180,6 +180,22 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
+def map_tensor(file: Path, info: dict) -> torch.Tensor:
+    """One tensor of a safetensors file as a copy-on-write memory map (`info`: its header entry, offsets absolute
+    in the file): only the pages read become resident, shared with every process mapping the same file, and
+    nothing is ever written back to it."""
+    import mmap
+
+    start, end = info["data_offsets"]
+    with open(file, "rb") as f:
+        if os.fstat(f.fileno()).st_size < end:
+            raise UserError(f"{file} is truncated (tensor at bytes {start}-{end}): re-download or re-save the model")
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: the file stays as it is
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    tensor = torch.frombuffer(mapping, dtype=dtype, count=(end - start) // ITEMSIZE[info["dtype"]], offset=start)
+    return tensor.view(list(info["shape"]))
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's tensor entries (name -> dtype, shape, data_offsets; metadata left out) and the
     byte where its data starts, without reading any tensor. Unchecked: see safetensors_header."""

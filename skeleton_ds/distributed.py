@@ -116,11 +116,13 @@ def local_fraction(params: Iterable[torch.nn.Parameter]) -> float:
     return local / max(total, 1)
 
 
-def parameter(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """`module.<name>` without side effects: under ZeRO-3, reading a parameter as an attribute inside a forward
-    pass gathers its full value on every rank (DeepSpeed's ZeROOrderedDict.__getitem__), which is what reading a
-    few of its rows (`rows`) avoids."""
-    return dict.get(module._parameters, name)
+def stored(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """`module.<name>` as stored, without side effects: a parameter (under ZeRO-3 perhaps a shard), or a buffer (a
+    vocabulary matrix mapped from the checkpoint: loading._map_vocabulary). Under ZeRO-3, reading a parameter as
+    an attribute inside a forward pass gathers its full value on every rank (DeepSpeed's
+    ZeROOrderedDict.__getitem__), which is what reading a few of its rows (`rows`) avoids."""
+    found = dict.get(module._parameters, name)
+    return found if found is not None else module._buffers.get(name)
 
 
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -155,8 +157,8 @@ def rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     of the whole matrix on every rank. The collectives run on the rank's device (a shard offloaded to CPU memory
     is copied from there). No gradient reaches the weight. A collective under ZeRO-3: every rank calls it (every
     rank runs the same forward)."""
-    if not is_partitioned(weight):
-        return weight[ids]
+    if not is_partitioned(weight):  # whole on this rank (on its device, or mapped in host memory)
+        return weight[ids.to(weight.device)].to(ids.device)
     shape = tuple(weight.ds_shape)
     width = shape[1] if len(shape) == 2 else 1
     group = getattr(weight, "ds_process_group", None)

@@ -133,7 +133,7 @@ def token_embeddings(embedding: nn.Module, input_ids: torch.Tensor) -> torch.Ten
     """The input embeddings of a batch's tokens. A plain frozen embedding table partitioned by ZeRO-3 is read row by
     row (distributed.rows: only the batch's tokens move) instead of through its module, whose hook would gather
     the whole table on every rank (151,936 x 1,536 for Qwen2.5); anything else is called as it is."""
-    weight = distributed.parameter(embedding, "weight")
+    weight = distributed.stored(embedding, "weight")
     if type(embedding) is nn.Embedding and distributed.readable_shard(weight) and not weight.requires_grad:
         return distributed.rows(weight, input_ids)
     return embedding(input_ids)
@@ -143,11 +143,12 @@ def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids) -
     """Logits of a few vocabulary entries: a [labels, hidden] slice instead of the [vocab, hidden] product. Under
     ZeRO-3 only those rows are read from the ranks' shards (distributed.rows), never the whole projection."""
     ids = torch.as_tensor(token_ids, device=hidden.device)
-    weight, bias = (distributed.parameter(vocab_projection, name) for name in ("weight", "bias"))
+    weight, bias = (distributed.stored(vocab_projection, name) for name in ("weight", "bias"))
     if distributed.is_partitioned(weight) and not distributed.readable_shard(weight):
         return vocab_projection(hidden)[:, ids].float()  # swapped out to NVMe: DeepSpeed's own gather
-    if not distributed.is_partitioned(weight):
-        return F.linear(hidden, weight[ids], None if bias is None else bias[ids]).float()  # keeps any gradient
+    if not distributed.is_partitioned(weight):  # keeps any gradient
+        return F.linear(hidden, weight[ids.to(weight.device)].to(hidden.device),
+                        None if bias is None else bias[ids]).float()
     bias = distributed.rows(bias, ids) if bias is not None else None
     return F.linear(hidden, distributed.rows(weight, ids).to(hidden.dtype),
                     None if bias is None else bias.to(hidden.dtype)).float()

@@ -55,7 +55,7 @@ class PromptTuningRecipe(TaskModelRun):
     def initial_values(self, model: PromptedClassifier) -> dict[str, torch.Tensor]:
         """Stage 1 starts from vocabulary (or text) embeddings and a seeded head."""
         cfg = self.cfg
-        embeddings = distributed.parameter(self.backbone.model.get_input_embeddings(), "weight")
+        embeddings = distributed.stored(self.backbone.model.get_input_embeddings(), "weight")
         ids = initial_prompt_ids(distributed.full_shape(embeddings)[0], cfg.prompt_length, cfg.prompt_init,
                                  self.backbone.tokenizer, cfg.seed)
         ids = torch.tensor(ids, device=distributed.device())
