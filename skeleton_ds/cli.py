@@ -308,7 +308,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     (--mode)."""
     import argparse
 
-    from skeleton_ds.serving.settings import POLICIES, ServeSettings
+    from skeleton_ds.serving.settings import MIX_RULES, POLICIES, ServeSettings
 
     d = ServeSettings()  # every default below is the settings' own
     p = argparse.ArgumentParser(prog="skeleton-ds serve", description=serve.__doc__)
@@ -337,6 +337,10 @@ def serve(argv: Sequence[str] | None = None) -> int:
                    help="cross-task batching: mix tasks in a pass only when at least N examples wait; fewer, and the "
                         "task with the oldest request runs alone (light load: one-task passes answer sooner); 0: "
                         f"always mix (default {d.mix_min})")
+    p.add_argument("--mix-by", choices=MIX_RULES, default=d.mix_by,
+                   help="cross-task batching, from --mix-min waiting: cost (default) mixes tasks while mixed passes "
+                        "have cost less per example than one-task passes, as measured while serving (the other kind "
+                        "is tried every 16th pass); count always mixes")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="most examples waiting, all tasks; a request beyond gets 503 with Retry-After (0: no bound)")
     p.add_argument("--timeout-ms", type=float, default=d.timeout_ms,
@@ -375,7 +379,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
                                     max_body_bytes=args.max_body_bytes,
                                     batching=batching, max_queue=args.max_queue,
                                     timeout_ms=args.timeout_ms, stall_s=args.stall_s, api_key=api_key,
-                                    mix_min=args.mix_min)
+                                    mix_min=args.mix_min, mix_by=args.mix_by)
     if api_key is None and not server.is_loopback(args.host):
         print(f"skeleton_ds: warning: serving on {args.host} without an API key: anyone who reaches the port can use "
               f"it; pass --api-key KEY (or set SKELETON_DS_API_KEY)", file=sys.stderr, flush=True)

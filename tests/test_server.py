@@ -29,13 +29,15 @@ from skeleton_ds.inference import InferenceConfig
 from skeleton_ds.serving.baselines import PromptTuningModel
 from skeleton_ds.serving.multitask import MultiTaskModel
 from skeleton_ds.provenance import missing_fields
+from skeleton_ds.errors import UserError
 from skeleton_ds.serving.server import Batcher, Expired, ServeSettings, address, bind, create_app
 from skeleton_ds.tasks import Example
 
 TEXTS = ["the movie was good", "an awful plot", "quite a nice story", "the actor was bad", "it was fine",
          "a sad ugly film", "very happy scene", "the story was poor"]
-# mix_min=0: passes mix whatever waits, so these few requests exercise mixed passes (the default waits for 8)
-SETTINGS = ServeSettings(max_batch=16, max_wait_ms=30, max_inputs=8, max_body_bytes=4096, mix_min=0)
+# mix_min=0, mix_by="count": passes mix whatever waits, so these few requests exercise mixed passes (the default
+# waits for 8, and then mixes only while mixing measures cheaper)
+SETTINGS = ServeSettings(max_batch=16, max_wait_ms=30, max_inputs=8, max_body_bytes=4096, mix_min=0, mix_by="count")
 TIMEOUT = 30  # seconds, every HTTP call
 
 
@@ -184,7 +186,7 @@ def test_many_clients_across_many_tasks_with_eviction_answer_as_sequential_reque
     probe = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg)
     model = MultiTaskModel(str(tiny_models["llama"]), dirs, cfg=cfg, mix_tasks=True,
                            cache_bytes=max(probe.task_bytes.values()))
-    server = ServerThread(create_app(model, ServeSettings(max_batch=16, max_wait_ms=20, mix_min=0)))
+    server = ServerThread(create_app(model, ServeSettings(max_batch=16, max_wait_ms=20, mix_min=0, mix_by="count")))
     try:
         jobs = [(f"t{i % 5}", TEXTS[(i * 3) % len(TEXTS)]) for i in range(60)]
         alone = {job: _classify(server.url, *job[:1], [job[1]])[0] for job in set(jobs)}  # one at a time
@@ -603,6 +605,41 @@ def test_cross_task_batcher_runs_the_oldest_task_alone_below_mix_min():
         assert recorder.calls[1:] == [("*", ["a3", "b2", "c1", "a4"])]  # 4 waiting: one mixed pass
     finally:
         batcher.close()
+
+
+def test_cross_task_batcher_mixes_only_while_mixing_measures_cheaper():
+    """mix_by "cost": from mix_min waiting, passes mix tasks while mixed passes have cost less per example than
+    one-task passes (moving averages of the passes run); the dearer kind still runs every EXPLORE_EVERY-th
+    choice, so its cost keeps being measured. mix_by "count" mixes whatever the costs."""
+    from skeleton_ds.serving.server import EXPLORE_EVERY
+
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_batch=8, max_wait_s=0.0, policy="cross-task", mix_min=2, mix_by="cost")
+    try:
+        assert batcher._mixing_pays()  # nothing measured yet: mixing is tried first
+        batcher.pass_cost.update({True: 10.0, False: 0.001})  # mixed passes measured far dearer per example
+        _run_queued(batcher, recorder, [("a", ["a1"]), ("b", ["b1"]), ("a", ["a2"])])
+        assert recorder.calls[1:] == [("a", ["a1", "a2"]), ("b", ["b1"])]  # 3 waiting >= 2, yet one task a pass
+        recorder.calls.clear()
+        recorder.entered.clear()
+        recorder.release.clear()
+        batcher.pass_cost.update({True: 1e-6, False: 10.0})  # now the mixed passes are the cheaper ones
+        _run_queued(batcher, recorder, [("a", ["a3"]), ("b", ["b2"]), ("a", ["a4"])])
+        assert recorder.calls[1:] == [("*", ["a3", "b2", "a4"])]
+        assert batcher.pass_cost[True] > 1e-6  # the mixed pass just run entered its kind's average
+    finally:
+        batcher.close()
+    batcher._mix_choices = 0
+    batcher.pass_cost.update({True: 2.0, False: 1.0})
+    choices = [batcher._mixing_pays() for _ in range(2 * EXPLORE_EVERY)]
+    assert choices.count(True) == 2 and choices[EXPLORE_EVERY - 1] and choices[-1]  # the dearer kind, now and then
+    counting = Batcher(recorder, policy="cross-task", mix_min=2, mix_by="count", thread=False)
+    counting.pass_cost.update({True: 2.0, False: 1.0})
+    assert all(counting._mixing_pays() for _ in range(EXPLORE_EVERY))
+    with pytest.raises(ValueError, match="mix_by"):
+        Batcher(recorder, mix_by="sometimes", thread=False)
+    with pytest.raises(UserError, match="--mix-by takes cost, count"):
+        ServeSettings(mix_by="sometimes")
 
 
 def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():

@@ -37,9 +37,11 @@ from skeleton_ds.provenance import provenance
 
 SERVINGS = {"cross-task": Serving("skeleton", "cross-task"), "per-task": Serving("skeleton", "per-task"),
             "prompt-tuning": Serving("prompt-tuning", "cross-task"), "compact": Serving("compact", "per-task"),
-            "always-mixed": Serving("skeleton", "cross-task", mix_min=0)}
-"""Ways of serving --servings picks from (default: the first four). always-mixed is cross-task batching that mixes
-tasks however few examples wait (the server's --mix-min 0), for comparing the light-load rule."""
+            "always-mixed": Serving("skeleton", "cross-task", mix_min=0, mix_by="count"),
+            "count-mixed": Serving("skeleton", "cross-task", mix_by="count")}
+"""Ways of serving --servings picks from (default: the first four). For comparing the rules of when to mix:
+always-mixed mixes tasks however few examples wait (--mix-min 0 --mix-by count); count-mixed mixes whenever
+--mix-min wait (--mix-by count), the default cost rule only while mixing measures cheaper."""
 
 
 def task_dirs(args: argparse.Namespace) -> list[str]:

@@ -33,16 +33,21 @@ class Serving:
     mode: str  # skeleton | prompt-tuning | compact
     batching: str  # cross-task | per-task | off
     mix_min: int | None = None  # cross-task: the server's --mix-min (None: its default)
+    mix_by: str | None = None  # cross-task: the server's --mix-by (None: its default)
 
     @property
     def label(self) -> str:
         what = {"skeleton": "skeletons", "prompt-tuning": "plain prompt tuning", "compact": "separate compact models"}
-        mixing = "" if self.mix_min is None else f" (mixing from {self.mix_min} waiting)"
+        if self.mix_min is not None:  # (the tables' label from before --mix-by, kept: always-mixed)
+            mixing = f" (mixing from {self.mix_min} waiting)"
+        else:
+            mixing = "" if self.mix_by is None else f" (mixing by {self.mix_by})"
         return f"{what[self.mode]}, {self.batching}{mixing}"
 
     def flags(self) -> list[str]:
         return ["--mode", self.mode, "--batching", self.batching,
-                *(() if self.mix_min is None else ("--mix-min", str(self.mix_min)))]
+                *(() if self.mix_min is None else ("--mix-min", str(self.mix_min))),
+                *(() if self.mix_by is None else ("--mix-by", self.mix_by))]
 
 
 class Server:

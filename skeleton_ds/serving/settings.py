@@ -9,6 +9,9 @@ from skeleton_ds.errors import UserError
 
 POLICIES = ("cross-task", "per-task", "off")
 """The batching policies (skeleton_ds.serving.server.Batcher)."""
+MIX_RULES = ("cost", "count")
+"""When cross-task batching mixes tasks, from --mix-min waiting (Batcher): while mixed passes cost less per example
+than one-task passes, as measured while serving (cost), or always (count)."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class ServeSettings:
     api_key: str | None = None  # every route but /healthz then needs "Authorization: Bearer <key>" (else 401)
     mix_min: int = 8  # cross-task: mix tasks in a pass only when at least this many examples wait; 0 mixes whatever
     # waits (docs/results/load_test_minilm64.json, 8 clients: 100.8 requests/s against 110.8 with 8)
+    mix_by: str = "cost"  # from mix_min waiting: mix while it measures cheaper per example (cost), or always (count)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -38,6 +42,8 @@ class ServeSettings:
         for name in ("timeout_ms", "stall_s"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.mix_by not in MIX_RULES:
+            raise UserError(f"--mix-by takes {', '.join(MIX_RULES)}, got {self.mix_by!r}")
         if self.batching not in POLICIES:
             raise UserError(f"--batching takes {', '.join(POLICIES)}, got {self.batching!r}")
         if self.max_queue and self.max_queue < self.max_inputs:
