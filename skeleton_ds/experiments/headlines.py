@@ -73,31 +73,6 @@ def results_table(results: Path = RESULTS) -> str:
     return "\n".join(lines + [""] + _sources(results, [name for name, *_ in RESULT_ROWS])) + "\n"
 
 
-# One row per decoder size, from the `reproduce --plan size` tables (one protocol for every model)
-SIZE_ROWS = (("reproduce_smollm2-135m_size", "SmolLM2-135M"), ("reproduce_qwen2.5-1.5b_size", "Qwen2.5-1.5B"))
-
-
-def size_table(results: Path = RESULTS) -> str:
-    """Does a larger decoder keep the task better? Per size, on one SST-2 protocol: the zero-shot floor, full prompt
-    tuning, the re-tuned skeleton at FFN keep 0.5 and 0.3 (before re-tuning in brackets), the random control at
-    0.3 re-tuned the same way, and the compact model's measured speed-up at 0.3."""
-    from skeleton_ds.experiments.reproduce import speedup_cell
-
-    lines = markdown_table(["decoder (parameters)", "SST-2 dev examples", "zero-shot", "full prompt tuning",
-                            "Skeleton, FFN keep 0.5", "Skeleton, FFN keep 0.3", "random neurons, 0.3",
-                            "speed-up at 0.3 (CPU, batch 32)"])
-    for name, label in SIZE_ROWS:
-        table = _load(results, name)
-        cells = {(r["ffn_keep"], r["variant"]): r for r in table["table"] if r.get("head_keep", 1.0) == 1.0}
-        half, method, control = cells[(0.5, "attribution")], cells[(0.3, "attribution")], cells[(0.3, "random")]
-        lines.append(f"| {label} ({_millions(method['parameters_full'])}) | {method['dev_examples']} "
-                     f"| {method['zero_shot_mean']:.3f} | {method['full_mean']:.3f} "
-                     f"| **{half['after_mean']:.3f}** ({half['before_mean']:.3f}) "
-                     f"| **{method['after_mean']:.3f}** ({method['before_mean']:.3f}) "
-                     f"| {control['after_mean']:.3f} ({control['before_mean']:.3f}) | {speedup_cell(table, method)} |")
-    return "\n".join(lines + [""] + _sources(results, [name for name, _ in SIZE_ROWS])) + "\n"
-
-
 # (JSON, label, inputs, batch) rows of the speed table; every row is the compact model at FFN keep 0.3
 SPEED_ROWS = (("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 32),
               ("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 1),
