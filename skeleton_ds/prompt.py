@@ -144,14 +144,19 @@ def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids) -
     ZeRO-3 only those rows are read from the ranks' shards (distributed.rows), never the whole projection."""
     ids = torch.as_tensor(token_ids, device=hidden.device)
     weight, bias = (distributed.stored(vocab_projection, name) for name in ("weight", "bias"))
-    if distributed.is_partitioned(weight) and not distributed.readable_shard(weight):
+    if any(t is not None and distributed.is_partitioned(t) and not distributed.readable_shard(t)
+           for t in (weight, bias)):
         return vocab_projection(hidden)[:, ids].float()  # swapped out to NVMe: DeepSpeed's own gather
-    if not distributed.is_partitioned(weight):  # keeps any gradient
-        return F.linear(hidden, weight[ids.to(weight.device)].to(hidden.device),
-                        None if bias is None else bias[ids]).float()
-    bias = distributed.rows(bias, ids) if bias is not None else None
-    return F.linear(hidden, distributed.rows(weight, ids).to(hidden.dtype),
-                    None if bias is None else bias.to(hidden.dtype)).float()
+
+    def label_rows(tensor: torch.Tensor) -> torch.Tensor:
+        """A partitioned tensor's label rows from the shards; any other's by indexing (which keeps any gradient).
+        The weight may be a map of the checkpoint (loading._map_vocabulary) while an MLM bias is partitioned."""
+        if distributed.is_partitioned(tensor):
+            return distributed.rows(tensor, ids)
+        return tensor[ids.to(tensor.device)].to(hidden.device)
+
+    return F.linear(hidden, label_rows(weight).to(hidden.dtype),
+                    None if bias is None else label_rows(bias).to(hidden.dtype)).float()
 
 
 def verbalizer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
