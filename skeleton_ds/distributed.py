@@ -157,8 +157,8 @@ def rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     of the whole matrix on every rank. The collectives run on the rank's device (a shard offloaded to CPU memory
     is copied from there). No gradient reaches the weight. A collective under ZeRO-3: every rank calls it (every
     rank runs the same forward)."""
-    if not is_partitioned(weight):  # whole on this rank (on its device, or mapped in host memory)
-        return weight[ids.to(weight.device)].to(ids.device)
+    if not is_partitioned(weight):  # whole on this rank (a map of the checkpoint too: CPU ranks only)
+        return weight[ids]
     shape = tuple(weight.ds_shape)
     width = shape[1] if len(shape) == 2 else 1
     group = getattr(weight, "ds_process_group", None)

@@ -151,9 +151,7 @@ def label_logits(vocab_projection: nn.Linear, hidden: torch.Tensor, token_ids) -
     def label_rows(tensor: torch.Tensor) -> torch.Tensor:
         """A partitioned tensor's label rows from the shards; any other's by indexing (which keeps any gradient).
         The weight may be a map of the checkpoint (loading._map_vocabulary) while an MLM bias is partitioned."""
-        if distributed.is_partitioned(tensor):
-            return distributed.rows(tensor, ids)
-        return tensor[ids.to(tensor.device)].to(hidden.device)
+        return distributed.rows(tensor, ids) if distributed.is_partitioned(tensor) else tensor[ids]
 
     return F.linear(hidden, label_rows(weight).to(hidden.dtype),
                     None if bias is None else label_rows(bias).to(hidden.dtype)).float()

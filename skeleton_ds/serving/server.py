@@ -258,9 +258,9 @@ class Batcher:
                 continue
             finally:
                 seconds, self._busy_since = time.monotonic() - start, None
-                self._seconds_per_example = 0.8 * self._seconds_per_example + 0.2 * seconds / max(1, len(examples))
-                last = self.pass_cost[mixed]
                 per = seconds / max(1, len(examples))
+                self._seconds_per_example = 0.8 * self._seconds_per_example + 0.2 * per
+                last = self.pass_cost[mixed]
                 self.pass_cost[mixed] = per if last is None else (1 - COST_WEIGHT) * last + COST_WEIGHT * per
                 if self._on_batch is not None:
                     self._on_batch(task, len(examples), seconds)
@@ -476,7 +476,7 @@ def _predict(model: ServedModel, policy: str) -> Predict:
                         "or serve with --batching per-task")
 
     def predict(queue: str, examples: list) -> list[dict]:
-        if queue != MIXED:  # a one-task pass (light load, Batcher.mix_min): the task's own model, no routing
+        if queue != MIXED:  # a one-task pass (Batcher.mix_min, mix_by): the task's own model, no routing
             return model.predict(queue, examples)
         return model.predict_mixed(examples)
 
