@@ -339,8 +339,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
                         f"always mix (default {d.mix_min})")
     p.add_argument("--mix-by", choices=MIX_RULES, default=d.mix_by,
                    help="cross-task batching, from --mix-min waiting: cost (default) mixes tasks while mixed passes "
-                        "have cost less per example than one-task passes, as measured while serving (the other kind "
-                        "is tried every 16th pass); count always mixes")
+                        "serve rows faster than one-task passes, each way measured while serving and measured again "
+                        "from time to time; count always mixes")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="most examples waiting, all tasks; a request beyond gets 503 with Retry-After (0: no bound)")
     p.add_argument("--timeout-ms", type=float, default=d.timeout_ms,

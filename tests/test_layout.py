@@ -32,7 +32,7 @@ ALGORITHMS = {f"skeleton_ds.{m}" for m in ("attribution", "distill", "localizati
     | SERVING_ALGORITHMS
 # The package itself, the command line and the HTTP server; the stages are skeleton_ds.stages.*
 TOP = {"skeleton_ds", "skeleton_ds.__main__", "skeleton_ds.cli", "skeleton_ds.serving", "skeleton_ds.serving.server",
-       "skeleton_ds.serving.settings"}
+       "skeleton_ds.serving.settings", "skeleton_ds.serving.mix_rule"}
 EXPERIMENTS = "skeleton_ds.experiments"
 """Beside the library: it imports the library, and nothing in the library imports it but the CLI (`reproduce`)."""
 FORBIDDEN_BELOW_STAGES = ("skeleton_ds.stages", "skeleton_ds.cli", "skeleton_ds.config")

@@ -607,39 +607,67 @@ def test_cross_task_batcher_runs_the_oldest_task_alone_below_mix_min():
         batcher.close()
 
 
-def test_cross_task_batcher_mixes_only_while_mixing_measures_cheaper():
-    """mix_by "cost": from mix_min waiting, passes mix tasks while mixed passes have cost less per example than
-    one-task passes (moving averages of the passes run); the dearer kind still runs every EXPLORE_EVERY-th
-    choice, so its cost keeps being measured. mix_by "count" mixes whatever the costs."""
-    from skeleton_ds.serving.server import EXPLORE_EVERY
+def test_cross_task_batcher_mixes_only_while_mixing_measures_faster():
+    """mix_by "cost": from mix_min waiting, a pass mixes tasks while the mix rule has measured mixed passes serving
+    rows in fewer busy seconds per row than one-task passes. mix_by "count" mixes whatever the costs."""
+    from skeleton_ds.serving.mix_rule import MixRule
 
     recorder = _Recorder()
     batcher = Batcher(recorder, max_batch=8, max_wait_s=0.0, policy="cross-task", mix_min=2, mix_by="cost")
     try:
-        assert batcher._mixing_pays()  # nothing measured yet: mixing is tried first
-        batcher.pass_cost.update({True: 10.0, False: 0.001})  # mixed passes measured far dearer per example
+        assert batcher._mixing_pays(2) and batcher.mix_rule.probing  # nothing measured yet: mixed passes first
+        batcher.mix_rule = MixRule(cost={True: 10.0, False: 0.001}, _exploit_left=1e9)  # mixed far dearer per row
         _run_queued(batcher, recorder, [("a", ["a1"]), ("b", ["b1"]), ("a", ["a2"])])
         assert recorder.calls[1:] == [("a", ["a1", "a2"]), ("b", ["b1"])]  # 3 waiting >= 2, yet one task a pass
         recorder.calls.clear()
         recorder.entered.clear()
         recorder.release.clear()
-        batcher.pass_cost.update({True: 1e-6, False: 10.0})  # now the mixed passes are the cheaper ones
+        batcher.mix_rule = MixRule(cost={True: 1e-6, False: 10.0}, _exploit_left=1e9)  # now mixed is the cheaper
         _run_queued(batcher, recorder, [("a", ["a3"]), ("b", ["b2"]), ("a", ["a4"])])
         assert recorder.calls[1:] == [("*", ["a3", "b2", "a4"])]
-        assert batcher.pass_cost[True] > 1e-6  # the mixed pass just run entered its kind's average
+        assert batcher.mix_rule._exploit_left < 1e9  # the passes just run counted towards the next probe
     finally:
         batcher.close()
-    batcher._mix_choices = 0
-    batcher.pass_cost.update({True: 2.0, False: 1.0})
-    choices = [batcher._mixing_pays() for _ in range(2 * EXPLORE_EVERY)]
-    assert choices.count(True) == 2 and choices[EXPLORE_EVERY - 1] and choices[-1]  # the dearer kind, now and then
     counting = Batcher(recorder, policy="cross-task", mix_min=2, mix_by="count", thread=False)
-    counting.pass_cost.update({True: 2.0, False: 1.0})
-    assert all(counting._mixing_pays() for _ in range(EXPLORE_EVERY))
+    counting.mix_rule = MixRule(cost={True: 10.0, False: 0.001}, _exploit_left=1e9)
+    assert all(counting._mixing_pays(2) for _ in range(8))
     with pytest.raises(ValueError, match="mix_by"):
         Batcher(recorder, mix_by="sometimes", thread=False)
     with pytest.raises(UserError, match="--mix-by takes cost, count"):
         ServeSettings(mix_by="sometimes")
+
+
+def _serve(rule, mixed: bool, rows: int, seconds: float, tasks: int = 3) -> None:
+    """One pass as the batcher runs it: asked, then told."""
+    assert rule.mix(tasks) == mixed
+    rule.observe(mixed, rows, seconds)
+
+
+def test_mix_rule_measures_each_way_in_its_steady_state_then_runs_the_faster():
+    """An epoch probes mixed passes, then one-task passes (settling first: one turn round the waiting tasks),
+    each measured as busy seconds per row; the faster way then runs `exploit` times as long as the probes took,
+    and the next epoch probes again. A pass the rule did not choose (light load: one task alone) is not measured."""
+    from skeleton_ds.serving.mix_rule import MixRule
+
+    rule = MixRule(settle=1, measure=2, exploit=2.0)
+    _serve(rule, True, 10, 100.0)  # settling: not measured
+    _serve(rule, True, 10, 1.0)
+    rule.observe(False, 1, 50.0)  # a light-load pass between: not the probe's
+    _serve(rule, True, 10, 1.0)
+    assert rule.cost == {True: 0.1}
+    for _ in range(3):  # one-task passes settle for a turn round the 3 tasks, then measure one
+        _serve(rule, False, 1, 5.0)
+    for _ in range(3):
+        _serve(rule, False, 2, 1.0)
+    assert rule.cost == {True: 0.1, False: 0.5} and not rule.probing
+    assert rule._exploit_left == pytest.approx(2.0 * (100 + 2 + 15 + 3))  # twice the probes' busy seconds
+    _serve(rule, True, 10, 200.0)  # mixed measured faster: mixed passes, until the exploit time is used up
+    _serve(rule, True, 10, 50.0)
+    assert rule.mix(3) and rule.probing  # a new epoch: the probes again, mixed first
+    rule.observe(True, 10, 1.0)
+    rule = MixRule(settle=1, measure=1, exploit=1.0, cost={True: 0.5, False: 0.1}, _exploit_left=10.0)
+    _serve(rule, False, 4, 1.0)  # one-task passes measured faster: one task a pass
+    assert not rule.probing
 
 
 def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():

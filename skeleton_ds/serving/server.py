@@ -60,6 +60,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from skeleton_ds.errors import UserError
+from skeleton_ds.serving.mix_rule import MixRule
 from skeleton_ds.serving.settings import MIX_RULES, POLICIES, ServeSettings  # noqa: F401 - ServeSettings: API
 
 if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTTP layer do not need it
@@ -72,8 +73,6 @@ if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTT
 Predict = Callable[[str, "list[Example]"], "list[dict]"]
 UNKNOWN_TASK = "-"  # the metrics label of requests that name no registered task (bounded label values)
 MIXED = "*"  # the batch metrics label of a pass that mixes tasks
-COST_WEIGHT = 0.3  # Batcher mix_by "cost": the weight of the newest pass in the moving average of its kind's cost
-EXPLORE_EVERY = 16  # ... and how often the kind that costs more is run anyway, to follow a changing load
 LOG = logging.getLogger("skeleton_ds.serving.server")
 
 
@@ -121,9 +120,9 @@ class Batcher:
       instead (`predict(task, examples)`): a mixed pass of a few rows from as many tasks costs as much per row
       as one-task passes, and holds every row until the slowest finishes. From `mix_min` waiting, `mix_by`
       "count" always mixes; "cost" mixes while mixed passes have recently cost less per example than one-task
-      passes (moving averages of the passes run; the kind that costs more is still run every
-      `EXPLORE_EVERY`th choice, so its cost follows the load). Whether mixing pays depends on the model and the
-      tasks: measured, it does for 64 MiniLM tasks of one length and not for 8 SmolLM2 tasks of mixed lengths.
+      passes serve rows in fewer busy seconds per row than one-task passes under the load now, each way measured
+      in its own steady state and measured again from time to time (mix_rule.MixRule). Whether mixing pays
+      depends on the model and the tasks: measured, it does for 64 MiniLM tasks of one length.
     - "per-task": a pass holds one task's requests; the ready tasks take turns (round-robin), so a burst on
       one task delays another by at most one pass per busy task. `predict(task, examples)`.
     - "off": every request is its own pass, at once (the comparison baseline).
@@ -154,8 +153,7 @@ class Batcher:
         self.timeout_s = timeout_s
         self.mix_min = mix_min  # cross-task: fewer examples waiting than this, and the oldest task runs alone
         self.mix_by = mix_by
-        self.pass_cost: dict[bool, float | None] = {True: None, False: None}  # s per example: mixed, one-task
-        self._mix_choices = 0
+        self.mix_rule = MixRule()  # mix_by "cost": which way serves rows faster, measured while serving
         self.expired = 0  # requests dropped unrun past their deadline
         self._queues: dict[str, _Queue] = {}  # insertion order is the round-robin order
         self._turn = 0  # index in the round-robin order where the next search starts
@@ -260,8 +258,8 @@ class Batcher:
                 seconds, self._busy_since = time.monotonic() - start, None
                 per = seconds / max(1, len(examples))
                 self._seconds_per_example = 0.8 * self._seconds_per_example + 0.2 * per
-                last = self.pass_cost[mixed]
-                self.pass_cost[mixed] = per if last is None else (1 - COST_WEIGHT) * last + COST_WEIGHT * per
+                if self.mix_by == "cost":
+                    self.mix_rule.observe(mixed, len(examples), seconds)
                 if self._on_batch is not None:
                     self._on_batch(task, len(examples), seconds)
             offset = 0
@@ -288,7 +286,7 @@ class Batcher:
             oldest = min(self._queues[n].requests[0].enqueued for n in names)
             if self._waiting < self.max_batch and now < oldest + self.max_wait_s:
                 return None, oldest + self.max_wait_s
-            if self._waiting < self.mix_min or not self._mixing_pays():  # light load, or mixing costs more
+            if self._waiting < self.mix_min or not self._mixing_pays(len(names)):  # light load, or mixing costs more
                 name = min(names, key=lambda n: self._queues[n].requests[0].enqueued)
                 requests = self._take(self._queues[name], self.max_batch)
                 return ((name, requests) if requests else None), None
@@ -311,16 +309,10 @@ class Batcher:
             wake = deadline if wake is None else min(wake, deadline)
         return None, wake
 
-    def _mixing_pays(self) -> bool:
-        """mix_by "cost": whether the next pass should mix, from the measured cost per example of each kind of pass
-        (the kind not yet measured is tried first; the dearer one every EXPLORE_EVERY-th choice)."""
-        if self.mix_by == "count":
-            return True
-        mixed, alone = self.pass_cost[True], self.pass_cost[False]
-        if mixed is None or alone is None:
-            return mixed is None
-        self._mix_choices += 1
-        return (mixed <= alone) != (self._mix_choices % EXPLORE_EVERY == 0)
+    def _mixing_pays(self, tasks: int) -> bool:
+        """Whether the next pass, with rows of `tasks` tasks waiting, mixes them: always (mix_by "count"), or as
+        the measurements of the mix rule say (mix_by "cost")."""
+        return self.mix_by == "count" or self.mix_rule.mix(tasks)
 
     def _unexpired(self, requests: list[_Request]) -> list[_Request]:
         """A taken pass less the requests whose deadline has passed since (their callers are answered 504)."""
