@@ -637,9 +637,9 @@ def test_cross_task_batcher_mixes_only_while_mixing_measures_faster():
         ServeSettings(mix_by="sometimes")
 
 
-def _serve(rule, mixed: bool, rows: int, seconds: float, tasks: int = 3) -> None:
+def _serve(rule, mixed: bool, rows: int, seconds: float, tasks: int = 3, waiting: int = 8) -> None:
     """One pass as the batcher runs it: asked, then told."""
-    assert rule.mix(tasks) == mixed
+    assert rule.mix(tasks, waiting) == mixed
     rule.observe(mixed, rows, seconds)
 
 
@@ -663,11 +663,28 @@ def test_mix_rule_measures_each_way_in_its_steady_state_then_runs_the_faster():
     assert rule._exploit_left == pytest.approx(2.0 * (100 + 2 + 15 + 3))  # twice the probes' busy seconds
     _serve(rule, True, 10, 200.0)  # mixed measured faster: mixed passes, until the exploit time is used up
     _serve(rule, True, 10, 50.0)
-    assert rule.mix(3) and rule.probing  # a new epoch: the probes again, mixed first
+    assert rule.mix(3, 8) and rule.probing  # a new epoch: the probes again, mixed first
     rule.observe(True, 10, 1.0)
     rule = MixRule(settle=1, measure=1, exploit=1.0, cost={True: 0.5, False: 0.1}, _exploit_left=10.0)
     _serve(rule, False, 4, 1.0)  # one-task passes measured faster: one task a pass
     assert not rule.probing
+
+
+def test_mix_rule_probes_again_when_the_load_moves_away_from_the_one_probed():
+    """The rows waiting at each decision, a moving average against the probes' mean: more than twice or under
+    half of it ends the faster way's stretch early (a light load after a heavy one, and the other way round)."""
+    from skeleton_ds.serving.mix_rule import MixRule
+
+    for later, decisions in ((32, 2), (2, 6)):  # the average 8 -> 8.4 -> 13.1 -> 16.9; 8.4 -> 7.1 ... 4.1 -> 3.7
+        rule = MixRule(settle=0, measure=1, exploit=1000.0)
+        _serve(rule, True, 8, 1.0, tasks=1)
+        _serve(rule, False, 8, 0.5, tasks=1)  # one-task passes faster, probed at 8 rows waiting
+        _serve(rule, False, 8, 0.5, tasks=1)
+        assert not rule.probing
+        _serve(rule, False, 8, 0.5, tasks=1, waiting=10)  # a load near the one probed: the stretch goes on
+        for _ in range(decisions - 1):
+            _serve(rule, False, later, 0.5, tasks=1, waiting=later)
+        assert rule.mix(1, later) and rule.probing  # past 2x either way: the probes again, mixed first
 
 
 def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():

@@ -312,7 +312,7 @@ class Batcher:
     def _mixing_pays(self, tasks: int) -> bool:
         """Whether the next pass, with rows of `tasks` tasks waiting, mixes them: always (mix_by "count"), or as
         the measurements of the mix rule say (mix_by "cost")."""
-        return self.mix_by == "count" or self.mix_rule.mix(tasks)
+        return self.mix_by == "count" or self.mix_rule.mix(tasks, self._waiting)
 
     def _unexpired(self, requests: list[_Request]) -> list[_Request]:
         """A taken pass less the requests whose deadline has passed since (their callers are answered 504)."""
