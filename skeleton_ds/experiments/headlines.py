@@ -73,6 +73,33 @@ def results_table(results: Path = RESULTS) -> str:
     return "\n".join(lines + [""] + _sources(results, [name for name, *_ in RESULT_ROWS])) + "\n"
 
 
+# The size protocol's tables (reproduce --plan size), one row per model, smallest first
+SIZE_ROWS = (("reproduce_smollm2-135m_size", "SmolLM2-135M"), ("reproduce_qwen2.5-1.5b_size", "Qwen2.5-1.5B"))
+
+
+def size_table(results: Path = RESULTS) -> str:
+    """Does a larger decoder keep the task better? The same SST-2 protocol on each size: the zero-shot floor, full
+    prompt tuning, the re-tuned skeleton at FFN keep 0.5 and 0.3 (before re-tuning in brackets), the random control
+    at 0.3 and the compact model's measured speed-up at 0.3."""
+    from skeleton_ds.experiments.reproduce import speedup_cell
+
+    lines = markdown_table(["decoder (parameters)", "SST-2 (train / dev examples)", "zero-shot", "full prompt tuning",
+                            "Skeleton 0.5, re-tuned (before)", "Skeleton 0.3, re-tuned (before)",
+                            "random 0.3, re-tuned (before)", "parameters at 0.3", "speed-up at 0.3 (CPU, batch 32)"])
+    for name, label in SIZE_ROWS:
+        table = _load(results, name)
+        cells = {(r["ffn_keep"], r["variant"]): r for r in table["table"] if r["task"] == "sst2"}
+        half, method, control = cells[(0.5, "attribution")], cells[(0.3, "attribution")], cells[(0.3, "random")]
+        lines.append(
+            f"| {label} ({_millions(method['parameters_full'])}) "
+            f"| {method['train_examples']} / {method['dev_examples']} | {method['zero_shot_mean']:.3f} "
+            f"| {method['full_mean']:.3f} | {half['after_mean']:.3f} ({half['before_mean']:.3f}) "
+            f"| **{method['after_mean']:.3f}** ({method['before_mean']:.3f}) "
+            f"| {control['after_mean']:.3f} ({control['before_mean']:.3f}) "
+            f"| {_millions(method['parameters_compact'])} | {speedup_cell(table, method)} |")
+    return "\n".join(lines + [""] + _sources(results, [name for name, _ in SIZE_ROWS])) + "\n"
+
+
 # (JSON, label, inputs, batch) rows of the speed table; every row is the compact model at FFN keep 0.3
 SPEED_ROWS = (("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 32),
               ("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 1),
