@@ -660,14 +660,36 @@ def test_mix_rule_measures_each_way_in_its_steady_state_then_runs_the_faster():
     for _ in range(3):
         _serve(rule, False, 2, 1.0)
     assert rule.cost == {True: 0.1, False: 0.5} and not rule.probing
+    assert rule.epochs == 1
     assert rule._exploit_left == pytest.approx(2.0 * (100 + 2 + 15 + 3))  # twice the probes' busy seconds
     _serve(rule, True, 10, 200.0)  # mixed measured faster: mixed passes, until the exploit time is used up
     _serve(rule, True, 10, 50.0)
     assert rule.mix(3, 8) and rule.probing  # a new epoch: the probes again, mixed first
+    assert rule.epochs == 2
     rule.observe(True, 10, 1.0)
     rule = MixRule(settle=1, measure=1, exploit=1.0, cost={True: 0.5, False: 0.1}, _exploit_left=10.0)
     _serve(rule, False, 4, 1.0)  # one-task passes measured faster: one task a pass
     assert not rule.probing
+
+
+def test_metrics_show_what_the_mix_rule_measured():
+    """/metrics, under cross-task batching by cost: the busy seconds per row of each way's last probe and how
+    many times both were probed; by count (nothing measured) neither."""
+    from skeleton_ds.serving.mix_rule import MixRule
+    from skeleton_ds.serving.server import _BatcherCollector
+
+    def samples(batcher) -> dict:
+        return {(s.name, tuple(s.labels.values())): s.value for f in _BatcherCollector(batcher).collect()
+                for s in f.samples}
+
+    recorder = _Recorder()
+    batcher = Batcher(recorder, policy="cross-task", mix_min=2, mix_by="cost", thread=False)
+    batcher.mix_rule = MixRule(cost={True: 0.25, False: 0.5}, epochs=3)
+    assert samples(batcher) == {("skeleton_requests_expired_total", ()): 0, ("skeleton_mix_probes_total", ()): 3,
+                                ("skeleton_mix_seconds_per_row", ("mixed",)): 0.25,
+                                ("skeleton_mix_seconds_per_row", ("one-task",)): 0.5}
+    counting = Batcher(recorder, policy="cross-task", mix_min=2, mix_by="count", thread=False)
+    assert samples(counting) == {("skeleton_requests_expired_total", ()): 0}
 
 
 def test_mix_rule_probes_again_when_the_load_moves_away_from_the_one_probed():

@@ -43,6 +43,7 @@ class MixRule:
     measure: int = MEASURE
     exploit: float = EXPLOIT
     cost: dict[bool, float] = field(default_factory=dict)  # the last probes' busy seconds per row: mixed, one-task
+    epochs: int = 0  # times both ways were probed (started)
     _probes: list[_Probe] = field(default_factory=list)  # this epoch's probes still to run (the first is running)
     _exploit_left: float = 0.0  # busy seconds the chosen way still runs before the next probes
     _probe_seconds: float = 0.0
@@ -58,6 +59,7 @@ class MixRule:
             self._probes = [_Probe(True, self.settle, self.measure),
                             _Probe(False, max(self.settle, turn), max(self.measure, turn))]
             self._probe_seconds, self._probe_load = 0.0, []
+            self.epochs += 1
         if self._probes:
             self._probe_load.append(waiting)
             probe = self._probes[0]

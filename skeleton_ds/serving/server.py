@@ -394,10 +394,11 @@ class Metrics:
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.registry.register(_CacheCollector(model))
 
-    def watch_expired(self, batcher: Batcher) -> None:
-        """skeleton_requests_expired_total: requests dropped unrun past their deadline (work not done for a
-        client already answered 504), read from the batcher's own count at each scrape."""
-        self.registry.register(_ExpiredCollector(batcher))
+    def watch_batcher(self, batcher: Batcher) -> None:
+        """What the batcher counts, read at each scrape: skeleton_requests_expired_total (requests dropped unrun
+        past their deadline: work not done for a client already answered 504) and, under cross-task batching by
+        cost, what the mix rule measured (skeleton_mix_seconds_per_row by way, skeleton_mix_probes_total)."""
+        self.registry.register(_BatcherCollector(batcher))
 
     def observe_request(self, task: str, status: int, seconds: float) -> None:
         self.requests.labels(task, str(status)).inc()
@@ -411,7 +412,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _ExpiredCollector:
+class _BatcherCollector:
     def __init__(self, batcher: Batcher):
         self.batcher = batcher
 
@@ -420,6 +421,17 @@ class _ExpiredCollector:
                                      "deadline")
         family.add_metric([], self.batcher.expired)
         yield family
+        if self.batcher.policy != "cross-task" or self.batcher.mix_by != "cost":
+            return
+        rule = self.batcher.mix_rule
+        yield CounterMetricFamily("skeleton_mix_probes", "Times the mix rule started probing both ways",
+                                  value=rule.epochs)
+        cost = GaugeMetricFamily("skeleton_mix_seconds_per_row", "Busy seconds per row each way served in the "
+                                 "mix rule's last probe of it", labels=["way"])
+        for mixed, way in ((True, "mixed"), (False, "one-task")):
+            if mixed in rule.cost:
+                cost.add_metric([way], rule.cost[mixed])
+        yield cost
 
 
 class _CacheCollector:
@@ -484,7 +496,7 @@ def create_app(model: ServedModel, settings: ServeSettings = ServeSettings(), *,
                       max_wait_s=settings.max_wait_ms / 1000, policy=settings.batching, max_queue=settings.max_queue,
                       on_batch=metrics.observe_batch, timeout_s=settings.timeout_ms / 1000, thread=batcher_thread,
                       mix_min=settings.mix_min, mix_by=settings.mix_by)
-    metrics.watch_expired(batcher)
+    metrics.watch_batcher(batcher)
     names = list(model.task_names())
 
     @asynccontextmanager
