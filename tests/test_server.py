@@ -418,7 +418,7 @@ def test_load_test_smoke_run_measures_four_ways_of_serving_with_provenance(tiny_
     popularity; its JSON carries the provenance, the memory of each server and the targets' ratios."""
     out = tmp_path / "load_test.json"
     command = [sys.executable, "-m", "skeleton_ds.experiments.load_test", "--base", str(tiny_models["llama"]),
-               "--requests", "12",
+               "--requests", "12", "--warmup-requests", "6",
                "--clients", "3,32", "--device", "cpu", "--dtype", "fp32", "--output", str(out),
                *(arg for d in task_dirs for arg in ("--task-dir", d))]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -429,6 +429,8 @@ def test_load_test_smoke_run_measures_four_ways_of_serving_with_provenance(tiny_
         ("zipf", 3, "skeleton", "cross-task"), ("zipf", 3, "skeleton", "per-task"),
         ("zipf", 3, "prompt-tuning", "cross-task"), ("zipf", 3, "compact", "per-task")]
     assert len(record["runs"]) == 16 and all(r["failures"] == 0 and r["requests_per_s"] > 0 for r in record["runs"])
+    assert record["warmup_requests"] == 6 and all(r["mixed_passes"] <= r["passes"] for r in record["runs"])
+    assert {r["mix_probes"] + r["mixed_passes"] for r in record["runs"] if r["batching"] == "per-task"} == {0}
     memory = record["memory"]
     shared = {label: m["shared_bytes"] for label, m in memory.items()}
     assert shared["skeletons, cross-task"] == shared["plain prompt tuning, cross-task"] > 0
@@ -436,6 +438,7 @@ def test_load_test_smoke_run_measures_four_ways_of_serving_with_provenance(tiny_
     assert memory["plain prompt tuning, cross-task"]["model_bytes"] < memory["skeletons, cross-task"]["model_bytes"]
     assert set(record["targets"]) == {"per-task", "prompt-tuning"}
     assert "separate compact models" in out.with_suffix(".md").read_text()
+    assert "per loop, after 6 untimed" in out.with_suffix(".md").read_text()
 
 
 def test_soak_smoke_run_answers_or_refuses_every_request(tiny_models, task_dirs, tmp_path):

@@ -12,7 +12,10 @@ the same machine, the idle ones only waiting):
 Each server gets one warm-up request per task (every task materialised before a clock starts). Then, per
 popularity (uniform, or Zipf with s = 1.1 over the tasks in the order given) and client count, `--clients`
 threads each send their next request as soon as the previous one is answered, `--requests` in all, the
-tasks drawn from the popularity with one seed, so every server answers the same sequence. Reported per
+tasks drawn from the popularity with one seed, so every server answers the same sequence; before it,
+untimed, `--warmup-requests` more under the same load (another draw), so a server that adapts to its load
+(the mix rule of cross-task batching) is timed in its steady state, as a long-running server would be, not
+while it learns. Reported per
 row: requests/s over the loop's wall time, p50/p99 latency as the client sees it, the mean examples per
 forward pass and the mean pass time (from /metrics before and after), and the 1-minute load average as the
 loop ended (was the machine shared?). Memory per server: the model bytes it holds (parameters and buffers:
@@ -61,7 +64,9 @@ def measure(server: Server, work: list, order: list[int], clients: int, per_requ
     result = closed_loop(server, work, order, clients)
     after = batch_totals(server)
     passes, examples, seconds = (after[k] - before[k] for k in ("passes", "examples", "seconds"))
-    return result | {"passes": int(passes), "examples_per_s": round(len(order) * per_request / result["wall_s"], 2),
+    mixed, probes = (int(after[k] - before[k]) for k in ("mixed_passes", "mix_probes"))
+    return result | {"passes": int(passes), "mixed_passes": mixed, "mix_probes": probes,
+                     "examples_per_s": round(len(order) * per_request / result["wall_s"], 2),
                      "mean_batch": round(examples / passes, 2) if passes else 0.0,
                      "mean_pass_ms": round(seconds / passes * 1e3, 2) if passes else 0.0,
                      "worker_busy": round(seconds / result["wall_s"], 3)}
@@ -79,13 +84,18 @@ def run(args: argparse.Namespace, dirs: list[str]) -> tuple[list[dict], dict[str
         rows = []
         for kind in args.popularity:
             order = draws(len(dirs), kind, args.requests, args.seed)
+            warmup = draws(len(dirs), kind, args.warmup_requests, args.seed + 1) if args.warmup_requests else []
             for clients in args.clients:
                 for serving, server, work in zip(servings, servers, works):
                     row = {"popularity": kind, "clients": clients, "mode": serving.mode, "batching": serving.batching,
                            "serving": serving.label}
+                    if warmup:
+                        closed_loop(server, work, warmup, clients)
                     rows.append(row | measure(server, work, order, clients, args.inputs_per_request))
-                    print(f"load_test: {kind} {clients} clients, {serving.label}: {rows[-1]['requests_per_s']} req/s, "
-                          f"p99 {rows[-1]['p99_ms']} ms, batch {rows[-1]['mean_batch']}", flush=True)
+                    last = rows[-1]
+                    print(f"load_test: {kind} {clients} clients, {serving.label}: {last['requests_per_s']} req/s, "
+                          f"p99 {last['p99_ms']} ms, batch {last['mean_batch']}, mixed passes {last['mixed_passes']} "
+                          f"of {last['passes']}, probes {last['mix_probes']}", flush=True)
         memory = {}
         for serving, server in zip(servings, servers):
             held = json.loads(get(server, "/v1/tasks")[1])["memory"]
@@ -123,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="concurrent closed-loop clients; a comma list runs the loop once per count")
     p.add_argument("--popularity", type=lambda v: [s for s in v.split(",") if s], default=["zipf", "uniform"],
                    help="task popularity: zipf (s = 1.1), uniform; a comma list runs each")
+    p.add_argument("--warmup-requests", type=int, default=0, metavar="N",
+                   help="per loop, N untimed requests under the same load first (default 0)")
     p.add_argument("--seed", type=int, default=0, help="the task draws' seed")
     p.add_argument("--inputs-per-request", type=int, default=1)
     p.add_argument("--output", "--out", type=Path, default=CHECKOUT / "runs" / "load_test" / "load_test.json",
@@ -137,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.clients or min(args.requests, *args.clients, args.inputs_per_request) < 1:
         p.error("--requests, --clients and --inputs-per-request must be positive")
+    if args.warmup_requests < 0:
+        p.error("--warmup-requests must be 0 or more")
     if unknown := [s for s in args.servings if s not in SERVINGS] + [k for k in args.popularity
                                                                        if k not in ("zipf", "uniform")]:
         p.error(f"unknown serving or popularity: {', '.join(unknown)}")
@@ -150,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, memory = run(args, dirs)
     report = {"command": command, "provenance": provenance(command), "date": date.today().isoformat(),
               "base": args.base, "tasks": len(dirs), "task_dirs": dirs, "requests": args.requests,
+              "warmup_requests": args.warmup_requests,
               "clients": args.clients, "popularity": args.popularity, "inputs_per_request": args.inputs_per_request,
               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "server_threads": args.server_threads,
               "runs": rows, "memory": memory, "targets": targets(rows)}
@@ -161,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(report: dict) -> str:
     """The serving guide's tables: throughput and latency per popularity, client count and serving; then memory."""
+    warmup = f", after {report['warmup_requests']} untimed" if report.get("warmup_requests") else ""
     lines = [f"{report['tasks']} tasks on {report['base']}, {report['requests']} requests of "
-             f"{report['inputs_per_request']} input(s) per loop ({report['date']}): `{report['command']}`", "",
+             f"{report['inputs_per_request']} input(s) per loop{warmup} ({report['date']}): `{report['command']}`", "",
              *markdown_table(["popularity", "clients", "serving", "requests/s", "p50 ms", "p99 ms", "mean batch",
                               "ms per pass", "machine load"])]
     lines += [f"| {r['popularity']} | {r['clients']} | {r['serving']} | {r['requests_per_s']:.1f} | "

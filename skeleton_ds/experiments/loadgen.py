@@ -117,18 +117,23 @@ def get(server: Server, path: str) -> tuple[int, bytes]:
 
 
 def batch_totals(server: Server) -> dict[str, float]:
-    """Examples, forward passes and their seconds so far, summed over tasks, from the batch histograms."""
+    """Examples, forward passes and their seconds so far, summed over tasks, from the batch histograms; the
+    passes that mixed tasks, and how often the mix rule probed both ways (cross-task batching by cost)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     status, text = get(server, "/metrics")
     assert status == 200, "loadgen: /metrics did not answer"
     names = {"skeleton_batch_size_sum": "examples", "skeleton_batch_size_count": "passes",
              "skeleton_batch_seconds_sum": "seconds"}
-    totals = dict.fromkeys(names.values(), 0.0)
+    totals = dict.fromkeys([*names.values(), "mixed_passes", "mix_probes"], 0.0)
     for family in text_string_to_metric_families(text.decode()):
         for sample in family.samples:
             if sample.name in names:
                 totals[names[sample.name]] += sample.value
+            if sample.name == "skeleton_batch_size_count" and sample.labels.get("task") == "*":
+                totals["mixed_passes"] += sample.value
+            if sample.name == "skeleton_mix_probes_total":
+                totals["mix_probes"] += sample.value
     return totals
 
 
