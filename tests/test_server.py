@@ -696,20 +696,36 @@ def test_metrics_show_what_the_mix_rule_measured():
 
 
 def test_mix_rule_probes_again_when_the_load_moves_away_from_the_one_probed():
-    """The rows waiting at each decision, a moving average against the probes' mean: more than twice or under
-    half of it ends the faster way's stretch early (a light load after a heavy one, and the other way round)."""
+    """The load (rows waiting when asked plus the rows of the pass just ended), a moving average against the
+    probes' mean: more than twice or under half of it ends the faster way's stretch early, both ways (a light load
+    after a heavy one, and the other way round); a load near it never does. Two probes that saw loads more than
+    2x apart are not compared: both are probed again."""
     from skeleton_ds.serving.mix_rule import MixRule
 
-    for later, decisions in ((32, 2), (2, 6)):  # the average 8 -> 8.4 -> 13.1 -> 16.9; 8.4 -> 7.1 ... 4.1 -> 3.7
+    def probed_at_10() -> MixRule:  # one-task passes measured faster, both probes at a load of 8-10
         rule = MixRule(settle=0, measure=1, exploit=1000.0)
-        _serve(rule, True, 8, 1.0, tasks=1)
-        _serve(rule, False, 8, 0.5, tasks=1)  # one-task passes faster, probed at 8 rows waiting
-        _serve(rule, False, 8, 0.5, tasks=1)
-        assert not rule.probing
-        _serve(rule, False, 8, 0.5, tasks=1, waiting=10)  # a load near the one probed: the stretch goes on
-        for _ in range(decisions - 1):
-            _serve(rule, False, later, 0.5, tasks=1, waiting=later)
-        assert rule.mix(1, later) and rule.probing  # past 2x either way: the probes again, mixed first
+        _serve(rule, True, 2, 1.0, tasks=1)
+        _serve(rule, False, 2, 0.1, tasks=1)
+        _serve(rule, False, 2, 0.1, tasks=1)
+        assert not rule.probing and rule.epochs == 1
+        return rule
+
+    def decisions_until_probing(rule: MixRule, waiting: int) -> int | None:
+        for n in range(1, 50):
+            if rule.mix(1, waiting):
+                return n if rule.probing else None
+            rule.observe(False, 2, 0.1)
+        return None
+
+    assert decisions_until_probing(probed_at_10(), 12) is None  # near the load probed: the stretch goes on
+    assert decisions_until_probing(probed_at_10(), 4) is None
+    assert 2 <= decisions_until_probing(probed_at_10(), 40) <= 5  # 4x the load: moving average past 2x soon
+    assert 3 <= decisions_until_probing(probed_at_10(), 1) <= 12  # a third of it: past half a little later
+    rule = MixRule(settle=0, measure=1, exploit=1000.0)
+    _serve(rule, True, 2, 1.0, tasks=1)  # mixed probed at a load of 8
+    _serve(rule, False, 2, 0.1, tasks=1, waiting=40)  # one-task passes at about 42: not comparable
+    _serve(rule, False, 2, 0.1, tasks=1, waiting=40)
+    assert rule.mix(1, 40) and rule.probing and rule.epochs == 2  # both probed again, mixed first
 
 
 def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():

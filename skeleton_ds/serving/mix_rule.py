@@ -7,9 +7,11 @@ and under one-task passes each task's queue grows while the other tasks run, so 
 rule measures each way in its own steady state, as a bandit in epochs: run mixed passes, then one-task passes,
 each for a settling stretch (not measured) and a measured one; then run the way that served rows in fewer
 busy seconds per row for `EXPLOIT` times as long as both probes took, and probe again (the load may change).
-A load that moves far from the one probed (the rows waiting when the rule is asked, a moving average against
-the probes' mean, off by more than `LOAD_CHANGE` times either way) ends the stretch early: a mixed pass that
-held every client of a light load would otherwise keep the next pass as large, and so keep itself chosen.
+The load is the rows in the server when the rule is asked: those waiting plus those of the pass just ended
+(in a closed loop, about the number of clients, whichever way is running). Two probes that saw loads more than
+`LOAD_CHANGE` times apart are not compared: both ways are probed again. A load that moves that far from the
+one probed (a moving average against the probes' mean) ends the stretch early: a mixed pass that held every
+client of a light load would otherwise keep the next pass as large, and so keep itself chosen.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ SETTLE = 2  # passes of a probe run before it measures (one turn round the waiti
 MEASURE = 8  # passes a probe measures (at least one turn round the tasks for one-task passes)
 MAX_TURN = 16  # the longest turn round the tasks a probe waits for
 EXPLOIT = 10.0  # the better way runs this many times as long (busy seconds) as both probes together took
-LOAD_CHANGE = 2.0  # ... unless the rows waiting move this many times away from the probes' mean (either way)
-LOAD_WEIGHT = 0.2  # the weight of the newest decision in the moving average of the rows waiting
+LOAD_CHANGE = 2.0  # ... unless the load moves this many times away from the probes' mean (either way)
+LOAD_WEIGHT = 0.2  # the weight of the newest decision in the moving average of the load
 
 
 @dataclass
@@ -32,6 +34,11 @@ class _Probe:
     seconds: float = 0.0
     rows: int = 0
     done: int = 0  # passes of this probe run so far (settling included)
+    loads: list[int] = field(default_factory=list)  # the load at each of its decisions
+
+    @property
+    def load(self) -> float:
+        return sum(self.loads) / max(1, len(self.loads))
 
 
 @dataclass
@@ -48,35 +55,37 @@ class MixRule:
     _exploit_left: float = 0.0  # busy seconds the chosen way still runs before the next probes
     _probe_seconds: float = 0.0
     _pending: _Probe | None = None  # the probe the pass just chosen counts towards (None: not measured)
-    _probe_load: list[int] = field(default_factory=list)  # the rows waiting at each decision of this epoch's probes
-    _load: float = 0.0  # their mean once probed, then a moving average of the rows waiting at each decision
+    _done: list[_Probe] = field(default_factory=list)  # this epoch's probes that have finished
+    _probed_load: float = 0.0  # the mean load of the last probes
+    _load: float = 0.0  # a moving average of the load at each decision since
+    _last_rows: int = 0  # the rows of the last pass run
 
     def mix(self, tasks: int, waiting: int) -> bool:
-        if not self._probes and self._exploit_left > 0 and self._load_moved(waiting):
+        load = waiting + self._last_rows
+        if not self._probes and self._exploit_left > 0 and self._load_moved(load):
             self._exploit_left = 0.0
         if not self._probes and self._exploit_left <= 0:  # a new epoch: probe both ways
             turn = min(max(tasks, 1), MAX_TURN)
             self._probes = [_Probe(True, self.settle, self.measure),
                             _Probe(False, max(self.settle, turn), max(self.measure, turn))]
-            self._probe_seconds, self._probe_load = 0.0, []
+            self._probe_seconds, self._done = 0.0, []
             self.epochs += 1
         if self._probes:
-            self._probe_load.append(waiting)
             probe = self._probes[0]
+            probe.loads.append(load)
             self._pending = probe
             return probe.mixed
         self._pending = None
         return self.cost[True] <= self.cost[False]
 
-    def _load_moved(self, waiting: int) -> bool:
-        if not self._load:
+    def _load_moved(self, load: int) -> bool:
+        if not self._probed_load:
             return False
-        probed = sum(self._probe_load) / max(1, len(self._probe_load))
-        self._load = (1 - LOAD_WEIGHT) * self._load + LOAD_WEIGHT * waiting
-        return not probed / LOAD_CHANGE <= self._load <= probed * LOAD_CHANGE
+        self._load = (1 - LOAD_WEIGHT) * self._load + LOAD_WEIGHT * load
+        return not _within(self._load, self._probed_load)
 
     def observe(self, mixed: bool, rows: int, seconds: float) -> None:
-        probe, self._pending = self._pending, None
+        probe, self._pending, self._last_rows = self._pending, None, rows
         if probe is None:
             if not self._probes:
                 self._exploit_left -= seconds
@@ -89,11 +98,19 @@ class MixRule:
             probe.seconds, probe.rows = probe.seconds + seconds, probe.rows + rows
         if probe.done >= probe.settle + probe.measure:
             self.cost[probe.mixed] = probe.seconds / max(1, probe.rows)
-            self._probes.pop(0)
+            self._done.append(self._probes.pop(0))
             if not self._probes:
-                self._exploit_left = self.exploit * self._probe_seconds
-                self._load = sum(self._probe_load) / max(1, len(self._probe_load))
+                mixed_load, alone_load = (p.load for p in self._done)
+                if _within(mixed_load, alone_load):
+                    self._exploit_left = self.exploit * self._probe_seconds
+                    self._probed_load = self._load = (mixed_load + alone_load) / 2
+                else:  # measured under different loads: not comparable, probe both again
+                    self._exploit_left = 0.0
 
     @property
     def probing(self) -> bool:
         return bool(self._probes)
+
+
+def _within(load: float, reference: float) -> bool:
+    return reference / LOAD_CHANGE <= load <= reference * LOAD_CHANGE
