@@ -441,6 +441,35 @@ def test_load_test_smoke_run_measures_four_ways_of_serving_with_provenance(tiny_
     assert "per loop, after 6 untimed" in out.with_suffix(".md").read_text()
 
 
+def test_a_load_generator_killed_takes_its_servers_with_it(tiny_models, task_dirs):
+    """loadgen.Server: a measurement killed outright (SIGKILL: no cleanup runs) leaves no server serving on,
+    loading the machine for the next measurement."""
+    import os
+    import signal
+
+    code = ("import sys, time\n"
+            "from skeleton_ds.experiments.loadgen import Server, Serving\n"
+            f"server = Server(Serving('skeleton', 'per-task'), {str(tiny_models['llama'])!r}, {task_dirs[:1]!r}, "
+            "extra=['--device', 'cpu'])\n"
+            "print(server.process.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(server, signal.SIGKILL)
+    pytest.fail("the server outlived the load generator that started it")
+
+
 def test_soak_smoke_run_answers_or_refuses_every_request(tiny_models, task_dirs, tmp_path):
     """experiments.soak_test for a few seconds at twice the measured capacity, with a small queue and a short
     deadline: every request is answered once (200, 503 or 504), none lost, the server healthy after."""

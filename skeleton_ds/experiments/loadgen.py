@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,8 @@ class Server:
                    "--host", "127.0.0.1", *serving.flags(), *extra,
                    *itertools.chain.from_iterable(("--task-dir", d) for d in task_dirs)]
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env,
+                                        preexec_fn=_die_with_parent)
         line = _first_line(self.process, start_timeout)
         if " on http://" not in line:
             self.stop()
@@ -90,6 +92,17 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the server's process before it starts (Linux): SIGTERM when the load generator dies, however it dies,
+    so a killed measurement leaves no server running on (and loading the machine for the next one)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _first_line(process: subprocess.Popen, timeout: float) -> str:
