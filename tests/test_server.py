@@ -669,8 +669,8 @@ def test_cross_task_batcher_mixes_only_while_mixing_measures_faster():
         ServeSettings(mix_by="sometimes")
 
 
-def _serve(rule, mixed: bool, rows: int, seconds: float, tasks: int = 3, waiting: int = 8) -> None:
-    """One pass as the batcher runs it: asked, then told."""
+def _serve(rule, mixed: bool, rows: int, seconds: float, tasks: int = 3, waiting: float = 8) -> None:
+    """One pass as the batcher runs it: asked (with the load), then told."""
     assert rule.mix(tasks, waiting) == mixed
     rule.observe(mixed, rows, seconds)
 
@@ -725,36 +725,36 @@ def test_metrics_show_what_the_mix_rule_measured():
 
 
 def test_mix_rule_probes_again_when_the_load_moves_away_from_the_one_probed():
-    """The load (rows waiting when asked plus the rows of the pass just ended), a moving average against the
-    probes' mean: more than twice or under half of it ends the faster way's stretch early, both ways (a light load
-    after a heavy one, and the other way round); a load near it never does. Two probes that saw loads more than
-    2x apart are not compared: both are probed again."""
+    """The load (the batcher's moving average of the rows in the server) against the probes' mean: more than
+    twice or under half of it ends the faster way's stretch early, both ways (a light load after a heavy one,
+    and the other way round); a load near it does not. Two probes that saw loads more than 2x apart are not
+    compared: both are probed again. The batcher's load follows the rows waiting and running as requests come."""
     from skeleton_ds.serving.mix_rule import MixRule
 
-    def probed_at_10() -> MixRule:  # one-task passes measured faster, both probes at a load of 8-10
+    def probed_at_10() -> MixRule:  # one-task passes measured faster, both probes at a load of 10
         rule = MixRule(settle=0, measure=1, exploit=1000.0)
-        _serve(rule, True, 2, 1.0, tasks=1)
-        _serve(rule, False, 2, 0.1, tasks=1)
-        _serve(rule, False, 2, 0.1, tasks=1)
+        _serve(rule, True, 2, 1.0, tasks=1, waiting=10)
+        _serve(rule, False, 2, 0.1, tasks=1, waiting=10)
+        _serve(rule, False, 2, 0.1, tasks=1, waiting=10)
         assert not rule.probing and rule.epochs == 1
         return rule
 
-    def decisions_until_probing(rule: MixRule, waiting: int) -> int | None:
-        for n in range(1, 50):
-            if rule.mix(1, waiting):
-                return n if rule.probing else None
-            rule.observe(False, 2, 0.1)
-        return None
-
-    assert decisions_until_probing(probed_at_10(), 12) is None  # near the load probed: the stretch goes on
-    assert decisions_until_probing(probed_at_10(), 4) is None
-    assert 2 <= decisions_until_probing(probed_at_10(), 40) <= 5  # 4x the load: moving average past 2x soon
-    assert 3 <= decisions_until_probing(probed_at_10(), 1) <= 12  # a third of it: past half a little later
+    for near in (6, 12, 19):
+        rule = probed_at_10()
+        for _ in range(20):
+            _serve(rule, False, 2, 0.1, tasks=1, waiting=near)  # near the load probed: the stretch goes on
+    for far in (4, 21, 40):
+        rule = probed_at_10()
+        assert rule.mix(1, far) and rule.probing and rule.epochs == 2  # the probes again, mixed first
     rule = MixRule(settle=0, measure=1, exploit=1000.0)
-    _serve(rule, True, 2, 1.0, tasks=1)  # mixed probed at a load of 8
-    _serve(rule, False, 2, 0.1, tasks=1, waiting=40)  # one-task passes at about 42: not comparable
+    _serve(rule, True, 2, 1.0, tasks=1, waiting=8)  # mixed probed at a load of 8
+    _serve(rule, False, 2, 0.1, tasks=1, waiting=40)  # one-task passes at 40: not comparable
     _serve(rule, False, 2, 0.1, tasks=1, waiting=40)
     assert rule.mix(1, 40) and rule.probing and rule.epochs == 2  # both probed again, mixed first
+    batcher = Batcher(_Recorder(), policy="cross-task", thread=False)
+    for _ in range(100):
+        batcher.submit("a", ["x"])
+    assert 70 < batcher.load < 100  # 100 rows waiting, the average a few requests behind
 
 
 def test_a_full_queue_refuses_and_a_withdrawn_request_is_never_run():

@@ -7,11 +7,11 @@ and under one-task passes each task's queue grows while the other tasks run, so 
 rule measures each way in its own steady state, as a bandit in epochs: run mixed passes, then one-task passes,
 each for a settling stretch (not measured) and a measured one; then run the way that served rows in fewer
 busy seconds per row for `EXPLOIT` times as long as both probes took, and probe again (the load may change).
-The load is the rows in the server when the rule is asked: those waiting plus those of the pass just ended
-(in a closed loop, about the number of clients, whichever way is running). Two probes that saw loads more than
-`LOAD_CHANGE` times apart are not compared: both ways are probed again. A load that moves that far from the
-one probed (a moving average against the probes' mean) ends the stretch early: a mixed pass that held every
-client of a light load would otherwise keep the next pass as large, and so keep itself chosen.
+The load is the batcher's moving average of the rows in the server (waiting or in the running pass) as each
+request arrives: in a closed loop, about the number of clients, whichever way is running. Two probes that saw
+loads more than `LOAD_CHANGE` times apart are not compared: both ways are probed again. A load that moves that
+far from the one probed ends the stretch early: a mixed pass that held every client of a light load would
+otherwise keep the next pass as large, and so keep itself chosen.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MEASURE = 8  # passes a probe measures (at least one turn round the tasks for on
 MAX_TURN = 16  # the longest turn round the tasks a probe waits for
 EXPLOIT = 10.0  # the better way runs this many times as long (busy seconds) as both probes together took
 LOAD_CHANGE = 2.0  # ... unless the load moves this many times away from the probes' mean (either way)
-LOAD_WEIGHT = 0.2  # the weight of the newest decision in the moving average of the load
+LOAD_WEIGHT = 0.05  # the weight of the newest request in the batcher's moving average of the rows in the server
 
 
 @dataclass
@@ -34,7 +34,7 @@ class _Probe:
     seconds: float = 0.0
     rows: int = 0
     done: int = 0  # passes of this probe run so far (settling included)
-    loads: list[int] = field(default_factory=list)  # the load at each of its decisions
+    loads: list[float] = field(default_factory=list)  # the load at each of its decisions
 
     @property
     def load(self) -> float:
@@ -43,8 +43,8 @@ class _Probe:
 
 @dataclass
 class MixRule:
-    """`mix(tasks, waiting)` is asked before each pass that could mix (how many tasks have rows waiting, and how
-    many rows); `observe` is told about every pass run, mixed or not."""
+    """`mix(tasks, load)` is asked before each pass that could mix (how many tasks have rows waiting, and the
+    load); `observe` is told about every pass run, mixed or not."""
 
     settle: int = SETTLE
     measure: int = MEASURE
@@ -57,13 +57,10 @@ class MixRule:
     _pending: _Probe | None = None  # the probe the pass just chosen counts towards (None: not measured)
     _done: list[_Probe] = field(default_factory=list)  # this epoch's probes that have finished
     _probed_load: float = 0.0  # the mean load of the last probes
-    _load: float = 0.0  # a moving average of the load at each decision since
-    _last_rows: int = 0  # the rows of the last pass run
 
-    def mix(self, tasks: int, waiting: int) -> bool:
-        load = waiting + self._last_rows
-        if not self._probes and self._exploit_left > 0 and self._load_moved(load):
-            self._exploit_left = 0.0
+    def mix(self, tasks: int, load: float) -> bool:
+        if not self._probes and self._exploit_left > 0 and self._probed_load and not _within(load, self._probed_load):
+            self._exploit_left = 0.0  # the load moved far from the one probed
         if not self._probes and self._exploit_left <= 0:  # a new epoch: probe both ways
             turn = min(max(tasks, 1), MAX_TURN)
             self._probes = [_Probe(True, self.settle, self.measure),
@@ -78,14 +75,8 @@ class MixRule:
         self._pending = None
         return self.cost[True] <= self.cost[False]
 
-    def _load_moved(self, load: int) -> bool:
-        if not self._probed_load:
-            return False
-        self._load = (1 - LOAD_WEIGHT) * self._load + LOAD_WEIGHT * load
-        return not _within(self._load, self._probed_load)
-
     def observe(self, mixed: bool, rows: int, seconds: float) -> None:
-        probe, self._pending, self._last_rows = self._pending, None, rows
+        probe, self._pending = self._pending, None
         if probe is None:
             if not self._probes:
                 self._exploit_left -= seconds
@@ -103,7 +94,7 @@ class MixRule:
                 mixed_load, alone_load = (p.load for p in self._done)
                 if _within(mixed_load, alone_load):
                     self._exploit_left = self.exploit * self._probe_seconds
-                    self._probed_load = self._load = (mixed_load + alone_load) / 2
+                    self._probed_load = (mixed_load + alone_load) / 2
                 else:  # measured under different loads: not comparable, probe both again
                     self._exploit_left = 0.0
 

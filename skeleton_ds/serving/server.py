@@ -60,7 +60,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from skeleton_ds.errors import UserError
-from skeleton_ds.serving.mix_rule import MixRule
+from skeleton_ds.serving.mix_rule import LOAD_WEIGHT, MixRule
 from skeleton_ds.serving.settings import MIX_RULES, POLICIES, ServeSettings  # noqa: F401 - ServeSettings: API
 
 if TYPE_CHECKING:  # importing the model pulls in torch; the batcher and the HTTP layer do not need it
@@ -154,6 +154,8 @@ class Batcher:
         self.mix_min = mix_min  # cross-task: fewer examples waiting than this, and the oldest task runs alone
         self.mix_by = mix_by
         self.mix_rule = MixRule()  # mix_by "cost": which way serves rows faster, measured while serving
+        self.load = 0.0  # a moving average of the rows in the server (waiting or running) as each request arrives
+        self._running = 0  # rows of the pass now running
         self.expired = 0  # requests dropped unrun past their deadline
         self._queues: dict[str, _Queue] = {}  # insertion order is the round-robin order
         self._turn = 0  # index in the round-robin order where the next search starts
@@ -184,6 +186,7 @@ class Batcher:
             queue.requests.append(_Request(task, list(examples), future, now, now + self.timeout_s))
             queue.examples += len(examples)
             self._waiting += len(examples)
+            self.load += LOAD_WEIGHT * (self._waiting + self._running - self.load)
             self._cond.notify()
         return future
 
@@ -246,6 +249,7 @@ class Batcher:
             mixed = task == MIXED
             examples = [(r.task, e) if mixed else e for r in requests for e in r.examples]
             start = self._busy_since = time.monotonic()
+            self._running = len(examples)
             try:
                 predictions = self._predict(task, examples)
                 if len(predictions) != len(examples):
@@ -255,7 +259,7 @@ class Batcher:
                     r.future.set_exception(e)
                 continue
             finally:
-                seconds, self._busy_since = time.monotonic() - start, None
+                seconds, self._busy_since, self._running = time.monotonic() - start, None, 0
                 per = seconds / max(1, len(examples))
                 self._seconds_per_example = 0.8 * self._seconds_per_example + 0.2 * per
                 if self.mix_by == "cost":
@@ -312,7 +316,7 @@ class Batcher:
     def _mixing_pays(self, tasks: int) -> bool:
         """Whether the next pass, with rows of `tasks` tasks waiting, mixes them: always (mix_by "count"), or as
         the measurements of the mix rule say (mix_by "cost")."""
-        return self.mix_by == "count" or self.mix_rule.mix(tasks, self._waiting)
+        return self.mix_by == "count" or self.mix_rule.mix(tasks, self.load)
 
     def _unexpired(self, requests: list[_Request]) -> list[_Request]:
         """A taken pass less the requests whose deadline has passed since (their callers are answered 504)."""
