@@ -119,8 +119,8 @@ class Batcher:
       With fewer than `mix_min` examples waiting (light load), the task with the oldest request runs alone
       instead (`predict(task, examples)`): a mixed pass of a few rows from as many tasks costs as much per row
       as one-task passes, and holds every row until the slowest finishes. From `mix_min` waiting, `mix_by`
-      "count" always mixes; "cost" mixes while mixed passes have recently cost less per example than one-task
-      passes serve rows in fewer busy seconds per row than one-task passes under the load now, each way measured
+      "count" always mixes; "cost" mixes while mixed passes serve rows in fewer busy seconds per row than
+      one-task passes under the load now, each way measured
       in its own steady state and measured again from time to time (mix_rule.MixRule). Whether mixing pays
       depends on the model and the tasks: measured, it does for 64 MiniLM tasks of one length.
     - "per-task": a pass holds one task's requests; the ready tasks take turns (round-robin), so a burst on
