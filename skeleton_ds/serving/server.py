@@ -120,9 +120,9 @@ class Batcher:
       instead (`predict(task, examples)`): a mixed pass of a few rows from as many tasks costs as much per row
       as one-task passes, and holds every row until the slowest finishes. From `mix_min` waiting, `mix_by`
       "count" always mixes; "cost" mixes while mixed passes serve rows in fewer busy seconds per row than
-      one-task passes under the load now, each way measured
-      in its own steady state and measured again from time to time (mix_rule.MixRule). Whether mixing pays
-      depends on the model and the tasks: measured, it does for 64 MiniLM tasks of one length.
+      one-task passes under the load now, each way measured in its own steady state and measured again from
+      time to time (mix_rule.MixRule). Whether mixing pays depends on the model and the tasks: measured, it
+      does for MiniLM tasks of one length and not for SmolLM2's tasks of mixed lengths.
     - "per-task": a pass holds one task's requests; the ready tasks take turns (round-robin), so a burst on
       one task delays another by at most one pass per busy task. `predict(task, examples)`.
     - "off": every request is its own pass, at once (the comparison baseline).
