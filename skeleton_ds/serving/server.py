@@ -208,6 +208,11 @@ class Batcher:
         since = self._busy_since
         return 0.0 if since is None else time.monotonic() - since
 
+    @property
+    def measures_mixing(self) -> bool:
+        """Whether the mix rule chooses the passes (cross-task batching by cost), so is told of each pass run."""
+        return self.policy == "cross-task" and self.mix_by == "cost"
+
     def waiting(self) -> int:
         return self._waiting
 
@@ -262,7 +267,7 @@ class Batcher:
                 seconds, self._busy_since, self._running = time.monotonic() - start, None, 0
                 per = seconds / max(1, len(examples))
                 self._seconds_per_example = 0.8 * self._seconds_per_example + 0.2 * per
-                if self.mix_by == "cost":
+                if self.measures_mixing:
                     self.mix_rule.observe(mixed, len(examples), seconds)
                 if self._on_batch is not None:
                     self._on_batch(task, len(examples), seconds)
@@ -425,7 +430,7 @@ class _BatcherCollector:
                                      "deadline")
         family.add_metric([], self.batcher.expired)
         yield family
-        if self.batcher.policy != "cross-task" or self.batcher.mix_by != "cost":
+        if not self.batcher.measures_mixing:
             return
         rule = self.batcher.mix_rule
         yield CounterMetricFamily("skeleton_mix_probes", "Times the mix rule started probing both ways",
