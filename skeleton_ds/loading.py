@@ -107,7 +107,8 @@ def _load_partitioned(cls, config, path: str, revision: str | None, dtype: torch
     index = _safetensors_index(path, revision)
     if index is None:
         return None
-    with _initializing_buffers_only(), _partitioning_without_broadcast():  # every parameter is read below
+    unpartitioned = _vocabulary_to_map(config, index, dtype)
+    with _initializing_buffers_only(), _partitioning_without_broadcast(unpartitioned):  # every parameter is read below
         model = cls.from_config(copy.deepcopy(config), dtype=dtype)  # zero.Init: created partitioned
     prefix = getattr(model, "base_model_prefix", "") or ""
 
@@ -121,6 +122,8 @@ def _load_partitioned(cls, config, path: str, revision: str | None, dtype: torch
         return None
 
     _map_vocabulary(model, source, dtype)
+    if any(hasattr(p, "skeleton_unpartitioned_shape") for p in model.parameters()):
+        raise RuntimeError("a vocabulary matrix left unpartitioned at construction was not mapped from the checkpoint")
     plan, seen = [], set()
     for module_name, module in model.named_modules():
         params = []
@@ -181,7 +184,7 @@ def _map_vocabulary(model: torch.nn.Module, source, dtype: torch.dtype) -> None:
         if param is None:
             continue
         if id(param) not in mapped:  # a tied head is the embedding's own parameter: mapped once
-            found = source(f"{names[id(module)]}.weight", getattr(param, "ds_shape", param.shape))
+            found = source(f"{names[id(module)]}.weight", _full_shape(param))
             if found is None or checkpoint.SAFETENSORS_DTYPES[found[1]["dtype"]] != dtype:
                 continue
             mapped[id(param)] = checkpoint.map_tensor(*found)
@@ -189,14 +192,41 @@ def _map_vocabulary(model: torch.nn.Module, source, dtype: torch.dtype) -> None:
         module.register_buffer("weight", mapped[id(param)], persistent=False)
 
 
+def _vocabulary_to_map(config, index: dict, dtype: torch.dtype):
+    """Which new parameters _map_vocabulary will replace by maps of the checkpoint (a predicate), or None.
+
+    Decided before the model exists, so that construction need not partition them: their partitions (half of two
+    890 MiB matrices per rank for Qwen2.5-1.5B on 2 ranks) were each rank's loading peak, held until the maps
+    replaced them. The same conditions as _map_vocabulary's: CPU ranks, and a (vocabulary, width) matrix stored in
+    the run's precision."""
+    from deepspeed.accelerator import get_accelerator
+
+    vocab = getattr(config, "vocab_size", None)
+    if get_accelerator().device_name() != "cpu" or not vocab:
+        return None
+    shapes = {tuple(info["shape"]) for _, info in index.values()
+              if len(info["shape"]) == 2 and info["shape"][0] == vocab
+              and checkpoint.SAFETENSORS_DTYPES.get(info["dtype"]) == dtype}
+    if not shapes:
+        return None
+    return lambda param: tuple(param.shape) in shapes
+
+
+def _full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's shape whether partitioned (ds_shape), left unpartitioned for a map, or whole."""
+    return getattr(param, "ds_shape", None) or getattr(param, "skeleton_unpartitioned_shape", None) or param.shape
+
+
 @contextmanager
-def _partitioning_without_broadcast():
+def _partitioning_without_broadcast(unpartitioned=None):
     """DeepSpeed's zero.Init broadcasts every new parameter from rank 0 before partitioning it, so that random
     initializations agree (partition_parameters.Init._zero_init_param). For a model whose parameters are all then
     read from its checkpoint that is wasted traffic, and it writes each whole tensor on every other rank: measured
     on Qwen2.5-1.5B, 2 ranks, rank 1 peaked 1.0 GB above rank 0 while loading (the 890 MiB LM head received whole
-    beside the partitions already made). Inside this block a new parameter is partitioned as it is. Where DeepSpeed
-    has no such method, nothing changes."""
+    beside the partitions already made). Inside this block a new parameter is partitioned as it is. A parameter
+    for which `unpartitioned(param)` holds (a vocabulary matrix that will be a map, _vocabulary_to_map) is
+    neither partitioned nor kept: its storage is released and its shape recorded. Where DeepSpeed has no such
+    method, nothing changes."""
     try:
         from deepspeed.runtime.zero.partition_parameters import Init
     except ImportError:
@@ -208,6 +238,10 @@ def _partitioning_without_broadcast():
         return
 
     def partition_only(self, param) -> None:
+        if unpartitioned is not None and unpartitioned(param):
+            param.skeleton_unpartitioned_shape = param.shape
+            param.data = torch.empty(0, dtype=param.dtype)
+            return
         self._convert_to_deepspeed_param(param)
         param.partition()
 

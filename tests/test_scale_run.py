@@ -68,10 +68,21 @@ def test_zero3_load_equals_from_pretrained_and_streams(tiny_models, monkeypatch)
         return model
 
     monkeypatch.setattr(loading, "_load_partitioned", spy)
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    partitioned_shapes = []
+    convert = Init._convert_to_deepspeed_param
+
+    def record(self, param):
+        partitioned_shapes.append(tuple(param.shape))
+        return convert(self, param)
+
+    monkeypatch.setattr(Init, "_convert_to_deepspeed_param", record)
     cases = [("llama", "verbalizer"), ("qwen2", "verbalizer"), ("bert-mlm", "verbalizer"), ("bert-head", "head"),
              ("roberta-mlm", "verbalizer"), ("bert-mlm", "head")]
     for arch, readout in cases:
         streamed.clear()
+        partitioned_shapes.clear()
         zero3 = loading.load_backbone(str(tiny_models[arch]), ds_config, readout=readout).model
         plain = loading.load_backbone(str(tiny_models[arch]), {}, readout=readout).model
         assert streamed == [arch != "bert-mlm" or readout != "head"], (arch, readout)
@@ -91,6 +102,8 @@ def test_zero3_load_equals_from_pretrained_and_streams(tiny_models, monkeypatch)
         buffers = dict(zero3.named_buffers(remove_duplicate=False))
         for name in mapped:
             assert torch.equal(buffers[name], expected[name]) and name not in zero3.state_dict(), (arch, name)
+            # a matrix to be mapped is never partitioned, not even while the model is built (loading's peak)
+            assert tuple(expected[name].shape) not in partitioned_shapes, (arch, name)
         for name, buffer in zero3.named_buffers():
             if name not in mapped:
                 assert torch.equal(buffer, dict(plain.named_buffers())[name]), (arch, name)

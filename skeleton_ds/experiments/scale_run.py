@@ -278,13 +278,21 @@ class TreeSampler:
 
 
 # --------------------------------------------------------------------- runs
-def run_config(run: str, work: Path, limit: int | None) -> tuple[str, int]:
+def tuned_settings(limit: int, prefetch: int | None) -> dict[str, int]:
+    """The zero_optimization keys a ZeRO-3 NAME_tuned run sets over the shipped config."""
+    settings = {k: limit for k in LIMIT_KEYS}
+    if prefetch is not None:
+        settings["stage3_prefetch_bucket_size"] = prefetch
+    return settings
+
+
+def run_config(run: str, work: Path, limit: int, prefetch: int | None = None) -> tuple[str, int]:
     """(DeepSpeed config path, ranks) of a run; a ZeRO-3 NAME_tuned run gets a patched copy in WORK/ds_configs."""
     shipped, ranks = RUNS[run.removesuffix("_tuned")]
     if not run.endswith("_tuned") or not ranks:
         return shipped, ranks
     cfg = json.loads((CHECKOUT / shipped).read_text())
-    cfg["zero_optimization"].update({k: limit for k in LIMIT_KEYS})
+    cfg["zero_optimization"].update(tuned_settings(limit, prefetch))
     path = work / "ds_configs" / f"{run}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=2))
@@ -366,7 +374,7 @@ def conversion_growth(sampler: TreeSampler) -> dict:
 
 
 def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
-    config, ranks = run_config(run, args.work, args.stage3_limit)
+    config, ranks = run_config(run, args.work, args.stage3_limit, args.stage3_prefetch)
     out = args.work / "runs" / run
     shutil.rmtree(out, ignore_errors=True)
     result = {"config": config, "ranks": max(ranks, 1), "launcher": "deepspeed" if ranks else "python",
@@ -374,7 +382,7 @@ def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
     env = TUNED_ENV if run.endswith("_tuned") else {}
     if run.endswith("_tuned") and ranks:
         result["config"] = f"{RUNS[run.removesuffix('_tuned')][0]} with " + ", ".join(
-            f"{k}={args.stage3_limit:g}" for k in LIMIT_KEYS)
+            f"{k}={v:g}" for k, v in tuned_settings(args.stage3_limit, args.stage3_prefetch).items())
     result["env"] = env
     for stage in ("load", *STAGES):
         if stage == "load":  # the backbone load alone, as the stages do it: the load probe on every rank
@@ -565,6 +573,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"for ZeRO-3, --stage3-limit)")
     p.add_argument("--stage3-limit", type=float, default=1e8,
                    help="stage3_max_live_parameters and stage3_max_reuse_distance of the ZeRO-3 NAME_tuned runs")
+    p.add_argument("--stage3-prefetch", type=float, default=None,
+                   help="stage3_prefetch_bucket_size of the ZeRO-3 NAME_tuned runs (default: DeepSpeed's); 0 gathers "
+                        "each module only when it runs, so no prefetched module is held beside it")
     p.add_argument("--work", type=Path, default=None,
                    help="base model, data, run outputs, logs (default runs/scale/SHAPE)")
     p.add_argument("--json", type=Path, default=None,
@@ -585,6 +596,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"--runs takes {', '.join(RUNS)} (each also as NAME_tuned); got {', '.join(bad)}")
     args.stage3_limit = int(args.stage3_limit)
+    args.stage3_prefetch = None if args.stage3_prefetch is None else int(args.stage3_prefetch)
     suffix = "" if args.shape == "tinyllama-1.1b" else f"_{args.shape}"
     args.work = args.work or CHECKOUT / "runs" / "scale" / args.shape
     args.json = args.json or CHECKOUT / "docs" / "results" / f"scale_run{suffix}.json"
@@ -624,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"format": "skeleton_ds.scale_run/1", "shape": args.shape, "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": command_line("scale_run", argv), "stage_flags": flags, "base": info,
-            "stage3_limit": args.stage3_limit, "tuned_env": TUNED_ENV,
+            "stage3_limit": args.stage3_limit, "stage3_prefetch": args.stage3_prefetch, "tuned_env": TUNED_ENV,
             "environment": {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                        f"{info['system_memory_mib'] / 1024:.0f} GiB RAM, "
                                        + ("CUDA" if _has_cuda() else "no GPU (CPU ranks over gloo)"),
