@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DS_CONFIGS, REPO
+from conftest import DS_CONFIGS, REPO, SHARED_DATA
 from skeleton_ds.distributed import without_rendezvous
 from skeleton_ds.provenance import missing_fields
 from skeleton_ds.stage_specs import STAGE_ORDER
@@ -107,3 +107,24 @@ def test_zero3_load_equals_from_pretrained_and_streams(tiny_models, monkeypatch)
         for name, buffer in zero3.named_buffers():
             if name not in mapped:
                 assert torch.equal(buffer, dict(plain.named_buffers())[name]), (arch, name)
+
+
+@pytest.mark.multirank
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED_DATA / "SST-2" / "dev.tsv").is_file(), reason="../shared/data/SST-2 not present")
+def test_scale_run_on_real_sst2_reports_dev_accuracy(tmp_path):
+    """--data-dir: the same ZeRO-3 stages learn real SST-2, and the record adds each run's dev accuracy."""
+    report, md = tmp_path / "r.json", tmp_path / "r.md"
+    done = subprocess.run([sys.executable, "-m", "skeleton_ds.experiments.scale_run", "--shape", "small", "--runs",
+                           "zero3", "--steps", "2", "--data-dir", str(SHARED_DATA), "--train-examples", "16",
+                           "--dev-examples", "8", "--work", str(tmp_path / "work"), "--json", str(report),
+                           "--md", str(md)],
+                          cwd=REPO, env=without_rendezvous(os.environ), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert result["task"] == "sst2" and "--max-eval-examples 8" in " ".join(result["stage_flags"])
+    accuracy = result["runs"]["zero3"]["accuracy"]
+    assert accuracy["dev_examples"] == 8
+    for key in ("full_prompt_tuned", "skeleton_before_retune", "skeleton_after_retune"):
+        assert 0.0 <= accuracy[key] <= 1.0 and (accuracy[key] * 8).is_integer(), key
+    assert "Dev accuracy on SST-2" in md.read_text()

@@ -5,11 +5,14 @@ ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory 
     python -m skeleton_ds.experiments.scale_run --shape small  # a few MB: a smoke test (scale_run_small.*)
     python -m skeleton_ds.experiments.scale_run --runs zero0,zero3 --work runs/scale --keep-base
     python -m skeleton_ds.experiments.scale_run --shape qwen2.5-1.5b --runs zero0_tuned,zero3_tuned  # real weights
+    python -m skeleton_ds.experiments.scale_run --shape qwen2.5-1.5b --runs zero3_tuned --data-dir ../shared/data \
+        --train-examples 256 --batch-size 16 --steps 16 --dev-examples 200 --attr-examples 64  # learns SST-2
 
 1. Builds a random-init LLaMA of the shape (TinyLlama: hidden 2048, 22 layers, 32 heads / 4 KV heads,
    intermediate 5632, vocab 32000; 1.1B parameters, fp32) once, as sharded safetensors
    (`save_pretrained(max_shard_size=--shard-size)`), with a small word-level tokenizer, and a
-   synthetic two-class CSV task. `--keep-base` reuses a finished base in --work. A real shape
+   synthetic two-class CSV task (with --data-dir: real SST-2, and the report adds dev accuracy; its files
+   are scale_run_SHAPE_sst2.*). `--keep-base` reuses a finished base in --work. A real shape
    (`--shape qwen2.5-1.5b`) uses the packaged model's converted checkpoint instead: nothing is built.
 2. Runs each stage (prompt, attribute, localize, convert, retune) as its own launch, as a user would:
    `deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ... --stages S` (and
@@ -92,7 +95,8 @@ POSITIVE = ["good", "great", "fine", "nice", "happy"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "ugly"]
 FILLER = ["the", "movie", "was", "plot", "actor", "story", "very", "quite", "film", "scene"]
 VERBALIZER = ["no", "yes"]
-WORDS = sorted(set(POSITIVE + NEGATIVE + FILLER + VERBALIZER + ["a", "?", "text", ":", "answer", "it"]))
+WORDS = sorted(set(POSITIVE + NEGATIVE + FILLER + VERBALIZER + ["a", "?", "text", ":", "answer", "it"]
+                   + ["Review", "Sentiment", "(", ")", "or", "positive", "negative"]))  # SST-2's decoder template
 MIB = 2**20
 
 
@@ -306,20 +310,31 @@ def _launcher(ranks: int) -> list[str]:
     return [str(python)]
 
 
-def stage_command(config: str, ranks: int, stage: str, base: Path, files: tuple[Path, Path], out: Path,
-                  flags: list[str]) -> list[str]:
+def task_flags(files: tuple[Path, Path] | None, data_dir: Path | None) -> list[str]:
+    """The synthetic task's files, or real SST-2 with its own template and verbalizer (--data-dir)."""
+    if data_dir is not None:
+        return ["--task", "sst2", "--data-dir", str(data_dir)]
     train, dev = files
+    return ["--task", "generic", "--train-file", str(train), "--dev-file", str(dev), "--text-columns", "text",
+            "--label-names", "neg,pos", "--verbalizer", ",".join(VERBALIZER), "--template", "{text} ? {answer}"]
+
+
+def stage_command(config: str, ranks: int, stage: str, base: Path, task: list[str], out: Path,
+                  flags: list[str]) -> list[str]:
     return [*_launcher(ranks), "launch/train.py", "--config", config, "--model", str(base), "--output", str(out),
-            "--task", "generic", "--train-file", str(train), "--dev-file", str(dev), "--text-columns", "text",
-            "--label-names", "neg,pos", "--verbalizer", ",".join(VERBALIZER), "--template", "{text} ? {answer}",
-            *flags, "--stages", stage]
+            *task, *flags, "--stages", stage]
 
 
-def stage_flags(shape: str, steps: int, batch: int) -> list[str]:
-    align = "32" if shape == "small" else "64"
-    return ["--batch-size", str(batch), "--prompt-length", "4", "--max-length", "32", "--max-steps", str(steps),
-            "--max-train-examples", "16", "--max-eval-examples", "4", "--attr-examples", "4", "--save-every", "1000",
-            "--seed", "0", "--ffn-keep", "0.3", "--head-keep", "0.5", "--align", align]
+def stage_flags(args: argparse.Namespace) -> list[str]:
+    """Memory runs: a few steps on the synthetic task, two KV groups in four cut. A --data-dir run learns SST-2:
+    the size plan's prompt and sequence lengths, the decoder's default localization (every KV group kept)."""
+    align = "32" if args.shape == "small" else "64"
+    real = args.data_dir is not None
+    return ["--batch-size", str(args.batch_size), "--prompt-length", "20" if real else "4",
+            "--max-length", "128" if real else "32", "--max-steps", str(args.steps),
+            "--max-train-examples", str(args.train_examples), "--max-eval-examples", str(args.dev_examples),
+            "--attr-examples", str(args.attr_examples), "--save-every", "1000", "--seed", "0", "--ffn-keep", "0.3",
+            "--head-keep", "1.0" if real else "0.5", "--align", align]
 
 
 def run_stage(cmd: list[str], log: Path, *, direct: bool, interval: float, watch: list[Path] | None,
@@ -373,7 +388,7 @@ def conversion_growth(sampler: TreeSampler) -> dict:
             "staging_seen": seen is not None}
 
 
-def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
+def measure(run: str, args, base: Path, task: list[str], flags: list[str]) -> dict:
     config, ranks = run_config(run, args.work, args.stage3_limit, args.stage3_prefetch)
     out = args.work / "runs" / run
     shutil.rmtree(out, ignore_errors=True)
@@ -389,7 +404,7 @@ def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
             cmd = [*_launcher(ranks), "--module" if ranks else "-m", "skeleton_ds.experiments.scale_run",
                    "--probe-load", str(base), config]  # as a module: the checkout's package (cwd), not a copy
         else:
-            cmd = stage_command(config, ranks, stage, base, files, out, flags)
+            cmd = stage_command(config, ranks, stage, base, task, out, flags)
         # the conversion starts when its staging directory appears (a small model's is renamed to compact/ at once)
         watch = [out / ".compact.partial-*", out / "compact"] if stage == "convert" else None
         log = args.work / "logs" / f"{run}-{stage}.log"
@@ -417,6 +432,10 @@ def measure(run: str, args, base: Path, files, flags: list[str]) -> dict:
     result["backbone_fraction_on_rank0"] = prompt.get("backbone_fraction_on_rank0")
     ckpt = out / "checkpoints" / "prompt"
     result["prompt_checkpoint_mib"] = round(sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / MIB, 2)
+    summary = json.loads((out / "metrics.json").read_text())
+    result["accuracy"] = {"dev_examples": prompt.get("dev_examples"),
+                          **{k: (summary.get(k) or {}).get("accuracy")
+                             for k in ("full_prompt_tuned", "skeleton_before_retune", "skeleton_after_retune")}}
     conversion = json.loads((out / "conversion.json").read_text())
     result["parameters_full"], result["parameters_compact"] = (conversion["parameters_full"],
                                                                conversion["parameters_compact"])
@@ -543,6 +562,13 @@ def markdown(result: dict) -> str:
         lines.append(f"- {run}: {r['backbone_fraction_on_rank0']:.3f}, checkpoint {r['prompt_checkpoint_mib']} MiB, "
                      f"{r['parameters_full'] / 1e6:.1f}M -> {r['parameters_compact'] / 1e6:.1f}M; stage wall seconds "
                      + ", ".join(f"{s} {v['wall_s']}" for s, v in r["stages"].items()))
+    if result.get("task") == "sst2":
+        lines += ["", "Dev accuracy on SST-2 (the seeded dev subset; each run's DIR/metrics.json): full prompt tuning, "
+                      "the compact model before and after re-tuning:", ""]
+        for run, r in result["runs"].items():
+            a = r["accuracy"]
+            lines.append(f"- {run}: {a['full_prompt_tuned']:.3f}, {a['skeleton_before_retune']:.3f} -> "
+                         f"{a['skeleton_after_retune']:.3f} ({a['dev_examples']} dev examples)")
     if result.get("notes"):
         lines += ["", result["notes"].rstrip()]
     return "\n".join(lines) + "\n"
@@ -585,6 +611,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-size", default="500MB", help="save_pretrained max_shard_size of the base checkpoint")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of prompt tuning and re-tuning")
     p.add_argument("--batch-size", type=int, default=2, help="global batch")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="learn real SST-2 from this GLUE folder (../shared/data) instead of the synthetic task, "
+                        "and report dev accuracy beside memory")
+    p.add_argument("--train-examples", type=int, default=16, help="training examples (--max-train-examples)")
+    p.add_argument("--dev-examples", type=int, default=4, help="dev examples (--max-eval-examples)")
+    p.add_argument("--attr-examples", type=int, default=4, help="attribution examples")
     p.add_argument("--interval", type=float, default=0.2, help="RSS sampling period, seconds")
     p.add_argument("--keep-base", action="store_true", help="reuse a finished base model in --work")
     p.add_argument("--keep-outputs", action="store_true", help="keep the compact models of the runs")
@@ -597,7 +629,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--runs takes {', '.join(RUNS)} (each also as NAME_tuned); got {', '.join(bad)}")
     args.stage3_limit = int(args.stage3_limit)
     args.stage3_prefetch = None if args.stage3_prefetch is None else int(args.stage3_prefetch)
-    suffix = "" if args.shape == "tinyllama-1.1b" else f"_{args.shape}"
+    suffix = ("" if args.shape == "tinyllama-1.1b" else f"_{args.shape}") + ("_sst2" if args.data_dir else "")
     args.work = args.work or CHECKOUT / "runs" / "scale" / args.shape
     args.json = args.json or CHECKOUT / "docs" / "results" / f"scale_run{suffix}.json"
     args.md = args.md or CHECKOUT / "docs" / "results" / f"scale_run{suffix}.md"
@@ -628,14 +660,15 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads((base / "scale_run_base.json").read_text()) | checkpoint_summary(base)
     print(f"[scale_run] base: {info['parameters'] / 1e6:.1f}M parameters, {info['checkpoint_mib']:.0f} MiB in "
           f"{info['shards']} shards, largest tensor {info['largest_tensor_mib']:.0f} MiB", flush=True)
-    files = write_task(args.work / "data", 32, 8)
-    flags = stage_flags(args.shape, args.steps, args.batch_size)
+    task = task_flags(None if args.data_dir else write_task(args.work / "data", 32, 8), args.data_dir)
+    flags = stage_flags(args)
     import platform
 
     import torch
 
     meta = {"format": "skeleton_ds.scale_run/1", "shape": args.shape, "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": command_line("scale_run", argv), "stage_flags": flags, "base": info,
+            "task": "sst2" if args.data_dir else "synthetic",
             "stage3_limit": args.stage3_limit, "stage3_prefetch": args.stage3_prefetch, "tuned_env": TUNED_ENV,
             "environment": {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                        f"{info['system_memory_mib'] / 1024:.0f} GiB RAM, "
@@ -644,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["provenance"] = provenance(meta["command"])
     runs: dict[str, dict] = {}
     for run in args.runs:
-        runs[run] = measure(run, args, base, files, flags)
+        runs[run] = measure(run, args, base, task, flags)
         result = {**meta, "runs": runs, "ratios": ratios(runs)}
         save(result, args)  # after every run: a crash keeps the finished ones
     print_result(result, args.json)
