@@ -44,7 +44,7 @@ def _same(render):
 
 def _scale_run(record: dict) -> tuple[str, str]:
     module = _script("scale_run")
-    return module.markdown(record), "\n".join(module.summary_table(record))
+    return module.markdown(record), "\n".join(module.guide_table(record))
 
 
 def _reproduce(record: dict) -> tuple[str, str]:
@@ -72,6 +72,9 @@ TABLES = {
     "scale_run_qwen2.5-1.5b": _scale_run,
     "reproduce": _reproduce,
     "reproduce_smollm2-135m": _reproduce,
+    "reproduce_smollm2-135m_size": _reproduce,
+    "reproduce_qwen2.5-1.5b_size": _reproduce,
+    "scale_run_qwen2.5-1.5b_sst2": _scale_run,
     "load_test_minilm64": _same(lambda r: _script("load_test").markdown(r)),
     "load_test_minilm16": _same(lambda r: _script("load_test").markdown(r)),
     "load_test_smollm2": _same(lambda r: _script("load_test").markdown(r)),

@@ -162,7 +162,8 @@ def first_run_table(results: Path = RESULTS) -> str:
 def missing_from(readme: str, results: Path = RESULTS) -> list[str]:
     """The lines of each headline table (rows and source lines) that the README lacks."""
     have = set(readme.splitlines())
-    return [line for table in (first_run_table(results), results_table(results), speed_table(results))
+    return [line for table in (first_run_table(results), results_table(results), size_table(results),
+                               speed_table(results))
             for line in table.splitlines() if line and line not in have]
 
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"README lacks: {line}", file=sys.stderr)
         print("headline tables up to date" if not missing else f"{len(missing)} line(s) differ")
         return 1 if missing else 0
-    print(first_run_table() + "\n" + results_table() + "\n" + speed_table(), end="")
+    print(first_run_table() + "\n" + results_table() + "\n" + size_table() + "\n" + speed_table(), end="")
     return 0
 
 

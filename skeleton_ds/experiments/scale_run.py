@@ -512,6 +512,29 @@ def summary_table(result: dict) -> list[str]:
     return lines
 
 
+def accuracy_table(result: dict) -> list[str]:
+    """A --data-dir run's guide table: per run, SST-2 dev accuracy (full prompt tuning, the compact model before and
+    after re-tuning), seconds per step and the largest rank's peak RSS in the stages that hold the model."""
+    if result.get("task") != "sst2":
+        return []
+    lines = markdown_table(["run", "ranks", "dev examples", "full prompt tuning", "compact before re-tuning",
+                            "compact after re-tuning", "s/step prompt", "s/step retune", "peak RSS prompt",
+                            "peak RSS attribute", "peak RSS retune"])
+    for run, r in result["runs"].items():
+        a, steps = r["accuracy"], r["seconds_per_step"]
+        lines.append(f"| {run} | {r['ranks']} | {a['dev_examples']} | {a['full_prompt_tuned']:.3f} "
+                     f"| {a['skeleton_before_retune']:.3f} | {a['skeleton_after_retune']:.3f} "
+                     f"| {steps['prompt']} | {steps['retune']} | "
+                     + " | ".join(f"{peak(r['stages'][s]):.0f} MiB" for s in ("prompt", "attribute", "retune")) + " |")
+    return lines
+
+
+def guide_table(result: dict) -> list[str]:
+    """What docs/cluster.md shows of a record: the ratio summary, and a --data-dir run's accuracy table."""
+    summary, accuracy = summary_table(result), accuracy_table(result)
+    return summary + ([""] if summary and accuracy else []) + accuracy
+
+
 def markdown(result: dict) -> str:
     header, rows = table(result)
     base = result["base"]
@@ -522,8 +545,10 @@ def markdown(result: dict) -> str:
     lines = [f"# Scale run: {result['shape']} ({base['parameters'] / 1e9:.2f}B parameters, fp32, {weights})", "",
              f"Measured {result['date']} on {result['environment']['machine']}.", "", "Command:", "", "```bash",
              result["command"], "```", "",
-             "Summary: the largest rank's peak RSS per training stage, in MiB, and its ratio to ZeRO-0:", "",
-             *summary_table(result), "",
+             *(["Summary: the largest rank's peak RSS per training stage, in MiB, and its ratio to ZeRO-0:", "",
+                *summary_table(result), ""] if summary_table(result) else []),
+             *(["Dev accuracy on SST-2 (the seeded dev subset; each run's DIR/metrics.json) and the largest rank's "
+                "peak RSS:", "", *accuracy_table(result), ""] if accuracy_table(result) else []),
              f"Base checkpoint: {base['checkpoint_mib']:.0f} MiB in {base['shards']} safetensors shards "
              f"(`save_pretrained(max_shard_size=\"{base['shard_size']}\")`, "
              f"largest shard {base['largest_shard_mib']:.0f} MiB); "
@@ -562,13 +587,6 @@ def markdown(result: dict) -> str:
         lines.append(f"- {run}: {r['backbone_fraction_on_rank0']:.3f}, checkpoint {r['prompt_checkpoint_mib']} MiB, "
                      f"{r['parameters_full'] / 1e6:.1f}M -> {r['parameters_compact'] / 1e6:.1f}M; stage wall seconds "
                      + ", ".join(f"{s} {v['wall_s']}" for s, v in r["stages"].items()))
-    if result.get("task") == "sst2":
-        lines += ["", "Dev accuracy on SST-2 (the seeded dev subset; each run's DIR/metrics.json): full prompt tuning, "
-                      "the compact model before and after re-tuning:", ""]
-        for run, r in result["runs"].items():
-            a = r["accuracy"]
-            lines.append(f"- {run}: {a['full_prompt_tuned']:.3f}, {a['skeleton_before_retune']:.3f} -> "
-                         f"{a['skeleton_after_retune']:.3f} ({a['dev_examples']} dev examples)")
     if result.get("notes"):
         lines += ["", result["notes"].rstrip()]
     return "\n".join(lines) + "\n"
