@@ -128,3 +128,35 @@ def test_scale_run_on_real_sst2_reports_dev_accuracy(tmp_path):
     for key in ("full_prompt_tuned", "skeleton_before_retune", "skeleton_after_retune"):
         assert 0.0 <= accuracy[key] <= 1.0 and (accuracy[key] * 8).is_integer(), key
     assert "Dev accuracy on SST-2" in md.read_text()
+
+
+def test_zero3_load_without_a_stored_head_takes_transformers_path(tiny_models, tmp_path):
+    """The vocabulary matrices are left unpartitioned while the model is built, for the maps that replace them; a
+    checkpoint that lacks one (an untied LM head not stored) is loaded by transformers' own path instead."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from skeleton_ds import distributed, loading
+    from skeleton_ds.ds_config import resolve_ds_config
+
+    distributed.init_distributed()
+    path = tmp_path / "llama"
+    shutil.copytree(tiny_models["llama"], path)
+    weights = load_file(str(path / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    ds_config = resolve_ds_config(DS_CONFIGS / "zero3.json", world_size=1, batch_size=8, lr=0.1, precision="fp32")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    zero3 = HfDeepSpeedConfig(ds_config)  # as load_backbone holds it: models are built partitioned (zero.Init)
+    try:
+        streamed = loading._load_partitioned(AutoModelForCausalLM, AutoConfig.from_pretrained(path), str(path), None,
+                                             torch.float32)
+    finally:
+        del zero3
+        unset_hf_deepspeed_config()
+    assert streamed is None
+    model = loading.load_backbone(str(path), ds_config, readout="verbalizer").model
+    assert all(not hasattr(p, "skeleton_unpartitioned_shape") for p in model.parameters())
