@@ -121,7 +121,8 @@ def _load_partitioned(cls, config, path: str, revision: str | None, dtype: torch
                 return index[name]
         return None
 
-    _map_vocabulary(model, source, dtype)
+    if unpartitioned is not None:  # CPU ranks, and vocabulary matrices stored in the run's precision
+        _map_vocabulary(model, source, dtype)
     if any(hasattr(p, "skeleton_unpartitioned_shape") for p in model.parameters()):
         log.info("ZeRO-3 streaming load: a vocabulary-sized matrix has no map in the checkpoint; using from_pretrained")
         return None
@@ -169,12 +170,8 @@ def _map_vocabulary(model: torch.nn.Module, source, dtype: torch.dtype) -> None:
     anonymous memory (half of 151,936 x 1,536 x 2 matrices per rank on 2 ranks: 0.9 GB for Qwen2.5-1.5B) is
     memory no step uses; a map holds only the pages read, and the ranks of a node share them through the page
     cache. They become non-persistent buffers, which DeepSpeed neither partitions nor saves in its checkpoints;
-    `distributed.rows` reads them by indexing. Only where the checkpoint stores them in the run's precision (a
-    map cannot convert) and the ranks compute on the CPU (a GPU would need them copied to its memory whole)."""
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return
+    `distributed.rows` reads them by indexing. Called only where _vocabulary_to_map found such matrices to map;
+    each is mapped only where the checkpoint stores it in the run's precision (a map cannot convert)."""
     names = {id(module): name for name, module in model.named_modules()}
     heads = [model.get_input_embeddings()]
     if hasattr(model, "get_output_embeddings"):
@@ -198,8 +195,8 @@ def _vocabulary_to_map(config, index: dict, dtype: torch.dtype):
 
     Decided before the model exists, so that construction need not partition them: their partitions (half of two
     890 MiB matrices per rank for Qwen2.5-1.5B on 2 ranks) were each rank's loading peak, held until the maps
-    replaced them. The same conditions as _map_vocabulary's: CPU ranks, and a (vocabulary, width) matrix stored in
-    the run's precision."""
+    replaced them. Only on CPU ranks (a GPU would need a map copied to its memory whole), and only for a
+    (vocabulary, width) matrix the checkpoint stores in the run's precision."""
     from deepspeed.accelerator import get_accelerator
 
     vocab = getattr(config, "vocab_size", None)

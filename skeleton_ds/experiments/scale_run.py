@@ -537,6 +537,7 @@ def guide_table(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     header, rows = table(result)
+    summary, accuracy = summary_table(result), accuracy_table(result)
     base = result["base"]
     weights = f"real weights (`--model {base['real_weights']}`)" if base.get("real_weights") else "random weights"
     built = ("The packaged model's converted checkpoint, used as it is." if base.get("real_weights") else
@@ -546,9 +547,9 @@ def markdown(result: dict) -> str:
              f"Measured {result['date']} on {result['environment']['machine']}.", "", "Command:", "", "```bash",
              result["command"], "```", "",
              *(["Summary: the largest rank's peak RSS per training stage, in MiB, and its ratio to ZeRO-0:", "",
-                *summary_table(result), ""] if summary_table(result) else []),
+                *summary, ""] if summary else []),
              *(["Dev accuracy on SST-2 (the seeded dev subset; each run's DIR/metrics.json) and the largest rank's "
-                "peak RSS:", "", *accuracy_table(result), ""] if accuracy_table(result) else []),
+                "peak RSS:", "", *accuracy, ""] if accuracy else []),
              f"Base checkpoint: {base['checkpoint_mib']:.0f} MiB in {base['shards']} safetensors shards "
              f"(`save_pretrained(max_shard_size=\"{base['shard_size']}\")`, "
              f"largest shard {base['largest_shard_mib']:.0f} MiB); "
