@@ -40,6 +40,10 @@ def test_scale_run_small_reports_every_stage_and_rank(tmp_path):
                 assert values["peak_rss_mib"] > 0 and values["hwm_mib"] > 0 and values["peak_anon_mib"] > 0
         assert all(v > 0 for v in result["runs"][run]["seconds_per_step"].values())
         assert stages["convert"]["conversion"]["staging_seen"]
+        infer = result["runs"][run]["infer"]  # skeleton-ds infer on the compact model this launch made
+        assert infer["examples"] == 4 and infer["peak_rss_mib"] > 0 and infer["command"].startswith("skeleton-ds infer")
+        after = result["runs"][run]["accuracy"]["skeleton_after_retune"]
+        assert abs(infer["accuracy"] - after) <= 0.25 + 1e-9, (infer, after)  # same prompt: at most a near-tie flips
         shares = [p["fraction"] for p in stages["load"]["after_load"].values()]
         assert len(shares) == ranks and all(abs(f - 1 / ranks) < 0.05 for f in shares)  # ZeRO-3: about half each
     assert set(result["ratios"]["zero3"]) == set(STAGES)

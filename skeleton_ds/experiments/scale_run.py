@@ -439,9 +439,54 @@ def measure(run: str, args, base: Path, task: list[str], flags: list[str]) -> di
     conversion = json.loads((out / "conversion.json").read_text())
     result["parameters_full"], result["parameters_compact"] = (conversion["parameters_full"],
                                                                conversion["parameters_compact"])
+    result["infer"] = infer = measure_infer(args, out, task, run)
+    print(f"[scale_run] {run} infer: {infer['wall_s']:.0f} s, peak RSS {infer['peak_rss_mib']} MiB, "
+          f"accuracy {infer['accuracy']:.3f} (re-tuning measured "
+          f"{result['accuracy']['skeleton_after_retune']:.3f})", flush=True)
     if not args.keep_outputs:
         shutil.rmtree(out / "compact", ignore_errors=True)
     return result
+
+
+def infer_command(out: Path, task: list[str], dev_examples: int) -> list[str]:
+    """`skeleton-ds infer` on the run's compact model, as a user answers with it: one plain process, no launcher.
+    SST-2: the seeded dev subset the stages evaluated (same cap, same seed). The synthetic task has no built-in
+    split: the rows of its dev file that the stages evaluated become labelled JSON Lines records to label."""
+    from skeleton_ds.tasks import subset
+
+    cmd = [sys.executable, "-m", "skeleton_ds", "infer", "--checkpoint", str(out / "compact")]
+    if "--data-dir" in task:
+        return cmd + [*task, "--split", "dev", "--max-examples", str(dev_examples), "--seed", "0"]
+    records = out / "infer_input.jsonl"
+    with open(task[task.index("--dev-file") + 1], newline="") as f:
+        rows = subset(list(csv.DictReader(f)), dev_examples, 0)  # the stages' --max-eval-examples and --seed 0
+    records.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return cmd + ["--input", str(records), "--output", str(out / "infer.jsonl")]
+
+
+def measure_infer(args, out: Path, task: list[str], run: str) -> dict:
+    """The compact model this run made under its launcher, answered by `skeleton-ds infer`: peak RSS, seconds, and
+    its accuracy beside the one re-tuning measured on the same examples (the same prompt, so they agree unless a
+    near-tie flips)."""
+    cmd = infer_command(out, task, args.dev_examples)
+    log = args.work / "logs" / f"{run}-infer.log"
+    print(f"[scale_run] {run} infer: {shlex.join(cmd[1:6])} ...", flush=True)
+    code, wall, sampler = run_stage(cmd, log, direct=True, interval=args.interval, watch=None, extra_env={})
+    if code != 0:
+        raise SystemExit(f"[scale_run] {run} infer exited {code}; log tail:\n{log.read_text()[-4000:]}")
+    trace = sampler.ranks.get(0, RankTrace(0))  # never sampled only if it exited within one interval
+    if "--input" in cmd:
+        predictions = [json.loads(line) for line in (out / "infer.jsonl").read_text().splitlines()]
+        labels = [json.loads(line)["label"] for line in (out / "infer_input.jsonl").read_text().splitlines()]
+        if len(predictions) != len(labels):
+            raise SystemExit(f"[scale_run] {run} infer answered {len(predictions)} of {len(labels)} records")
+        accuracy, examples = sum(p["label"] == y for p, y in zip(predictions, labels)) / len(labels), len(labels)
+    else:  # the evaluation result is infer's one JSON line on stdout
+        answer = json.loads(next(line for line in log.read_text().splitlines() if line.startswith("{")))
+        accuracy, examples = answer["metrics"]["accuracy"], answer["examples"]
+    return {"command": shlex.join(["skeleton-ds", *cmd[3:]]), "wall_s": round(wall, 1),
+            "peak_rss_mib": round(max(trace.peak_rss, trace.hwm)), "peak_anon_mib": round(trace.peak_anon),
+            "examples": examples, "accuracy": accuracy}
 
 
 def peak(stage: dict, key: str = "peak_rss_mib") -> float:
@@ -517,15 +562,20 @@ def accuracy_table(result: dict) -> list[str]:
     after re-tuning), seconds per step and the largest rank's peak RSS in the stages that hold the model."""
     if result.get("task") != "sst2":
         return []
+    inferred = all("infer" in r for r in result["runs"].values())  # a record made before the infer row has none
     lines = markdown_table(["run", "ranks", "dev examples", "full prompt tuning", "compact before re-tuning",
-                            "compact after re-tuning", "s/step prompt", "s/step retune", "peak RSS prompt",
-                            "peak RSS attribute", "peak RSS retune"])
+                            "compact after re-tuning", *(["compact, `skeleton-ds infer`"] if inferred else []),
+                            "s/step prompt", "s/step retune", "peak RSS prompt", "peak RSS attribute",
+                            "peak RSS retune", *(["peak RSS infer"] if inferred else [])])
     for run, r in result["runs"].items():
         a, steps = r["accuracy"], r["seconds_per_step"]
+        infer = r.get("infer") if inferred else None
         lines.append(f"| {run} | {r['ranks']} | {a['dev_examples']} | {a['full_prompt_tuned']:.3f} "
                      f"| {a['skeleton_before_retune']:.3f} | {a['skeleton_after_retune']:.3f} "
-                     f"| {steps['prompt']} | {steps['retune']} | "
-                     + " | ".join(f"{peak(r['stages'][s]):.0f} MiB" for s in ("prompt", "attribute", "retune")) + " |")
+                     + (f"| {infer['accuracy']:.3f} " if infer else "")
+                     + f"| {steps['prompt']} | {steps['retune']} | "
+                     + " | ".join(f"{peak(r['stages'][s]):.0f} MiB" for s in ("prompt", "attribute", "retune"))
+                     + (f" | {infer['peak_rss_mib']} MiB" if infer else "") + " |")
     return lines
 
 
@@ -588,6 +638,15 @@ def markdown(result: dict) -> str:
         lines.append(f"- {run}: {r['backbone_fraction_on_rank0']:.3f}, checkpoint {r['prompt_checkpoint_mib']} MiB, "
                      f"{r['parameters_full'] / 1e6:.1f}M -> {r['parameters_compact'] / 1e6:.1f}M; stage wall seconds "
                      + ", ".join(f"{s} {v['wall_s']}" for s, v in r["stages"].items()))
+    inferred = {run: r["infer"] for run, r in result["runs"].items() if "infer" in r}
+    if inferred:
+        lines += ["", "The compact model each run made, answered in one plain process (no launcher, no DeepSpeed) "
+                      "as a user would: accuracy against the one re-tuning measured on the same examples, seconds, "
+                      "peak RSS:", ""]
+        for run, i in inferred.items():
+            lines.append(f"- {run}: `{i['command']}`: {i['accuracy']:.3f} on {i['examples']} examples (re-tuning: "
+                         f"{result['runs'][run]['accuracy']['skeleton_after_retune']:.3f}), {i['wall_s']} s, "
+                         f"peak RSS {i['peak_rss_mib']} MiB (anon {i['peak_anon_mib']})")
     if result.get("notes"):
         lines += ["", result["notes"].rstrip()]
     return "\n".join(lines) + "\n"
