@@ -60,6 +60,7 @@ TABLES = {
     "bench_tinyllama-1.1b_cpu": _bench,
     "bench_minilm_cpu": _bench,
     "bench_smollm2-135m_cpu": _bench,
+    "bench_qwen2.5-1.5b_cpu": _bench,
     "bench_llama-160m_profile": _profile,
     "bench_static_cpu": _bench,
     "study_compensation": _same(lambda r: _script("study_compensation").markdown(r)),

@@ -103,6 +103,7 @@ def size_table(results: Path = RESULTS) -> str:
 # (JSON, label, inputs, batch) rows of the speed table; every row is the compact model at FFN keep 0.3
 SPEED_ROWS = (("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 32),
               ("bench_llama3-8b_h100", "LLaMA-3-8B shape, one H100, bf16", "fixed", 1),
+              ("bench_qwen2.5-1.5b_cpu", "Qwen2.5-1.5B (real weights), CPU (2 cores), fp32", "sst2", 8),
               ("bench_tinyllama-1.1b_cpu", "TinyLlama-1.1B shape, CPU (2 cores), fp32", "fixed", 4),
               ("bench_llama-160m_cpu", "LLaMA-160m shape, CPU (2 cores), fp32", "fixed", 32),
               ("bench_minilm_cpu", "MiniLM (real weights), CPU (2 cores), fp32", "sst2", 32))
