@@ -133,7 +133,7 @@ def _load_partitioned(cls, config, path: str, revision: str | None, dtype: torch
             if p is None or id(p) in seen:  # tied parameters are loaded once
                 continue
             seen.add(id(p))
-            found = source(f"{module_name}.{name}" if module_name else name, getattr(p, "ds_shape", p.shape))
+            found = source(f"{module_name}.{name}" if module_name else name, _full_shape(p))
             if found is None:
                 log.info("ZeRO-3 streaming load: %s.%s not found in the checkpoint as is; using from_pretrained",
                          module_name, name)

@@ -112,4 +112,12 @@ def test_attribution_on_two_zero3_ranks_equals_one_rank_on_real_weights(tmp_path
             torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-4 * scale)
         else:
             torch.testing.assert_close(two[key], one[key], rtol=2e-3, atol=1e-6 * scale)
-    assert (tmp_path / "one" / "skeleton.json").read_text() == (tmp_path / "two" / "skeleton.json").read_text()
+    # The same skeleton up to ties: scores that agree to 2e-3 relative can swap two neurons on either side of the
+    # cut (seen 2026-12-08 on an AMD EPYC, where the exact comparison failed; it passed on an Intel Xeon).
+    from skeleton_ds.localization import load_skeleton
+
+    (a, _), (b, _) = (load_skeleton(tmp_path / name / "skeleton.json") for name in ("one", "two"))
+    assert a.heads == b.heads
+    kept = sum(a.ffn_sizes())
+    swapped = sum(len(set(x) ^ set(y)) for x, y in zip(a.ffn, b.ffn))
+    assert abs(kept - sum(b.ffn_sizes())) <= swapped and swapped <= 1e-3 * kept, (swapped, kept)
