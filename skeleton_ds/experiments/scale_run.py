@@ -17,7 +17,8 @@ ranks) and ZeRO-3 with CPU offload (2 ranks), with every rank's resident memory 
 2. Runs each stage (prompt, attribute, localize, convert, retune) as its own launch, as a user would:
    `deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ... --stages S` (and
    zero3_offload.json), and `python launch/train.py --config ds_configs/zero0.json ... --stages S`, with
-   a few steps of a tiny global batch.
+   a few steps of a tiny global batch. Then `skeleton-ds infer` answers with the compact model the launches
+   made, in one plain process (its accuracy beside re-tuning's on the same examples, seconds, peak RSS).
 3. Samples every process of the launch's tree every --interval seconds (psutil): per rank the peak
    RSS (also the kernel's own high-water mark, VmHWM) and the peak anonymous RSS (RSS less
    file-backed and shared pages: memory-mapped checkpoint pages count in RSS but are page cache).
