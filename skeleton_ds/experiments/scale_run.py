@@ -99,6 +99,7 @@ VERBALIZER = ["no", "yes"]
 WORDS = sorted(set(POSITIVE + NEGATIVE + FILLER + VERBALIZER + ["a", "?", "text", ":", "answer", "it"]
                    + ["Review", "Sentiment", "(", ")", "or", "positive", "negative"]))  # SST-2's decoder template
 MIB = 2**20
+SEED = 0  # every stage launch's --seed, and so the seeded dev subset infer answers
 
 
 # ------------------------------------------------------------------ inputs
@@ -334,8 +335,8 @@ def stage_flags(args: argparse.Namespace) -> list[str]:
     return ["--batch-size", str(args.batch_size), "--prompt-length", "20" if real else "4",
             "--max-length", "128" if real else "32", "--max-steps", str(args.steps),
             "--max-train-examples", str(args.train_examples), "--max-eval-examples", str(args.dev_examples),
-            "--attr-examples", str(args.attr_examples), "--save-every", "1000", "--seed", "0", "--ffn-keep", "0.3",
-            "--head-keep", "1.0" if real else "0.5", "--align", align]
+            "--attr-examples", str(args.attr_examples), "--save-every", "1000", "--seed", str(SEED),
+            "--ffn-keep", "0.3", "--head-keep", "1.0" if real else "0.5", "--align", align]
 
 
 def run_stage(cmd: list[str], log: Path, *, direct: bool, interval: float, watch: list[Path] | None,
@@ -457,10 +458,10 @@ def infer_command(out: Path, task: list[str], dev_examples: int) -> list[str]:
 
     cmd = [sys.executable, "-m", "skeleton_ds", "infer", "--checkpoint", str(out / "compact")]
     if "--data-dir" in task:
-        return cmd + [*task, "--split", "dev", "--max-examples", str(dev_examples), "--seed", "0"]
+        return cmd + [*task, "--split", "dev", "--max-examples", str(dev_examples), "--seed", str(SEED)]
     records = out / "infer_input.jsonl"
     with open(task[task.index("--dev-file") + 1], newline="") as f:
-        rows = subset(list(csv.DictReader(f)), dev_examples, 0)  # the stages' --max-eval-examples and --seed 0
+        rows = subset(list(csv.DictReader(f)), dev_examples, SEED)  # as the stages' --max-eval-examples
     records.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return cmd + ["--input", str(records), "--output", str(out / "infer.jsonl")]
 
