@@ -149,8 +149,8 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     assert {k for k, _, v in runs if v == "attribution"} == {0.2, 0.3, 0.5}
     assert {k for k, _, v in runs if v == "random"} == {k for k, _, v in runs if v == "weight-magnitude"} == {0.2, 0.3}
     assert [(k, h, v) for k, h, v in runs if h != 1.0] == [(0.3, 0.67, "attribution")]
-    assert (0.3, 1.0, "attribution-labels") in runs
-    assert len(runs) == len(set(runs)) == 3 + 2 * 2 + 1 + 1
+    assert (0.3, 1.0, "attribution-labels") in runs and (0.3, 1.0, "attribution-retune3") in runs
+    assert len(runs) == len(set(runs)) == 3 + 2 * 2 + 1 + 1 + 1
     # CB (three seeds): the method and its controls only; the ablation and the head row are SST-2's
     cb = cfg.skeletons("cb")
     assert len(cb) == 3 + 2 * 2 and {v for _, _, v in cb} == {"attribution", "random", "weight-magnitude"}
@@ -160,6 +160,7 @@ def test_decoder_plan_runs_its_controls_and_head_row_and_tables_them(tmp_path):
     assert "distill_kl" not in PLANS["decoder"].variants["random"].fields()
     assert PLANS["decoder"].variants["attribution-labels"].flags()[-4:] == ["--distill-kl", "0.0", "--distill-hidden",
                                                                             "0.0"]
+    assert PLANS["decoder"].variants["attribution-retune3"].flags()[-2:] == ["--retune-epochs", "3.0"]
     rows = [dict(task="sst2", seed=s, ffn_keep=k, head_keep=h, variant=v, full=0.8 + s / 100, before=0.5, after=0.7,
                  zero_shot=0.4, parameters_full=134_500_000, parameters_compact=90_000_000, train_examples=2000,
                  dev_examples=872, majority=0.5) for s in range(3) for k, h, v in runs]

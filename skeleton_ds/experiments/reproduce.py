@@ -13,6 +13,7 @@ distills) once; then build each of the plan's skeletons from that prompt and re-
     attribution            activation x gradient scores (the method; decoders: with their localization)
     attribution+comp       the same skeleton with bias compensation (--compensate mean; encoders)
     attribution-labels     the method re-tuned on the labels alone, without distillation (decoders, ablation)
+    attribution-retune3    the method re-tuned for three epochs instead of one (decoders: is re-tuning starved?)
     random                 seeded random scores (control)
     weight-magnitude       L2 norm of each unit's input weights (control)
 and record the dev metric of the full prompt-tuned model, of each skeleton before and after re-tuning,
@@ -107,11 +108,13 @@ ENCODER = ModelPlan(
 # neurons protected (docs/results/study_decoder.md) and re-tuning distilled from the full model, label KL plus
 # the final hidden state (docs/results/study_keep.md). The controls differ from the method only in their scores,
 # re-tuned the same way, so the method, not the recipe, is what beats them; `attribution-labels` is the method
-# re-tuned on the labels alone (the recipe before distillation), which shows what distillation adds. Measured on
-# 2 cores (run logs of experiments.study_keep and of the first decoder table): a full-model forward and backward
-# pass 2.8 SST-2 examples/s and 0.9 CB examples/s; re-tuning 4-5 SST-2 examples/s. Estimated from these: one
-# SST-2 skeleton about 10 min (2,000 examples, the full dev set before and after), an SST-2 seed about 1.8 h,
-# a CB seed about 1 h, RTE about 1.2 h: the plan about 10 h, resumed across sessions from its light files.
+# re-tuned on the labels alone (the recipe before distillation), which shows what distillation adds, and
+# `attribution-retune3` the method with three times the re-tuning budget, which shows whether re-tuning is
+# starved (a flag, not a default: it triples re-tuning's cost). Measured on 2 cores (run logs of
+# experiments.study_keep and of the first decoder table): a full-model forward and backward pass 2.8 SST-2
+# examples/s and 0.9 CB examples/s; re-tuning 4-5 SST-2 examples/s. Estimated from these: one SST-2 skeleton
+# about 10 min (2,000 examples, the full dev set before and after), an SST-2 seed about 2 h, a CB seed about
+# 1 h, RTE about 1.2 h: the plan about 11 h, resumed across sessions from its light files.
 SST2_ONLY = ("sst2",)
 CONTROL_KEEPS = (0.3, 0.2)
 DECODER = ModelPlan(
@@ -121,6 +124,8 @@ DECODER = ModelPlan(
     variants={"attribution": Variant("attribution"),
               "attribution-labels": Variant("attribution", extra={"distill_kl": 0.0, "distill_hidden": 0.0},
                                             keeps=(0.3,), tasks=SST2_ONLY),
+              "attribution-retune3": Variant("attribution", extra={"retune_epochs": 3.0}, keeps=(0.3,),
+                                             tasks=SST2_ONLY),
               "random": Variant("random", keeps=CONTROL_KEEPS),
               "weight-magnitude": Variant("weight-magnitude", keeps=CONTROL_KEEPS)},
     ffn_keeps=(0.2, 0.3, 0.5),
@@ -128,7 +133,8 @@ DECODER = ModelPlan(
     zero_shot=True,
     note="every variant with the decoder defaults (--keep-mode global, --protect-outliers 20, re-tuning distilled: "
          "--distill-kl 1 --distill-hidden 1) but attribution-labels (--distill-kl 0 --distill-hidden 0); the "
-         "controls at FFN keep 0.3 and 0.2; attribution-labels and the head-pruned row on SST-2 only")
+         "controls at FFN keep 0.3 and 0.2; attribution-labels, attribution-retune3 (--retune-epochs 3) and the "
+         "head-pruned row on SST-2 only")
 # Does a larger decoder keep the task better? (SmolLM2-135M against the real Qwen2.5-1.5B, 13x its parameters.) One
 # SST-2 protocol small enough for a 1.5B in fp32 on 2 CPU cores: 500 training examples (2 epochs, and 2 of
 # distilled re-tuning), 200 scored, a seeded 400 of the dev set (one standard error about 2 points); the decoder
