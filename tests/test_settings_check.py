@@ -2,7 +2,7 @@
 
 One finished run (tiny LLaMA-GQA, all five stages) is re-run with changed flags: each change is refused
 before any work with one error naming the setting, its old and new value and the fix; with --overwrite
-the changed stage and everything after it are redone (earlier stages are reused), and the new
+the changed stage and every stage made from it are redone (the others are reused), and the new
 settings show in the outputs. verify names a compact model built from another skeleton.
 """
 
@@ -29,7 +29,7 @@ def _argv(model, files, out, *extra):
 
 def _mtimes(out) -> dict[str, int]:
     names = ("prompt/prompt.safetensors", "attribution.safetensors", "skeleton.json", "compact/manifest.json",
-             "retune/prompt.safetensors")
+             "teacher.safetensors", "retune/prompt.safetensors")
     return {name: (out / name).stat().st_mtime_ns for name in names}
 
 
@@ -97,6 +97,8 @@ def test_overwrite_redoes_the_changed_stage_and_what_follows(tiny_models, sentim
     after = _mtimes(run)
     assert after["prompt/prompt.safetensors"] == before["prompt/prompt.safetensors"]
     assert after["attribution.safetensors"] == before["attribution.safetensors"]
+    # the teacher reads the prompt only, not the skeleton: a new skeleton keeps its pass (distilled re-tuning)
+    assert "stage teacher is complete" in out and after["teacher.safetensors"] == before["teacher.safetensors"]
     assert all(after[k] != before[k] for k in ("skeleton.json", "compact/manifest.json", "retune/prompt.safetensors"))
     skeleton = json.loads((run / "skeleton.json").read_text())
     sizes = skeleton["ffn_sizes"]  # 0.25 of 64 neurons per layer overall (decoder default: global), align 8

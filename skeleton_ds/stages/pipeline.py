@@ -4,11 +4,12 @@
 
 Before any work, every finished stage's recorded settings (skeleton_ds.lineage) are compared with
 the ones these flags give. A finished stage whose settings match is reused; one whose settings differ
-stops the run with one error naming each change, unless `--overwrite` is given: then the first
-changed stage and every stage after it are redone (with `--overwrite` and no change, every requested
-stage is redone), and finished outputs of unrequested later stages, made from what is being redone,
-are removed. Each stage publishes its outputs atomically, so an interrupted stage is never mistaken
-for a finished one (`--resume` continues it from its last checkpoint).
+stops the run with one error naming each change, unless `--overwrite` is given: then each changed
+stage and every stage made from it (skeleton_ds.stage_specs: what each stage reads) are redone (with
+`--overwrite` and no change, every requested stage is redone), and finished outputs of unrequested
+stages made from what is being redone are removed. A stage that reads nothing redone is kept: a new
+skeleton from the same prompt reuses its teacher pass. Each stage publishes its outputs atomically, so
+an interrupted stage is never mistaken for a finished one (`--resume` continues it from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ class Plan:
 
 def plan_stages(cfg: Config, settings: RunSettings | None = None) -> Plan:
     """Which requested stages run and which are reused, from the records on disk; refuses changed
-    settings without --overwrite. Reads files only, so every rank plans alike."""
+    settings without --overwrite. A stage runs when it is unfinished, changed, or reads (directly or not)
+    from a stage that runs: the stage graph (SPEC's upstream), not pipeline order, so a skeleton run that
+    localizes anew keeps a teacher pass made from the same prompt. Reads files only, so every rank plans alike."""
     settings = settings or RunSettings(cfg)
     records: dict[str, dict] = {}
     current: dict[str, str | None] = {}  # the id of each stage's output as the stages after it will read it
     changes: list[str] = []
-    first = None  # the first requested stage to run
+    run: set[str] = set()  # requested stages to run
     for stage in STAGES:
         recorded = lineage.read_record(cfg.output, stage)
         if stage not in cfg.stages:
@@ -63,25 +66,32 @@ def plan_stages(cfg: Config, settings: RunSettings | None = None) -> Plan:
         record = settings.record(stage, {u: current.get(u) for u in SPEC[stage].upstream})
         records[stage], current[stage] = record, record["id"]
         if not _done(cfg, stage):
-            first = first or stage
+            run.add(stage)
             continue
         found = lineage.value_changes(recorded, record)
-        if first is None:  # an input redone in this run is no change of this stage's own
+        fed = bool(_reads_from(stage, run))
+        if not fed:  # an input redone in this run is no change of this stage's own
             found += lineage.upstream_changes(recorded, record)
         changes += [f"{stage}: {change}" for change in found]
-        if found:
-            first = first or stage
+        if found or fed:
+            run.add(stage)
     if changes and not cfg.overwrite:
         raise UserError(f"{cfg.output} holds finished stages made with other settings ({'; '.join(changes)}): pass "
-                        f"--overwrite to redo them and the stages after them, or choose another --output")
+                        f"--overwrite to redo them and the stages made from them, or choose another --output")
     requested = [s for s in STAGES if s in cfg.stages]
     if cfg.overwrite and not changes:
-        first = requested[0]
-    run = requested[requested.index(first):] if first else []
-    later = STAGES[STAGES.index(first) + 1:] if first else ()
-    remove = [s for s in later if s not in cfg.stages
+        run = set(requested)
+    remove = [s for s in STAGES if s not in cfg.stages and _reads_from(s, run)
               and any((cfg.output / name).exists() for name in SPEC[s].outputs)]
-    return Plan(records, run, [s for s in requested if s not in run], remove, changes)
+    return Plan(records, [s for s in requested if s in run], [s for s in requested if s not in run], remove, changes)
+
+
+def _reads_from(stage: str, stages: set[str]) -> set[str]:
+    """Which of `stages` the stage's output is made from, directly or through the stages between."""
+    found = set()
+    for upstream in SPEC[stage].upstream:
+        found |= ({upstream} & stages) | _reads_from(upstream, stages)
+    return found
 
 
 def _remove_outputs(cfg: Config, stages: list[str]) -> None:
