@@ -7,7 +7,8 @@ The protocol of experiments.study_retune (SmolLM2-135M, SST-2, 1,600 training ex
 one stage-1 prompt in OUTPUT/base, reused by every cell), at each --keeps value, for each candidate:
 
 - today's recipe (activation x gradient, abs-sum over the text tokens, global keep with the outliers kept);
-- distillation in re-tuning: the label KL, and the KL plus the final hidden state (--distill-*);
+- distillation in re-tuning: the label KL, the KL plus the final hidden state, and those plus the residual
+  stream of layers 10 and 20 at the answer position, as CoFi's layer distillation matches layers (--distill-*);
 - iterative localization: a --keep-schedule through 0.5 (and 0.3) down to the keep;
 - scoring that fits a large step: integrated gradients (4 steps), the answer position only, the max over
   tokens (the authors' own code), all 1,600 training examples instead of 300;
@@ -45,10 +46,12 @@ from skeleton_ds.provenance import provenance
 
 KL = {"distill_kl": 1.0}
 HIDDEN = {"distill_kl": 1.0, "distill_hidden": 1.0}
+LAYERS = (10, 20)  # of SmolLM2's 30: a third and two thirds of the way up
 CANDIDATES: dict[str, dict] = {  # name -> Config fields on top of the protocol ("schedule": a keep schedule)
     "today": {},
     "distill KL": KL,
     "distill KL + hidden": HIDDEN,
+    "distill KL + hidden + layers": {**HIDDEN, "distill_layers": LAYERS},
     "schedule": {"schedule": True},
     "integrated gradients": {"scorer": "integrated-gradients", "ig_steps": 4},
     "answer position": {"attr_positions": "answer"},
