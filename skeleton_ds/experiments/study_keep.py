@@ -9,6 +9,7 @@ one stage-1 prompt in OUTPUT/base, reused by every cell), at each --keeps value,
 - today's recipe (activation x gradient, abs-sum over the text tokens, global keep with the outliers kept);
 - distillation in re-tuning: the label KL, the KL plus the final hidden state, and those plus the residual
   stream of layers 10 and 20 at the answer position, as CoFi's layer distillation matches layers (--distill-*);
+- bias compensation beside distillation (--compensate mean: each removed neuron's mean output kept as a bias);
 - iterative localization: a --keep-schedule through 0.5 (and 0.3) down to the keep;
 - scoring that fits a large step: integrated gradients (4 steps), the answer position only, the max over
   tokens (the authors' own code), all 1,600 training examples instead of 300;
@@ -52,6 +53,7 @@ CANDIDATES: dict[str, dict] = {  # name -> Config fields on top of the protocol 
     "distill KL": KL,
     "distill KL + hidden": HIDDEN,
     "distill KL + hidden + layers": {**HIDDEN, "distill_layers": LAYERS},
+    "distill KL + hidden + compensation": {**HIDDEN, "compensate": "mean"},
     "schedule": {"schedule": True},
     "integrated gradients": {"scorer": "integrated-gradients", "ig_steps": 4},
     "answer position": {"attr_positions": "answer"},
